@@ -1,0 +1,703 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Hot-path readers for memwatchd, in C.
+
+Each table keeps one open fd per watched file and re-reads it with
+pread(fd, buf, 0) into a preallocated buffer, parsing integers in C. One
+``sample()`` call reads a whole table: N targets cost N syscalls and a single
+Python-to-C crossing. The pure-Python twin with the same API is
+memwatchd/procfs.py; tests run against both.
+"""
+from libc.errno cimport errno, EINTR
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memset
+from libc.stdint cimport int64_t
+from posix.unistd cimport close, sysconf, _SC_PAGESIZE
+from posix.fcntl cimport O_RDONLY, O_CLOEXEC, O_DIRECTORY
+
+import os
+
+from memwatchd import types as _types
+from memwatchd.types import CgroupSample, HostSample, Pressure
+
+cdef extern from "unistd.h" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, long offset)
+    long syscall(long number, ...)
+
+cdef extern from "fcntl.h" nogil:
+    int openat(int dirfd, const char *path, int flags, ...)
+    int open(const char *path, int flags, ...)
+
+cdef extern from "sys/mman.h" nogil:
+    int mlockall(int flags)
+    int MCL_CURRENT
+    int MCL_FUTURE
+
+cdef enum:
+    BUFSIZE = 8192
+    SYS_PROCESS_MRELEASE = 448
+    MCL_ONFAULT_FLAG = 4
+    ERRNO_TABLE_SIZE = 256
+    # mirrors of memwatchd.types constants, usable without the GIL (checked below)
+    S_OK = 0
+    S_GONE = 1
+    S_FAILED = 3
+    C_UNLIMITED = -1
+    C_UNKNOWN = -2
+
+assert (S_OK, S_GONE, S_FAILED, C_UNLIMITED, C_UNKNOWN) == (
+    _types.OK, _types.GONE, _types.FAILED, _types.UNLIMITED, _types.UNKNOWN)
+
+cdef int64_t PAGE_SIZE = sysconf(_SC_PAGESIZE)
+
+# errno -> status, built once from the single table in memwatchd.types.
+cdef signed char _status_of_errno[ERRNO_TABLE_SIZE]
+for _i in range(ERRNO_TABLE_SIZE):
+    _status_of_errno[_i] = _types.FAILED
+for _err, _st in _types.STATUS_FOR_ERRNO.items():
+    _status_of_errno[_err] = _st
+
+cdef inline int status_of(int err) nogil:
+    if 0 <= err < ERRNO_TABLE_SIZE:
+        return _status_of_errno[err]
+    return S_FAILED
+
+
+# ------------------------------------------------------------------ parsing
+
+cdef inline const char *skip_spaces(const char *p, const char *end) nogil:
+    while p < end and (p[0] == b' ' or p[0] == b'\t'):
+        p += 1
+    return p
+
+cdef inline const char *parse_uint(const char *p, const char *end, int64_t *out) nogil:
+    """Parse decimal digits at p; return the position after them or NULL if none."""
+    cdef int64_t v = 0
+    cdef const char *start = p
+    while p < end and b'0' <= p[0] <= b'9':
+        v = v * 10 + (p[0] - 48)
+        p += 1
+    if p == start:
+        return NULL
+    out[0] = v
+    return p
+
+cdef inline int parse_statm_c(const char *buf, ssize_t n, int64_t *vms_pages, int64_t *rss_pages) nogil:
+    """statm: "size resident shared text lib data dt". Returns 0 on success."""
+    cdef const char *end = buf + n
+    cdef const char *p = parse_uint(buf, end, vms_pages)
+    if p == NULL:
+        return -1
+    p = skip_spaces(p, end)
+    p = parse_uint(p, end, rss_pages)
+    if p == NULL:
+        return -1
+    return 0
+
+cdef int64_t parse_stat_start_time_c(const char *buf, ssize_t n) nogil:
+    """Field 22 of /proc/<pid>/stat, counted after the LAST ')' (comm may hold ')')."""
+    cdef ssize_t i = n - 1
+    cdef const char *p
+    cdef const char *end = buf + n
+    cdef int field = 2  # the ')' closes field 2 (comm)
+    cdef int64_t v
+    while i >= 0 and buf[i] != b')':
+        i -= 1
+    if i < 0:
+        return -1
+    p = buf + i + 1
+    while p < end:
+        if p[0] == b' ':
+            field += 1
+            p += 1
+            if field == 22:
+                if parse_uint(p, end, &v) == NULL:
+                    return -1
+                return v
+        else:
+            p += 1
+    return -1
+
+cdef int parse_keyed_c(const char *buf, ssize_t n, list keys, int64_t *out, int64_t scale_kb) except -1:
+    """Lines "key value [kB]" (memory.stat, memory.events) or "Key:  value kB" (meminfo).
+
+    out[i] receives the value of keys[i] (bytes keys), or stays UNKNOWN. A value
+    followed by "kB" is multiplied by scale_kb.
+    """
+    cdef const char *end = buf + n
+    cdef const char *p = buf
+    cdef const char *line_start
+    cdef const char *key_end
+    cdef Py_ssize_t klen, j, nkeys = len(keys)
+    cdef bytes key
+    cdef const char *kp
+    cdef const char *q
+    cdef int64_t v
+    while p < end:
+        line_start = p
+        while p < end and p[0] != b' ' and p[0] != b':' and p[0] != b'\n':
+            p += 1
+        key_end = p
+        klen = key_end - line_start
+        if p < end and p[0] == b':':
+            p += 1
+        p = skip_spaces(p, end)
+        for j in range(nkeys):
+            key = keys[j]
+            if len(key) == klen:
+                kp = key
+                if memcmp_(kp, line_start, klen):
+                    q = parse_uint(p, end, &v)
+                    if q != NULL:
+                        q = skip_spaces(q, end)
+                        if q + 1 < end and q[0] == b'k' and q[1] == b'B':
+                            v *= scale_kb
+                        out[j] = v
+                    break
+        while p < end and p[0] != b'\n':
+            p += 1
+        p += 1
+    return 0
+
+cdef inline bint memcmp_(const char *a, const char *b, Py_ssize_t n) nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] != b[i]:
+            return False
+    return True
+
+cdef int64_t parse_max_c(const char *buf, ssize_t n) nogil:
+    """memory.max / memory.high: an integer or "max" (UNLIMITED)."""
+    cdef int64_t v
+    if n >= 3 and buf[0] == b'm' and buf[1] == b'a' and buf[2] == b'x':
+        return C_UNLIMITED
+    if parse_uint(buf, buf + n, &v) == NULL:
+        return C_UNKNOWN
+    return v
+
+cdef const char *parse_centi(const char *p, const char *end, int64_t *out) nogil:
+    """A PSI average like "12.34" into hundredths (1234)."""
+    cdef int64_t whole = 0, frac = 0
+    cdef int digits = 0
+    p = parse_uint(p, end, &whole)
+    if p == NULL:
+        return NULL
+    if p < end and p[0] == b'.':
+        p += 1
+        while p < end and b'0' <= p[0] <= b'9':
+            if digits < 2:
+                frac = frac * 10 + (p[0] - 48)
+                digits += 1
+            p += 1
+    while digits < 2:
+        frac *= 10
+        digits += 1
+    out[0] = whole * 100 + frac
+    return p
+
+cdef int parse_psi_c(const char *buf, ssize_t n, int64_t *out) nogil:
+    """PSI: lines "some avg10=.. avg60=.. avg300=.. total=.." and "full ...".
+
+    out[0..3] = some avg10, avg60, avg300 (hundredths), total us; out[4..7] = full.
+    """
+    cdef const char *end = buf + n
+    cdef const char *p = buf
+    cdef int base, k
+    while p < end:
+        if end - p >= 4 and memcmp_(p, b"some", 4):
+            base = 0
+        elif end - p >= 4 and memcmp_(p, b"full", 4):
+            base = 4
+        else:
+            base = -1
+        if base >= 0:
+            p += 4
+            for k in range(4):
+                while p < end and p[0] != b'=' and p[0] != b'\n':
+                    p += 1
+                if p >= end or p[0] != b'=':
+                    break
+                p += 1
+                if k < 3:
+                    p = parse_centi(p, end, &out[base + k])
+                else:
+                    p = parse_uint(p, end, &out[base + k])
+                if p == NULL:
+                    return -1
+        while p < end and p[0] != b'\n':
+            p += 1
+        p += 1
+    return 0
+
+
+cdef inline ssize_t pread_retry(int fd, char *buf, size_t size) nogil:
+    cdef ssize_t n
+    while True:
+        n = pread(fd, buf, size, 0)
+        if n >= 0 or errno != EINTR:
+            return n
+
+
+cdef object _pressure_from(int64_t *v):
+    return Pressure(v[0] / 100.0, v[1] / 100.0, v[2] / 100.0, v[3],
+                    v[4] / 100.0, v[5] / 100.0, v[6] / 100.0, v[7])
+
+
+# ------------------------------------------------ Python-visible parse API
+# Used by tests (hypothesis compares them with memwatchd.procfs) and by the
+# rare non-hot paths.
+
+def parse_statm(bytes data):
+    """Return (vms_pages, rss_pages) from statm text; raise ValueError if malformed."""
+    cdef int64_t vms, rss
+    if parse_statm_c(data, len(data), &vms, &rss) != 0:
+        raise ValueError("malformed statm")
+    return vms, rss
+
+def parse_stat_start_time(bytes data):
+    """Return field 22 (starttime, clock ticks) of /proc/<pid>/stat; ValueError if malformed."""
+    cdef int64_t v = parse_stat_start_time_c(data, len(data))
+    if v < 0:
+        raise ValueError("malformed stat")
+    return v
+
+def parse_keyed(bytes data, keys, int scale_kb=1024):
+    """Return a list of values for keys (bytes), UNKNOWN where absent."""
+    cdef list klist = [k if isinstance(k, bytes) else k.encode() for k in keys]
+    cdef int64_t *out = <int64_t *>malloc(max(1, len(klist)) * sizeof(int64_t))
+    try:
+        for i in range(len(klist)):
+            out[i] = _types.UNKNOWN
+        parse_keyed_c(data, len(data), klist, out, scale_kb)
+        return [out[i] for i in range(len(klist))]
+    finally:
+        free(out)
+
+def parse_max(bytes data):
+    """memory.max text -> bytes, UNLIMITED for "max", UNKNOWN if unparsable."""
+    return parse_max_c(data, len(data))
+
+def parse_psi(bytes data):
+    """PSI text -> Pressure; ValueError if malformed."""
+    cdef int64_t v[8]
+    memset(v, 0, sizeof(v))
+    if parse_psi_c(data, len(data), v) != 0:
+        raise ValueError("malformed PSI")
+    return _pressure_from(v)
+
+
+# ------------------------------------------------------------ ProcessTable
+
+cdef class ProcessTable:
+    """A set of processes whose statm is sampled together.
+
+    add(pid) opens /proc/<pid> once (a directory fd pins that very process, so
+    statm and stat are read from the same one, never from a PID's successor)
+    and returns a slot. sample() re-reads every live slot's statm with one
+    pread each; rss(slot)/vms(slot)/status(slot) read the results. A process
+    that exited, or a zombie (statm all zeros), turns GONE; its fd is closed.
+    """
+    cdef int *fds
+    cdef int64_t *rss_bytes
+    cdef int64_t *vms_bytes
+    cdef int64_t *start_times
+    cdef int64_t *pids
+    cdef signed char *statuses
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t used
+    cdef list free_slots
+    cdef bytes proc_root
+    cdef char buf[BUFSIZE]
+
+    def __cinit__(self, root="/", Py_ssize_t capacity=64):
+        self.capacity = 0
+        self.used = 0
+        self.free_slots = []
+        self.proc_root = os.fsencode(os.path.join(root, "proc"))
+        self._grow(max(capacity, 1))
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.fds != NULL:
+            for i in range(self.used):
+                if self.fds[i] >= 0:
+                    close(self.fds[i])
+        free(self.fds); free(self.rss_bytes); free(self.vms_bytes)
+        free(self.start_times); free(self.pids); free(self.statuses)
+
+    cdef _grow(self, Py_ssize_t newcap):
+        self.fds = <int *>realloc(self.fds, newcap * sizeof(int))
+        self.rss_bytes = <int64_t *>realloc(self.rss_bytes, newcap * sizeof(int64_t))
+        self.vms_bytes = <int64_t *>realloc(self.vms_bytes, newcap * sizeof(int64_t))
+        self.start_times = <int64_t *>realloc(self.start_times, newcap * sizeof(int64_t))
+        self.pids = <int64_t *>realloc(self.pids, newcap * sizeof(int64_t))
+        self.statuses = <signed char *>realloc(self.statuses, newcap)
+        if (self.fds == NULL or self.rss_bytes == NULL or self.vms_bytes == NULL
+                or self.start_times == NULL or self.pids == NULL or self.statuses == NULL):
+            raise MemoryError()
+        self.capacity = newcap
+
+    def add(self, int pid):
+        """Open pid's statm; return its slot. Raises TargetGone / AccessDenied."""
+        cdef bytes path = self.proc_root + b"/" + str(pid).encode()
+        cdef int dirfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        cdef int fd, statfd, err
+        cdef ssize_t n
+        cdef int64_t start
+        if dirfd < 0:
+            _types.raise_for_status(status_of(errno), f"process {pid}")
+        try:
+            statfd = openat(dirfd, b"stat", O_RDONLY | O_CLOEXEC)
+            if statfd < 0:
+                _types.raise_for_status(status_of(errno), f"process {pid}")
+            n = pread_retry(statfd, self.buf, BUFSIZE)
+            err = errno
+            close(statfd)
+            if n < 0:
+                _types.raise_for_status(status_of(err), f"process {pid}")
+            start = parse_stat_start_time_c(self.buf, n)
+            if start < 0:
+                raise _types.TargetGone(f"process {pid}: unreadable stat")
+            fd = openat(dirfd, b"statm", O_RDONLY | O_CLOEXEC)
+            if fd < 0:
+                _types.raise_for_status(status_of(errno), f"process {pid}")
+        finally:
+            close(dirfd)
+        cdef Py_ssize_t slot
+        if self.free_slots:
+            slot = self.free_slots.pop()
+        else:
+            if self.used == self.capacity:
+                self._grow(self.capacity * 2)
+            slot = self.used
+            self.used += 1
+        self.fds[slot] = fd
+        self.pids[slot] = pid
+        self.start_times[slot] = start
+        self.rss_bytes[slot] = 0
+        self.vms_bytes[slot] = 0
+        self.statuses[slot] = _types.OK
+        return slot
+
+    def remove(self, Py_ssize_t slot):
+        """Forget a slot (closing its fd); the slot number may be reused by add()."""
+        self._check(slot)
+        if self.fds[slot] >= 0:
+            close(self.fds[slot])
+        self.fds[slot] = -1
+        self.statuses[slot] = _types.GONE
+        self.pids[slot] = 0
+        self.free_slots.append(slot)
+
+    def sample(self):
+        """Re-read every live slot; return how many are still live."""
+        cdef Py_ssize_t i, live = 0
+        cdef ssize_t n
+        cdef int64_t vms, rss
+        cdef int fd
+        with nogil:
+            for i in range(self.used):
+                fd = self.fds[i]
+                if fd < 0:
+                    continue
+                n = pread_retry(fd, self.buf, BUFSIZE)
+                if n < 0:
+                    self.statuses[i] = status_of(errno)
+                    if self.statuses[i] == S_GONE:
+                        close(fd)
+                        self.fds[i] = -1
+                    continue
+                if parse_statm_c(self.buf, n, &vms, &rss) != 0 or (vms == 0 and rss == 0):
+                    # A zombie reads all zeros: it has released its memory already.
+                    self.statuses[i] = S_GONE
+                    self.rss_bytes[i] = 0
+                    close(fd)
+                    self.fds[i] = -1
+                    continue
+                self.rss_bytes[i] = rss * PAGE_SIZE
+                self.vms_bytes[i] = vms * PAGE_SIZE
+                self.statuses[i] = S_OK
+                live += 1
+        return live
+
+    cdef inline _check(self, Py_ssize_t slot):
+        if slot < 0 or slot >= self.used:
+            raise IndexError(slot)
+
+    def rss(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.rss_bytes[slot]
+
+    def vms(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.vms_bytes[slot]
+
+    def status(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.statuses[slot]
+
+    def pid(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.pids[slot]
+
+    def start_time(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.start_times[slot]
+
+    def __len__(self):
+        return self.used - len(self.free_slots)
+
+
+# ------------------------------------------------------------- CgroupTable
+
+CGROUP_FILES = ("memory.current", "memory.max", "memory.high", "memory.swap.current",
+                "memory.events", "memory.stat", "memory.pressure")
+cdef enum:
+    NFILES = 7
+    F_CURRENT = 0
+    F_MAX = 1
+    F_HIGH = 2
+    F_SWAP = 3
+    F_EVENTS = 4
+    F_STAT = 5
+    F_PRESSURE = 6
+    # values per slot: current, max, high, swap, 5 events, 4 stat keys, 8 psi, has_psi
+    NVALUES = 22
+    V_EVENTS = 4
+    V_STAT = 9
+    V_PSI = 13
+    V_HAS_PSI = 21
+EVENT_KEYS = [b"high", b"max", b"oom", b"oom_kill", b"oom_group_kill"]
+STAT_KEYS = [b"anon", b"file", b"inactive_file", b"shmem"]
+
+
+cdef class CgroupTable:
+    """A set of cgroup v2 directories whose memory files are sampled together.
+
+    add(path) opens memory.current (required; its absence means the cgroup is
+    gone or has no memory controller) and whichever optional files exist.
+    A removed cgroup's files fail with ENODEV/ENOENT, which turns the slot GONE.
+    """
+    cdef int *fds            # capacity * NFILES
+    cdef int64_t *values     # capacity * NVALUES
+    cdef signed char *statuses
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t used
+    cdef list free_slots
+    cdef list paths
+    cdef list event_keys
+    cdef list stat_keys
+    cdef char buf[BUFSIZE]
+
+    def __cinit__(self, Py_ssize_t capacity=8):
+        self.capacity = 0
+        self.used = 0
+        self.free_slots = []
+        self.paths = []
+        self.event_keys = EVENT_KEYS
+        self.stat_keys = STAT_KEYS
+        self._grow(max(capacity, 1))
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.fds != NULL:
+            for i in range(self.used * NFILES):
+                if self.fds[i] >= 0:
+                    close(self.fds[i])
+        free(self.fds); free(self.values); free(self.statuses)
+
+    cdef _grow(self, Py_ssize_t newcap):
+        self.fds = <int *>realloc(self.fds, newcap * NFILES * sizeof(int))
+        self.values = <int64_t *>realloc(self.values, newcap * NVALUES * sizeof(int64_t))
+        self.statuses = <signed char *>realloc(self.statuses, newcap)
+        if self.fds == NULL or self.values == NULL or self.statuses == NULL:
+            raise MemoryError()
+        self.capacity = newcap
+
+    def add(self, path):
+        """Open the memory files of a cgroup directory; return its slot."""
+        cdef bytes bpath = os.fsencode(path)
+        cdef int dirfd = open(bpath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        cdef int k, fd
+        cdef int opened[NFILES]
+        if dirfd < 0:
+            _types.raise_for_status(status_of(errno), f"cgroup {path}")
+        try:
+            for k in range(NFILES):
+                opened[k] = openat(dirfd, os.fsencode(CGROUP_FILES[k]), O_RDONLY | O_CLOEXEC)
+                if opened[k] < 0 and k == F_CURRENT:
+                    err = errno
+                    _types.raise_for_status(status_of(err), f"cgroup {path}: memory.current")
+        finally:
+            close(dirfd)
+        cdef Py_ssize_t slot
+        if self.free_slots:
+            slot = self.free_slots.pop()
+            self.paths[slot] = path
+        else:
+            if self.used == self.capacity:
+                self._grow(self.capacity * 2)
+            slot = self.used
+            self.used += 1
+            self.paths.append(path)
+        for k in range(NFILES):
+            self.fds[slot * NFILES + k] = opened[k]
+        for k in range(NVALUES):
+            self.values[slot * NVALUES + k] = _types.UNKNOWN
+        self.statuses[slot] = _types.OK
+        return slot
+
+    cdef _close_slot(self, Py_ssize_t slot):
+        cdef int k
+        for k in range(NFILES):
+            if self.fds[slot * NFILES + k] >= 0:
+                close(self.fds[slot * NFILES + k])
+                self.fds[slot * NFILES + k] = -1
+
+    def remove(self, Py_ssize_t slot):
+        self._check(slot)
+        self._close_slot(slot)
+        self.statuses[slot] = _types.GONE
+        self.paths[slot] = None
+        self.free_slots.append(slot)
+
+    def sample(self):
+        """Re-read every live cgroup; return how many are still live."""
+        cdef Py_ssize_t i, live = 0
+        cdef int k, fd, st
+        cdef ssize_t n
+        cdef int64_t *v
+        for i in range(self.used):
+            if self.fds[i * NFILES + F_CURRENT] < 0:
+                continue
+            v = self.values + i * NVALUES
+            st = S_OK
+            for k in range(NFILES):
+                fd = self.fds[i * NFILES + k]
+                if fd < 0:
+                    continue
+                n = pread_retry(fd, self.buf, BUFSIZE - 1)
+                if n < 0:
+                    st = status_of(errno)
+                    break
+                if k == F_CURRENT:
+                    v[0] = parse_max_c(self.buf, n)
+                elif k == F_MAX:
+                    v[1] = parse_max_c(self.buf, n)
+                elif k == F_HIGH:
+                    v[2] = parse_max_c(self.buf, n)
+                elif k == F_SWAP:
+                    v[3] = parse_max_c(self.buf, n)
+                elif k == F_EVENTS:
+                    parse_keyed_c(self.buf, n, self.event_keys, v + V_EVENTS, 1)
+                elif k == F_STAT:
+                    parse_keyed_c(self.buf, n, self.stat_keys, v + V_STAT, 1)
+                else:
+                    memset(v + V_PSI, 0, 8 * sizeof(int64_t))
+                    v[V_HAS_PSI] = 1 if parse_psi_c(self.buf, n, v + V_PSI) == 0 else 0
+            self.statuses[i] = st
+            if st == S_GONE:
+                self._close_slot(i)
+            elif st == S_OK:
+                live += 1
+        return live
+
+    cdef inline _check(self, Py_ssize_t slot):
+        if slot < 0 or slot >= self.used:
+            raise IndexError(slot)
+
+    def status(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.statuses[slot]
+
+    def current(self, Py_ssize_t slot):
+        """memory.current of the last sample (the cheap field the loop needs every tick)."""
+        self._check(slot)
+        return self.values[slot * NVALUES]
+
+    def path(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.paths[slot]
+
+    def get(self, Py_ssize_t slot):
+        """The last sample of a slot as a CgroupSample."""
+        self._check(slot)
+        cdef int64_t *v = self.values + slot * NVALUES
+        return CgroupSample(
+            current=v[0], max=v[1], high=v[2], swap_current=v[3],
+            events_high=v[4], events_max=v[5], events_oom=v[6], events_oom_kill=v[7],
+            events_oom_group_kill=v[8], anon=v[9], file=v[10], inactive_file=v[11],
+            shmem=v[12], pressure=_pressure_from(v + V_PSI) if v[V_HAS_PSI] == 1 else None)
+
+    def __len__(self):
+        return self.used - len(self.free_slots)
+
+
+# -------------------------------------------------------------- HostReader
+
+MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
+
+
+cdef class HostReader:
+    """/proc/meminfo and /proc/pressure/memory, kept open and re-read."""
+    cdef int meminfo_fd
+    cdef int psi_fd
+    cdef list keys
+    cdef char buf[BUFSIZE]
+
+    def __cinit__(self, root="/"):
+        self.meminfo_fd = -1
+        self.psi_fd = -1
+        self.keys = MEMINFO_KEYS
+        proc = os.path.join(root, "proc")
+        self.meminfo_fd = open(os.fsencode(os.path.join(proc, "meminfo")), O_RDONLY | O_CLOEXEC)
+        if self.meminfo_fd < 0:
+            raise OSError(errno, os.strerror(errno), os.path.join(proc, "meminfo"))
+        self.psi_fd = open(os.fsencode(os.path.join(proc, "pressure", "memory")), O_RDONLY | O_CLOEXEC)
+
+    def __dealloc__(self):
+        if self.meminfo_fd >= 0:
+            close(self.meminfo_fd)
+        if self.psi_fd >= 0:
+            close(self.psi_fd)
+
+    @property
+    def has_psi(self):
+        return self.psi_fd >= 0
+
+    def read(self):
+        """Return a HostSample (pressure None where PSI is unavailable)."""
+        cdef int64_t mem[4]
+        cdef int64_t psi[8]
+        cdef ssize_t n
+        cdef int k
+        for k in range(4):
+            mem[k] = _types.UNKNOWN
+        n = pread_retry(self.meminfo_fd, self.buf, BUFSIZE - 1)
+        if n < 0:
+            raise OSError(errno, os.strerror(errno), "meminfo")
+        parse_keyed_c(self.buf, n, self.keys, mem, 1024)
+        pressure = None
+        if self.psi_fd >= 0:
+            n = pread_retry(self.psi_fd, self.buf, BUFSIZE - 1)
+            memset(psi, 0, sizeof(psi))
+            if n >= 0 and parse_psi_c(self.buf, n, psi) == 0:
+                pressure = _pressure_from(psi)
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure)
+
+
+# ------------------------------------------------ syscalls the stdlib lacks
+
+def process_mrelease(int pidfd):
+    """Reap a dying process's memory now (Linux 5.15+). Raises OSError (EINVAL on a live one)."""
+    cdef long r
+    with nogil:
+        r = syscall(SYS_PROCESS_MRELEASE, pidfd, 0)
+    if r != 0:
+        raise OSError(errno, os.strerror(errno))
+
+def mlockall_onfault():
+    """mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): keep the killer resident under pressure."""
+    if mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT_FLAG) != 0:
+        raise OSError(errno, os.strerror(errno))
+
+IMPLEMENTATION = "c"

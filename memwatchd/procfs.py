@@ -1,0 +1,466 @@
+"""The pure-Python twin of the compiled sampler (ext/_memread.pyx).
+
+Same classes, same methods, same results: the reference the C code is tested
+against, and the fallback where the extension cannot be built
+(MEMWATCHD_NO_EXTENSIONS=1 forces it). Like the C code it keeps one fd per
+file and re-reads it with os.pread, so the two differ only in speed.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence
+
+from memwatchd import types as _types
+from memwatchd.types import (
+    GONE,
+    OK,
+    UNKNOWN,
+    UNLIMITED,
+    CgroupSample,
+    HostSample,
+    Pressure,
+    raise_for_status,
+    status_for_errno,
+)
+
+IMPLEMENTATION = "python"
+BUFSIZE = 8192
+PAGE_SIZE = os.sysconf("SC_PAGESIZE")
+_DIGITS = b"0123456789"
+
+
+# ------------------------------------------------------------------ parsing
+
+def _leading_uint(data: bytes, pos: int = 0):
+    """Digits at data[pos:] -> (value, end) or (None, pos) if there are none."""
+    end = pos
+    while end < len(data) and data[end] in _DIGITS:
+        end += 1
+    if end == pos:
+        return None, pos
+    return int(data[pos:end]), end
+
+
+def parse_statm(data: bytes):
+    """Return (vms_pages, rss_pages) from statm text; raise ValueError if malformed."""
+    vms, pos = _leading_uint(data)
+    if vms is None:
+        raise ValueError("malformed statm")
+    while pos < len(data) and data[pos] in b" \t":
+        pos += 1
+    rss, _ = _leading_uint(data, pos)
+    if rss is None:
+        raise ValueError("malformed statm")
+    return vms, rss
+
+
+def parse_stat_start_time(data: bytes) -> int:
+    """Field 22 of /proc/<pid>/stat, counted after the LAST ')' (comm may hold ')')."""
+    close = data.rfind(b")")
+    if close < 0:
+        raise ValueError("malformed stat")
+    # After ')' fields are separated by single spaces; field 3 follows the first one.
+    fields = data[close + 1:].split(b" ")
+    if len(fields) < 21:
+        raise ValueError("malformed stat")
+    value, _ = _leading_uint(fields[20])
+    if value is None:
+        raise ValueError("malformed stat")
+    return value
+
+
+def parse_keyed(data: bytes, keys: Sequence, scale_kb: int = 1024) -> List[int]:
+    """Lines "key value" or "Key: value kB": values of keys (bytes), UNKNOWN where absent."""
+    wanted = [k if isinstance(k, bytes) else k.encode() for k in keys]
+    out = [UNKNOWN] * len(wanted)
+    for line in data.split(b"\n"):
+        end = 0
+        while end < len(line) and line[end] not in b" :":
+            end += 1
+        key = line[:end]
+        if key not in wanted:
+            continue
+        pos = end + 1 if end < len(line) and line[end:end + 1] == b":" else end
+        while pos < len(line) and line[pos] in b" \t":
+            pos += 1
+        value, pos = _leading_uint(line, pos)
+        if value is not None:
+            while pos < len(line) and line[pos] in b" \t":
+                pos += 1
+            if line[pos:pos + 2] == b"kB":
+                value *= scale_kb
+            out[wanted.index(key)] = value
+    return out
+
+
+def parse_max(data: bytes) -> int:
+    """memory.max text -> bytes, UNLIMITED for "max", UNKNOWN if unparsable."""
+    if data.startswith(b"max"):
+        return UNLIMITED
+    value, _ = _leading_uint(data)
+    return UNKNOWN if value is None else value
+
+
+def _centi(data: bytes, pos: int):
+    """A PSI average like "12.34" into hundredths, truncating further digits."""
+    whole, pos = _leading_uint(data, pos)
+    if whole is None:
+        return None, pos
+    frac = b""
+    if pos < len(data) and data[pos:pos + 1] == b".":
+        pos += 1
+        start = pos
+        while pos < len(data) and data[pos] in _DIGITS:
+            pos += 1
+        frac = data[start:pos]
+    return whole * 100 + int((frac[:2] + b"00")[:2]), pos
+
+
+def _parse_psi_values(data: bytes) -> Optional[List[int]]:
+    """[some avg10,avg60,avg300 (hundredths), total, full ...] or None if malformed."""
+    values = [0] * 8
+    for line in data.split(b"\n"):
+        base = 0 if line.startswith(b"some") else 4 if line.startswith(b"full") else -1
+        if base < 0:
+            continue
+        pos = 4
+        for k in range(4):
+            eq = line.find(b"=", pos)
+            if eq < 0:
+                break
+            pos = eq + 1
+            value, pos = _centi(line, pos) if k < 3 else _leading_uint(line, pos)
+            if value is None:
+                return None
+            values[base + k] = value
+    return values
+
+
+def _pressure_from(v: Sequence[int]) -> Pressure:
+    return Pressure(v[0] / 100.0, v[1] / 100.0, v[2] / 100.0, v[3],
+                    v[4] / 100.0, v[5] / 100.0, v[6] / 100.0, v[7])
+
+
+def parse_psi(data: bytes) -> Pressure:
+    """PSI text -> Pressure; ValueError if malformed."""
+    values = _parse_psi_values(data)
+    if values is None:
+        raise ValueError("malformed PSI")
+    return _pressure_from(values)
+
+
+def _pread(fd: int) -> bytes:
+    """One pread at offset 0; the file's current content (the kernel regenerates it)."""
+    return os.pread(fd, BUFSIZE, 0)
+
+
+def _open_at(name: str, dirfd: int) -> int:
+    return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+
+
+# ------------------------------------------------------------ ProcessTable
+
+class ProcessTable:
+    """A set of processes whose statm is sampled together (see ext/_memread.pyx)."""
+
+    def __init__(self, root: str = "/", capacity: int = 64):
+        self._proc = os.path.join(root, "proc")
+        self._fds: List[int] = []
+        self._rss: List[int] = []
+        self._vms: List[int] = []
+        self._status: List[int] = []
+        self._pids: List[int] = []
+        self._starts: List[int] = []
+        self._free: List[int] = []
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", ()):
+            if fd >= 0:
+                os.close(fd)
+
+    def add(self, pid: int) -> int:
+        """Open pid's statm; return its slot. Raises TargetGone / AccessDenied."""
+        what = f"process {pid}"
+        try:
+            dirfd = os.open(os.path.join(self._proc, str(int(pid))),
+                            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise_for_status(status_for_errno(e.errno), what)
+        try:
+            try:
+                statfd = _open_at("stat", dirfd)
+                try:
+                    stat = _pread(statfd)
+                finally:
+                    os.close(statfd)
+                start = parse_stat_start_time(stat)
+                fd = _open_at("statm", dirfd)
+            except OSError as e:
+                raise_for_status(status_for_errno(e.errno), what)
+            except ValueError:
+                raise _types.TargetGone(f"{what}: unreadable stat") from None
+        finally:
+            os.close(dirfd)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._fds)
+            for column in (self._fds, self._rss, self._vms, self._status, self._pids, self._starts):
+                column.append(0)
+        self._fds[slot], self._pids[slot], self._starts[slot] = fd, pid, start
+        self._rss[slot] = self._vms[slot] = 0
+        self._status[slot] = OK
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Forget a slot (closing its fd); the slot number may be reused by add()."""
+        self._check(slot)
+        if self._fds[slot] >= 0:
+            os.close(self._fds[slot])
+        self._fds[slot] = -1
+        self._status[slot] = GONE
+        self._pids[slot] = 0
+        self._free.append(slot)
+
+    def sample(self) -> int:
+        """Re-read every live slot; return how many are still live."""
+        live = 0
+        for i, fd in enumerate(self._fds):
+            if fd < 0:
+                continue
+            try:
+                data = _pread(fd)
+            except OSError as e:
+                self._status[i] = status_for_errno(e.errno)
+                if self._status[i] == GONE:
+                    self._close(i)
+                continue
+            try:
+                vms, rss = parse_statm(data)
+            except ValueError:
+                vms = rss = 0
+            if vms == 0 and rss == 0:  # a zombie has released its memory already
+                self._status[i] = GONE
+                self._rss[i] = 0
+                self._close(i)
+                continue
+            self._rss[i] = rss * PAGE_SIZE
+            self._vms[i] = vms * PAGE_SIZE
+            self._status[i] = OK
+            live += 1
+        return live
+
+    def _close(self, slot: int) -> None:
+        os.close(self._fds[slot])
+        self._fds[slot] = -1
+
+    def _check(self, slot: int) -> None:
+        if not 0 <= slot < len(self._fds):
+            raise IndexError(slot)
+
+    def rss(self, slot: int) -> int:
+        self._check(slot)
+        return self._rss[slot]
+
+    def vms(self, slot: int) -> int:
+        self._check(slot)
+        return self._vms[slot]
+
+    def status(self, slot: int) -> int:
+        self._check(slot)
+        return self._status[slot]
+
+    def pid(self, slot: int) -> int:
+        self._check(slot)
+        return self._pids[slot]
+
+    def start_time(self, slot: int) -> int:
+        self._check(slot)
+        return self._starts[slot]
+
+    def __len__(self) -> int:
+        return len(self._fds) - len(self._free)
+
+
+# ------------------------------------------------------------- CgroupTable
+
+CGROUP_FILES = ("memory.current", "memory.max", "memory.high", "memory.swap.current",
+                "memory.events", "memory.stat", "memory.pressure")
+EVENT_KEYS = [b"high", b"max", b"oom", b"oom_kill", b"oom_group_kill"]
+STAT_KEYS = [b"anon", b"file", b"inactive_file", b"shmem"]
+
+
+class CgroupTable:
+    """A set of cgroup v2 directories whose memory files are sampled together."""
+
+    def __init__(self, capacity: int = 8):
+        self._fds: List[List[int]] = []   # per slot: one fd per CGROUP_FILES entry (-1 = absent)
+        self._values: List[Optional[CgroupSample]] = []
+        self._status: List[int] = []
+        self._paths: List[Optional[str]] = []
+        self._free: List[int] = []
+
+    def __del__(self):
+        for fds in getattr(self, "_fds", ()):
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+    def add(self, path) -> int:
+        """Open the memory files of a cgroup directory; return its slot."""
+        what = f"cgroup {path}"
+        try:
+            dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise_for_status(status_for_errno(e.errno), what)
+        fds = []
+        try:
+            for name in CGROUP_FILES:
+                try:
+                    fds.append(_open_at(name, dirfd))
+                except OSError as e:
+                    if name == "memory.current":
+                        raise_for_status(status_for_errno(e.errno), f"{what}: memory.current")
+                    fds.append(-1)
+        finally:
+            os.close(dirfd)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._fds)
+            for column in (self._fds, self._values, self._status, self._paths):
+                column.append(None)
+        self._fds[slot] = fds
+        self._paths[slot] = path
+        self._status[slot] = OK
+        self._values[slot] = _unknown_cgroup_sample()
+        return slot
+
+    def _close(self, slot: int) -> None:
+        for fd in self._fds[slot]:
+            if fd >= 0:
+                os.close(fd)
+        self._fds[slot] = [-1] * len(CGROUP_FILES)
+
+    def remove(self, slot: int) -> None:
+        self._check(slot)
+        self._close(slot)
+        self._status[slot] = GONE
+        self._paths[slot] = None
+        self._free.append(slot)
+
+    def sample(self) -> int:
+        """Re-read every live cgroup; return how many are still live."""
+        live = 0
+        for i, fds in enumerate(self._fds):
+            if fds[0] < 0:
+                continue
+            try:
+                texts = [_pread(fd) if fd >= 0 else None for fd in fds]
+            except OSError as e:
+                self._status[i] = status_for_errno(e.errno)
+                if self._status[i] == GONE:
+                    self._close(i)
+                continue
+            self._values[i] = _cgroup_sample(*texts)
+            self._status[i] = OK
+            live += 1
+        return live
+
+    def _check(self, slot: int) -> None:
+        if not 0 <= slot < len(self._fds):
+            raise IndexError(slot)
+
+    def status(self, slot: int) -> int:
+        self._check(slot)
+        return self._status[slot]
+
+    def current(self, slot: int) -> int:
+        self._check(slot)
+        return self._values[slot].current
+
+    def path(self, slot: int):
+        self._check(slot)
+        return self._paths[slot]
+
+    def get(self, slot: int) -> CgroupSample:
+        self._check(slot)
+        return self._values[slot]
+
+    def __len__(self) -> int:
+        return len(self._fds) - len(self._free)
+
+
+def _unknown_cgroup_sample() -> CgroupSample:
+    return CgroupSample(*([UNKNOWN] * 13), pressure=None)
+
+
+def _cgroup_sample(current, mmax, high, swap, events, stat, pressure) -> CgroupSample:
+    """Build a CgroupSample from the raw file contents (None = file absent)."""
+    def one(text):
+        return UNKNOWN if text is None else parse_max(text)
+    ev = parse_keyed(events, EVENT_KEYS, 1) if events is not None else [UNKNOWN] * 5
+    st = parse_keyed(stat, STAT_KEYS, 1) if stat is not None else [UNKNOWN] * 4
+    psi = _parse_psi_values(pressure) if pressure is not None else None
+    return CgroupSample(one(current), one(mmax), one(high), one(swap), *ev, *st,
+                        pressure=None if psi is None else _pressure_from(psi))
+
+
+# -------------------------------------------------------------- HostReader
+
+MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
+
+
+class HostReader:
+    """/proc/meminfo and /proc/pressure/memory, kept open and re-read."""
+
+    def __init__(self, root: str = "/"):
+        proc = os.path.join(root, "proc")
+        self._meminfo_fd = os.open(os.path.join(proc, "meminfo"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._psi_fd = os.open(os.path.join(proc, "pressure", "memory"),
+                                   os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._psi_fd = -1
+
+    def __del__(self):
+        for fd in (getattr(self, "_meminfo_fd", -1), getattr(self, "_psi_fd", -1)):
+            if fd >= 0:
+                os.close(fd)
+
+    @property
+    def has_psi(self) -> bool:
+        return self._psi_fd >= 0
+
+    def read(self) -> HostSample:
+        """Return a HostSample (pressure None where PSI is unavailable)."""
+        mem = parse_keyed(_pread(self._meminfo_fd), MEMINFO_KEYS, 1024)
+        pressure = None
+        if self._psi_fd >= 0:
+            try:
+                values = _parse_psi_values(_pread(self._psi_fd))
+            except OSError:
+                values = None
+            if values is not None:
+                pressure = _pressure_from(values)
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure)
+
+
+# ------------------------------------------------ syscalls the stdlib lacks
+
+def process_mrelease(pidfd: int) -> None:
+    """Reap a dying process's memory now (Linux 5.15+). Raises OSError (EINVAL on a live one)."""
+    import ctypes  # only on the kill path, and only without the extension
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(448, ctypes.c_int(pidfd), ctypes.c_uint(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def mlockall_onfault() -> None:
+    """mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): keep the killer resident under pressure."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(1 | 2 | 4) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -1,0 +1,365 @@
+"""The sampler, compiled and pure-Python, against real processes and fixture trees."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memwatchd import procfs, sampler, types
+from memwatchd.types import DENIED, FAILED, GONE, OK, UNKNOWN, UNLIMITED, AccessDenied, TargetGone
+
+from .conftest import NO_EXTENSIONS
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------ which implementation
+
+def test_compiled_module_is_live_unless_disabled():
+    """No silent fallback: a build that lost the extension must fail here, not run slowly."""
+    if NO_EXTENSIONS:
+        assert sampler.IMPLEMENTATION == "python"
+    else:
+        assert sampler.IMPLEMENTATION == "c", "memwatchd._memread was not built or failed to import"
+
+
+def test_errno_table_is_the_single_mapping():
+    assert types.status_for_errno(errno.ESRCH) == GONE
+    assert types.status_for_errno(errno.ENOENT) == GONE
+    assert types.status_for_errno(errno.ENODEV) == GONE
+    assert types.status_for_errno(errno.EACCES) == DENIED
+    assert types.status_for_errno(errno.EIO) == FAILED
+
+
+# ------------------------------------------------------------ live processes
+
+def test_own_process_reads_like_psutil(impl):
+    table = impl.ProcessTable()
+    slot = table.add(os.getpid())
+    assert table.sample() == 1
+    assert table.status(slot) == OK
+    rss = psutil.Process().memory_info().rss
+    assert abs(table.rss(slot) - rss) < 8 * MiB
+    assert table.vms(slot) >= table.rss(slot)
+    assert table.pid(slot) == os.getpid()
+
+
+def test_start_time_is_field_22(impl):
+    """(pid, start time) identifies a process; check start time against psutil's create_time."""
+    table = impl.ProcessTable()
+    slot = table.add(os.getpid())
+    ticks = os.sysconf("SC_CLK_TCK")
+    created = psutil.boot_time() + table.start_time(slot) / ticks
+    assert abs(created - psutil.Process().create_time()) < 1.5
+
+
+def test_readings_follow_a_growing_process(impl, hog_factory):
+    hog = hog_factory(64 * MiB)
+    table = impl.ProcessTable()
+    slot = table.add(hog.pid)
+    table.sample()
+    base = table.rss(slot)
+    for _ in range(3):
+        hog.grow()
+        table.sample()
+        assert table.status(slot) == OK
+        assert table.rss(slot) >= base + hog.allocated - 4 * MiB
+    assert table.rss(slot) >= 3 * 64 * MiB
+
+
+def test_hostile_process_name(impl):
+    """A process may call itself 'a) b (c' or put a newline in its name; stat must still parse."""
+    for name in ("a) b (c", "x) 1 2 3 (", "new\nline)", ") ) )"):
+        child = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys,time;open('/proc/self/comm','w').write(sys.argv[1]);"
+             "print(flush=True);time.sleep(30)", name],
+            stdout=subprocess.PIPE)
+        try:
+            child.stdout.readline()
+            with open(f"/proc/{child.pid}/comm") as f:
+                assert f.read().rstrip("\n")[:3] == name[:3]
+            table = impl.ProcessTable()
+            slot = table.add(child.pid)
+            expected = psutil.Process(child.pid).create_time()
+            got = psutil.boot_time() + table.start_time(slot) / os.sysconf("SC_CLK_TCK")
+            assert abs(got - expected) < 1.5
+            assert table.sample() == 1
+        finally:
+            child.kill()
+            child.wait()
+
+
+def test_exit_zombie_and_reap_are_gone_never_raise(impl):
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    table = impl.ProcessTable()
+    slot = table.add(child.pid)
+    assert table.sample() == 1
+    child.stdin.close()  # it exits; we have not reaped it yet: a zombie
+    deadline = time.time() + 10
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert table.sample() == 0
+    assert table.status(slot) == GONE
+    child.wait()
+    assert table.sample() == 0
+    assert table.status(slot) == GONE
+
+
+def test_reaped_pid_is_gone_even_if_reused(impl):
+    """A kept fd names the process, not the number: after reaping, reads fail with ESRCH."""
+    child = subprocess.Popen(["sleep", "30"])
+    table = impl.ProcessTable()
+    slot = table.add(child.pid)
+    child.kill()
+    child.wait()
+    assert table.sample() == 0
+    assert table.status(slot) == GONE
+
+
+def test_add_missing_pid_raises_target_gone(impl):
+    with pytest.raises(TargetGone):
+        impl.ProcessTable().add(2 ** 22 + 7)  # above pid_max's ceiling: never exists
+
+
+def test_add_remove_reuses_slots_and_leaks_no_fd(impl):
+    table = impl.ProcessTable()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(500):
+        slot = table.add(os.getpid())
+        assert table.sample() == 1
+        table.remove(slot)
+    assert len(table) == 0
+    assert len(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(IndexError):
+        table.rss(10_000)
+
+
+def test_access_denied_is_reported(impl, tmp_path):
+    """An unprivileged reader that may not open a process directory gets AccessDenied."""
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "stat").write_bytes(b"4242 (x) S" + b" 1" * 30 + b"\n")
+    (proc / "4242" / "statm").write_bytes(b"10 5 0 0 0 0 0\n")
+    os.chmod(proc / "4242", 0o700)
+    os.chmod(tmp_path, 0o755)
+    code = (
+        "import os, sys\n"
+        f"from memwatchd import {impl.__name__.split('.')[-1]} as impl\n"
+        "from memwatchd.types import AccessDenied\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        f"    impl.ProcessTable(root={str(tmp_path)!r}).add(4242)\n"
+        "except AccessDenied:\n"
+        "    sys.exit(7)\n"
+    )
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 7
+
+
+# ------------------------------------------------------------ fixture trees
+
+def test_fake_proc_tree(impl, tmp_path):
+    pid_dir = tmp_path / "proc" / "77"
+    pid_dir.mkdir(parents=True)
+    (pid_dir / "stat").write_bytes(b"77 (evil) 3 4 (x) R" + b" 0" * 18 + b" 123456 99 7\n")
+    (pid_dir / "statm").write_bytes(b"300 200 1 1 0 50 0\n")
+    table = impl.ProcessTable(root=str(tmp_path))
+    slot = table.add(77)
+    assert table.start_time(slot) == 123456
+    assert table.sample() == 1
+    page = os.sysconf("SC_PAGESIZE")
+    assert (table.rss(slot), table.vms(slot)) == (200 * page, 300 * page)
+    (pid_dir / "statm").write_bytes(b"0 0 0 0 0 0 0\n")  # what a zombie reads
+    assert table.sample() == 0 and table.status(slot) == GONE
+
+
+def test_fake_host_without_psi(impl, tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "meminfo").write_bytes(
+        b"MemTotal:       16000 kB\nMemFree:  100 kB\nMemAvailable:    8000 kB\n"
+        b"SwapTotal:        0 kB\nSwapFree:         0 kB\n")
+    host = impl.HostReader(root=str(tmp_path))
+    assert not host.has_psi
+    sample = host.read()
+    assert (sample.mem_total, sample.mem_available) == (16000 * 1024, 8000 * 1024)
+    assert sample.swap_total == 0 and sample.pressure is None
+
+
+def test_fake_host_missing_key_is_unknown(impl, tmp_path):
+    (tmp_path / "proc" / "pressure").mkdir(parents=True)
+    (tmp_path / "proc" / "meminfo").write_bytes(b"MemTotal: 16000 kB\n")
+    (tmp_path / "proc" / "pressure" / "memory").write_bytes(
+        b"some avg10=12.50 avg60=1.00 avg300=0.10 total=999\n"
+        b"full avg10=3.25 avg60=0.00 avg300=0.00 total=77\n")
+    sample = impl.HostReader(root=str(tmp_path)).read()
+    assert sample.mem_available == UNKNOWN
+    assert sample.pressure.some_avg10 == 12.5 and sample.pressure.full_avg10 == 3.25
+    assert sample.pressure.full_total_us == 77
+
+
+def test_real_host(impl):
+    sample = impl.HostReader().read()
+    assert 0 < sample.mem_available <= sample.mem_total == psutil.virtual_memory().total
+
+
+def _fake_cgroup(path, **files):
+    path.mkdir(parents=True)
+    defaults = {
+        "memory.current": b"1048576\n",
+        "memory.max": b"max\n",
+        "memory.high": b"2097152\n",
+        "memory.events": b"low 0\nhigh 3\nmax 2\noom 1\noom_kill 1\noom_group_kill 0\n",
+        "memory.stat": b"anon 4096\nfile 8192\nkernel 5\ninactive_file 1024\nshmem 0\n",
+        "memory.pressure": b"some avg10=0.00 avg60=0.00 avg300=0.00 total=10\n"
+                           b"full avg10=0.50 avg60=0.00 avg300=0.00 total=5\n",
+    }
+    defaults.update(files)
+    for name, content in defaults.items():
+        if content is not None:
+            (path / name).write_bytes(content)
+    return path
+
+
+def test_fake_cgroup(impl, tmp_path):
+    cg = _fake_cgroup(tmp_path / "system.slice" / "x.service")
+    table = impl.CgroupTable()
+    slot = table.add(str(cg))
+    assert table.sample() == 1
+    s = table.get(slot)
+    assert (s.current, s.max, s.high, s.swap_current) == (1048576, UNLIMITED, 2097152, UNKNOWN)
+    assert (s.events_high, s.events_max, s.events_oom, s.events_oom_kill) == (3, 2, 1, 1)
+    assert (s.anon, s.file, s.inactive_file, s.shmem) == (4096, 8192, 1024, 0)
+    assert s.pressure.full_avg10 == 0.5 and s.pressure.some_total_us == 10
+    assert table.current(slot) == 1048576 and table.path(slot) == str(cg)
+
+
+def test_fake_cgroup_without_optional_files(impl, tmp_path):
+    cg = _fake_cgroup(tmp_path / "c", **{"memory.pressure": None, "memory.stat": None,
+                                         "memory.events": None, "memory.high": None})
+    table = impl.CgroupTable()
+    slot = table.add(str(cg))
+    table.sample()
+    s = table.get(slot)
+    assert s.current == 1048576 and s.high == UNKNOWN and s.pressure is None
+    assert s.anon == UNKNOWN and s.events_oom_kill == UNKNOWN
+
+
+def test_cgroup_without_memory_controller_is_gone(impl, tmp_path):
+    cg = _fake_cgroup(tmp_path / "c", **{"memory.current": None})
+    with pytest.raises(TargetGone):
+        impl.CgroupTable().add(str(cg))
+    with pytest.raises(TargetGone):
+        impl.CgroupTable().add(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------ parsers agree
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="compares the compiled parsers with the twin")
+class TestBothParseTheSame:
+    from memwatchd import procfs as py
+
+    @staticmethod
+    def c():
+        from memwatchd import _memread
+        return _memread
+
+    @staticmethod
+    def same(fn_name, *args):
+        results = []
+        for module in (TestBothParseTheSame.c(), procfs):
+            try:
+                results.append(("ok", getattr(module, fn_name)(*args)))
+            except ValueError:
+                results.append(("ValueError", None))
+        assert results[0] == results[1], (fn_name, args, results)
+
+    numbers = st.integers(min_value=0, max_value=2 ** 60)
+    junk = st.binary(max_size=80)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(numbers, min_size=0, max_size=8), junk)
+    def test_statm(self, values, junk):
+        self.same("parse_statm", " ".join(map(str, values)).encode() + junk)
+        self.same("parse_statm", junk)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=30), st.lists(numbers, min_size=15, max_size=45))
+    def test_stat(self, comm, fields):
+        text = b"123 (" + comm + b") R " + " ".join(map(str, fields)).encode() + b"\n"
+        self.same("parse_stat_start_time", text)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(["anon", "file", "MemTotal:", "x", "oom", ""]),
+                              st.one_of(numbers.map(str), st.just("max"), st.just("")),
+                              st.sampled_from(["", " kB", "kB", " k"])), max_size=10),
+           junk)
+    def test_keyed(self, lines, junk):
+        text = "".join(f"{k} {v}{unit}\n" for k, v, unit in lines).encode() + junk
+        for scale in (1, 1024):
+            self.same("parse_keyed", text, [b"anon", b"file", b"MemTotal", b"oom"], scale)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(["some", "full", "other"]),
+                              st.lists(st.tuples(numbers.map(lambda n: n % 100000),
+                                                 st.text("0123456789", max_size=4)),
+                                       min_size=3, max_size=3),
+                              numbers), max_size=3), junk)
+    def test_psi(self, lines, junk):
+        text = "".join(
+            f"{kind} avg10={a[0][0]}.{a[0][1]} avg60={a[1][0]}.{a[1][1]} "
+            f"avg300={a[2][0]}.{a[2][1]} total={total}\n"
+            for kind, a, total in lines).encode()
+        self.same("parse_psi", text)
+        self.same("parse_psi", text + junk)
+
+    @settings(max_examples=200, deadline=None)
+    @given(junk)
+    def test_max(self, data):
+        self.same("parse_max", data)
+        self.same("parse_max", b"max" + data)
+
+
+# ------------------------------------------------------------ syscalls
+
+def test_process_mrelease_on_live_process_is_einval_then_works_after_sigkill(impl):
+    child = subprocess.Popen(["sleep", "30"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        with pytest.raises(OSError) as live:
+            impl.process_mrelease(pidfd)
+        assert live.value.errno == errno.EINVAL
+        os.kill(child.pid, signal.SIGKILL)
+        try:
+            impl.process_mrelease(pidfd)  # dying: the kernel reaps its memory now
+        except OSError as e:  # or it already finished exiting
+            assert e.errno in (errno.ESRCH, errno.EINVAL)
+    finally:
+        os.close(pidfd)
+        child.kill()
+        child.wait()
+
+
+def test_mlockall_onfault_in_a_child(impl):
+    """Locks its own memory (as the daemon will); done in a child to leave pytest unlocked."""
+    module = impl.__name__
+    code = (f"import {module} as m\nm.mlockall_onfault()\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmLck')][0])")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if os.geteuid() != 0 and out.returncode != 0:
+        pytest.skip("mlockall needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("VmLck:")
