@@ -10,7 +10,7 @@ memwatchd/procfs.py; tests run against both.
 from libc.errno cimport errno, EINTR
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memset
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, INT64_MAX
 from posix.unistd cimport close, sysconf, _SC_PAGESIZE
 from posix.fcntl cimport O_RDONLY, O_CLOEXEC, O_DIRECTORY
 
@@ -70,10 +70,13 @@ cdef inline const char *skip_spaces(const char *p, const char *end) nogil:
     return p
 
 cdef inline const char *parse_uint(const char *p, const char *end, int64_t *out) nogil:
-    """Parse decimal digits at p; return the position after them or NULL if none."""
+    """Parse decimal digits at p; return the position after them, or NULL if there
+    are none or the value does not fit in int64 (no file we read holds such a number)."""
     cdef int64_t v = 0
     cdef const char *start = p
     while p < end and b'0' <= p[0] <= b'9':
+        if v > (INT64_MAX - (p[0] - 48)) // 10:
+            return NULL
         v = v * 10 + (p[0] - 48)
         p += 1
     if p == start:
@@ -150,6 +153,8 @@ cdef int parse_keyed_c(const char *buf, ssize_t n, list keys, int64_t *out, int6
                     if q != NULL:
                         q = skip_spaces(q, end)
                         if q + 1 < end and q[0] == b'k' and q[1] == b'B':
+                            if v > INT64_MAX // scale_kb:
+                                break  # does not fit: stays UNKNOWN
                             v *= scale_kb
                         out[j] = v
                     break
@@ -388,35 +393,58 @@ cdef class ProcessTable:
         self.pids[slot] = 0
         self.free_slots.append(slot)
 
+    cdef inline bint _sample_one(self, Py_ssize_t i) noexcept nogil:
+        """pread + parse one slot; True if it is still live."""
+        cdef ssize_t n
+        cdef int64_t vms, rss
+        cdef int fd = self.fds[i]
+        if fd < 0:
+            return False
+        n = pread_retry(fd, self.buf, BUFSIZE)
+        if n < 0:
+            self.statuses[i] = status_of(errno)
+            if self.statuses[i] == S_GONE:
+                close(fd)
+                self.fds[i] = -1
+            return False
+        if parse_statm_c(self.buf, n, &vms, &rss) != 0 or (vms == 0 and rss == 0):
+            # A zombie reads all zeros: it has released its memory already.
+            self.statuses[i] = S_GONE
+            self.rss_bytes[i] = 0
+            close(fd)
+            self.fds[i] = -1
+            return False
+        self.rss_bytes[i] = rss * PAGE_SIZE
+        self.vms_bytes[i] = vms * PAGE_SIZE
+        self.statuses[i] = S_OK
+        return True
+
     def sample(self):
         """Re-read every live slot; return how many are still live."""
         cdef Py_ssize_t i, live = 0
-        cdef ssize_t n
-        cdef int64_t vms, rss
-        cdef int fd
         with nogil:
             for i in range(self.used):
-                fd = self.fds[i]
-                if fd < 0:
-                    continue
-                n = pread_retry(fd, self.buf, BUFSIZE)
-                if n < 0:
-                    self.statuses[i] = status_of(errno)
-                    if self.statuses[i] == S_GONE:
-                        close(fd)
-                        self.fds[i] = -1
-                    continue
-                if parse_statm_c(self.buf, n, &vms, &rss) != 0 or (vms == 0 and rss == 0):
-                    # A zombie reads all zeros: it has released its memory already.
-                    self.statuses[i] = S_GONE
-                    self.rss_bytes[i] = 0
-                    close(fd)
-                    self.fds[i] = -1
-                    continue
-                self.rss_bytes[i] = rss * PAGE_SIZE
-                self.vms_bytes[i] = vms * PAGE_SIZE
-                self.statuses[i] = S_OK
-                live += 1
+                if self._sample_one(i):
+                    live += 1
+        return live
+
+    def sample_slots(self, slots):
+        """Re-read only these slots (the ones due); return how many are still live."""
+        cdef Py_ssize_t i, k, n = len(slots), live = 0
+        cdef Py_ssize_t *idx = <Py_ssize_t *>malloc(max(n, 1) * sizeof(Py_ssize_t))
+        if idx == NULL:
+            raise MemoryError()
+        try:
+            for k in range(n):
+                i = slots[k]
+                self._check(i)
+                idx[k] = i
+            with nogil:
+                for k in range(n):
+                    if self._sample_one(idx[k]):
+                        live += 1
+        finally:
+            free(idx)
         return live
 
     cdef inline _check(self, Py_ssize_t slot):

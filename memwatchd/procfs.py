@@ -31,12 +31,16 @@ _DIGITS = b"0123456789"
 
 # ------------------------------------------------------------------ parsing
 
+INT64_MAX = 2 ** 63 - 1
+
+
 def _leading_uint(data: bytes, pos: int = 0):
-    """Digits at data[pos:] -> (value, end) or (None, pos) if there are none."""
+    """Digits at data[pos:] -> (value, end), or (None, pos) if there are none or the
+    value does not fit in int64 (as in the C parser)."""
     end = pos
     while end < len(data) and data[end] in _DIGITS:
         end += 1
-    if end == pos:
+    if end == pos or int(data[pos:end]) > INT64_MAX:
         return None, pos
     return int(data[pos:end]), end
 
@@ -88,6 +92,8 @@ def parse_keyed(data: bytes, keys: Sequence, scale_kb: int = 1024) -> List[int]:
             while pos < len(line) and line[pos] in b" \t":
                 pos += 1
             if line[pos:pos + 2] == b"kB":
+                if value > INT64_MAX // scale_kb:
+                    continue  # does not fit: stays UNKNOWN
                 value *= scale_kb
             out[wanted.index(key)] = value
     return out
@@ -222,33 +228,41 @@ class ProcessTable:
         self._pids[slot] = 0
         self._free.append(slot)
 
+    def _sample_one(self, i: int) -> bool:
+        """pread + parse one slot; True if it is still live."""
+        fd = self._fds[i]
+        if fd < 0:
+            return False
+        try:
+            data = _pread(fd)
+        except OSError as e:
+            self._status[i] = status_for_errno(e.errno)
+            if self._status[i] == GONE:
+                self._close(i)
+            return False
+        try:
+            vms, rss = parse_statm(data)
+        except ValueError:
+            vms = rss = 0
+        if vms == 0 and rss == 0:  # a zombie has released its memory already
+            self._status[i] = GONE
+            self._rss[i] = 0
+            self._close(i)
+            return False
+        self._rss[i] = rss * PAGE_SIZE
+        self._vms[i] = vms * PAGE_SIZE
+        self._status[i] = OK
+        return True
+
     def sample(self) -> int:
         """Re-read every live slot; return how many are still live."""
-        live = 0
-        for i, fd in enumerate(self._fds):
-            if fd < 0:
-                continue
-            try:
-                data = _pread(fd)
-            except OSError as e:
-                self._status[i] = status_for_errno(e.errno)
-                if self._status[i] == GONE:
-                    self._close(i)
-                continue
-            try:
-                vms, rss = parse_statm(data)
-            except ValueError:
-                vms = rss = 0
-            if vms == 0 and rss == 0:  # a zombie has released its memory already
-                self._status[i] = GONE
-                self._rss[i] = 0
-                self._close(i)
-                continue
-            self._rss[i] = rss * PAGE_SIZE
-            self._vms[i] = vms * PAGE_SIZE
-            self._status[i] = OK
-            live += 1
-        return live
+        return sum(self._sample_one(i) for i in range(len(self._fds)))
+
+    def sample_slots(self, slots) -> int:
+        """Re-read only these slots (the ones due); return how many are still live."""
+        for i in slots:
+            self._check(i)
+        return sum(self._sample_one(i) for i in slots)
 
     def _close(self, slot: int) -> None:
         os.close(self._fds[slot])

@@ -114,3 +114,19 @@ class CgroupSample:
     inactive_file: int
     shmem: int
     pressure: Optional[Pressure]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One watched target's usage this tick, as the policy sees it.
+
+    ``key`` names the target for its whole life: ("process", pid, start_time)
+    or ("cgroup", path). ``watch`` is the name of the [[watch]] that made it a
+    target; limit and warn are already resolved to bytes (warn None = no warning).
+    """
+
+    key: tuple
+    watch: str
+    usage: int
+    limit: int
+    warn: Optional[int]

@@ -363,3 +363,19 @@ def test_mlockall_onfault_in_a_child(impl):
         pytest.skip("mlockall needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("VmLck:")
+
+
+def test_sample_slots_reads_only_those(impl, hog_factory):
+    hog = hog_factory(32 * MiB)
+    table = impl.ProcessTable()
+    mine = table.add(os.getpid())
+    theirs = table.add(hog.pid)
+    table.sample()
+    before = table.rss(theirs)
+    hog.grow()
+    assert table.sample_slots([mine]) == 1
+    assert table.rss(theirs) == before  # not re-read
+    assert table.sample_slots([theirs]) == 1
+    assert table.rss(theirs) >= before + 30 * MiB
+    with pytest.raises(IndexError):
+        table.sample_slots([99])
