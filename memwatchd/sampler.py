@@ -36,3 +36,26 @@ parse_max = impl.parse_max
 parse_psi = impl.parse_psi
 process_mrelease = impl.process_mrelease
 mlockall_onfault = impl.mlockall_onfault
+
+
+def open_psi_trigger(proc_root: str = "/", stall_us: int = 150_000, window_us: int = 1_000_000):
+    """Register a PSI trigger on /proc/pressure/memory; return its fd (poll it for POLLPRI).
+
+    The kernel then wakes us as soon as tasks stall on memory for stall_us within
+    window_us, instead of at the next tick. Without CAP_SYS_RESOURCE (Linux 6.5+)
+    the window must be a multiple of 2 s, so a refused trigger is retried at 2 s
+    with the same stall share. Raises OSError where PSI is missing or every form
+    is refused; the caller then relies on sampling alone.
+    """
+    path = os.path.join(proc_root, "proc", "pressure", "memory")
+    attempts = [(stall_us, window_us), (stall_us * 2_000_000 // window_us, 2_000_000)]
+    error: OSError = OSError("no PSI trigger attempted")
+    for stall, window in attempts:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.write(fd, f"some {int(stall)} {int(window)}\0".encode())
+            return fd
+        except OSError as e:
+            os.close(fd)
+            error = e
+    raise error

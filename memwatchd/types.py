@@ -130,3 +130,14 @@ class Reading:
     usage: int
     limit: int
     warn: Optional[int]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A process the host guard may choose (listed only when the guard fires)."""
+
+    key: tuple                   # ("process", pid, start_time)
+    pid: int
+    comm: str
+    cgroup: str                  # below the cgroup root, e.g. "/system.slice/x.service"
+    rss: int

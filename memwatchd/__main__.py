@@ -1,0 +1,4 @@
+"""`python -m memwatchd` runs the CLI."""
+from memwatchd.cli import main
+
+main()

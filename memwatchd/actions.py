@@ -1,0 +1,494 @@
+"""The actions stage: the only code that signals processes or writes cgroup control files.
+
+Every signal goes through a pidfd that was checked against the target's identity
+(pid, start time), never through a bare PID: between the sampler seeing a process
+and us acting on it, the process may exit and its PID be handed to an innocent
+one. A pidfd keeps naming the original process for as long as we hold it.
+
+Nothing here logs or prints; outcomes are return values, failures are the
+project's errors (memwatchd.types), mapped from errno in one helper (_raise_os).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+from memwatchd.sampler import parse_stat_start_time, process_mrelease
+from memwatchd.targets import descendants
+from memwatchd.types import (
+    DENIED,
+    GONE,
+    AccessDenied,
+    MemwatchdError,
+    TargetGone,
+    status_for_errno,
+)
+
+__all__ = [
+    "open_process", "send_signal", "is_dead", "release_memory",
+    "descendants", "signal_tree",
+    "cgroup_procs", "signal_cgroup", "set_memory_high", "set_frozen",
+    "victim_env", "OnActionRunner", "ON_ACTION_PATH",
+]
+
+_STAT_MAX = 4096  # /proc/<pid>/stat is < 1 KiB (comm is at most 16 bytes)
+
+subprocess = None  # imported by the first OnActionRunner: ~1 MiB RSS a daemon without on_action saves
+
+
+def _import_subprocess():
+    """Import subprocess once an on_action is configured - at startup, not mid-emergency."""
+    global subprocess
+    if subprocess is None:
+        import subprocess as module
+        subprocess = module
+    return subprocess
+
+
+def _raise_os(err: OSError, what: str):
+    """The one errno -> exception mapping of this module (via types.status_for_errno)."""
+    status = status_for_errno(err.errno or 0)
+    if status == GONE:
+        raise TargetGone(f"{what}: gone ({err.strerror})") from err
+    if status == DENIED:
+        raise AccessDenied(f"{what}: permission denied") from err
+    raise MemwatchdError(f"{what}: {err.strerror or err}") from err
+
+
+def _read(path: str, size: int = 65536) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, size)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, text: str) -> None:
+    """One write(2) of the whole value: cgroup control files act on each write call."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _proc(proc_root: str) -> str:
+    return os.path.join(proc_root, "proc")
+
+
+# ------------------------------------------------------------------ one process
+
+def open_process(pid: int, start_time: int, proc_root: str = "/") -> int:
+    """Return a pidfd for exactly the process identified by (pid, start_time).
+
+    The pidfd is opened first and the start time re-read afterwards: if the PID
+    was reused in between, the re-read sees the newcomer's start time and we
+    refuse, so a returned pidfd can never name a different process.
+    Raises TargetGone (exited, or PID now names another process) or AccessDenied.
+    """
+    what = f"process {pid}"
+    try:
+        pidfd = os.pidfd_open(int(pid))
+    except OSError as e:
+        _raise_os(e, what)
+    try:
+        try:
+            actual = parse_stat_start_time(
+                _read(os.path.join(_proc(proc_root), str(int(pid)), "stat"), _STAT_MAX))
+        except OSError as e:
+            _raise_os(e, what)
+        except ValueError:
+            raise MemwatchdError(f"{what}: malformed stat") from None
+        if actual != start_time:
+            raise TargetGone(f"{what}: PID reused (start time {actual}, expected {start_time})")
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd
+
+
+def send_signal(pidfd: int, sig: int) -> bool:
+    """Signal through a pidfd. True if sent, False if the process had already exited."""
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return False
+    except OSError as e:
+        _raise_os(e, f"pidfd {pidfd}: signal {int(sig)}")
+    return True
+
+
+def is_dead(pidfd: int) -> bool:
+    """True once the process has exited (a pidfd polls readable then; zombies count as dead)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    for _fd, events in poller.poll(0):
+        if events & select.POLLNVAL:
+            raise MemwatchdError(f"pidfd {pidfd}: not an open file descriptor")
+        return True
+    return False
+
+
+_MRELEASE_OUTCOMES = {
+    errno.EINVAL: "not-dying",
+    errno.ESRCH: "gone",
+    errno.ENOSYS: "unsupported",
+}
+
+
+def release_memory(pidfd: int) -> str:
+    """process_mrelease() a killed process so its memory returns now, not after its exit path.
+
+    Returns "released"; "not-dying" if it is not (yet) dying (EINVAL: not killed, or
+    its mm is shared with a live process); "gone" if it has already exited (ESRCH);
+    "unsupported" on kernels without the syscall (ENOSYS, < 5.15). These are
+    normal outcomes; anything else raises.
+    """
+    try:
+        process_mrelease(pidfd)
+    except OSError as e:
+        outcome = _MRELEASE_OUTCOMES.get(e.errno)
+        if outcome is None:
+            _raise_os(e, f"pidfd {pidfd}: process_mrelease")
+        return outcome
+    return "released"
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def signal_tree(pid: int, start_time: int, sig: int, proc_root: str = "/") -> List[int]:
+    """Signal a process and all its descendants, children first, the root last.
+
+    Returns every pidfd opened (the root's is the last one); the caller polls them
+    with is_dead()/release_memory() and closes them. The root's identity is
+    checked first (TargetGone / AccessDenied if it fails). Descendants that vanish
+    or refuse are skipped; if the root exits during a walk, its PID could be
+    reused, so that walk's findings are dropped.
+
+    For SIGKILL the tree is first stopped (SIGSTOP, root first) and re-walked until
+    no new process appears, so that nobody forks, respawns or reacts to a child's
+    death in between; then everyone gets SIGKILL, children first. Other signals are
+    sent in one pass, so a tree forking meanwhile can leave new children behind:
+    prefer signal_cgroup (cgroup.kill) where there is a cgroup. Refuses PID 1 and
+    memwatchd itself (MemwatchdError), and never signals memwatchd as a descendant.
+    """
+    me = os.getpid()
+    if int(pid) in (1, me):
+        raise MemwatchdError(f"process {pid}: refusing to signal init or memwatchd itself")
+    root_fd = open_process(pid, start_time, proc_root)
+    freeze = sig == signal.SIGKILL
+    rounds: List[List[int]] = []        # pidfds found per walk, each deepest first
+    opened: Set[int] = set()
+    try:
+        if freeze:
+            send_signal(root_fd, signal.SIGSTOP)
+        for _ in range(_FREEZE_WALKS if freeze else 1):
+            # We may descend from the root (started from a watched shell): never signal ourselves.
+            tree = [(k, s) for k, s in descendants(pid, proc_root) if k not in opened and k != me]
+            if is_dead(root_fd) or not tree:
+                break
+            found = []
+            for kid, kid_start in tree:
+                try:
+                    fd = open_process(kid, kid_start, proc_root)
+                except (TargetGone, AccessDenied):
+                    continue
+                opened.add(kid)
+                found.append(fd)
+                if freeze:
+                    _signal_quietly(fd, signal.SIGSTOP)
+            rounds.append(found)
+        # A later walk finds children of processes found earlier: list it first.
+        fds = [fd for found in reversed(rounds) for fd in found]
+        for fd in fds:
+            _signal_quietly(fd, sig)  # one refusing descendant must not spare the rest
+        fds.append(root_fd)
+        send_signal(root_fd, sig)
+    except BaseException:
+        _close_all([fd for found in rounds for fd in found] + [root_fd])
+        raise
+    return fds
+
+
+_FREEZE_WALKS = 5
+
+
+def _signal_quietly(fd: int, sig: int) -> None:
+    try:
+        send_signal(fd, sig)
+    except MemwatchdError:
+        pass
+
+
+# ------------------------------------------------------------------ cgroups
+
+def cgroup_procs(cgroup_dir: str) -> List[int]:
+    """The PIDs listed in cgroup_dir/cgroup.procs (TargetGone if the cgroup was removed)."""
+    try:
+        data = _read(os.path.join(cgroup_dir, "cgroup.procs"))
+    except OSError as e:
+        _raise_os(e, f"cgroup {cgroup_dir}")
+    return [int(x) for x in data.split()]
+
+
+def _subtree_procs(cgroup_dir: str) -> List[int]:
+    """cgroup.procs of cgroup_dir and every child cgroup below it (children vanish silently)."""
+    pids = cgroup_procs(cgroup_dir)
+    for dirpath, dirnames, _files in os.walk(cgroup_dir):
+        for name in dirnames:
+            try:
+                pids.extend(cgroup_procs(os.path.join(dirpath, name)))
+            except MemwatchdError:
+                continue
+    return pids
+
+
+def _open_members(cgroup_dir: str, skip: Set[int]) -> Tuple[Dict[int, int], int]:
+    """(pid -> pidfd, number not opened for lack of fds) for the subtree's processes.
+
+    A PID read from cgroup.procs may be reused by an outsider before pidfd_open;
+    re-reading the lists afterwards and keeping only PIDs still present means each
+    pidfd names a member (or a process that has since exited: harmless).
+    """
+    listed = [p for p in dict.fromkeys(_subtree_procs(cgroup_dir)) if p not in skip]
+    if os.getpid() in listed:  # cgroup.kill would take us with it: a configuration error
+        raise MemwatchdError(f"cgroup {cgroup_dir}: refusing to signal, memwatchd itself is in it")
+    opened: Dict[int, int] = {}
+    missed = 0
+    for i, pid in enumerate(listed):
+        try:
+            opened[pid] = os.pidfd_open(pid)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                continue  # exited (ESRCH) or not ours to open
+            # Out of fds: give one back so that the re-read below and a write to
+            # cgroup.kill can still open their files; the caller decides the rest.
+            missed = len(listed) - i
+            if opened:
+                os.close(opened.pop(next(reversed(list(opened)))))
+                missed += 1
+            break
+    try:
+        still = set(_subtree_procs(cgroup_dir))
+    except BaseException:
+        _close_all(opened.values())
+        raise
+    for pid in [p for p in opened if p not in still]:
+        os.close(opened.pop(pid))
+    return opened, missed
+
+
+def signal_cgroup(cgroup_dir: str, sig: int) -> List[int]:
+    """Signal every process of a cgroup subtree; return their pidfds (the caller closes them).
+
+    SIGKILL with a cgroup.kill file (Linux 5.14+): the pidfds are opened first,
+    then "1" is written, which kills the whole subtree atomically, forks included.
+    Otherwise (other signals, older kernels, or cgroup.kill failing) each member
+    is signalled through its pidfd; for SIGKILL the lists are re-read up to three
+    times to catch children forked meanwhile. If pidfds run out (RLIMIT_NOFILE;
+    the daemon should raise its soft limit), cgroup.kill still kills everyone and
+    the returned list is just shorter; the per-process path signals whom it can
+    and then raises MemwatchdError, since it cannot signal the rest by PID.
+    Refuses (MemwatchdError, nothing signalled) if memwatchd itself is in the subtree.
+    """
+    members, missed = _open_members(cgroup_dir, set())
+    fds = list(members.values())
+    signalled = set(members)
+    try:
+        kill_file = os.path.join(cgroup_dir, "cgroup.kill")
+        if sig == signal.SIGKILL and os.path.exists(kill_file):
+            try:
+                _write(kill_file, "1")
+                return fds
+            except OSError as e:
+                if status_for_errno(e.errno or 0) == GONE:
+                    _raise_os(e, f"cgroup {cgroup_dir}")
+                # any other refusal: fall through to per-process signals
+        rounds = 3 if sig == signal.SIGKILL else 1
+        for round_no in range(rounds):
+            for fd in members.values():
+                _signal_quietly(fd, sig)
+            if missed or round_no + 1 == rounds:
+                break
+            try:
+                members, missed = _open_members(cgroup_dir, signalled)
+            except TargetGone:
+                break  # the cgroup went away with its last process
+            if not members and not missed:
+                break
+            signalled.update(members)
+            fds.extend(members.values())
+        if missed:
+            raise MemwatchdError(
+                f"cgroup {cgroup_dir}: out of file descriptors, {missed} processes not signalled")
+    except BaseException:
+        _close_all(fds)
+        raise
+    return fds
+
+
+def set_memory_high(cgroup_dir: str, limit: Optional[int]) -> None:
+    """Write memory.high: a byte count throttles the cgroup by reclaim; None writes "max"."""
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 0):
+        raise ValueError(f"memory.high must be a non-negative byte count or None, not {limit!r}")
+    value = "max" if limit is None else str(int(limit))
+    try:
+        _write(os.path.join(cgroup_dir, "memory.high"), value)
+    except OSError as e:
+        _raise_os(e, f"cgroup {cgroup_dir}: memory.high")
+
+
+def set_frozen(cgroup_dir: str, frozen: bool) -> None:
+    """Write cgroup.freeze ("1"/"0"): freeze a cgroup to stop it growing while we decide."""
+    try:
+        _write(os.path.join(cgroup_dir, "cgroup.freeze"), "1" if frozen else "0")
+    except OSError as e:
+        _raise_os(e, f"cgroup {cgroup_dir}: cgroup.freeze")
+
+
+# ------------------------------------------------------------------ on_action programs
+
+ON_ACTION_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_VALUE_MAX = 32768  # well under MAX_ARG_STRLEN (128 KiB): exec never fails with E2BIG
+
+
+def victim_env(**fields: object) -> Dict[str, str]:
+    """MEMWATCHD_<KEY>=str(value) for an on_action program (None -> "", NUL bytes dropped).
+
+    The victim's data reach the program only as environment variables, never as
+    argv or through a shell, so a hostile process name cannot become a command.
+    """
+    env = {}
+    for key, value in fields.items():
+        text = "" if value is None else str(value)
+        env["MEMWATCHD_" + key.upper()] = text.replace("\0", "")[:_ENV_VALUE_MAX]
+    return env
+
+
+class _Running:
+    __slots__ = ("proc", "argv0", "deadline", "killed")
+
+    def __init__(self, proc: subprocess.Popen, argv0: str, deadline: float):
+        self.proc = proc
+        self.argv0 = argv0
+        self.deadline = deadline
+        self.killed = False
+
+
+class OnActionRunner:
+    """Runs the operator's on_action programs without ever blocking the daemon's loop.
+
+    start() execs argv directly (no shell) in a new session with a minimal
+    environment, stdio on /dev/null and no inherited fds; poll(), called every
+    tick, reaps finished programs and SIGKILLs the process group of any past its
+    timeout (the group is ours: its leader is our unreaped child, so the id
+    cannot have been reused). At most max_running programs run at once.
+    """
+
+    def __init__(self, max_running: int = 8, oom_score_adj: Optional[int] = 0,
+                 clock=time.monotonic):
+        _import_subprocess()
+        self.max_running = max_running
+        self.oom_score_adj = oom_score_adj
+        self._clock = clock
+        self._running: List[_Running] = []
+
+    @property
+    def running(self) -> int:
+        """Programs started and not yet reaped (including killed ones not yet reaped)."""
+        return len(self._running)
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], timeout: float) -> int:
+        """Launch argv with PATH plus env (MEMWATCHD_* keys only); return its PID.
+
+        Raises MemwatchdError if the program cannot be executed or too many are
+        running, ValueError for a malformed argv/env (a programming error).
+        """
+        argv = tuple(argv)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError(f"on_action argv must be a non-empty tuple of strings: {argv!r}")
+        child_env = {"PATH": ON_ACTION_PATH}
+        for key, value in env.items():
+            if not (isinstance(key, str) and key.startswith("MEMWATCHD_") and isinstance(value, str)):
+                raise ValueError(f"on_action env must be MEMWATCHD_* string pairs: {key!r}")
+            child_env[key] = value.replace("\0", "")
+        live = sum(1 for r in self._running if not r.killed)
+        if live >= self.max_running:
+            raise MemwatchdError(f"on_action {argv[0]}: {live} programs still running, not started")
+        try:
+            proc = subprocess.Popen(
+                argv, env=child_env, cwd="/", stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                close_fds=True, start_new_session=True, shell=False)
+        except OSError as e:
+            raise MemwatchdError(f"on_action {argv[0]}: {e.strerror or e}") from e
+        if self.oom_score_adj is not None:
+            # The daemon itself is usually OOM-protected (-1000); its helper must not be.
+            try:
+                with open(f"/proc/{proc.pid}/oom_score_adj", "w") as f:
+                    f.write(str(self.oom_score_adj))
+            except OSError:
+                pass
+        self._running.append(_Running(proc, argv[0], self._clock() + timeout))
+        return proc.pid
+
+    def _kill(self, entry: _Running) -> None:
+        if entry.proc.returncode is None:  # not reaped: its PID (= group id) is still ours
+            try:
+                os.killpg(entry.proc.pid, signal.SIGKILL)  # it and whatever it started
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                entry.proc.kill()  # in case it left its process group (Popen won't hit a reaped PID)
+            except OSError:
+                pass
+        entry.killed = True
+
+    def poll(self) -> List[Tuple[str, Union[int, str]]]:
+        """Reap finished programs, kill overdue ones; [(argv0, returncode | "timeout")].
+
+        A killed program is reported once, as "timeout", when it is killed, and is
+        reaped silently on a later call (a process in D state may take a while).
+        """
+        done: List[Tuple[str, Union[int, str]]] = []
+        now = self._clock()
+        keep = []
+        for entry in self._running:
+            rc = entry.proc.poll()
+            if rc is not None:
+                if not entry.killed:
+                    done.append((entry.argv0, rc))
+                continue
+            if not entry.killed and now >= entry.deadline:
+                self._kill(entry)
+                done.append((entry.argv0, "timeout"))
+            keep.append(entry)
+        self._running = keep
+        return done
+
+    def close(self, wait: float = 1.0) -> None:
+        """Kill every outstanding program and reap what dies within `wait` seconds."""
+        for entry in self._running:
+            self._kill(entry)
+        deadline = time.monotonic() + wait
+        for entry in self._running:
+            try:
+                entry.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._running = [e for e in self._running if e.proc.returncode is None]

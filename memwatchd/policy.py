@@ -1,0 +1,305 @@
+"""The policy stage: pure decisions over one tick's readings.
+
+No I/O and no clock of its own: every function takes the time and the
+readings as arguments, so the whole ladder (warn, sustain, SIGTERM, grace,
+escalation, SIGKILL, cooldown) and the host guard are tested with plain
+dataclasses. The daemon executes what comes out, after a fresh re-read
+(``still_needed``), the way earlyoom re-checks before it kills.
+"""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from memwatchd.config import Config, GuardConfig, WatchConfig
+from memwatchd.types import Candidate, HostSample, Reading
+
+ESCALATE_FACTOR = 1.25   # during the grace period, SIGKILL at once past limit * this
+WARN_REARM = 0.9         # a warning re-arms once usage falls below warn * this
+UNKILLABLE_AFTER = 10.0  # seconds after SIGKILL before the guard gives up on a victim
+
+# Reasons recorded with every decision (kept stable: they are in the events file).
+REASON_WARN = "warn-level"
+REASON_LIMIT = "over-limit"
+REASON_ESCALATE = "over-limit-escalated"
+REASON_GRACE = "grace-expired"
+REASON_GUARD_LOW = "mem-available-low"
+REASON_GUARD_CRITICAL = "mem-available-critical"
+REASON_GUARD_PSI = "psi-full-high"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Something the daemon should do now.
+
+    kind: "warn", "signal", "throttle" or "freeze". For "signal", ``signal`` is
+    SIGTERM or SIGKILL. ``key`` is the target's key (for the guard, the key of
+    the victim it chose).
+    """
+
+    kind: str
+    key: tuple
+    watch: str
+    reason: str
+    usage: int
+    limit: int
+    signal: Optional[int] = None
+
+
+@dataclass
+class TargetState:
+    """What the policy remembers about one target between ticks."""
+
+    over_since: Optional[float] = None
+    warned: bool = False
+    stage: str = "idle"          # idle | terminating | killed | throttled | freezing | acted
+    term_at: float = 0.0
+    cooldown_until: float = 0.0
+
+
+@dataclass
+class GuardState:
+    victim: Optional[Candidate] = None
+    term_at: float = 0.0
+    killed: bool = False
+    cooldown_until: float = 0.0
+
+
+def next_interval(headroom: int, fill_rate: int, min_interval: float, max_interval: float) -> float:
+    """Time until this headroom could be used up at the worst-case fill rate, clamped.
+
+    Far from a limit that is the slow interval (about once a second); close to
+    one it is min_interval (10 ms by default).
+    """
+    if headroom <= 0:
+        return min_interval
+    return max(min_interval, min(max_interval, headroom / fill_rate))
+
+
+def guard_level(guard: GuardConfig, host: HostSample) -> Tuple[Optional[str], str]:
+    """("term" | "kill" | None, reason) for the host as sampled."""
+    if not guard.enabled or host.mem_total <= 0 or host.mem_available < 0:
+        return None, ""
+    term_below, kill_below = guard.thresholds(host.mem_total)
+    if host.mem_available < kill_below:
+        return "kill", REASON_GUARD_CRITICAL
+    if host.mem_available < term_below:
+        return "term", REASON_GUARD_LOW
+    if (guard.psi_full_avg10 > 0 and host.pressure is not None
+            and host.pressure.full_avg10 >= guard.psi_full_avg10):
+        return "term", REASON_GUARD_PSI
+    return None, ""
+
+
+def is_protected(candidate: Candidate, protect_names: Iterable[str],
+                 protect_cgroups: Iterable[str]) -> bool:
+    """A protected comm name, or a process inside (or below) a protected cgroup."""
+    import fnmatch
+    if candidate.comm in protect_names:
+        return True
+    for pattern in protect_cgroups:
+        if (candidate.cgroup == pattern or candidate.cgroup.startswith(pattern.rstrip("/") + "/")
+                or fnmatch.fnmatchcase(candidate.cgroup, pattern)):
+            return True
+    return False
+
+
+def choose_victim(candidates: Sequence[Candidate], config: Config,
+                  never: Iterable[int] = ()) -> Optional[Candidate]:
+    """The largest eligible process: not PID 1, not memwatchd or its ancestors
+    (``never``), not protected, not a kernel thread (rss 0)."""
+    excluded = set(never) | {1}
+    eligible = [c for c in candidates
+                if c.pid not in excluded and c.rss > 0
+                and not is_protected(c, config.protect.names, config.protect.cgroups)]
+    return max(eligible, key=lambda c: c.rss, default=None)
+
+
+class Policy:
+    """Keeps per-target state across ticks and turns readings into decisions."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.watches: Dict[str, WatchConfig] = {w.name: w for w in config.watches}
+        self.states: Dict[tuple, TargetState] = {}
+        self.guard = GuardState()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload keeps each surviving target's state (a pending SIGTERM stays pending)."""
+        self.config = config
+        self.watches = {w.name: w for w in config.watches}
+
+    def forget(self, key: tuple) -> None:
+        """The target is gone: drop its state (a new match starts fresh)."""
+        self.states.pop(key, None)
+        if self.guard.victim is not None and self.guard.victim.key == key:
+            self.guard.victim = None
+            self.guard.killed = False
+
+    def back_off(self, key: tuple, watch: str) -> None:
+        """The re-check before acting found the situation recovered: undo the step."""
+        if watch == "guard":
+            self.guard.victim = None
+            self.guard.killed = False
+            return
+        state = self.states.get(key)
+        if state is not None:
+            state.stage, state.over_since, state.cooldown_until = "idle", None, 0.0
+
+    # ---------------------------------------------------------------- watches
+
+    def evaluate(self, now: float, readings: Sequence[Reading],
+                 host: Optional[HostSample] = None) -> List[Decision]:
+        """Decisions for this tick's watched targets."""
+        critical = host is not None and guard_level(self.config.guard, host)[0] == "kill"
+        decisions: List[Decision] = []
+        for reading in readings:
+            watch = self.watches.get(reading.watch)
+            if watch is None:
+                continue
+            state = self.states.setdefault(reading.key, TargetState())
+            decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
+        return decisions
+
+    def _evaluate_one(self, now: float, r: Reading, watch: WatchConfig, state: TargetState,
+                      host_critical: bool) -> List[Decision]:
+        out: List[Decision] = []
+
+        def decide(kind, reason, sig=None):
+            out.append(Decision(kind, r.key, r.watch, reason, r.usage, r.limit, sig))
+
+        if r.warn is not None:
+            if r.usage >= r.warn and not state.warned and r.usage < r.limit:
+                state.warned = True
+                decide("warn", REASON_WARN)
+            elif r.usage < r.warn * WARN_REARM:
+                state.warned = False
+
+        if state.stage == "terminating":
+            if r.usage >= r.limit * ESCALATE_FACTOR or host_critical:
+                state.stage = "killed"
+                decide("signal", REASON_ESCALATE, signal.SIGKILL)
+            elif now - state.term_at >= watch.grace:
+                if r.usage >= r.limit:
+                    state.stage = "killed"
+                    decide("signal", REASON_GRACE, signal.SIGKILL)
+                else:  # it shrank below its limit after SIGTERM: back off (cooldown runs on)
+                    state.stage = "idle"
+                    state.over_since = None
+            return out
+        if state.stage in ("killed", "throttled", "freezing"):
+            if r.usage < r.limit and state.stage == "throttled":
+                state.stage = "idle"  # memory.high stays; a new crossing acts again
+            return out
+
+        if r.usage < r.limit:
+            state.over_since = None
+            if state.stage == "acted":
+                state.stage = "idle"
+            return out
+        if state.over_since is None:
+            state.over_since = now
+        if now - state.over_since < watch.sustain or now < state.cooldown_until:
+            return out
+        if state.stage == "acted":
+            return out  # "warn" action: once per crossing
+        state.cooldown_until = now + self.config.daemon.cooldown
+        if watch.action == "warn":
+            state.stage = "acted"
+            decide("warn", REASON_LIMIT)
+        elif watch.action == "term":
+            state.stage = "terminating"
+            state.term_at = now
+            decide("signal", REASON_LIMIT, signal.SIGTERM)
+        elif watch.action == "kill":
+            state.stage = "killed"
+            decide("signal", REASON_LIMIT, signal.SIGKILL)
+        elif watch.action == "throttle":
+            state.stage = "throttled"
+            decide("throttle", REASON_LIMIT)
+        elif watch.action == "freeze":
+            state.stage = "freezing"
+            decide("freeze", REASON_LIMIT)
+        return out
+
+    def interval_for(self, reading: Reading) -> float:
+        """When this target should next be sampled (seconds from now)."""
+        d = self.config.daemon
+        state = self.states.get(reading.key)
+        if state is not None and state.stage == "terminating":
+            return d.min_interval  # watch closely during the grace period
+        return next_interval(reading.limit - reading.usage, d.fill_rate, d.min_interval, d.interval)
+
+    # ------------------------------------------------------------------ guard
+
+    def guard_interval(self, host: HostSample) -> float:
+        d, g = self.config.daemon, self.config.guard
+        if not g.enabled or host.mem_total <= 0:
+            return d.interval
+        if self.guard.victim is not None:
+            return d.min_interval
+        term_below, _ = g.thresholds(host.mem_total)
+        return next_interval(host.mem_available - term_below, d.fill_rate, d.min_interval, d.interval)
+
+    def guard_wants_victim(self, now: float, host: HostSample) -> bool:
+        """True when the guard fires and has no victim in flight: the daemon should
+        list candidates and call ``guard_evaluate``."""
+        level, _ = guard_level(self.config.guard, host)
+        if level is None or self.guard.victim is not None:
+            return False
+        return level == "kill" or now >= self.guard.cooldown_until
+
+    def guard_evaluate(self, now: float, host: HostSample,
+                       candidates: Sequence[Candidate] = (), never: Iterable[int] = ()
+                       ) -> List[Decision]:
+        """The host guard's ladder over one tick.
+
+        With no victim in flight, pick the largest eligible candidate: SIGTERM,
+        or SIGKILL at once below kill_available. With one in flight, SIGKILL it
+        after the guard's grace, or at once if the host falls to the kill level;
+        back off if the host recovered.
+        """
+        g, level_reason = self.config.guard, guard_level(self.config.guard, host)
+        level, reason = level_reason
+        st = self.guard
+        term_below, _ = g.thresholds(host.mem_total) if host.mem_total > 0 else (0, 0)
+        if st.victim is not None:
+            if st.killed:
+                if now - st.term_at > g.grace + UNKILLABLE_AFTER:
+                    st.victim = None  # SIGKILL did not end it (stuck in D state?): choose again
+                return []
+            v = st.victim
+            if level == "kill" or (level is not None and now - st.term_at >= g.grace):
+                st.killed = True
+                why = reason if level == "kill" else REASON_GRACE
+                return [Decision("signal", v.key, "guard", why, v.rss, term_below, signal.SIGKILL)]
+            if level is None and now - st.term_at >= g.grace:
+                st.victim = None  # the host recovered and the victim lives: leave it be
+            return []
+        if level is None or not (level == "kill" or now >= st.cooldown_until):
+            return []
+        victim = choose_victim(candidates, self.config, never)
+        if victim is None:
+            return []
+        st.victim, st.term_at = victim, now
+        st.killed = level == "kill"
+        st.cooldown_until = now + self.config.daemon.cooldown
+        sig = signal.SIGKILL if level == "kill" else signal.SIGTERM
+        return [Decision("signal", victim.key, "guard", reason, victim.rss, term_below, sig)]
+
+
+def still_needed(decision: Decision, fresh_usage: Optional[int],
+                 fresh_host: Optional[HostSample], guard: GuardConfig) -> bool:
+    """Re-check right before acting: False if the situation recovered meanwhile.
+
+    A SIGKILL for an escalation or an expired grace is not re-checked (the
+    ladder already re-read usage this tick); a first action backs off if the
+    fresh usage is back under the limit, a guard action if MemAvailable is back
+    above its floor.
+    """
+    if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
+        return True
+    if decision.watch == "guard":
+        return fresh_host is None or guard_level(guard, fresh_host)[0] is not None
+    return fresh_usage is None or fresh_usage >= decision.limit

@@ -1,0 +1,459 @@
+"""The targets stage: what to watch, resolved from the config and kept current.
+
+Each [[watch]] selector (pid, pidfile, unit, cgroup glob, cmdline regex)
+resolves to concrete targets: a process (identity: pid + start time, read
+through one /proc/<pid> directory fd by the sampler) or a cgroup directory.
+Targets that exit are dropped quietly; new matches are picked up on the next
+rescan. ``sample_due`` reads only the targets whose time has come and turns
+them into ``Reading``s for the policy.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from memwatchd import sampler
+from memwatchd.sampler import parse_stat_start_time
+from memwatchd.config import CGROUP_ROOT, Config, WatchConfig
+from memwatchd.types import (GONE, OK, AccessDenied, Candidate, MemwatchdError, Reading,
+                             TargetGone)
+
+RESCAN_INTERVAL = 2.0     # seconds between re-resolving globs, regexes, pidfiles and units
+SYSTEMCTL_TIMEOUT = 10.0
+
+
+# ------------------------------------------------------------ /proc helpers
+
+def read_small(path: str) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return f.read(65536)
+
+
+def read_comm(pid: int, proc: str = "/proc") -> str:
+    """The process's name (attacker-controlled: escape before logging)."""
+    try:
+        return read_small(f"{proc}/{pid}/comm").rstrip(b"\n").decode("utf-8", "backslashreplace")
+    except OSError:
+        return ""
+
+
+def read_cmdline(pid: int, proc: str = "/proc") -> str:
+    """Arguments joined by spaces (attacker-controlled: escape before logging)."""
+    try:
+        raw = read_small(f"{proc}/{pid}/cmdline")
+    except OSError:
+        return ""
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "backslashreplace")
+
+
+def read_cgroup(pid: int, proc: str = "/proc") -> str:
+    """The process's cgroup v2 path ("/system.slice/x.service"), "" if unknown."""
+    try:
+        for line in read_small(f"{proc}/{pid}/cgroup").decode("utf-8", "replace").splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError:
+        pass
+    return ""
+
+
+def read_ppid(pid: int, proc: str = "/proc") -> int:
+    try:
+        return _stat_fields(read_small(f"{proc}/{pid}/stat"))[0]
+    except (OSError, ValueError):
+        return 0
+
+
+def list_pids(proc: str = "/proc") -> List[int]:
+    return [int(name) for name in os.listdir(proc) if name.isdigit()]
+
+
+def _stat_fields(data: bytes) -> Tuple[int, int]:
+    """(ppid, start_time) from /proc/<pid>/stat; fields counted after the LAST ')'."""
+    close = data.rfind(b")")
+    rest = data[close + 2:].split(b" ", 2) if close >= 0 else []
+    if len(rest) < 2:
+        raise ValueError("malformed stat")
+    return int(rest[1]), parse_stat_start_time(data)
+
+
+def _children_files(proc: str, pid: int) -> Optional[List[int]]:
+    """Children of pid from /proc/<pid>/task/*/children; None if the kernel lacks those files."""
+    task_dir = os.path.join(proc, str(pid), "task")
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return []  # exited mid-walk
+    kids: List[int] = []
+    for tid in tids:
+        try:
+            data = read_small(os.path.join(task_dir, tid, "children"))
+        except FileNotFoundError:
+            if os.path.exists(os.path.join(task_dir, tid, "stat")):
+                return None  # thread is there but has no 'children': CONFIG_PROC_CHILDREN=n
+            continue  # the thread exited
+        except OSError:
+            continue
+        kids.extend(int(x) for x in data.split())
+    return kids
+
+
+def _ppid_map(proc: str) -> Dict[int, List[int]]:
+    """ppid -> pids from one scan of /proc/*/stat (fallback for kernels without 'children')."""
+    out: Dict[int, List[int]] = {}
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            ppid, _start = _stat_fields(read_small(os.path.join(proc, name, "stat")))
+        except (OSError, ValueError):
+            continue
+        out.setdefault(ppid, []).append(int(name))
+    return out
+
+
+def descendants(pid: int, proc_root: str = "/") -> List[Tuple[int, int]]:
+    """All descendants of pid as (pid, start_time), deepest first (children before parents).
+
+    Each entry's stat is re-read and kept only if its ppid is still the parent we
+    found it under: a child that exited and whose PID was reused by an unrelated
+    process mid-walk is dropped. Processes that vanish are skipped. Does not
+    include pid itself and does not verify pid's identity (signal_tree does).
+    """
+    proc = os.path.join(proc_root, "proc")
+    ppid_map: Optional[Dict[int, List[int]]] = None
+    levels: List[List[Tuple[int, int]]] = []
+    seen: Set[int] = {int(pid)}
+    frontier = [int(pid)]
+    while frontier:
+        level: List[Tuple[int, int]] = []
+        for parent in frontier:
+            kids = None if ppid_map is not None else _children_files(proc, parent)
+            if kids is None:
+                if ppid_map is None:
+                    ppid_map = _ppid_map(proc)
+                kids = ppid_map.get(parent, [])
+            for kid in kids:
+                if kid in seen:
+                    continue
+                try:
+                    ppid, start = _stat_fields(read_small(os.path.join(proc, str(kid), "stat")))
+                except (OSError, ValueError):
+                    continue  # vanished
+                if ppid != parent:
+                    continue  # re-parented, or the PID now names someone else
+                seen.add(kid)
+                level.append((kid, start))
+        if level:
+            levels.append(level)
+        frontier = [kid for kid, _ in level]
+    return [entry for level in reversed(levels) for entry in level]
+
+
+def ancestors(pid: int, proc: str = "/proc") -> Set[int]:
+    """pid and its ancestors: memwatchd never targets itself or what started it."""
+    out = set()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        pid = read_ppid(pid, proc)
+    return out
+
+
+def unit_cgroup(unit: str) -> str:
+    """The unit's cgroup below the cgroup root, "" when it is not running."""
+    import subprocess  # only unit watches pay for it (~1 MiB resident)
+    try:
+        out = subprocess.run(["systemctl", "show", "-P", "ControlGroup", "--", unit],
+                             capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+# ------------------------------------------------------------------ targets
+
+@dataclass
+class Target:
+    """One watched process (or process tree) or cgroup."""
+
+    key: tuple
+    watch: WatchConfig
+    pid: int = 0
+    start_time: int = 0
+    slot: int = -1                      # ProcessTable slot (process/tree) or CgroupTable slot
+    members: Dict[tuple, int] = field(default_factory=dict)  # tree: (pid, start) -> slot
+    cgroup: str = ""                    # below the cgroup root ("/system.slice/x.service")
+    comm: str = ""
+    cmdline: str = ""
+    usage: int = 0
+    limit: int = 0
+    warn: Optional[int] = None
+    next_due: float = 0.0
+    sampled_at: float = 0.0
+    interval: float = 0.0
+
+    @property
+    def is_cgroup(self) -> bool:
+        return self.key[0] == "cgroup"
+
+
+class TargetSet:
+    """All current targets of a config, with the sampler tables that read them."""
+
+    def __init__(self, config: Config, proc_root: str = "/", cgroup_root: str = CGROUP_ROOT,
+                 never: Iterable[int] = ()):
+        self.proc = os.path.join(proc_root, "proc")
+        self.proc_root = proc_root
+        self.cgroup_root = cgroup_root
+        self.processes = sampler.ProcessTable(root=proc_root)
+        self.cgroups = sampler.CgroupTable()
+        self.host = sampler.HostReader(root=proc_root)
+        self.never = set(never)
+        self.targets: Dict[tuple, Target] = {}
+        self.rescan_at: Dict[str, float] = {}
+        self.pid_watches_done: Set[str] = set()
+        self.config = config
+        self.mem_total = self.host.read().mem_total
+        self.problems: List[str] = []     # resolution trouble, for the daemon to log
+        self.vanished: List[Target] = []  # dropped by a rescan, reported with the next sample
+
+    # ---------------------------------------------------------- resolution
+
+    def reconfigure(self, config: Config) -> List[tuple]:
+        """Adopt a new config: targets of removed or changed watches are dropped;
+        unchanged watches keep their targets (and a pid watch is not re-attached)."""
+        new = {w.name: w for w in config.watches}
+        old = {w.name: w for w in self.config.watches}
+        dropped = [k for k, t in self.targets.items() if new.get(t.watch.name) != t.watch]
+        for key in dropped:
+            self.drop(key)
+        self.pid_watches_done = {n for n in self.pid_watches_done if new.get(n) == old.get(n)}
+        self.config = config
+        self.rescan_at.clear()
+        return dropped
+
+    def refresh(self, now: float) -> List[Target]:
+        """Resolve every watch whose rescan is due; return the targets added."""
+        added: List[Target] = []
+        for watch in self.config.watches:
+            if now < self.rescan_at.get(watch.name, 0.0):
+                continue
+            self.rescan_at[watch.name] = now + RESCAN_INTERVAL
+            try:
+                added.extend(self._resolve(watch, now))
+            except (OSError, MemwatchdError) as e:
+                self.problems.append(f"watch {watch.name}: {e}")
+        return added
+
+    def _resolve(self, watch: WatchConfig, now: float) -> List[Target]:
+        have = [t for t in self.targets.values() if t.watch.name == watch.name]
+        if watch.kind == "pid":
+            # A pid names one process once: after it exits, nothing is re-attached.
+            if watch.name in self.pid_watches_done:
+                return []
+            self.pid_watches_done.add(watch.name)
+            return self._attach_pids(watch, [int(watch.selector)], now)
+        if watch.kind == "pidfile":
+            try:
+                pid = int(read_small(str(watch.selector)).split()[0])
+            except (OSError, ValueError, IndexError):
+                return []
+            if any(t.pid == pid for t in have):
+                return []
+            for t in have:  # the pidfile names another process now: follow it
+                self.vanished.append(self.drop(t.key))
+            return self._attach_pids(watch, [pid], now)
+        if watch.kind == "cmdline":
+            pattern = re.compile(str(watch.selector))
+            taken = {t.pid for t in have}
+            matches = [pid for pid in list_pids(self.proc) if pid not in taken
+                       and pid not in self.never and pattern.search(read_cmdline(pid, self.proc))]
+            return self._attach_pids(watch, matches, now)
+        if watch.kind == "unit":
+            if have:
+                return []
+            path = unit_cgroup(str(watch.selector))
+            return self._attach_cgroups(watch, [path] if path else [], now)
+        if watch.kind == "cgroup":
+            taken = {t.cgroup for t in have}
+            pattern = self.cgroup_root + str(watch.selector)
+            paths = [p[len(self.cgroup_root):] for p in sorted(glob.glob(pattern))
+                     if os.path.isdir(p)]
+            for t in have:  # removed since: drop now, whatever a kept fd still reads
+                if t.cgroup not in paths:
+                    self.vanished.append(self.drop(t.key))
+            return self._attach_cgroups(watch, [p for p in paths if p not in taken], now)
+        return []
+
+    def _attach_pids(self, watch: WatchConfig, pids: List[int], now: float) -> List[Target]:
+        added = []
+        for pid in pids:
+            if pid in self.never:
+                self.problems.append(f"watch {watch.name}: refusing to watch memwatchd itself "
+                                     f"or its ancestor (pid {pid})")
+                continue
+            try:
+                slot = self.processes.add(pid)
+            except TargetGone:
+                continue
+            except AccessDenied as e:
+                self.problems.append(f"watch {watch.name}: {e}")
+                continue
+            start = self.processes.start_time(slot)
+            key = ("process", pid, start)
+            if key in self.targets:
+                self.processes.remove(slot)
+                continue
+            target = Target(key, watch, pid=pid, start_time=start, slot=slot,
+                            comm=read_comm(pid, self.proc), cmdline=read_cmdline(pid, self.proc),
+                            cgroup=read_cgroup(pid, self.proc), next_due=now)
+            if watch.scope == "tree":
+                target.members[(pid, start)] = slot
+            self.targets[key] = target
+            added.append(target)
+        return added
+
+    def _attach_cgroups(self, watch: WatchConfig, paths: List[str], now: float) -> List[Target]:
+        added = []
+        for path in paths:
+            key = ("cgroup", path)
+            if key in self.targets:
+                continue
+            try:
+                slot = self.cgroups.add(self.cgroup_root + path)
+            except (TargetGone, AccessDenied) as e:
+                self.problems.append(f"watch {watch.name}: {e}")
+                continue
+            target = Target(key, watch, slot=slot, cgroup=path, comm=path.rsplit("/", 1)[-1],
+                            next_due=now)
+            self.targets[key] = target
+            added.append(target)
+        return added
+
+    def drop(self, key: tuple) -> Optional[Target]:
+        """Forget a target and close its fds."""
+        target = self.targets.pop(key, None)
+        if target is None:
+            return None
+        if target.is_cgroup:
+            self.cgroups.remove(target.slot)
+        else:
+            for slot in set(target.members.values()) | {target.slot}:
+                self.processes.remove(slot)
+        return target
+
+    # ------------------------------------------------------------- sampling
+
+    def _refresh_tree(self, target: Target) -> None:
+        """Track the tree's current members (new children join, exited ones leave)."""
+        for member in descendants(target.pid, self.proc_root):
+            if member in target.members or member[0] in self.never:
+                continue
+            try:
+                slot = self.processes.add(member[0])
+            except (TargetGone, AccessDenied):
+                continue
+            target.members[(member[0], self.processes.start_time(slot))] = slot
+
+    def sample_due(self, now: float, force: bool = False) -> Tuple[List[Reading], List[Target]]:
+        """Read the targets that are due (all with force); return readings and gone targets."""
+        due = [t for t in self.targets.values() if force or t.next_due <= now]
+        vanished, self.vanished = self.vanished, []
+        if not due:
+            return [], vanished
+        slots = []
+        for t in due:
+            if t.is_cgroup:
+                continue
+            if t.watch.scope == "tree":
+                self._refresh_tree(t)
+                slots.extend(t.members.values())
+            else:
+                slots.append(t.slot)
+        if slots:
+            self.processes.sample_slots(slots)
+        if any(t.is_cgroup for t in due):
+            self.cgroups.sample()
+        readings, gone = [], []
+        for t in due:
+            if not self._read_target(t):
+                gone.append(t)
+                continue
+            t.sampled_at = now
+            readings.append(Reading(t.key, t.watch.name, t.usage, t.limit, t.warn))
+        for t in gone:
+            self.drop(t.key)
+        return readings, vanished + gone
+
+    def _read_target(self, t: Target) -> bool:
+        """Fill usage/limit/warn from the last sample; False if the target is gone."""
+        if t.is_cgroup:
+            status = self.cgroups.status(t.slot)
+            if status == GONE:
+                return False
+            s = self.cgroups.get(t.slot)
+            if t.watch.usage == "anon":
+                t.usage = s.anon
+            elif t.watch.usage == "current-inactive_file":
+                t.usage = s.current - max(s.inactive_file, 0)
+            else:
+                t.usage = s.current
+            base = s.max if s.max > 0 else self.mem_total
+        else:
+            if self.processes.status(t.slot) == GONE:
+                return False
+            if t.watch.scope == "tree":
+                total = 0
+                for member, slot in list(t.members.items()):
+                    if self.processes.status(slot) == GONE and slot != t.slot:
+                        self.processes.remove(slot)
+                        del t.members[member]
+                    else:
+                        total += self.processes.rss(slot)
+                t.usage = total
+            else:
+                t.usage = self.processes.rss(t.slot)
+            base = self.mem_total
+        t.limit = t.watch.limit.resolve(base)
+        t.warn = t.watch.warn.resolve(base) if t.watch.warn is not None else None
+        return True
+
+    def reread(self, key: tuple) -> Optional[int]:
+        """A fresh usage of one target right before acting; None if it is gone."""
+        t = self.targets.get(key)
+        if t is None:
+            return None
+        if t.is_cgroup:
+            self.cgroups.sample()
+        else:
+            self.processes.sample_slots(list(t.members.values()) or [t.slot])
+        return t.usage if self._read_target(t) else None
+
+    # ---------------------------------------------------------------- guard
+
+    def guard_candidates(self) -> list:
+        """Every process the host guard could stop, with its rss (a full /proc scan)."""
+        out = []
+        table = sampler.ProcessTable(root=self.proc_root, capacity=256)
+        for pid in list_pids(self.proc):
+            if pid in self.never:
+                continue
+            try:
+                slot = table.add(pid)
+            except MemwatchdError:
+                continue
+            table.sample_slots([slot])
+            if table.status(slot) == OK and table.rss(slot) > 0:
+                out.append(Candidate(("process", pid, table.start_time(slot)), pid,
+                                     read_comm(pid, self.proc), read_cgroup(pid, self.proc),
+                                     table.rss(slot)))
+            table.remove(slot)
+        return out

@@ -1,0 +1,130 @@
+"""Helpers for code that runs inside a private PID namespace (see tests/pidns.py).
+
+Everything here starts real processes: the daemon (`python -m memwatchd run`),
+and hogs that really allocate, cap themselves in bytes and time, and write
+down every signal they receive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+WORK = tempfile.mkdtemp(prefix="memwatchd-scenario-")
+MiB = 1 << 20
+
+HOG = textwrap.dedent("""
+    import os, signal, sys, time, json
+    rate_mib, cap_mib, seconds, on_term, report, events, name = sys.argv[1:8]
+    with open("/proc/self/comm", "w") as f:
+        f.write(name[:15])                               # so `ps` and the guard see its name
+    rate, cap, seconds = int(rate_mib) << 20, int(cap_mib) << 20, float(seconds)
+    signal.alarm(int(seconds) + 1)                   # hard time cap
+
+    def note(sig, frame):
+        line = {"signal": sig, "time": time.time(), "mine_in_events": False}
+        try:  # write-ahead: our decision record must be on disk before the signal
+            with open(events) as f:
+                line["mine_in_events"] = any(json.loads(l).get("pid") == os.getpid()
+                                             for l in f if l.strip())
+        except (OSError, ValueError):
+            pass
+        with open(report, "a") as f:
+            f.write(json.dumps(line) + "\\n")
+        if sig == signal.SIGTERM and on_term == "exit":
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGUSR1, note)
+    chunks, total, start = [], 0, time.time()
+    step = 4 << 20
+    while time.time() - start < seconds:
+        if total + step <= cap and total < rate * (time.time() - start):
+            chunks.append(bytearray(step))
+            for i in range(0, step, 4096):
+                chunks[-1][i] = 1              # touch: counts in RSS
+            total += step
+        else:
+            time.sleep(0.002)
+""")
+
+
+def start_hog(name: str, rate_mib: int = 200, cap_mib: int = 1024, seconds: float = 20,
+              on_term: str = "exit", events: str = "") -> subprocess.Popen:
+    """A hog growing at rate_mib MiB/s up to cap_mib; its signals go to WORK/<name>.signals.
+    on_term="exit" exits on SIGTERM, "ignore" keeps growing. Its last argument and its
+    comm are the name."""
+    report = os.path.join(WORK, f"{name}.signals")
+    return subprocess.Popen([sys.executable, "-c", HOG, str(rate_mib), str(cap_mib),
+                             str(seconds), on_term, report, events or "/nonexistent", name])
+
+
+def hog_signals(name: str) -> list:
+    try:
+        with open(os.path.join(WORK, f"{name}.signals")) as f:
+            return [json.loads(line) for line in f]
+    except FileNotFoundError:
+        return []
+
+
+def write_config(text: str) -> str:
+    path = os.path.join(WORK, "memwatchd.toml")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    os.chmod(path, 0o600)
+    return path
+
+
+def start_daemon(config_text: str, env: dict = None, extra_args=()) -> subprocess.Popen:
+    """`python -m memwatchd run --config ...` with stderr to WORK/daemon.log."""
+    path = write_config(config_text)
+    log = open(os.path.join(WORK, "daemon.log"), "w")
+    return subprocess.Popen([sys.executable, "-m", "memwatchd", "run", "--config", path,
+                             *extra_args], stderr=log, stdout=log,
+                            env=dict(os.environ, **(env or {})))
+
+
+def daemon_log() -> str:
+    with open(os.path.join(WORK, "daemon.log")) as f:
+        return f.read()
+
+
+def wait_for(predicate, timeout: float = 15, step: float = 0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def read_events(path: str) -> list:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGKILL) -> int:
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    return proc.wait(timeout=10)
+
+
+def exited_by(proc: subprocess.Popen, timeout: float = 15):
+    """The hog's fate: -signal if killed by a signal, its exit code, or None if still running."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def result(**fields) -> None:
+    print(json.dumps(fields), flush=True)

@@ -1,0 +1,301 @@
+"""`memwatchd run` against real hogs, each scenario in a private PID namespace."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from .pidns import needs_pidns, run_scenario
+
+pytestmark = [needs_pidns, pytest.mark.slow]
+
+NO_GUARD = """
+[guard]
+enabled = false
+"""
+
+
+def test_hog_gets_sigterm_sibling_survives_record_written_first():
+    r = run_scenario(f"""
+events = WORK + "/events.jsonl"
+d = start_daemon(f'''
+[daemon]
+events = "{{events}}"
+state = ""
+{NO_GUARD}
+[[watch]]
+name = "hogs"
+cmdline = "hog-[ab]$"
+limit = "200M"
+grace = "5s"
+''')
+time.sleep(1.0)
+a = start_hog("hog-a", rate_mib=300, cap_mib=1024, events=events)
+b = start_hog("hog-b", rate_mib=300, cap_mib=100, events=events)   # stays under its limit
+fate_a = exited_by(a, 15)
+time.sleep(0.5)
+b_alive = b.poll() is None
+stop(b); stop(d, signal.SIGTERM)
+result(fate_a=fate_a, a=hog_signals("hog-a"), b=hog_signals("hog-b"), b_alive=b_alive,
+       events=read_events(events), log=daemon_log(), daemon_rc=d.returncode)
+""")
+    assert r["fate_a"] == 0, r["log"]                       # exited by its SIGTERM handler
+    assert [s["signal"] for s in r["a"]] == [signal.SIGTERM]
+    assert r["a"][0]["mine_in_events"], "the decision record was not on disk before the signal"
+    assert r["b"] == [] and r["b_alive"]
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert decision["signal"] == "SIGTERM" and decision["reason"] == "over-limit"
+    assert decision["usage_bytes"] >= decision["limit_bytes"] == 200 << 20
+    outcome = next(e for e in r["events"] if e["type"] == "outcome")
+    assert outcome["id"] == decision["id"] and outcome["exited"]
+    assert r["daemon_rc"] == 0
+
+
+def test_hog_ignoring_sigterm_gets_sigkill_after_grace():
+    r = run_scenario(f"""
+events = WORK + "/events.jsonl"
+d = start_daemon(f'''
+[daemon]
+events = "{{events}}"
+state = ""
+{NO_GUARD}
+[[watch]]
+name = "stubborn"
+cmdline = "hog-s$"
+limit = "200M"
+grace = "1s"
+''')
+time.sleep(1.0)
+t0 = time.time()
+h = start_hog("hog-s", rate_mib=300, cap_mib=232, on_term="ignore", events=events)
+fate = exited_by(h, 15)
+stop(d, signal.SIGTERM)
+result(fate=fate, signals=hog_signals("hog-s"), events=read_events(events), log=daemon_log())
+""")
+    assert r["fate"] == -signal.SIGKILL, r["log"]
+    assert [s["signal"] for s in r["signals"]] == [signal.SIGTERM]   # SIGKILL is not caught
+    decisions = [e for e in r["events"] if e["type"] == "decision"]
+    assert [(e["signal"], e["reason"]) for e in decisions] == \
+        [("SIGTERM", "over-limit"), ("SIGKILL", "grace-expired")]
+    outcomes = {e["id"]: e for e in r["events"] if e["type"] == "outcome"}
+    assert outcomes[decisions[0]["id"]]["escalated"] is True
+    assert outcomes[decisions[1]["id"]]["exited"] is True
+
+
+def test_dry_run_sends_nothing_but_records():
+    r = run_scenario(f"""
+events = WORK + "/events.jsonl"
+d = start_daemon(f'''
+[daemon]
+events = "{{events}}"
+state = ""
+dry_run = true
+{NO_GUARD}
+[[watch]]
+name = "dry"
+cmdline = "hog-d$"
+limit = "100M"
+action = "kill"
+''')
+time.sleep(1.0)
+h = start_hog("hog-d", rate_mib=300, cap_mib=200, seconds=4, events=events)
+wait_for(lambda: read_events(events), 10)
+time.sleep(1.0)
+alive = h.poll() is None
+stop(h); stop(d, signal.SIGTERM)
+result(alive=alive, signals=hog_signals("hog-d"), events=read_events(events), log=daemon_log())
+""")
+    assert r["alive"] and r["signals"] == []
+    assert r["events"] and all(e["dry_run"] for e in r["events"])
+    assert r["events"][0]["signal"] == "SIGKILL"
+    assert "would kill" in r["_stderr"] + r["log"]
+
+
+def test_guard_never_signals_a_protected_process():
+    """The guard fires (MemAvailable floor set just under what is free now); the largest
+    process is protected by name, so the next largest is chosen and the protected one is
+    never signalled."""
+    r = run_scenario(f"""
+import psutil
+events = WORK + "/events.jsonl"
+keep = start_hog("keepme", rate_mib=400, cap_mib=700, seconds=25, events=events)
+small = start_hog("small", rate_mib=400, cap_mib=120, seconds=25, events=events)
+wait_for(lambda: psutil.Process(keep.pid).memory_info().rss > 650 << 20, 10)
+floor = psutil.virtual_memory().available + (300 << 20)   # already below: the guard fires
+d = start_daemon(f'''
+[daemon]
+events = "{{events}}"
+state = ""
+cooldown = "30s"
+[guard]
+min_available = "{{floor}}"
+kill_available = "1M"
+grace = "1s"
+[protect]
+names = ["keepme"]
+cgroups = []
+''')
+fate_small = exited_by(small, 15)
+time.sleep(1.0)
+keep_alive = keep.poll() is None
+stop(keep); stop(d, signal.SIGTERM)
+result(fate_small=fate_small, keep_alive=keep_alive, keep=hog_signals("keepme"),
+       small=hog_signals("small"), events=read_events(events), log=daemon_log())
+""")
+    assert r["fate_small"] == 0, r["log"]
+    assert [s["signal"] for s in r["small"]] == [signal.SIGTERM]
+    assert r["keep_alive"] and r["keep"] == []
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert decision["target"] == "guard" and decision["reason"] == "mem-available-low"
+    assert decision["comm"] == "small"
+
+
+def test_pid_reuse_new_process_is_never_signalled():
+    """A pid watch names one process. After it exits, a new process forced onto the same PID
+    (ns_last_pid) and growing far past the limit is left alone."""
+    r = run_scenario(f"""
+events = WORK + "/events.jsonl"
+first = subprocess.Popen(["sleep", "30"])
+pid = first.pid
+d = start_daemon(f'''
+[daemon]
+events = "{{events}}"
+state = ""
+{NO_GUARD}
+[[watch]]
+name = "one"
+pid = {{pid}}
+limit = "50M"
+action = "kill"
+''')
+wait_for(lambda: "watching one" in daemon_log(), 10)
+stop(first)
+time.sleep(0.5)                                   # the daemon sees it gone
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(pid - 1))
+h = start_hog("reused", rate_mib=300, cap_mib=300, seconds=5, events=events)
+same_pid = h.pid == pid
+time.sleep(3)
+alive = h.poll() is None
+stop(h); stop(d, signal.SIGTERM)
+result(same_pid=same_pid, alive=alive, signals=hog_signals("reused"),
+       events=read_events(events), log=daemon_log())
+""")
+    assert r["same_pid"], "could not force PID reuse"
+    assert r["alive"] and r["signals"] == [] and r["events"] == [], r["log"]
+    assert "is gone" in r["log"]
+
+
+def test_tree_scope_kills_children_first_and_counts_the_whole_tree():
+    r = run_scenario(f"""
+events = WORK + "/events.jsonl"
+# A shell whose two children each use 80 MiB: only the sum crosses 120 MiB.
+parent = subprocess.Popen(["sh", "-c",
+    f"{{sys.executable}} -c \\"$HOG\\" 200 80 20 ignore {{WORK}}/c1.signals /x c1 & "
+    f"{{sys.executable}} -c \\"$HOG\\" 200 80 20 ignore {{WORK}}/c2.signals /x c2 & wait"],
+    env=dict(os.environ, HOG=HOG))
+d = start_daemon(f'''
+[daemon]
+events = "{{events}}"
+state = ""
+{NO_GUARD}
+[[watch]]
+name = "tree"
+pid = {{parent.pid}}
+scope = "tree"
+limit = "120M"
+action = "kill"
+''')
+fate = exited_by(parent, 20)
+time.sleep(0.3)
+leftover = subprocess.run(["pgrep", "-f", "c[12]$"], capture_output=True, text=True).stdout.split()
+stop(d, signal.SIGTERM)
+result(fate=fate, leftover=leftover, events=read_events(events), log=daemon_log())
+""")
+    assert r["fate"] == -signal.SIGKILL, r["log"]
+    assert r["leftover"] == []
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert decision["scope"] == "tree" and decision["usage_bytes"] >= 120 << 20
+
+
+def test_notify_ready_watchdog_cadence_and_silence_while_stuck():
+    """A real NOTIFY_SOCKET datagram socket: READY=1 after the first tick, WATCHDOG=1 at the
+    cadence WATCHDOG_USEC asks for, none while the loop is stopped (SIGSTOP), STOPPING=1."""
+    r = run_scenario(f"""
+import socket
+path = WORK + "/notify.sock"
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind(path)
+sock.settimeout(0.05)
+got = []
+def drain(seconds):
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            got.append((time.time(), sock.recv(4096).decode()))
+        except socket.timeout:
+            pass
+d = start_daemon('''
+[daemon]
+events = ""
+state = ""
+{NO_GUARD}
+''', env={{"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000", "WATCHDOG_PID": ""}})
+drain(3.0)
+os.kill(d.pid, signal.SIGSTOP)
+t_stop = time.time()
+drain(1.5)
+os.kill(d.pid, signal.SIGCONT)
+t_cont = time.time()
+drain(1.0)
+os.kill(d.pid, signal.SIGTERM)
+drain(1.0)
+rc = d.wait(5)
+result(got=got, t_stop=t_stop, t_cont=t_cont, rc=rc, log=daemon_log())
+""")
+    msgs = r["got"]
+    texts = [m for _, m in msgs]
+    assert texts and "READY=1" in texts[0].split("\n"), texts[:3]
+    pings = [t for t, m in msgs if "WATCHDOG=1" in m.split("\n")]
+    before = [t for t in pings if t < r["t_stop"]]
+    gaps = [b - a for a, b in zip(before, before[1:])]
+    assert len(before) >= 8, before
+    assert max(gaps) <= 0.2 + 0.1, gaps          # at least every half of WATCHDOG_USEC
+    assert not [t for t in pings if r["t_stop"] + 0.05 < t < r["t_cont"]]   # stuck: silent
+    assert [t for t in pings if t > r["t_cont"]]                           # back: pinging
+    assert any("STOPPING=1" in m for m in texts) and r["rc"] == 0
+
+
+def test_reload_keeps_old_config_on_error_and_applies_a_valid_one():
+    r = run_scenario(f"""
+events = WORK + "/events.jsonl"
+config = lambda limit: f'''
+[daemon]
+events = "{{events}}"
+state = ""
+{NO_GUARD}
+[[watch]]
+name = "reloadme"
+cmdline = "hog-r$"
+limit = "{{limit}}"
+action = "kill"
+'''
+d = start_daemon(config("900M"))
+h = start_hog("hog-r", rate_mib=300, cap_mib=300, seconds=20, events=events)
+time.sleep(2.0)
+write_config(config("9000 parsecs"))
+os.kill(d.pid, signal.SIGHUP)
+time.sleep(1.0)
+alive_after_bad = h.poll() is None and d.poll() is None
+write_config(config("200M"))
+os.kill(d.pid, signal.SIGHUP)
+fate = exited_by(h, 10)
+stop(d, signal.SIGTERM)
+result(alive_after_bad=alive_after_bad, fate=fate, log=daemon_log(), events=read_events(events))
+""")
+    assert r["alive_after_bad"], r["log"]
+    assert "reload failed, keeping the running configuration" in r["log"]
+    assert "9000 parsecs" in r["log"] and "limit" in r["log"]
+    assert r["fate"] == -signal.SIGKILL
+    assert r["events"][0]["limit_bytes"] == 200 << 20

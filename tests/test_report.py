@@ -1,0 +1,405 @@
+"""report: escaping of hostile names, one-line log output, the durable JSON event log."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memwatchd import report
+from memwatchd.report import escape
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HOSTILE = [
+    "foo) Z \n<3>evil",
+    "a\r\nb",
+    "\x1b[31mred\x1b[0m",
+    "\x9b2J",                       # C1 CSI: clears some terminals
+    "name\u202egnp.exe",           # bidi override
+    "line\u2028sep",
+    "back\\slash\\x0a",            # looks like one of our escapes: must stay distinct
+    "\x00\x7f",
+    "\ud800lone",                  # lone surrogate (cannot even be UTF-8 encoded)
+]
+
+
+def unescape(text: str, from_bytes: bool = False):
+    """Invert escape() (for inputs short enough not to be truncated)."""
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+        elif text[i + 1] == "\\":
+            out.append("\\")
+            i += 2
+        elif text[i + 1] == "x":
+            cp = int(text[i + 2:i + 4], 16)
+            assert cp < 0x80 or from_bytes, "\\x80-\\xff only stand for invalid bytes"
+            out.append(chr(0xDC00 + cp) if cp >= 0x80 else chr(cp))
+            i += 4
+        elif text[i + 1] == "u":
+            out.append(chr(int(text[i + 2:i + 6], 16)))
+            i += 6
+        else:
+            raise AssertionError(f"unknown escape at {i}: {text!r}")
+    result = "".join(out)
+    return result.encode("utf-8", "surrogateescape") if from_bytes else result
+
+
+def assert_safe(text: str):
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text), repr(text)
+    assert not any(0xD800 <= ord(c) < 0xE000 for c in text), repr(text)
+    assert "\u2028" not in text and "\u2029" not in text and "\u202e" not in text
+    text.encode("utf-8")  # always encodable
+    json.dumps(text, ensure_ascii=False).encode("utf-8")
+
+
+# ------------------------------------------------------------------ escape
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_escape_hostile_names(name):
+    out = escape(name)
+    assert_safe(out)
+    assert unescape(out) == name
+
+
+def test_escape_examples():
+    assert escape("foo) Z \n<3>evil") == "foo) Z \\x0a<3>evil"
+    assert escape("a\\b") == "a\\\\b"
+    assert escape("plain name ü 日本") == "plain name ü 日本"
+    assert escape(b"ok\xff\xc3(") == "ok\\xff\\xc3("        # as backslashreplace renders them
+    assert escape(b"caf\xc3\xa9") == "café"
+    assert escape("\x9b") == "\\u009b" and escape(b"\xc2\x9b") == "\\u009b"
+    assert escape(b"\x9b") == "\\x9b"                        # an invalid byte: distinct
+
+
+def test_escape_truncates_with_a_marker():
+    out = escape("x" * 10_000)
+    assert len(out) == report.ESCAPE_MAX and out.endswith(report.TRUNCATED)
+    out = escape("\n" * 10_000, max_len=100)
+    assert len(out) <= 100 and out.endswith(report.TRUNCATED)
+    assert re.fullmatch(r"(\\x0a)*" + re.escape(report.TRUNCATED), out)   # no escape cut in half
+    out = escape(b"\xff" * 10_000, max_len=64)
+    assert len(out) <= 64 and out.endswith(report.TRUNCATED)
+    assert escape("x" * 512) == "x" * 512          # exactly max_len: untouched
+    assert escape("x" * 513).endswith(report.TRUNCATED)
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet=st.characters(blacklist_categories=()), max_size=200))
+def test_escape_output_is_always_safe(text):
+    out = escape(text)
+    assert_safe(out)
+    assert len(out) <= report.ESCAPE_MAX
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_escape_bytes_output_is_always_safe(data):
+    out = escape(data)
+    assert_safe(out)
+    assert len(out) <= report.ESCAPE_MAX
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet=st.characters(blacklist_categories=()), max_size=80))
+def test_escape_is_injective_on_short_strings(text):
+    # 80 chars * at most 6 output chars each < 512: never truncated, so it must round-trip.
+    assert unescape(escape(text)) == text
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=80))
+def test_escape_bytes_is_injective_on_short_input(data):
+    assert unescape(escape(data), from_bytes=True) == data
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=()), max_size=40),
+       st.text(alphabet=st.characters(blacklist_categories=()), max_size=40))
+def test_distinct_short_strings_stay_distinct(a, b):
+    if a != b:
+        assert escape(a) != escape(b)
+
+
+def test_format_cmdline():
+    assert report.format_cmdline(b"python3\0-c\0print(1)\0") == "python3 -c print(1)"
+    assert report.format_cmdline(["rm", "-rf", "a\nb"]) == "rm -rf a\\x0ab"
+    assert report.format_cmdline(b"x\xff\0") == "x\\xff"
+    assert len(report.format_cmdline(b"a\0" * 5000)) == report.ESCAPE_MAX
+
+
+# ------------------------------------------------------------------ log
+
+@pytest.fixture
+def logbuf():
+    buf = io.StringIO()
+    report.set_stream(buf, plain=False)
+    report.set_level(report.DEBUG)
+    yield buf
+    report.set_stream(None)
+    report.set_level(report.INFO)
+
+
+def test_log_prefixes_and_keeps_one_line(logbuf):
+    report.log(report.ERR, "boom")
+    report.log(report.WARNING, "killed foo) Z \n<3>evil\r\n<0>emerg")
+    report.log(report.NOTICE, "n")
+    report.log(report.INFO, "i")
+    report.log(report.DEBUG, "d")
+    lines = logbuf.getvalue().split("\n")
+    assert lines[-1] == ""
+    lines = lines[:-1]
+    assert lines == ["<3>boom", "<4>killed foo) Z \\x0a<3>evil\\x0d\\x0a<0>emerg",
+                     "<5>n", "<6>i", "<7>d"]
+
+
+def test_log_level_filter(logbuf):
+    report.set_level(report.INFO)
+    report.log(report.DEBUG, "hidden")
+    report.log(report.INFO, "shown")
+    assert logbuf.getvalue() == "<6>shown\n"
+
+
+def test_log_plain_mode(monkeypatch):
+    buf = io.StringIO()
+    report.set_stream(buf)                         # auto: StringIO is no TTY -> prefix
+    try:
+        report.log(report.WARNING, "w")
+        monkeypatch.setenv("MEMWATCHD_LOG_PLAIN", "1")
+        report.log(report.WARNING, "w")
+        monkeypatch.delenv("MEMWATCHD_LOG_PLAIN")
+
+        class Tty(io.StringIO):
+            def isatty(self):
+                return True
+        tty = Tty()
+        report.set_stream(tty)
+        report.log(report.ERR, "e")
+        assert buf.getvalue() == "<4>w\nwarning: w\n"
+        assert tty.getvalue() == "error: e\n"
+    finally:
+        report.set_stream(None)
+
+
+def test_log_never_raises_on_a_broken_stream():
+    class Broken(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "EPIPE")
+    report.set_stream(Broken(), plain=False)
+    try:
+        report.log(report.ERR, "x")
+    finally:
+        report.set_stream(None)
+
+
+def test_log_goes_to_stderr_by_default():
+    code = "from memwatchd import report; report.log(report.NOTICE, 'hello\\nworld')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
+    assert r.stdout == ""
+    assert r.stderr == "<5>hello\\x0aworld\n"
+
+
+# ------------------------------------------------------------------ event log
+
+def test_append_is_on_disk_and_fsynced_before_returning(tmp_path, monkeypatch):
+    path = tmp_path / "state" / "deep" / "events.jsonl"
+    calls = []
+    real_write, real_fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "write", lambda fd, data: (calls.append(("write", fd)),
+                                                       real_write(fd, data))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])
+    log = report.EventLog(str(path))
+    calls.clear()
+    log.append({"type": "decision", "id": "1-2", "comm": "x"})
+    assert [c[0] for c in calls] == ["write", "fsync"] and calls[0][1] == calls[1][1]
+    with open(path, "rb") as f:                    # a separate open sees the whole line
+        assert f.read() == b'{"comm":"x","id":"1-2","type":"decision"}\n'
+    log.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path.parent.parent).st_mode) == 0o700
+
+
+def test_event_log_fd_is_cloexec_and_append_only(tmp_path):
+    import fcntl
+    log = report.EventLog(str(tmp_path / "e.jsonl"))
+    flags = fcntl.fcntl(log._fd, fcntl.F_GETFL)
+    assert flags & os.O_APPEND
+    assert fcntl.fcntl(log._fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    log.close()
+
+
+def test_none_path_is_a_no_op():
+    log = report.EventLog(None)
+    assert not log.enabled
+    log.append({"x": 1})
+    log.close()
+
+
+def test_json_line_format_is_canonical_ascii(tmp_path):
+    path = tmp_path / "e.jsonl"
+    with report.EventLog(str(path)) as log:
+        log.append({"b": "日本\n", "a": [1, 2]})
+    assert path.read_bytes() == b'{"a":[1,2],"b":"\\u65e5\\u672c\\n"}\n'
+
+
+def test_append_raises_when_the_disk_is_full():
+    log = report.EventLog("/dev/full")
+    with pytest.raises(OSError) as info:
+        log.append({"x": 1})
+    assert info.value.errno == 28
+    log.close()
+
+
+def test_append_raises_for_a_record_json_cannot_encode(tmp_path):
+    with report.EventLog(str(tmp_path / "e")) as log:
+        with pytest.raises(ValueError):
+            log.append({"x": float("nan")})
+        with pytest.raises(TypeError):
+            log.append({"x": object()})
+    assert (tmp_path / "e").read_bytes() == b""
+
+
+def test_log_rotation_and_removed_directory_are_survived(tmp_path):
+    d = tmp_path / "var"
+    path = d / "events.jsonl"
+    log = report.EventLog(str(path))
+    log.append({"n": 1})
+    os.rename(path, tmp_path / "events.jsonl.1")   # logrotate
+    log.append({"n": 2})
+    assert report.read_events(str(path)) == [{"n": 2}]
+    os.unlink(path)
+    os.rmdir(d)                                    # someone cleaned up the whole directory
+    log.append({"n": 3})
+    assert report.read_events(str(path)) == [{"n": 3}]
+    log.close()
+
+
+def test_read_events_skips_a_torn_last_line_and_the_next_append_repairs_it(tmp_path):
+    path = tmp_path / "e.jsonl"
+    with report.EventLog(str(path)) as log:
+        log.append({"n": 1})
+        log.append({"n": 2})
+    with open(path, "ab") as f:
+        f.write(b'{"type":"decision","id":"17')   # the host died mid-write
+    events = report.read_events(str(path))
+    assert events == [{"n": 1}, {"n": 2}] and events.skipped == 1
+    with report.EventLog(str(path)) as log:        # daemon restarted
+        log.append({"n": 3})
+    events = report.read_events(str(path))
+    assert events == [{"n": 1}, {"n": 2}, {"n": 3}] and events.skipped == 1
+
+
+def test_read_events_skips_garbage_anywhere_and_missing_file_is_empty(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"n":1}\n\xff\xfe\n[1,2]\n\n{"n":2}\nnot json\n')
+    events = report.read_events(str(path))
+    assert events == [{"n": 1}, {"n": 2}] and events.skipped == 3
+    counter = [0]
+    assert list(report.iter_events(str(path), counter)) == [{"n": 1}, {"n": 2}]
+    assert counter == [3]
+    missing = report.read_events(str(tmp_path / "nope"))
+    assert missing == [] and missing.skipped == 0
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from memwatchd.report import EventLog
+    path, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    log = EventLog(path)
+    for i in range(n):
+        # Sizes up to ~9 KiB: larger than PIPE_BUF and a page, to catch split writes.
+        log.append({"w": tag, "i": i, "pad": tag * ((i * 397) % 9000)})
+    log.close()
+""")
+
+
+def test_concurrent_appends_from_two_processes_never_interleave(tmp_path):
+    path = str(tmp_path / "e.jsonl")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    n = 300
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, tag, str(n)], env=env)
+             for tag in ("a", "b")]
+    for p in procs:
+        assert p.wait(120) == 0
+    events = report.read_events(path)
+    assert events.skipped == 0
+    assert len(events) == 2 * n
+    for tag in ("a", "b"):
+        mine = [e for e in events if e["w"] == tag]
+        assert [e["i"] for e in mine] == list(range(n))          # in order, none lost
+        assert all(e["pad"] == tag * ((e["i"] * 397) % 9000) for e in mine)
+    with open(path, "rb") as f:
+        assert all(line.endswith(b"}\n") for line in f)
+
+
+# ------------------------------------------------------------------ records
+
+ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def test_decision_record_shape_and_escaping():
+    from memwatchd.types import HostSample, Pressure
+    host = HostSample(mem_total=8 << 30, mem_available=1 << 30, swap_total=0, swap_free=0,
+                      pressure=Pressure(some_avg10=12.5, full_avg10=3.25))
+    rec = report.decision_record(
+        target="web", pid=4242, start_time=99, comm="foo) Z \n<3>evil",
+        cmdline=b"python3\0-c\0$(rm -rf /)\n\0", cgroup="/sys/fs/cgroup/web.service",
+        usage_bytes=5 << 30, limit_bytes=4 << 30, reason="usage above limit", action="kill",
+        signal=9, dry_run=False, **report.host_fields(host), time_ns=1_700_000_000_123_456_789)
+    assert set(rec) == {"type", "id", "time", "target", "pid", "start_time", "comm", "cmdline",
+                        "cgroup", "usage_bytes", "limit_bytes", "reason", "action", "signal",
+                        "dry_run", "host"}
+    assert rec["type"] == "decision"
+    assert rec["id"] == "1700000000123456789-4242"
+    assert rec["time"] == "2023-11-14T22:13:20.123Z"
+    assert rec["comm"] == "foo) Z \\x0a<3>evil"
+    assert rec["cmdline"] == "python3 -c $(rm -rf /)\\x0a"
+    assert rec["signal"] == "SIGKILL"
+    assert rec["host"] == {"mem_available": 1 << 30, "mem_total": 8 << 30,
+                           "psi_some_avg10": 12.5, "psi_full_avg10": 3.25}
+    line = json.dumps(rec, ensure_ascii=True)
+    assert "\n" not in line and json.loads(line) == rec
+
+
+def test_decision_record_without_psi_or_signal():
+    from memwatchd.types import HostSample
+    host = HostSample(mem_total=1, mem_available=1, swap_total=0, swap_free=0, pressure=None)
+    rec = report.decision_record(target="t", pid=None, start_time=None, comm=None, cmdline=None,
+                                 cgroup="/sys/fs/cgroup/t", usage_bytes=1, limit_bytes=1,
+                                 reason="r", action="memory.high", signal=None, dry_run=True,
+                                 **report.host_fields(host))
+    assert rec["signal"] is None and rec["dry_run"] is True
+    assert rec["host"]["psi_some_avg10"] is None and ISO.fullmatch(rec["time"])
+    a = report.decision_record(target="t", pid=1, start_time=1, comm="c", cmdline="c",
+                               cgroup=None, usage_bytes=1, limit_bytes=1, reason="r",
+                               action="kill", signal=15, dry_run=False)
+    b = report.decision_record(target="t", pid=1, start_time=1, comm="c", cmdline="c",
+                               cgroup=None, usage_bytes=1, limit_bytes=1, reason="r",
+                               action="kill", signal=15, dry_run=False)
+    assert a["id"] != b["id"]                                    # time_ns differs
+
+
+def test_outcome_record_shape():
+    rec = report.outcome_record(event_id="1-2", exited=True, seconds_to_exit=0.0123456789,
+                                freed_bytes=1 << 30, escalated=False, detail="exited\nok",
+                                time_ns=0)
+    assert rec == {"type": "outcome", "id": "1-2", "time": "1970-01-01T00:00:00.000Z",
+                   "exited": True, "seconds_to_exit": 0.012346, "freed_bytes": 1 << 30,
+                   "escalated": False, "detail": "exited\\x0aok"}
+    rec = report.outcome_record(event_id="1-2", exited=False, seconds_to_exit=None,
+                                freed_bytes=None, escalated=True)
+    assert rec["seconds_to_exit"] is None and rec["detail"] == "" and ISO.fullmatch(rec["time"])
