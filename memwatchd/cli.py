@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -23,6 +23,10 @@ EXIT_CODES = (
     (MemwatchdError, 1),
 )
 EXIT_USAGE = 2
+# `watch -- COMMAND` exits with the command's own status, or with this one when memwatchd
+# had to stop the command for memory (like timeout(1)'s 124). 120 is not a signal death
+# (those are 128+N) and not one of the shells' 126/127.
+EXIT_STOPPED_FOR_MEMORY = 120
 
 app = typer.Typer(
     name="memwatchd",
@@ -117,6 +121,158 @@ def check_config(
         raise fail(e)
     typer.echo(f"{cfg.source}: OK ({len(cfg.watches)} watch(es), guard "
                f"{'on' if cfg.guard.enabled else 'off'})")
+
+
+WATCH_EPILOG = (
+    "Exit status: with -- COMMAND, the command's own (128+N if a signal N ended it), or "
+    f"{EXIT_STOPPED_FOR_MEMORY} if memwatchd stopped it for memory; otherwise 0 once every "
+    "target is gone; 2 for bad options, 5 if nothing matched.")
+
+
+@app.command(epilog=WATCH_EPILOG, context_settings={"allow_interspersed_args": False})
+def watch(
+    command: Optional[List[str]] = typer.Argument(
+        None, metavar="[-- COMMAND [ARGS...]]", help="Start this command and watch it (and its children)."),
+    pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Watch this process (repeatable)."),
+    unit: Optional[str] = typer.Option(None, "--unit", "-u", help="Watch this systemd unit's cgroup."),
+    cgroup: Optional[str] = typer.Option(None, "--cgroup", help="Watch a cgroup v2 directory (path or glob)."),
+    limit: str = typer.Option(..., "--limit", "-l", help="Memory limit: 2G, 512M, 80% (of RAM, or of the cgroup's memory.max)."),
+    warn: Optional[str] = typer.Option(None, "--warn", help="Log a warning at this usage (below --limit)."),
+    action: str = typer.Option("term", "--action", help="term (SIGTERM, grace, SIGKILL), kill, warn, throttle or freeze (cgroups)."),
+    grace: str = typer.Option("5s", "--grace", help="After SIGTERM, how long before SIGKILL."),
+    scope: Optional[str] = typer.Option(None, "--scope", help="process, tree or cgroup. Default: tree for a command, process for --pid, cgroup for --unit/--cgroup."),
+    interval: str = typer.Option("1s", "--interval", help="Slowest sampling period (sampling speeds up near the limit)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Decide and report, but send nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print every record (the daemon's event format) as one JSON line on stdout."),
+    events: Optional[Path] = typer.Option(None, "--events", help="Also append records to this events file."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what is watched and when targets come and go."),
+) -> None:
+    """Watch one command, processes, a unit or a cgroup in the foreground; no config file needed.
+
+    Examples:
+
+      memwatchd watch --limit 2G -- make -j8
+
+      memwatchd watch --pid 1234 --pid 5678 --limit 500M --action kill
+
+      memwatchd watch --unit simulation.service --limit 80% --warn 70%
+    """
+    import json
+    import os
+    import subprocess
+
+    from memwatchd import report
+    from memwatchd.config import parse_config, parse_duration, parse_size
+    from memwatchd.daemon import Daemon, Options
+
+    report.set_level(report.INFO if verbose else report.NOTICE)
+
+    command = list(command or [])
+    selectors = bool(pid) + (unit is not None) + (cgroup is not None)
+    if bool(command) == bool(selectors) or (unit and cgroup):
+        typer.echo("memwatchd watch: give either -- COMMAND, or --pid (repeatable), or --unit, "
+                   "or --cgroup", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    base = {"limit": limit, "action": action, "grace": grace}
+    if warn is not None:
+        base["warn"] = warn
+    try:
+        parse_size(limit, "--limit")
+        if warn is not None:
+            parse_size(warn, "--warn")
+        parse_duration(grace, "--grace")
+        parse_duration(interval, "--interval")
+        if command:
+            watches = [dict(base, name="command", pid=1, scope=scope or "tree")]
+        elif pid:
+            watches = [dict(base, name=f"pid-{p}", pid=p, scope=scope or "process") for p in pid]
+        else:
+            kind, value = ("unit", unit) if unit else ("cgroup", cgroup)
+            watches = [dict(base, name=kind, **{kind: value})]
+            if scope:
+                watches[0]["scope"] = scope
+        cfg = parse_config({"daemon": {"interval": interval, "min_interval": "10ms",
+                                       "events": str(events) if events else "", "state": "",
+                                       "dry_run": dry_run},
+                            "guard": {"enabled": False}, "watch": watches}, "command line")
+    except MemwatchdError as e:
+        raise fail(e)
+
+    def show(record: dict) -> None:
+        typer.echo(json.dumps(record, sort_keys=True))
+
+    opts = Options(exit_when_idle=True, on_record=show if json_out else None,
+                   psi_trigger=False, lock_memory=False)
+    child = None
+    if command:
+        try:
+            child = subprocess.Popen(command)
+        except OSError as e:
+            typer.echo(f"memwatchd watch: cannot start {command[0]!r}: {e.strerror}", err=True)
+            raise typer.Exit(127 if isinstance(e, FileNotFoundError) else 126)
+        from dataclasses import replace
+        cfg = replace(cfg, watches=(replace(cfg.watches[0], selector=child.pid),))
+        opts.command_pidfd = os.pidfd_open(child.pid)
+    try:
+        daemon = Daemon(cfg, opts)
+        daemon.run()
+    except MemwatchdError as e:
+        if child is not None:
+            child.kill()
+            child.wait()
+        raise fail(e)
+    if child is None:
+        raise typer.Exit(0)
+    status = child.wait()
+    stopped = [r for r in daemon.stopped_for_memory if not r["dry_run"]]
+    if stopped:
+        first, last = stopped[0], stopped[-1]
+        sent = " then ".join(dict.fromkeys(r["signal"] for r in stopped))
+        typer.echo(f"memwatchd: stopped {command[0]} (pid {child.pid}) for memory: "
+                   f"{last['usage_bytes'] / 2**20:.0f} MiB over its limit of "
+                   f"{first['limit_bytes'] / 2**20:.0f} MiB; sent {sent}", err=True)
+        raise typer.Exit(EXIT_STOPPED_FOR_MEMORY)
+    raise typer.Exit(128 - status if status < 0 else status)
+
+
+@app.command("install-units")
+def install_units(
+    prefix: Optional[Path] = typer.Option(
+        None, "--prefix", help="Write unit files here instead of /etc/systemd/system (no daemon-reload)."),
+    config_path: Path = typer.Option(
+        Path("/etc/memwatchd/memwatchd.toml"), "--config", help="Where the starting config goes (never overwritten)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be written; write nothing."),
+) -> None:
+    """Install memwatchd.service (ExecStart pointing at this installation) and a starting config.
+
+    Then `systemctl enable --now memwatchd` is all that is left. An existing config is kept.
+
+    Example: sudo memwatchd install-units && sudo systemctl enable --now memwatchd
+    """
+    from memwatchd import install
+    plan = install.plan_install(str(prefix) if prefix else None, str(config_path))
+    for path, content, mode in plan.files:
+        typer.echo(f"{'would write' if dry_run else 'writing'} {path} (mode {mode:o})")
+        if dry_run:
+            typer.echo("".join(f"    {line}\n" for line in content.splitlines()), nl=False)
+    for path in plan.kept:
+        typer.echo(f"keeping existing {path}")
+    for note in plan.notes:
+        typer.echo(f"note: {note}")
+    if dry_run:
+        return
+    try:
+        install.install_units(plan)
+    except PermissionError as e:
+        typer.echo(f"memwatchd: {e} (run as root, or use --prefix)", err=True)
+        raise typer.Exit(4)
+    except MemwatchdError as e:
+        raise fail(e)
+    if plan.reload_systemd:
+        typer.echo("systemd reloaded; now: systemctl enable --now memwatchd")
+    else:
+        typer.echo("now (on a machine with systemd): systemctl daemon-reload && "
+                   "systemctl enable --now memwatchd")
 
 
 def main() -> None:

@@ -56,6 +56,7 @@ class Options:
     proc_root: str = "/"
     cgroup_root: str = CGROUP_ROOT
     exit_when_idle: bool = False         # `watch`: stop once every target is gone
+    command_pidfd: int = -1              # `watch -- COMMAND`: stop when it exits; SIGINT/SIGTERM go to it
     on_record: Optional[Callable[[dict], None]] = None   # `watch --json`: every record
     psi_trigger: bool = True
     lock_memory: bool = True
@@ -108,18 +109,33 @@ class Daemon:
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
+        self._old_handlers = {sig: signal.getsignal(sig)
+                              for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        if self.opts.command_pidfd >= 0:
+            signal.signal(signal.SIGTERM, self._forward)
+            signal.signal(signal.SIGINT, self._forward)
+        else:
+            signal.signal(signal.SIGTERM, self._on_stop)
+            signal.signal(signal.SIGINT, self._on_stop)
+            signal.signal(signal.SIGHUP, self._on_reload)
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping = True
+
+    def _forward(self, signum, frame) -> None:
+        """`watch -- COMMAND`: Ctrl-C and SIGTERM are for the command; we exit when it does."""
+        try:
+            signal.pidfd_send_signal(self.opts.command_pidfd, signum)
+        except OSError:
+            pass
 
     def _on_reload(self, signum, frame) -> None:
         self.reload_requested = True
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
         for victim in self.victims.values():
             _close_all(victim.pidfds)
         self.victims.clear()
@@ -146,8 +162,7 @@ class Daemon:
                     self.reload()
                 self.tick()
                 self._notify()
-                if self.opts.exit_when_idle and self.seen_target and not self.targets.targets \
-                        and not self.victims:
+                if self._finished():
                     break
                 self._sleep()
             self.notifier.stopping()
@@ -155,6 +170,19 @@ class Daemon:
             return 0
         finally:
             self.close()
+
+    def _finished(self) -> bool:
+        """`watch` only: the command exited, or every target is gone (nothing in flight)."""
+        if self.victims:
+            return False
+        if self.opts.command_pidfd >= 0:
+            return actions.is_dead(self.opts.command_pidfd)
+        if self.opts.exit_when_idle:
+            if self.ticks == 1 and not self.seen_target:
+                raise TargetGone("nothing to watch: " + "; ".join(
+                    f"{w.name} ({w.kind} {w.selector}) matched nothing" for w in self.config.watches))
+            return not self.targets.targets
+        return False
 
     def tick(self) -> None:
         """One pass over everything that is due. Never raises for a vanished target."""
@@ -214,6 +242,8 @@ class Daemon:
         timeout = max(0.0, min(due) - now)
         poller = select.poll()
         poller.register(self._wake_r.fileno(), select.POLLIN)
+        if self.opts.command_pidfd >= 0 and not self.victims:  # once dead it stays readable
+            poller.register(self.opts.command_pidfd, select.POLLIN)
         if self._psi_fd >= 0:
             poller.register(self._psi_fd, select.POLLPRI)
         for victim in self.victims.values():
