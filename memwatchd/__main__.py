@@ -1,4 +1,4 @@
 """`python -m memwatchd` runs the CLI."""
-from memwatchd.cli import main
+from memwatchd.entry import main
 
 main()

@@ -1,6 +1,6 @@
 """The command line: the only module that imports Typer, prints, or exits.
 
-Every command is a thin shell over the core; EXIT_CODES is the one table that
+Every command is a thin shell over the core; entry.EXIT_CODES is the one table that
 maps the core's errors to exit codes.
 """
 from __future__ import annotations
@@ -12,16 +12,9 @@ from typing import List, Optional
 import typer
 
 from memwatchd import __version__
-from memwatchd.types import AccessDenied, ConfigError, InsecureConfigError, MemwatchdError, TargetGone
+from memwatchd.entry import exit_code_for, run_daemon
+from memwatchd.types import MemwatchdError
 
-# The core raises; the CLI exits. Most specific first.
-EXIT_CODES = (
-    (InsecureConfigError, 3),
-    (ConfigError, 2),
-    (AccessDenied, 4),
-    (TargetGone, 5),
-    (MemwatchdError, 1),
-)
 EXIT_USAGE = 2
 # `watch -- COMMAND` exits with the command's own status, or with this one when memwatchd
 # had to stop the command for memory (like timeout(1)'s 124). 120 is not a signal death
@@ -39,12 +32,9 @@ app = typer.Typer(
 
 
 def fail(error: MemwatchdError) -> "typer.Exit":
-    """Print the error on stderr and give the exit code for its class."""
+    """Print the error on stderr and give the exit code for its class (entry.EXIT_CODES)."""
     typer.echo(f"memwatchd: {error}", err=True)
-    for cls, code in EXIT_CODES:
-        if isinstance(error, cls):
-            return typer.Exit(code)
-    return typer.Exit(1)
+    return typer.Exit(exit_code_for(error))
 
 
 def _version(value: bool) -> None:
@@ -90,20 +80,14 @@ def run(
 
     Example: memwatchd run --config /etc/memwatchd/memwatchd.toml
     """
-    from dataclasses import replace
-
-    from memwatchd.daemon import Daemon, Options
     try:
-        cfg = _load(config, insecure)
-        if dry_run:
-            cfg = replace(cfg, daemon=replace(cfg.daemon, dry_run=True))
-        daemon = Daemon(cfg, Options(config_path=str(config) if config else None, insecure=insecure))
+        code = run_daemon(str(config) if config else None, insecure, dry_run)
     except MemwatchdError as e:
         raise fail(e)
     except OSError as e:
         typer.echo(f"memwatchd: {e}", err=True)
         raise typer.Exit(1)
-    raise typer.Exit(daemon.run())
+    raise typer.Exit(code)
 
 
 @app.command("check-config")
@@ -228,8 +212,8 @@ def watch(
     if stopped:
         first, last = stopped[0], stopped[-1]
         sent = " then ".join(dict.fromkeys(r["signal"] for r in stopped))
-        typer.echo(f"memwatchd: stopped {command[0]} (pid {child.pid}) for memory: "
-                   f"{last['usage_bytes'] / 2**20:.0f} MiB over its limit of "
+        typer.echo(f"memwatchd: stopped {command[0]} (pid {child.pid}) for memory: using "
+                   f"{last['usage_bytes'] / 2**20:.0f} MiB, over its limit of "
                    f"{first['limit_bytes'] / 2**20:.0f} MiB; sent {sent}", err=True)
         raise typer.Exit(EXIT_STOPPED_FOR_MEMORY)
     raise typer.Exit(128 - status if status < 0 else status)
