@@ -219,6 +219,123 @@ def watch(
     raise typer.Exit(128 - status if status < 0 else status)
 
 
+def _load_readonly(config: Optional[Path]):
+    """The config for commands that only look (status, events): they never run on_action
+    or signal anything, so the ownership checks that guard `run` are not needed."""
+    from memwatchd.config import load_config
+    return load_config(str(config) if config else None, insecure=True)
+
+
+@app.command()
+def status(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the same data as JSON (one object; with --watch one line per refresh)."),
+    watch_: bool = typer.Option(False, "--watch", "-w", help="Refresh in place every second, like top (Ctrl-C quits)."),
+) -> None:
+    """Show what memwatchd sees: every target's usage, limit, headroom and last action, the host.
+
+    With the daemon running, reads its state file ([daemon] state); otherwise samples the
+    configured targets once and says the daemon is not running.
+
+    Examples:
+
+      sudo memwatchd status
+
+      sudo memwatchd status --watch
+
+      sudo memwatchd status --json | jq '.targets[] | {target, usage_bytes, limit_bytes}'
+    """
+    import json
+    import time
+
+    from memwatchd import status as st
+    try:
+        cfg = _load_readonly(config)
+        view = st.collect(cfg)
+    except MemwatchdError as e:
+        raise fail(e)
+    if json_out:
+        while True:
+            typer.echo(json.dumps(view, sort_keys=True, indent=None if watch_ else 2))
+            if not watch_:
+                return
+            try:
+                time.sleep(1.0)
+                view = st.collect(cfg)
+            except KeyboardInterrupt:
+                return
+            except MemwatchdError as e:
+                raise fail(e)
+    console = st.console()
+    if not watch_:
+        console.print(st.status_renderable(view))
+        return
+    from rich.live import Live
+    try:
+        with Live(st.status_renderable(view), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(1.0)
+                live.update(st.status_renderable(st.collect(cfg)), refresh=True)
+    except KeyboardInterrupt:
+        return
+    except MemwatchdError as e:
+        raise fail(e)
+
+
+@app.command()
+def events(
+    since: Optional[str] = typer.Option(None, "--since", help="Only events newer than this: 90s, 30m, 1h, 24h."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Only this watch's events (its name; \"guard\" for the host guard)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per event (decision with its outcome) per line."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Events file to read. Default: [daemon] events of the config."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """List what memwatchd did: each decision paired with its outcome.
+
+    When, which target, pid and name (or cgroup), usage against limit, why, what was sent,
+    how long the process took to die and how much memory that freed. A torn last line (the
+    host died mid-write) is skipped and reported.
+
+    Examples:
+
+      sudo memwatchd events --since 1h
+
+      sudo memwatchd events --target simulation --json | jq .outcome.seconds_to_exit
+    """
+    import json
+
+    from memwatchd import status as st
+    from memwatchd.config import parse_duration
+    from memwatchd.types import AccessDenied
+    try:
+        seconds = parse_duration(since, "--since") if since is not None else None
+        path = str(file) if file else _load_readonly(config).daemon.events
+        if not path:
+            typer.echo("memwatchd: the events file is off in the config ([daemon] events = \"\"); "
+                       "name one with --file", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        try:
+            found = st.select_events(path, seconds, target)
+        except PermissionError:
+            raise AccessDenied(f"cannot read {path}: permission denied (it is root's: try sudo)")
+        except OSError as e:
+            raise MemwatchdError(f"cannot read {path}: {e.strerror}")
+    except MemwatchdError as e:
+        raise fail(e)
+    if found.skipped:
+        typer.echo(f"memwatchd: skipped {found.skipped} unreadable line(s) in {path} "
+                   "(a torn write: the host may have stopped mid-write)", err=True)
+    if json_out:
+        for event in found:
+            typer.echo(json.dumps(event, sort_keys=True))
+        return
+    if not found:
+        typer.echo(f"no events in {path}" + (f" in the last {since}" if since else "")
+                   + (f" for {target}" if target else ""))
+        return
+    st.console().print(st.events_table(found))
+
+
 @app.command("install-units")
 def install_units(
     prefix: Optional[Path] = typer.Option(

@@ -13,12 +13,11 @@ import os
 import resource
 import select
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from memwatchd import actions, report, sampler
+from memwatchd import actions, report, sampler, state
 from memwatchd.config import CGROUP_ROOT, Config, load_config
 from memwatchd.policy import Decision, Policy, still_needed
 from memwatchd.report import DEBUG, ERR, INFO, NOTICE, WARNING, escape, log
@@ -84,9 +83,9 @@ class Daemon:
         self.stopped_for_memory: List[dict] = []   # decision records of signals sent
         self._status_at = 0.0
         self._psi_fd = -1
-        self._wake_r: Optional[socket.socket] = None
-        self._wake_w: Optional[socket.socket] = None
+        self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
+        self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
 
     # ---------------------------------------------------------------- setup
 
@@ -105,10 +104,8 @@ class Daemon:
                 self._psi_fd = sampler.open_psi_trigger(self.opts.proc_root)
             except OSError as e:
                 log(INFO, f"no PSI trigger ({e.strerror}); the guard relies on sampling alone")
-        self._wake_r, self._wake_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._old_handlers = {sig: signal.getsignal(sig)
                               for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         if self.opts.command_pidfd >= 0:
@@ -141,9 +138,11 @@ class Daemon:
         self.victims.clear()
         self.runner.close()
         self.events.close()
-        for s in (self._wake_r, self._wake_w):
-            if s is not None:
-                s.close()
+        self.publisher.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         if self._psi_fd >= 0:
             os.close(self._psi_fd)
             self._psi_fd = -1
@@ -153,6 +152,7 @@ class Daemon:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or, with exit_when_idle, until nothing is left to watch)."""
         self._setup()
+        self.publisher.start()
         try:
             log(INFO, f"memwatchd started: {len(self.config.watches)} watch(es), guard "
                       f"{'on' if self.config.guard.enabled else 'off'}, sampler {sampler.IMPLEMENTATION}"
@@ -160,11 +160,14 @@ class Daemon:
             while not self.stopping:
                 if self.reload_requested:
                     self.reload()
+                started = time.perf_counter()
                 self.tick()
+                self.publisher.after_tick(self, time.perf_counter() - started)
                 self._notify()
                 if self._finished():
                     break
                 self._sleep()
+            self.follow_victims(self.clock(), final=True)
             self.notifier.stopping()
             log(INFO, "memwatchd stopping")
             return 0
@@ -236,12 +239,14 @@ class Daemon:
         if self.victims:
             due.append(now + self.config.daemon.min_interval)
         due.append(now + self.config.daemon.interval)
+        if self.publisher.every:
+            due.append(now + self.publisher.every)
         ping = self.notifier.ping_interval
         if ping:
             due.append(now + ping)
         timeout = max(0.0, min(due) - now)
         poller = select.poll()
-        poller.register(self._wake_r.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         if self.opts.command_pidfd >= 0 and not self.victims:  # once dead it stays readable
             poller.register(self.opts.command_pidfd, select.POLLIN)
         if self._psi_fd >= 0:
@@ -254,9 +259,9 @@ class Daemon:
         except InterruptedError:
             return
         for fd, _ in events:
-            if fd == self._wake_r.fileno():
+            if fd == self._wake_r:
                 try:
-                    while self._wake_r.recv(512):
+                    while os.read(self._wake_r, 512):
                         pass
                 except (BlockingIOError, InterruptedError):
                     pass
@@ -286,6 +291,7 @@ class Daemon:
         for key in self.targets.reconfigure(config):
             self.policy.forget(key)
         self.policy.reconfigure(config)
+        self.publisher.reconfigure(config)
         if (config.daemon.events or None) != self.events.path:
             self.events.close()
             self.events = report.EventLog(config.daemon.events or None)
@@ -398,11 +404,12 @@ class Daemon:
             victim.last_signal_at = now
             victim.escalated = True
 
-    def follow_victims(self, now: float) -> None:
-        """Write the outcome of every signalled target that died (or that we gave up on)."""
+    def follow_victims(self, now: float, final: bool = False) -> None:
+        """Write the outcome of every signalled target that died (or that we gave up on;
+        with final, when memwatchd stops, every one: nothing signalled is left unrecorded)."""
         for key, victim in list(self.victims.items()):
             dead = all(actions.is_dead(fd) for fd in victim.pidfds)
-            if not dead and now - victim.last_signal_at < GIVE_UP_AFTER:
+            if not dead and not final and now - victim.last_signal_at < GIVE_UP_AFTER:
                 continue
             freed = victim.usage_before if dead else None
             if victim.cgroup_dir and dead:
@@ -416,11 +423,14 @@ class Daemon:
                     event_id=event_id, exited=dead,
                     seconds_to_exit=(now - victim.first_signal_at) if dead else None,
                     freed_bytes=freed, escalated=victim.escalated and i == 0,
-                    detail="exited" if dead else f"still alive {GIVE_UP_AFTER:.0f}s after the last signal"))
+                    detail="exited" if dead else "memwatchd stopped while it was still alive" if final
+                    else f"still alive {GIVE_UP_AFTER:.0f}s after the last signal"))
             log(NOTICE if dead else ERR,
                 f"{victim.name}: {victim.description} "
                 + (f"exited {now - victim.first_signal_at:.3f}s after the first signal"
                    if dead else "did not exit"))
+            if dead:
+                self.publisher.victim_exited(now - victim.first_signal_at)
             _close_all(victim.pidfds)
             del self.victims[key]
             if dead:
@@ -435,6 +445,7 @@ class Daemon:
             self.events.append(record)
         except (OSError, ValueError, TypeError) as e:
             log(ERR, f"could not write the event record to {self.events.path}: {e}")
+        self.publisher.on_record(record)
         if self.opts.on_record is not None:
             self.opts.on_record(record)
 

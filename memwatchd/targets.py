@@ -167,15 +167,27 @@ def ancestors(pid: int, proc: str = "/proc") -> Set[int]:
 
 
 def unit_cgroup(unit: str) -> str:
-    """The unit's cgroup below the cgroup root, "" when it is not running."""
+    """The unit's cgroup below the cgroup root: where it runs or, when it is not running,
+    where systemd will put it (its slice's cgroup + its name); "" if systemd does not say."""
     import subprocess  # only unit watches pay for it (~1 MiB resident)
     try:
-        out = subprocess.run(["systemctl", "show", "-P", "ControlGroup", "--", unit],
-                             capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(["systemctl", "show", "-p", "ControlGroup", "-p", "Slice", "-p", "Id",
+                              "--", unit], capture_output=True, text=True,
+                             timeout=SYSTEMCTL_TIMEOUT, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
+    if out.returncode != 0:
+        return ""
+    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    if props.get("ControlGroup"):
+        return props["ControlGroup"]
+    slice_name, unit_id = props.get("Slice", ""), props.get("Id", "")
+    if not slice_name.endswith(".slice") or not unit_id:
+        return ""
+    # "a-b.slice" lives at /a.slice/a-b.slice (systemd's cg_slice_to_path); "-.slice" is the root.
+    parts = slice_name[:-len(".slice")].split("-") if slice_name != "-.slice" else []
+    return "".join("/" + "-".join(parts[:i + 1]) + ".slice" for i in range(len(parts))) \
+        + "/" + unit_id
 
 
 # ------------------------------------------------------------------ targets
@@ -220,6 +232,7 @@ class TargetSet:
         self.targets: Dict[tuple, Target] = {}
         self.rescan_at: Dict[str, float] = {}
         self.pid_watches_done: Set[str] = set()
+        self.unit_paths: Dict[str, str] = {}   # unit watch -> its cgroup when last seen running
         self.config = config
         self.mem_total = self.host.read().mem_total
         self.problems: List[str] = []     # resolution trouble, for the daemon to log
@@ -236,6 +249,7 @@ class TargetSet:
         for key in dropped:
             self.drop(key)
         self.pid_watches_done = {n for n in self.pid_watches_done if new.get(n) == old.get(n)}
+        self.unit_paths = {n: p for n, p in self.unit_paths.items() if new.get(n) == old.get(n)}
         self.config = config
         self.rescan_at.clear()
         return dropped
@@ -245,6 +259,8 @@ class TargetSet:
         added: List[Target] = []
         for watch in self.config.watches:
             if now < self.rescan_at.get(watch.name, 0.0):
+                if watch.name in self.unit_paths:
+                    added.extend(self._unit_restarted(watch, now))
                 continue
             self.rescan_at[watch.name] = now + RESCAN_INTERVAL
             try:
@@ -281,7 +297,12 @@ class TargetSet:
             if have:
                 return []
             path = unit_cgroup(str(watch.selector))
-            return self._attach_cgroups(watch, [path] if path else [], now)
+            if not path:
+                return []
+            self.unit_paths[watch.name] = path  # between rescans, _unit_restarted looks there
+            if not os.path.isdir(self.cgroup_root + path):
+                return []  # not running
+            return self._attach_cgroups(watch, [path], now)
         if watch.kind == "cgroup":
             taken = {t.cgroup for t in have}
             pattern = self.cgroup_root + str(watch.selector)
@@ -292,6 +313,17 @@ class TargetSet:
                     self.vanished.append(self.drop(t.key))
             return self._attach_cgroups(watch, [p for p in paths if p not in taken], now)
         return []
+
+    def _unit_restarted(self, watch: WatchConfig, now: float) -> List[Target]:
+        """Between rescans, look for a stopped unit in the cgroup it last ran in: one stat
+        per tick and no systemctl run, so a restarted unit is watched from its first tick,
+        not up to RESCAN_INTERVAL (plus a systemctl run) later, far over its limit by then."""
+        if any(t.watch.name == watch.name for t in self.targets.values()):
+            return []
+        path = self.unit_paths[watch.name]
+        if not os.path.isdir(self.cgroup_root + path):
+            return []
+        return self._attach_cgroups(watch, [path], now)
 
     def _attach_pids(self, watch: WatchConfig, pids: List[int], now: float) -> List[Target]:
         added = []

@@ -1,0 +1,345 @@
+"""The live state file: what the daemon sees, for `memwatchd status` (the report stage).
+
+The daemon rewrites it at most once a second: a temp file in the same directory,
+then rename(), so a reader sees the old file or the new one, never half of one.
+Mode 0600: it names processes and cgroups. It only goes out: the daemon has no
+command socket and reads no instructions from other processes.
+
+Publisher is the daemon's one hook for everything that leaves it besides the
+journal and the events file: the state file, and the optional Prometheus
+metrics (memwatchd.metrics, imported only when [metrics] is configured, so a
+daemon without it never loads prometheus_client).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from typing import Any, Dict, Iterable, Optional
+
+from memwatchd import __version__, report, sampler
+from memwatchd.report import ERR, escape, log
+from memwatchd.types import MemwatchdError
+
+FORMAT = 1
+STATE_EVERY = 1.0     # at most one state write (and metrics snapshot) per second
+FRESH_FOR = 5.0       # `status`: a state written longer ago than this is stale
+RECENT = 10           # actions kept in the state file
+
+__all__ = ["FORMAT", "STATE_EVERY", "FRESH_FOR", "write_atomic", "read_state", "boottime",
+           "proc_start_time", "liveness", "target_view", "host_view", "guard_view",
+           "build_view", "action_key", "action_summary", "Publisher"]
+
+
+def boottime() -> float:
+    """Seconds since boot (CLOCK_BOOTTIME): the same in every process, unmoved by clock changes."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600, make_dirs: bool = True) -> None:
+    """Replace path with data: write a temp file beside it, then rename() over it.
+
+    The temp file is created fresh (O_EXCL, after unlinking any leftover, so a planted
+    link is never written through) and chmod'ed to mode whatever the umask. Missing
+    directories are made 0700 if make_dirs. No fsync: this is live state, and a flush
+    could stall the loop on a busy disk.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if make_dirs and not os.path.isdir(directory):
+        report._makedirs_private(directory)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_state(path: str) -> Optional[Dict[str, Any]]:
+    """The state file as a dict; None if it does not exist. Raises OSError (e.g. EACCES)
+    and ValueError for a file that is not a memwatchd state."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a memwatchd state file (format {FORMAT})")
+    return data
+
+
+def proc_start_time(pid: int, proc: str = "/proc") -> Optional[int]:
+    """The process's start time (clock ticks after boot), None if there is no such process."""
+    try:
+        with open(f"{proc}/{int(pid)}/stat", "rb") as f:
+            return sampler.parse_stat_start_time(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def liveness(state: Optional[Dict[str, Any]], now_boot: Optional[float] = None,
+             proc: str = "/proc") -> str:
+    """Does a daemon stand behind this state? One of:
+
+    "running"  written within FRESH_FOR seconds by a process that still lives (same pid
+               AND same start time, so a recycled pid does not count);
+    "stale"    that process lives, but has not written for longer (stuck, or stopped);
+    "dead"     that process is gone (crashed, killed, or stopped uncleanly);
+    "none"     there is no state file.
+    """
+    if state is None:
+        return "none"
+    daemon = state.get("daemon") or {}
+    pid, start = daemon.get("pid"), daemon.get("start_time")
+    if not isinstance(pid, int) or pid <= 0 or proc_start_time(pid, proc) != start:
+        return "dead"
+    now_boot = boottime() if now_boot is None else now_boot
+    written = state.get("written_boottime")
+    if not isinstance(written, (int, float)) or not 0 <= now_boot - written <= FRESH_FOR:
+        return "stale"
+    return "running"
+
+
+# ------------------------------------------------------------------ the view
+
+def target_view(t: Any, now: float, last_action: Optional[dict] = None) -> Dict[str, Any]:
+    """One targets.Target as plain JSON data. Names are escape()d: a process chooses its own."""
+    sampled = t.sampled_at > 0
+    usage = t.usage if sampled else None
+    limit = t.limit if sampled else None
+    return {
+        "target": t.watch.name,
+        "kind": t.watch.kind,
+        "scope": t.watch.scope,
+        "id": escape(t.cgroup) if t.is_cgroup else str(t.pid),
+        "pid": None if t.is_cgroup else t.pid,
+        "comm": escape(t.comm),
+        "cgroup": escape(t.cgroup),
+        "usage_bytes": usage,
+        "limit_bytes": limit,
+        "warn_bytes": t.warn if sampled else None,
+        "headroom_bytes": None if usage is None else limit - usage,
+        "action": t.watch.action,
+        "interval_seconds": round(t.interval, 6) if t.interval else None,
+        "sample_age_seconds": round(max(0.0, now - t.sampled_at), 6) if sampled else None,
+        "last_action": last_action,
+    }
+
+
+def host_view(host: Any) -> Optional[Dict[str, Any]]:
+    """A types.HostSample as plain data (psi None where the kernel has no PSI)."""
+    if host is None:
+        return None
+    p = host.pressure
+    return {
+        "mem_total_bytes": host.mem_total,
+        "mem_available_bytes": host.mem_available,
+        "swap_total_bytes": host.swap_total,
+        "swap_free_bytes": host.swap_free,
+        "psi": None if p is None else {
+            "some_avg10": p.some_avg10, "some_avg60": p.some_avg60,
+            "some_total_seconds": p.some_total_us / 1e6,
+            "full_avg10": p.full_avg10, "full_avg60": p.full_avg60,
+            "full_total_seconds": p.full_total_us / 1e6,
+        },
+    }
+
+
+def guard_view(guard: Any, mem_total: Optional[int]) -> Dict[str, Any]:
+    term, kill = guard.thresholds(mem_total) if mem_total else (None, None)
+    return {"enabled": guard.enabled, "term_below_bytes": term, "kill_below_bytes": kill,
+            "psi_full_avg10": guard.psi_full_avg10 or None}
+
+
+def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
+               daemon: Optional[dict] = None, recent: Iterable[dict] = (),
+               last_by_target: Optional[Dict[tuple, dict]] = None) -> Dict[str, Any]:
+    """What `status` shows and the state file holds. daemon=None: sampled by `status` itself.
+    last_by_target maps action_key() to the last action on that target."""
+    last_by_target = last_by_target or {}
+    rows = [target_view(t, now, last_by_target.get(
+        (t.watch.name, escape(t.cgroup) if t.is_cgroup else str(t.pid)))) for t in targets]
+    rows.sort(key=lambda r: (r["target"], r["id"]))
+    return {
+        "format": FORMAT,
+        "written_at": time.time(),
+        "written_boottime": boottime(),
+        "config": config.source,
+        "dry_run": config.daemon.dry_run,
+        "daemon": daemon,
+        "host": host_view(host),
+        "guard": guard_view(config.guard, getattr(host, "mem_total", None)),
+        "watches": [w.name for w in config.watches],
+        "targets": rows,
+        "recent_actions": list(recent),
+    }
+
+
+def action_key(summary: Dict[str, Any]) -> tuple:
+    """(watch name, pid as text or cgroup): which target row an action concerns."""
+    pid = summary.get("pid")
+    return summary.get("target"), str(pid) if pid is not None else summary.get("cgroup")
+
+
+def action_summary(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of a decision record that `status` shows (already escaped by report)."""
+    keys = ("id", "time", "target", "pid", "comm", "cgroup", "action", "signal", "reason",
+            "usage_bytes", "limit_bytes", "dry_run")
+    out = {k: record.get(k) for k in keys}
+    out["outcome"] = None
+    return out
+
+
+# ----------------------------------------------------------------- publisher
+
+class Publisher:
+    """The daemon's outward view: the state file (<= 1 Hz) and, when configured, metrics.
+
+    Everything here runs on the daemon's thread except the metrics exporter's own
+    thread, which only ever sees snapshots handed to it; a failure is logged and
+    never stops protection.
+    """
+
+    def __init__(self, config: Any, proc_root: str = "/"):
+        self.config = config
+        self.proc_root = proc_root
+        self.recent: "collections.deque[dict]" = collections.deque(maxlen=RECENT)
+        self.last_by_target: Dict[tuple, dict] = {}
+        self.metrics = None
+        self._written = -STATE_EVERY
+        self._failed = False
+        self._self_table = None
+        self._self_slot = -1
+        self.started_at = time.time()
+        self.start_time = proc_start_time(os.getpid(), os.path.join(proc_root, "proc"))
+
+    @property
+    def every(self) -> Optional[float]:
+        """How often the loop should wake for us; None when nothing is published."""
+        return STATE_EVERY if self.config.daemon.state or self.metrics is not None else None
+
+    def start(self) -> None:
+        """Start the metrics exporter if configured; called once the loop starts."""
+        self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        m = self.config.metrics
+        if not (m.listen or m.textfile):
+            return
+        try:
+            from memwatchd import metrics  # loads prometheus_client: only when configured
+            self.metrics = metrics.Metrics(m)
+        except ImportError as e:
+            log(ERR, f"[metrics] is configured but prometheus_client is missing ({e}); no metrics")
+        except OSError as e:
+            log(ERR, f"metrics endpoint {m.listen}: {e.strerror or e}; no metrics")
+
+    def reconfigure(self, config: Any) -> None:
+        old = self.config.metrics
+        self.config = config
+        if config.metrics != old:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            self._start_metrics()
+        self._written = -STATE_EVERY
+
+    def rss(self) -> Optional[int]:
+        """memwatchd's own resident memory, by one pread of its statm."""
+        if self._self_table is None:
+            try:
+                table = sampler.ProcessTable(root=self.proc_root, capacity=1)
+                self._self_slot = table.add(os.getpid())
+            except (MemwatchdError, OSError):
+                return None
+            self._self_table = table
+        self._self_table.sample_slots([self._self_slot])
+        return self._self_table.rss(self._self_slot)
+
+    # ------------------------------------------------------------ events in
+
+    def on_record(self, record: Dict[str, Any]) -> None:
+        """Every event record the daemon writes: kept for the state, counted for metrics."""
+        if record.get("type") == "decision":
+            summary = action_summary(record)
+            self.recent.append(summary)
+            key = action_key(summary)
+            self.last_by_target.pop(key, None)          # re-insert: the dict stays oldest first
+            self.last_by_target[key] = summary
+            if len(self.last_by_target) > 4 * RECENT:   # forget the oldest: no unbounded growth
+                del self.last_by_target[next(iter(self.last_by_target))]
+        elif record.get("type") == "outcome":
+            for summary in self.recent:
+                if summary["id"] == record.get("id"):
+                    summary["outcome"] = {k: record.get(k) for k in
+                                          ("exited", "seconds_to_exit", "freed_bytes", "escalated")}
+        if self.metrics is not None:
+            self.metrics.on_record(record)
+
+    def victim_exited(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.exit_seconds.observe(seconds)
+
+    def after_tick(self, daemon: Any, tick_seconds: float) -> None:
+        """Called after every tick: time it, and publish if a second has passed."""
+        if self.metrics is not None:
+            self.metrics.tick_seconds.observe(tick_seconds)
+        now = daemon.clock()
+        if self.every is None or now - self._written < STATE_EVERY:
+            return
+        self._written = now
+        view = self.view(daemon, now)
+        if self.metrics is not None:
+            self.metrics.publish(view)
+        if self.config.daemon.state:
+            self._write_state(view)
+
+    def view(self, daemon: Any, now: float) -> Dict[str, Any]:
+        info = {
+            "pid": os.getpid(),
+            "start_time": self.start_time,
+            "started_at": self.started_at,
+            "version": __version__,
+            "sampler": sampler.IMPLEMENTATION,
+            "rss_bytes": self.rss(),
+            "ticks": daemon.ticks,
+            "actions_taken": daemon.actions_taken,
+            "victims": len(daemon.victims),
+            "state_every_seconds": STATE_EVERY,
+        }
+        return build_view(daemon.targets.targets.values(), daemon.host, now, self.config,
+                          info, self.recent, self.last_by_target)
+
+    def _write_state(self, view: Dict[str, Any]) -> None:
+        path = self.config.daemon.state
+        try:
+            data = json.dumps(view, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+            write_atomic(path, data.encode("ascii") + b"\n", 0o600)
+            self._failed = False
+        except (OSError, ValueError, TypeError) as e:
+            if not self._failed:  # once per failure streak, not once a second
+                log(ERR, f"could not write the state file {path}: {e}")
+            self._failed = True
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self._self_table = None

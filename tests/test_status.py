@@ -1,0 +1,274 @@
+"""`memwatchd status` and `memwatchd events`: in-process with CliRunner, and against a real
+daemon in a private PID namespace."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from memwatchd import report, state, status
+from memwatchd.cli import app
+
+from .pidns import needs_pidns, run_scenario
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture
+def sleeper():
+    """A sleeping process with a unique marker in its command line."""
+    marker = f"status-probe-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    time.sleep(0.2)
+    yield proc, marker
+    proc.kill()
+    proc.wait()
+
+
+def write_config(tmp_path, marker, state_path=None, events=""):
+    path = tmp_path / "memwatchd.toml"
+    path.write_text(f"""
+[daemon]
+events = "{events}"
+state = "{state_path if state_path is not None else tmp_path / 'state.json'}"
+[[watch]]
+name = "probe"
+cmdline = "{marker}$"
+limit = "1G"
+warn = "900M"
+[[watch]]
+name = "absent"
+cmdline = "no-such-process-{marker}$"
+limit = "1G"
+""")
+    path.chmod(0o600)
+    return path
+
+
+def test_help_has_examples():
+    for command in ("status", "events"):
+        r = invoke(command, "--help")
+        assert r.exit_code == 0 and "Example" in r.output
+
+
+def test_status_without_a_daemon_samples_once_and_says_so(tmp_path, sleeper):
+    proc, marker = sleeper
+    config = write_config(tmp_path, marker)
+    r = invoke("status", "--config", str(config), "--json")
+    assert r.exit_code == 0, r.output
+    view = json.loads(r.output)
+    assert view["running"] is False and view["source"] == "sample"
+    assert "not running" in view["message"] and "sampled once" in view["message"]
+    row, = view["targets"]
+    assert row["target"] == "probe" and row["pid"] == proc.pid
+    assert 1 << 20 < row["usage_bytes"] < 200 << 20 and row["limit_bytes"] == 1 << 30
+    assert view["watches"] == ["probe", "absent"] and view["daemon"] is None
+
+    r = invoke("status", "--config", str(config))
+    assert r.exit_code == 0
+    assert "not running" in r.output and "probe" in r.output and str(proc.pid) in r.output
+    assert "MemAvailable" in r.output
+
+
+def test_status_with_a_dead_daemons_state_is_not_running(tmp_path, sleeper):
+    proc, marker = sleeper
+    config = write_config(tmp_path, marker)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    old = {"format": state.FORMAT, "written_boottime": state.boottime(), "written_at": time.time(),
+           "daemon": {"pid": child.pid, "start_time": 1}, "targets": [], "recent_actions": []}
+    state.write_atomic(str(tmp_path / "state.json"), json.dumps(old).encode())
+    view = json.loads(invoke("status", "-c", str(config), "--json").output)
+    assert view["running"] is False and f"pid {child.pid}, which is gone" in view["message"]
+    assert view["targets"][0]["pid"] == proc.pid          # sampled itself instead
+
+
+def test_status_with_the_state_file_off_samples_and_says_why(tmp_path, sleeper):
+    proc, marker = sleeper
+    config = write_config(tmp_path, marker, state_path="")
+    view = json.loads(invoke("status", "-c", str(config), "--json").output)
+    assert view["running"] is False and "state file is off" in view["message"]
+    assert view["targets"][0]["pid"] == proc.pid and view["state_file"] is None
+
+
+def test_status_unreadable_state_exits_4(tmp_path, sleeper, monkeypatch):
+    """Not root: the 0600 state file cannot be read; say so (exit 4) instead of guessing."""
+    proc, marker = sleeper
+    config = write_config(tmp_path, marker)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(state, "read_state", denied)
+    r = invoke("status", "-c", str(config))
+    assert r.exit_code == 4 and "permission denied" in r.output and "sudo" in r.output
+
+
+def test_hostile_names_are_shown_not_interpreted():
+    """A comm like "[bold red]x" reaches Rich as text: printed literally, no markup."""
+    view = {"running": False, "message": "m", "host": None, "guard": {}, "watches": ["w"],
+            "targets": [{"target": "w", "kind": "cmdline", "pid": 7, "comm": "[blink]evil[/]",
+                         "cgroup": "/", "usage_bytes": 1, "limit_bytes": 2, "warn_bytes": None,
+                         "headroom_bytes": 1, "sample_age_seconds": 0.1, "last_action": None}],
+            "recent_actions": [{"time": "2024-01-01T00:00:00.000Z", "target": "w", "pid": 7,
+                                "comm": "[red]x", "signal": "SIGTERM", "usage_bytes": 3,
+                                "limit_bytes": 2, "reason": "over-limit", "outcome": None}]}
+    console = Console(record=True, width=200)
+    console.print(status.status_renderable(view))
+    text = console.export_text()
+    assert "[blink]evil[/]" in text and "[red]x" in text
+
+
+# ---------------------------------------------------------------------- events
+
+T0 = 1_700_000_000 * 10**9
+
+
+def decision(event_id, target, pid, action, sig, reason, usage, at, comm="job"):
+    return report.decision_record(target=target, pid=pid, start_time=1, comm=comm, cmdline=comm,
+                                  cgroup="/", usage_bytes=usage, limit_bytes=200 << 20,
+                                  reason=reason, action=action, signal=sig, dry_run=False,
+                                  time_ns=at, event_id=event_id)
+
+
+@pytest.fixture
+def events_file(tmp_path):
+    now = time.time_ns()
+    hour = 3600 * 10**9
+    records = [
+        decision("old", "guard", 40, "term", 15, "mem-available-low", 900 << 20, now - 2 * hour),
+        decision("a", "sim", 41, "term", 15, "over-limit", 210 << 20, now - 60 * 10**9),
+        report.outcome_record(event_id="a", exited=True, seconds_to_exit=0.031,
+                              freed_bytes=210 << 20, escalated=False, time_ns=now - 59 * 10**9),
+        decision("w", "sim", 42, "warn", None, "warn-level", 150 << 20, now - 30 * 10**9),
+        decision("k", "sim", 43, "kill", 9, "over-limit", 250 << 20, now - 10 * 10**9,
+                 comm="[red]x\nfake"),
+    ]
+    path = tmp_path / "events.jsonl"
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.write(json.dumps(report.outcome_record(
+            event_id="k", exited=True, seconds_to_exit=0.002, freed_bytes=1,
+            escalated=False))[:37])        # the host died mid-write: no newline, half a record
+    return path
+
+
+def test_events_pairs_and_survives_a_truncated_last_line(events_file):
+    r = invoke("events", "--file", str(events_file), "--json")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["id"] for e in lines] == ["old", "a", "w", "k"]
+    a = lines[1]
+    assert a["outcome"]["exited"] and a["outcome"]["seconds_to_exit"] == 0.031
+    assert lines[2]["outcome"] is None and lines[3]["outcome"] is None   # torn outcome skipped
+    assert "skipped 1 unreadable line" in r.stderr
+
+    r = invoke("events", "--file", str(events_file))
+    assert r.exit_code == 0
+    out = r.stdout
+    for needle in ("sim", "guard", "41 job", "210M/200M", "over-limit", "SIGTERM", "31 ms",
+                   "warn", "no outcome", "SIGKILL"):
+        assert needle in out, needle
+    assert "[red]x\\x0" in out              # escaped by the record, shown literally (no markup)
+
+
+def test_events_since_and_target(events_file):
+    ids = lambda *a: [json.loads(x)["id"] for x in invoke("events", "--file", str(events_file),
+                                                          "--json", *a).stdout.splitlines()]
+    assert ids("--since", "1h") == ["a", "w", "k"]
+    assert ids("--since", "20s") == ["k"]
+    assert ids("--target", "guard") == ["old"]
+    assert ids("--target", "sim", "--since", "45s") == ["w", "k"]
+    r = invoke("events", "--file", str(events_file), "--target", "nobody")
+    assert r.exit_code == 0 and "no events" in r.output
+
+
+def test_events_errors(tmp_path):
+    r = invoke("events", "--file", str(tmp_path / "missing.jsonl"))
+    assert r.exit_code == 0 and "no events" in r.output
+    r = invoke("events", "--file", str(tmp_path / "x"), "--since", "soon")
+    assert r.exit_code == 2 and "--since" in r.output
+    config = tmp_path / "c.toml"
+    config.write_text('[daemon]\nevents = ""\n')
+    r = invoke("events", "--config", str(config))
+    assert r.exit_code == 2 and "--file" in r.output
+
+
+def test_pair_events_ignores_orphans_and_junk():
+    records = [{"type": "outcome", "id": "x"}, {"type": "decision", "id": 5},
+               {"type": "decision", "id": "d"}, {"type": "outcome", "id": "d", "exited": True}]
+    paired = status.pair_events(records)
+    assert [e["id"] for e in paired] == ["d"] and paired[0]["outcome"]["exited"]
+
+
+# ------------------------------------------------------------ a running daemon
+
+@needs_pidns
+@pytest.mark.slow
+def test_status_json_against_a_running_daemon():
+    r = run_scenario("""
+events = WORK + "/events.jsonl"
+statef = WORK + "/state.json"
+cfg = f'''
+[daemon]
+events = "{events}"
+state = "{statef}"
+[guard]
+enabled = false
+[[watch]]
+name = "big"
+cmdline = "hog-big$"
+limit = "900M"
+[[watch]]
+name = "small"
+cmdline = "hog-small$"
+limit = "500M"
+'''
+big = start_hog("hog-big", rate_mib=400, cap_mib=160, seconds=30, events=events)
+small = start_hog("hog-small", rate_mib=400, cap_mib=40, seconds=30, events=events)
+time.sleep(1.0)
+d = start_daemon(cfg)
+wait_for(lambda: os.path.exists(statef), 10)
+time.sleep(1.5)
+path = write_config(cfg)
+out = subprocess.run([sys.executable, "-m", "memwatchd", "status", "--config", path, "--json"],
+                     capture_output=True, text=True)
+text = subprocess.run([sys.executable, "-m", "memwatchd", "status", "--config", path],
+                      capture_output=True, text=True, env=dict(os.environ, COLUMNS="120"))
+mode = os.stat(statef).st_mode & 0o777
+stop(d, signal.SIGTERM)
+after = subprocess.run([sys.executable, "-m", "memwatchd", "status", "--config", path, "--json"],
+                       capture_output=True, text=True)
+stop(big); stop(small)
+result(view=json.loads(out.stdout), text=text.stdout, rc=out.returncode, err=out.stderr,
+       after=json.loads(after.stdout), mode=mode, daemon_pid=d.pid,
+       big=big.pid, small=small.pid, log=daemon_log())
+""")
+    view = r["view"]
+    assert r["rc"] == 0, r["err"]
+    assert view["running"] is True and view["source"] == "state", view["message"]
+    assert view["daemon"]["pid"] == r["daemon_pid"] and view["daemon"]["rss_bytes"] > 4 << 20
+    assert r["mode"] == 0o600
+    rows = {row["target"]: row for row in view["targets"]}
+    assert set(rows) == {"big", "small"}
+    assert rows["big"]["pid"] == r["big"] and rows["small"]["pid"] == r["small"]
+    assert 160 << 20 <= rows["big"]["usage_bytes"] < 230 << 20, rows["big"]
+    assert 40 << 20 <= rows["small"]["usage_bytes"] < 110 << 20, rows["small"]
+    assert rows["big"]["limit_bytes"] == 900 << 20 and rows["small"]["limit_bytes"] == 500 << 20
+    assert rows["big"]["headroom_bytes"] == (900 << 20) - rows["big"]["usage_bytes"]
+    assert rows["big"]["interval_seconds"] > 0 and rows["big"]["sample_age_seconds"] < 3
+    assert view["age_seconds"] < state.FRESH_FOR
+    assert "running" in r["text"] and "hog-big" in r["text"] and "RSS" in r["text"]
+    after = r["after"]
+    assert after["running"] is False and "not running" in after["message"]
+    assert {row["target"] for row in after["targets"]} == {"big", "small"}

@@ -1,0 +1,97 @@
+"""A unit watch finds a restarted unit at once, in the cgroup it last ran in.
+
+Found by the VM tier: a unit watch re-ran `systemctl show -P ControlGroup`
+only every RESCAN_INTERVAL (2 s), and that property is empty while the unit
+is not running, so a unit that started (or started again) was watched
+0.8-1.9 s after it started under TCG - a hog at 200 MB/s was already past a
+150M limit by then. Now the unit's cgroup path is known even while it is
+stopped (from its Slice), and checked with one stat per tick in between.
+"""
+from __future__ import annotations
+
+import shutil
+
+from memwatchd import targets as targets_mod
+from memwatchd.config import parse_config
+from memwatchd.targets import TargetSet
+
+UNIT_CGROUP = "/system.slice/job.service"
+
+
+def make_cgroup(root, rel):
+    path = root / rel.lstrip("/")
+    path.mkdir(parents=True)
+    (path / "memory.current").write_text("4096\n")
+    (path / "memory.max").write_text("max\n")
+    return path
+
+
+def config(limit="1G"):
+    return parse_config({
+        "daemon": {"events": "", "state": ""},
+        "guard": {"enabled": False},
+        "watch": [{"name": "job", "unit": "job.service", "limit": limit}],
+    }, "unit-watch-test")
+
+
+def test_restarted_unit_is_found_between_rescans_without_systemctl(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_unit_cgroup(unit):
+        calls.append(unit)
+        return UNIT_CGROUP   # running or not, systemd says where it goes
+
+    monkeypatch.setattr(targets_mod, "unit_cgroup", fake_unit_cgroup)
+    ts = TargetSet(config(), cgroup_root=str(tmp_path))
+
+    assert ts.refresh(0.0) == [] and calls == ["job.service"]     # not running yet
+    assert ts.problems == []                                        # and that is no problem
+    assert ts.refresh(0.1) == [] and len(calls) == 1                # a stat, no systemctl
+    path = make_cgroup(tmp_path, UNIT_CGROUP)                       # it starts
+    added = ts.refresh(0.2)
+    assert [t.cgroup for t in added] == [UNIT_CGROUP] and len(calls) == 1
+    assert ts.refresh(targets_mod.RESCAN_INTERVAL) == [] and len(calls) == 1  # watched: no rescan
+
+    # The unit stops: its cgroup goes, the target with it.
+    shutil.rmtree(path)
+    ts.drop(added[0].key)
+    assert ts.refresh(2.1) == [] and len(calls) == 1               # a stat, no systemctl
+
+    # It starts again well before the next rescan: watched on the next tick.
+    make_cgroup(tmp_path, UNIT_CGROUP)
+    again = ts.refresh(2.2)
+    assert [t.cgroup for t in again] == [UNIT_CGROUP] and len(calls) == 1
+    assert ts.refresh(2.3) == []                                    # not attached twice
+
+
+def test_reconfigured_unit_watch_forgets_the_old_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(targets_mod, "unit_cgroup", lambda unit: UNIT_CGROUP)
+    make_cgroup(tmp_path, UNIT_CGROUP)
+    ts = TargetSet(config(), cgroup_root=str(tmp_path))
+    ts.refresh(0.0)
+    assert ts.unit_paths == {"job": UNIT_CGROUP}
+    ts.reconfigure(config())            # unchanged watch: kept
+    assert ts.unit_paths == {"job": UNIT_CGROUP}
+    ts.reconfigure(config(limit="2G"))  # changed watch: re-resolved from scratch
+    assert ts.unit_paths == {}
+
+
+def test_unit_cgroup_of_a_stopped_unit_comes_from_its_slice(monkeypatch):
+    import subprocess
+
+    def fake_run(argv, **kwargs):
+        unit = argv[-1]
+        out = {"hog.service": "ControlGroup=\nSlice=system.slice\nId=hog.service\n",
+               "job.service": "ControlGroup=\nSlice=batch-big.slice\nId=job.service\n",
+               "top.service": "ControlGroup=\nSlice=-.slice\nId=top.service\n",
+               "run.service": "ControlGroup=/system.slice/run.service\nSlice=system.slice\n"
+                              "Id=run.service\n",
+               "gone.service": "ControlGroup=\nSlice=\nId=gone.service\n"}[unit]
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert targets_mod.unit_cgroup("hog.service") == "/system.slice/hog.service"
+    assert targets_mod.unit_cgroup("job.service") == "/batch.slice/batch-big.slice/job.service"
+    assert targets_mod.unit_cgroup("top.service") == "/top.service"
+    assert targets_mod.unit_cgroup("run.service") == "/system.slice/run.service"
+    assert targets_mod.unit_cgroup("gone.service") == ""
