@@ -89,6 +89,23 @@ def start_daemon(config_text: str, env: dict = None, extra_args=()) -> subproces
                             env=dict(os.environ, **(env or {})))
 
 
+EVENTS = os.path.join(WORK, "events.jsonl")
+
+
+def start_watching(watches: str, daemon: str = "", env: dict = None) -> subprocess.Popen:
+    """The daemon with the guard off, events in EVENTS, no state file, plus these
+    [[watch]] tables (and extra [daemon] keys): only the watched hogs can be signalled."""
+    return start_daemon(f'''
+[daemon]
+events = "{EVENTS}"
+state = ""
+{textwrap.dedent(daemon)}
+[guard]
+enabled = false
+{textwrap.dedent(watches)}
+''', env=env)
+
+
 def daemon_log() -> str:
     with open(os.path.join(WORK, "daemon.log")) as f:
         return f.read()

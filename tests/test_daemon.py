@@ -18,12 +18,8 @@ enabled = false
 
 def test_hog_gets_sigterm_sibling_survives_record_written_first():
     r = run_scenario(f"""
-events = WORK + "/events.jsonl"
-d = start_daemon(f'''
-[daemon]
-events = "{{events}}"
-state = ""
-{NO_GUARD}
+events = EVENTS
+d = start_watching('''
 [[watch]]
 name = "hogs"
 cmdline = "hog-[ab]$"
@@ -55,12 +51,8 @@ result(fate_a=fate_a, a=hog_signals("hog-a"), b=hog_signals("hog-b"), b_alive=b_
 
 def test_hog_ignoring_sigterm_gets_sigkill_after_grace():
     r = run_scenario(f"""
-events = WORK + "/events.jsonl"
-d = start_daemon(f'''
-[daemon]
-events = "{{events}}"
-state = ""
-{NO_GUARD}
+events = EVENTS
+d = start_watching('''
 [[watch]]
 name = "stubborn"
 cmdline = "hog-s$"
@@ -87,13 +79,8 @@ result(fate=fate, signals=hog_signals("hog-s"), events=read_events(events), log=
 
 def test_dry_run_sends_nothing_but_records():
     r = run_scenario(f"""
-events = WORK + "/events.jsonl"
-d = start_daemon(f'''
-[daemon]
-events = "{{events}}"
-state = ""
-dry_run = true
-{NO_GUARD}
+events = EVENTS
+d = start_watching(daemon="dry_run = true", watches='''
 [[watch]]
 name = "dry"
 cmdline = "hog-d$"
@@ -157,14 +144,10 @@ def test_pid_reuse_new_process_is_never_signalled():
     """A pid watch names one process. After it exits, a new process forced onto the same PID
     (ns_last_pid) and growing far past the limit is left alone."""
     r = run_scenario(f"""
-events = WORK + "/events.jsonl"
+events = EVENTS
 first = subprocess.Popen(["sleep", "30"])
 pid = first.pid
-d = start_daemon(f'''
-[daemon]
-events = "{{events}}"
-state = ""
-{NO_GUARD}
+d = start_watching(f'''
 [[watch]]
 name = "one"
 pid = {{pid}}
@@ -191,17 +174,13 @@ result(same_pid=same_pid, alive=alive, signals=hog_signals("reused"),
 
 def test_tree_scope_kills_children_first_and_counts_the_whole_tree():
     r = run_scenario(f"""
-events = WORK + "/events.jsonl"
+events = EVENTS
 # A shell whose two children each use 80 MiB: only the sum crosses 120 MiB.
 parent = subprocess.Popen(["sh", "-c",
     f"{{sys.executable}} -c \\"$HOG\\" 200 80 20 ignore {{WORK}}/c1.signals /x c1 & "
     f"{{sys.executable}} -c \\"$HOG\\" 200 80 20 ignore {{WORK}}/c2.signals /x c2 & wait"],
     env=dict(os.environ, HOG=HOG))
-d = start_daemon(f'''
-[daemon]
-events = "{{events}}"
-state = ""
-{NO_GUARD}
+d = start_watching(f'''
 [[watch]]
 name = "tree"
 pid = {{parent.pid}}
