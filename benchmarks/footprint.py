@@ -1,0 +1,228 @@
+"""How much memory and CPU does the resident daemon cost at idle, next to a bare Python?
+
+Inside a private PID namespace, starts `memwatchd run` (as systemd would: the console
+script, else `python -m memwatchd`) with a config of 10 [[watch]] entries, one per
+idle `sleep` process (limit 1G, action term) plus the host guard (defaults), and, side
+by side, a bare `python3 -c "import time; time.sleep(...)"` from the same interpreter.
+Samples both every 0.5 s for --seconds (default 60) and reports the steady-state VmRSS
+(median of the second half; RssAnon / RssFile split) and memwatchd's CPU time per
+minute at idle (schedstat, after a 5 s warm-up).
+
+Python's bytecode cache matters here: without .pyc files every module is compiled at
+start-up and the compiler's arenas inflate RSS. So it runs twice:
+  - "cached": PYTHONDONTWRITEBYTECODE unset, PYTHONPYCACHEPREFIX=<temp dir> warmed by a
+    first start: what a normal installation (pip writes .pyc files) does;
+  - "no-pyc": PYTHONDONTWRITEBYTECODE=1 with an empty PYTHONPYCACHEPREFIX: nothing is
+    cached, every module (stdlib too) is compiled at start; the upper bound of what an
+    environment with PYTHONDONTWRITEBYTECODE=1 sees.
+Then, for the run path (memwatchd.entry -> config -> daemon), the RSS after each import
+and the packages it loads, so a regression names its culprit.
+Goal: steady-state VmRSS of `memwatchd run` at most 12 MiB. The last line (cached) is
+`rss_mib=<x> bare_python_rss_mib=<y> idle_cpu_ms_per_min=<z>`.
+
+Run: python benchmarks/footprint.py [--seconds 60] [--modes cached,no-pyc]
+(as root: needs unshare(1) for the namespace). About 2.5 minutes with the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import _benchlib
+
+GOAL_MIB = 12.0
+N_TARGETS = 10
+
+IMPORTS_PY = r"""
+import importlib, sys
+steps = sys.argv[1:]
+def status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon"):
+                out[k] = int(v.split()[0]) / 1024
+    return out
+last = status()
+print("%-28s %7.1f %7.1f" % ("(interpreter)", last["VmRSS"], last["RssAnon"]))
+for step in steps:
+    before = set(sys.modules)
+    for name in step.split("+"):
+        importlib.import_module(name)
+    new = sorted(m for m in set(sys.modules) - before if not m.startswith("_"))
+    s = status()
+    print("%-28s %7.1f %7.1f %+7.1f %4d  %s" % (step, s["VmRSS"], s["RssAnon"], s["VmRSS"] - last["VmRSS"],
+          len(set(sys.modules) - before), " ".join(new)[:70]))
+    last = s
+"""
+LIST_PY = r"""
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(sorted(sys.modules)))
+"""
+RUN_PATH = ["memwatchd.entry", "memwatchd.config", "memwatchd.daemon"]
+# Standard-library groups worth naming, imported first (each only if the run path loads it),
+# so that what a memwatchd module adds is its own code.
+STDLIB_STEPS = ["re", "collections", "typing", "ast", "dis", "tokenize", "inspect", "dataclasses", "json",
+                "datetime", "tomllib", "signal+select+resource", "subprocess", "socket", "pathlib"]
+
+
+def status(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def write_config(workdir: str, pids: list) -> str:
+    path = os.path.join(workdir, "memwatchd.toml")
+    lines = [f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\n']
+    for i, pid in enumerate(pids):
+        lines.append(f'[[watch]]\nname = "job-{i}"\npid = {pid}\nlimit = "1G"\n')
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    os.chmod(path, 0o600)
+    return path
+
+
+def mode_env(mode: str, cache_dir: str) -> dict:
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=cache_dir)
+    if mode == "cached":
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
+    cache_dir = tempfile.mkdtemp(prefix=f"pycache-{mode}-", dir=workdir)
+    env = mode_env(mode, cache_dir)
+    daemon_cmd = _benchlib.memwatchd_command() + ["run", "--config", config]
+    bare_cmd = [sys.executable, "-c", f"import time; time.sleep({seconds + 30})"]
+    if mode == "cached":  # warm the cache: one start of each, then stop
+        warm = subprocess.Popen(daemon_cmd, env=env, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+        time.sleep(3.0)
+        warm.send_signal(signal.SIGTERM)
+        warm.wait(10)
+    daemon = subprocess.Popen(daemon_cmd, env=env, stderr=subprocess.PIPE, text=True)
+    bare = subprocess.Popen(bare_cmd, env=env)
+    samples = []
+    try:
+        t0 = time.monotonic()
+        cpu_at = None
+        while time.monotonic() - t0 < seconds:
+            time.sleep(0.5)
+            if daemon.poll() is not None:
+                raise RuntimeError(f"memwatchd run exited: {daemon.stderr.read()}")
+            if cpu_at is None and time.monotonic() - t0 >= min(5.0, seconds / 4):
+                cpu_at = (_benchlib.cpu_ns(daemon.pid), time.monotonic())
+            samples.append((time.monotonic() - t0, status(daemon.pid), status(bare.pid)))
+        cpu_end = (_benchlib.cpu_ns(daemon.pid), time.monotonic())
+    finally:
+        for proc in (daemon, bare):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    steady = samples[len(samples) // 2:]
+    med = lambda i, key: statistics.median(s[i][key] for s in steady)
+    return {
+        "rss": med(1, "VmRSS"), "anon": med(1, "RssAnon"), "file": med(1, "RssFile"),
+        "hwm": samples[-1][1]["VmHWM"],
+        "rss_min": min(s[1]["VmRSS"] for s in steady), "rss_max": max(s[1]["VmRSS"] for s in steady),
+        "bare": med(2, "VmRSS"), "bare_anon": med(2, "RssAnon"), "bare_file": med(2, "RssFile"),
+        "cpu_ms_per_min": (cpu_end[0] - cpu_at[0]) / 1e6 * 60.0 / (cpu_end[1] - cpu_at[1]),
+        "env": env,
+    }
+
+
+def import_breakdown(env: dict) -> None:
+    """VmRSS after each import on the `run` path: stdlib groups first, then memwatchd's own."""
+    import json
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", LIST_PY] + RUN_PATH, env=env,
+                                           capture_output=True, text=True, check=True).stdout))
+    steps = [s for s in STDLIB_STEPS if all(m in loaded for m in s.split("+"))]
+    ours = sorted(m for m in loaded if m.startswith("memwatchd.") and not m.endswith("_memread"))
+    order = ["memwatchd.types", "memwatchd.entry", "memwatchd.config", "memwatchd.sampler",
+             "memwatchd.report", "memwatchd.systemd", "memwatchd.targets", "memwatchd.policy",
+             "memwatchd.actions", "memwatchd.state"]
+    steps += [m for m in order if m in ours] + [m for m in ours if m not in order]
+    out = subprocess.run([sys.executable, "-c", IMPORTS_PY] + steps, env=env,
+                         capture_output=True, text=True)
+    print(f"{'then importing':<28} {'VmRSS':>7} {'anon':>7} {'+MiB':>7} {'mods':>4}  new modules")
+    print(out.stdout.rstrip() or out.stderr.rstrip())
+
+
+def inner(args) -> int:
+    if os.getpid() != 1:
+        print("refusing to run outside a private PID namespace", file=sys.stderr)
+        return 2
+    t_begin = time.monotonic()
+    modes = args.modes.split(",")
+    sleepers = [subprocess.Popen(["sleep", str(int(args.seconds * len(modes) + 120))])
+                for _ in range(N_TARGETS)]
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="memwatchd-bench-") as workdir:
+            config = write_config(workdir, [p.pid for p in sleepers])
+            print(_benchlib.machine())
+            print(f"`{' '.join(os.path.basename(c) for c in _benchlib.memwatchd_command())} run` with "
+                  f"{N_TARGETS} pid watches + the host guard, next to `{os.path.basename(sys.executable)} "
+                  f"-c 'import time; time.sleep()'`; {args.seconds:.0f} s per mode, VmRSS median of "
+                  f"the second half (MiB)")
+            print(f"{'mode':<8} {'memwatchd VmRSS':>22} {'anon':>6} {'file':>6} {'peak':>6}"
+                  f" {'bare python':>12} {'anon':>6} {'file':>6} {'ratio':>6} {'CPU ms/min':>11}")
+            for mode in modes:
+                r = measure(mode, config, args.seconds, workdir)
+                results[mode] = r
+                print(f"{mode:<8} {r['rss']:>8.1f} [{r['rss_min']:.1f}..{r['rss_max']:.1f}]"
+                      f" {r['anon']:>6.1f} {r['file']:>6.1f} {r['hwm']:>6.1f} {r['bare']:>12.1f}"
+                      f" {r['bare_anon']:>6.1f} {r['bare_file']:>6.1f} {r['rss'] / r['bare']:>5.2f}x"
+                      f" {r['cpu_ms_per_min']:>11.1f}", flush=True)
+            head = results.get("cached") or next(iter(results.values()))
+            print(f"\nimports on the `run` path ({'cached' if 'cached' in results else modes[0]}; MiB):")
+            import_breakdown(head["env"])
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+    print(f"\ngoal: `memwatchd run` steady-state VmRSS <= {GOAL_MIB:.0f} MiB: "
+          + ", ".join(f"{m} {'met' if r['rss'] <= GOAL_MIB else 'MISSED'} ({r['rss']:.1f} MiB)"
+                      for m, r in results.items())
+          + " (DESIGN.md: nohang 17.2 MiB, bare python3.11 8.5 MiB, earlyoom 1.7 MiB)")
+    print(f"total run time {time.monotonic() - t_begin:.0f} s")
+    print(f"rss_mib={head['rss']:.1f} bare_python_rss_mib={head['bare']:.1f} "
+          f"idle_cpu_ms_per_min={head['cpu_ms_per_min']:.1f}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="sampling time per mode")
+    parser.add_argument("--modes", default="cached,no-pyc")
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        return inner(args)
+    if not _benchlib.can_unshare():
+        print("footprint.py needs root and unshare(1) (a private PID namespace)", file=sys.stderr)
+        return 2
+    return _benchlib.in_private_namespace(__file__, sys.argv[1:] + ["--inner"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
