@@ -626,10 +626,10 @@ def inner(args) -> int:
         os.close(fd)
     t_begin = time.monotonic()
     rates = [float(r) * 1e6 for r in args.rates.split(",")]
-    watchers = [w for w in args.watchers.split(",")
-                if w != "earlyoom" or shutil.which("earlyoom")]
-    if "earlyoom" not in watchers:
-        print("earlyoom not found: skipping that comparison")
+    requested = args.watchers.split(",")
+    watchers = [w for w in requested if w != "earlyoom" or shutil.which("earlyoom")]
+    if "earlyoom" in requested and "earlyoom" not in watchers:
+        print("earlyoom not found (apt-get install earlyoom): skipping that comparison")
     # Warm-up: have the hypervisor back the memory once (first touches in a fresh VM are slow).
     proc = subprocess.Popen(hog_argv(args.hog, 100e9, 0.0), stdout=subprocess.PIPE)
     follow_hog(Lines(proc.stdout), kill_after_cross=True)
