@@ -315,8 +315,7 @@ class Daemon:
             return
         usage = decision.usage if fresh_usage is None else fresh_usage
         if is_guard:
-            victim = next(c for c in candidates if c.key == decision.key) if candidates \
-                else None
+            victim = next((c for c in candidates if c.key == decision.key), None)
             pid, start = decision.key[1], decision.key[2]
             comm = victim.comm if victim else read_comm(pid)
             cgroup = victim.cgroup if victim else read_cgroup(pid)
