@@ -42,3 +42,8 @@ def vm_image():
         return harness.ensure_image()
     except harness.HarnessUnavailable as exc:
         pytest.skip(str(exc))
+
+
+def pytest_collection_modifyitems(items):
+    """Boot the smoke test before the scenarios: if the guest itself is broken, say so first."""
+    items.sort(key=lambda item: ("tests/vm/" in item.nodeid, "test_vm_smoke" not in item.nodeid))
