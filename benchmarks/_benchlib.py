@@ -70,28 +70,31 @@ FLOOR_C = r"""
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
-/* floor ROUNDS PID... : the CPU time (CLOCK_PROCESS_CPUTIME_ID) of one pass of pread over
- * kept-open /proc/PID/statm fds, median of ROUNDS passes, in ns: what any reader pays. */
+/* floor CLOCK ROUNDS PID... : the time of one pass of pread over kept-open
+ * /proc/PID/statm fds, median of ROUNDS passes, in ns: what any reader pays.
+ * CLOCK is "wall" (CLOCK_MONOTONIC) or "cpu" (CLOCK_PROCESS_CPUTIME_ID). */
 static int cmp(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y);
 }
 int main(int argc, char **argv) {
-    int rounds = atoi(argv[1]), n = argc - 2;
+    clockid_t clock = strcmp(argv[1], "cpu") == 0 ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC;
+    int rounds = atoi(argv[2]), n = argc - 3;
     int *fds = malloc(sizeof(int) * n);
     double *per = malloc(sizeof(double) * rounds);
     char path[64], buf[512];
     for (int i = 0; i < n; i++) {
-        snprintf(path, sizeof path, "/proc/%s/statm", argv[i + 2]);
+        snprintf(path, sizeof path, "/proc/%s/statm", argv[i + 3]);
         if ((fds[i] = open(path, O_RDONLY | O_CLOEXEC)) < 0) { perror(path); return 1; }
     }
     for (int r = 0; r < rounds; r++) {
         struct timespec a, b;
-        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
+        clock_gettime(clock, &a);
         for (int i = 0; i < n; i++)
             if (pread(fds[i], buf, sizeof buf, 0) <= 0) { perror("pread"); return 1; }
-        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
+        clock_gettime(clock, &b);
         per[r] = (b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec);
     }
     qsort(per, rounds, sizeof(double), cmp);
@@ -101,22 +104,29 @@ int main(int argc, char **argv) {
 """
 
 
-def build_floor(workdir: str) -> str:
-    src = os.path.join(workdir, "floor.c")
-    exe = os.path.join(workdir, "pread-floor")
+def compile_c(workdir: str, name: str, source: str) -> str:
+    """Build one C program of the benchmarks with cc -O2; return the executable's path."""
+    src = os.path.join(workdir, name + ".c")
+    exe = os.path.join(workdir, name)
     with open(src, "w") as f:
-        f.write(FLOOR_C)
+        f.write(source)
     subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
     return exe
+
+
+def build_floor(workdir: str) -> str:
+    return compile_c(workdir, "pread-floor", FLOOR_C)
+
+
+def pread_floor_ns(floor_exe: str, clock: str, rounds: int, pids) -> float:
+    """Median ns of one pread pass over the statm of pids ("wall" or "cpu" clock)."""
+    out = subprocess.run([floor_exe, clock, str(rounds)] + [str(p) for p in pids],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out)
 
 
 def build(workdir: str) -> str:
-    src = os.path.join(workdir, "sleepers.c")
-    exe = os.path.join(workdir, NAME)
-    with open(src, "w") as f:
-        f.write(SLEEPERS_C)
-    subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
-    return exe
+    return compile_c(workdir, NAME, SLEEPERS_C)
 
 
 class Sleepers:

@@ -318,12 +318,7 @@ main()
 
 
 def build_hog(workdir: str) -> str:
-    src = os.path.join(workdir, "hog.c")
-    exe = os.path.join(workdir, HOG_NAME)
-    with open(src, "w") as f:
-        f.write(HOG_C)
-    subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
-    return exe
+    return _benchlib.compile_c(workdir, HOG_NAME, HOG_C)
 
 
 def outer(args) -> int:

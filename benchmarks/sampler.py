@@ -24,53 +24,11 @@ import time
 
 import psutil
 
+import _benchlib  # benchmarks/, on sys.path when run as a script
+
 from memwatchd import _memread, procfs
 
 ROUNDS = {1: 2001, 100: 201, 1000: 41}
-
-FLOOR_C = r"""
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#include <unistd.h>
-/* argv: rounds pid... ; prints the median ns per target per round */
-static int cmp(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y);
-}
-int main(int argc, char **argv) {
-    int rounds = atoi(argv[1]), n = argc - 2;
-    int *fds = malloc(sizeof(int) * n);
-    double *per = malloc(sizeof(double) * rounds);
-    char path[64], buf[512];
-    for (int i = 0; i < n; i++) {
-        snprintf(path, sizeof path, "/proc/%s/statm", argv[i + 2]);
-        fds[i] = open(path, O_RDONLY | O_CLOEXEC);
-        if (fds[i] < 0) { perror(path); return 1; }
-    }
-    for (int r = 0; r < rounds; r++) {
-        struct timespec a, b;
-        clock_gettime(CLOCK_MONOTONIC, &a);
-        for (int i = 0; i < n; i++)
-            if (pread(fds[i], buf, sizeof buf, 0) <= 0) { perror("pread"); return 1; }
-        clock_gettime(CLOCK_MONOTONIC, &b);
-        per[r] = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n;
-    }
-    qsort(per, rounds, sizeof(double), cmp);
-    printf("%.1f\n", per[rounds / 2]);
-    return 0;
-}
-"""
-
-
-def build_floor(workdir: str) -> str:
-    src = os.path.join(workdir, "floor.c")
-    exe = os.path.join(workdir, "floor")
-    with open(src, "w") as f:
-        f.write(FLOOR_C)
-    subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
-    return exe
-
 
 def spawn_sleepers(n: int) -> list:
     """n idle processes; each caps itself at 300 s in case we die before killing them."""
@@ -98,15 +56,13 @@ def measure(floor_exe: str, pids: list) -> dict:
     procs = [psutil.Process(pid) for pid in pids]
     results["psutil"] = median_us_per_target(lambda: [p.memory_info() for p in procs], n,
                                              max(5, rounds // 4))
-    out = subprocess.run([floor_exe, str(rounds)] + [str(p) for p in pids],
-                         check=True, capture_output=True, text=True).stdout
-    results["c_floor"] = float(out) / 1000.0
+    results["c_floor"] = _benchlib.pread_floor_ns(floor_exe, "wall", rounds, pids) / n / 1000.0
     return results
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="memwatchd-bench-") as workdir:
-        floor_exe = build_floor(workdir)
+        floor_exe = _benchlib.build_floor(workdir)
         last = None
         print(f"{'N':>5} {'compiled':>10} {'python':>10} {'psutil':>10} {'c_floor':>10}"
               f"   {'vs_floor':>8} {'vs_psutil':>9} {'floor_vs_psutil':>15}"

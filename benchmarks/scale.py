@@ -119,9 +119,7 @@ def measure_ticks(exe: str, floor_exe: str, n: int, rounds: int, workdir: str) -
         slots = [t.slot for t in ts.targets.values()]
         sampler = [cpu_ms(lambda: ts.processes.sample_slots(slots)) for _ in range(rounds)]
         pids = [str(t.pid) for t in ts.targets.values()]
-        floor = subprocess.run([floor_exe, str(rounds)] + pids, check=True, capture_output=True,
-                               text=True).stdout
-        out["floor_ms"] = float(floor) / 1e6
+        out["floor_ms"] = _benchlib.pread_floor_ns(floor_exe, "cpu", rounds, pids) / 1e6
         host = [cpu_ms(ts.host.read) for _ in range(rounds)]
         rescans = []
         for _ in range(max(3, rounds // 4)):
