@@ -15,7 +15,9 @@ import os
 import select
 import signal
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from memwatchd.sampler import parse_stat_start_time, process_mrelease
 from memwatchd.targets import descendants

@@ -194,8 +194,7 @@ def watch(
         except OSError as e:
             typer.echo(f"memwatchd watch: cannot start {command[0]!r}: {e.strerror}", err=True)
             raise typer.Exit(127 if isinstance(e, FileNotFoundError) else 126)
-        from dataclasses import replace
-        cfg = replace(cfg, watches=(replace(cfg.watches[0], selector=child.pid),))
+        cfg = cfg._replace(watches=(cfg.watches[0]._replace(selector=child.pid),))
         opts.command_pidfd = os.pidfd_open(child.pid)
     try:
         daemon = Daemon(cfg, opts)

@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from collections import namedtuple
+TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
-try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
-
+from memwatchd import toml_child
 from memwatchd.types import ConfigError, InsecureConfigError
 
 __all__ = [
@@ -59,11 +57,12 @@ DEFAULT_PROTECT_CGROUPS = ("/init.scope", "/system.slice/ssh.service", "/system.
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9577"
 
 
-# ------------------------------------------------------------- dataclasses
+# --------------------------------------------------------------- records
+# Named tuples rather than dataclasses: see memwatchd/types.py. Each table's
+# defaults are a dict, so every field keeps its comment next to its default.
 
 
-@dataclass(frozen=True)
-class Size:
+class Size(namedtuple("Size", "bytes percent")):
     """An amount of memory: absolute bytes, or a percentage of a base known only at run time.
 
     The base is MemTotal for the guard and for process/tree watches, and the cgroup's
@@ -71,12 +70,12 @@ class Size:
     whoever resolves the target passes the base in.
     """
 
-    bytes: Optional[int] = None
-    percent: Optional[float] = None
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if (self.bytes is None) == (self.percent is None):
+    def __new__(cls, bytes: Optional[int] = None, percent: Optional[float] = None) -> "Size":
+        if (bytes is None) == (percent is None):
             raise ValueError("Size needs exactly one of bytes or percent")
+        return super().__new__(cls, bytes, percent)
 
     def resolve(self, base: int) -> int:
         """Bytes for this size, given the base a percentage refers to."""
@@ -93,28 +92,36 @@ class Size:
         return str(self.bytes)
 
 
-@dataclass(frozen=True)
-class DaemonConfig:
+_DAEMON_DEFAULTS = {
+    "interval": 1.0,                 # slowest sampling period, seconds
+    "min_interval": 0.01,            # fastest sampling period, seconds
+    "fill_rate": 4 * 2**30,          # assumed worst-case growth, bytes per second
+    "cooldown": 5.0,
+    "dry_run": False,
+    "events": "/var/lib/memwatchd/events.jsonl",
+    "state": "/run/memwatchd/state.json",
+}
+
+
+class DaemonConfig(namedtuple("DaemonConfig", _DAEMON_DEFAULTS, defaults=_DAEMON_DEFAULTS.values())):
     """The main loop: sampling periods, back-off after acting, where records go ("" = off)."""
 
-    interval: float = 1.0            # slowest sampling period, seconds
-    min_interval: float = 0.01       # fastest sampling period, seconds
-    fill_rate: int = 4 * 2**30       # assumed worst-case growth, bytes per second
-    cooldown: float = 5.0
-    dry_run: bool = False
-    events: str = "/var/lib/memwatchd/events.jsonl"
-    state: str = "/run/memwatchd/state.json"
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class GuardConfig:
+_GUARD_DEFAULTS = {
+    "enabled": True,
+    "min_available": Size(percent=5.0),
+    "kill_available": Size(percent=2.0),
+    "psi_full_avg10": 0.0,           # 0 = off
+    "grace": 5.0,
+}
+
+
+class GuardConfig(namedtuple("GuardConfig", _GUARD_DEFAULTS, defaults=_GUARD_DEFAULTS.values())):
     """The host guard: keeps MemAvailable above a floor by stopping the largest eligible process."""
 
-    enabled: bool = True
-    min_available: Size = Size(percent=5.0)
-    kill_available: Size = Size(percent=2.0)
-    psi_full_avg10: float = 0.0      # 0 = off
-    grace: float = 5.0
+    __slots__ = ()
 
     def thresholds(self, mem_total: int) -> Tuple[int, int]:
         """(term_below, kill_below) in bytes; kill never above term, even when mixing % and bytes."""
@@ -122,20 +129,23 @@ class GuardConfig:
         return term, min(self.kill_available.resolve(mem_total), term)
 
 
-@dataclass(frozen=True)
-class ProtectConfig:
+class ProtectConfig(namedtuple("ProtectConfig", "names cgroups",
+                               defaults=(DEFAULT_PROTECT_NAMES, DEFAULT_PROTECT_CGROUPS))):
     """What the host guard never signals: comm names (<= 15 bytes) and cgroup subtrees."""
 
-    names: Tuple[str, ...] = DEFAULT_PROTECT_NAMES
-    cgroups: Tuple[str, ...] = DEFAULT_PROTECT_CGROUPS
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
+_METRICS_DEFAULTS = {
+    "listen": "",                    # "host:port" or "[v6]:port"; "" = no HTTP endpoint
+    "textfile": "",                  # node_exporter textfile path; "" = none
+}
+
+
+class MetricsConfig(namedtuple("MetricsConfig", _METRICS_DEFAULTS, defaults=_METRICS_DEFAULTS.values())):
     """Prometheus exposition; off unless the [metrics] table exists."""
 
-    listen: str = ""                 # "host:port" or "[v6]:port"; "" = no HTTP endpoint
-    textfile: str = ""               # node_exporter textfile path; "" = none
+    __slots__ = ()
 
     @property
     def address(self) -> Optional[Tuple[str, int]]:
@@ -146,33 +156,30 @@ class MetricsConfig:
         return host.strip("[]"), int(port)
 
 
-@dataclass(frozen=True)
-class WatchConfig:
-    """One watched target; ``selector`` is an int for kind "pid", a str otherwise."""
-
-    name: str
-    kind: str                        # one of SELECTOR_KINDS
-    selector: Union[int, str]
-    limit: Size
-    warn: Optional[Size] = None
-    sustain: float = 0.0
-    action: str = "term"
-    grace: float = 10.0
-    scope: str = "process"
-    usage: str = "rss"               # "rss" for process/tree, one of CGROUP_USAGES for cgroup
-    on_action: Tuple[str, ...] = ()
+_WATCH_DEFAULTS = {
+    "warn": None,                    # a Size, or None: no warning
+    "sustain": 0.0,
+    "action": "term",
+    "grace": 10.0,
+    "scope": "process",
+    "usage": "rss",                  # "rss" for process/tree, one of CGROUP_USAGES for cgroup
+    "on_action": (),
+}
 
 
-@dataclass(frozen=True)
-class Config:
-    """The whole validated configuration; ``source`` is the file it came from."""
+class WatchConfig(namedtuple("WatchConfig", ("name", "kind", "selector", "limit", *_WATCH_DEFAULTS),
+                             defaults=_WATCH_DEFAULTS.values())):
+    """One watched target: kind is one of SELECTOR_KINDS; ``selector`` is an int for
+    kind "pid", a str otherwise; limit is a Size."""
 
-    daemon: DaemonConfig
-    guard: GuardConfig
-    protect: ProtectConfig
-    metrics: MetricsConfig
-    watches: Tuple[WatchConfig, ...]
-    source: str
+    __slots__ = ()
+
+
+class Config(namedtuple("Config", "daemon guard protect metrics watches source")):
+    """The whole validated configuration; ``watches`` is a tuple of WatchConfig and
+    ``source`` the file it came from."""
+
+    __slots__ = ()
 
 
 def default_config() -> Config:
@@ -616,12 +623,15 @@ def _check_owner_mode(path: str, st: os.stat_result, prefix: str) -> None:
 # ----------------------------------------------------------------- loading
 
 
-def load_config(path: Optional[str] = None, *, insecure: bool = False) -> Config:
+def load_config(path: Optional[str] = None, *, insecure: bool = False,
+                parse_in_child: bool = False) -> Config:
     """Read, check and parse a config file.
 
     With ``path`` None the default path is used, and a missing default file means
     default_config() (the host guard alone); an explicit path must exist. Unless
     ``insecure``, the file and every on_action program must pass check_secure_file.
+    The daemon sets ``parse_in_child`` so the TOML parser never stays resident in it
+    (see memwatchd/toml_child.py); the result is the same either way.
     """
     if path is None:
         path = DEFAULT_CONFIG_PATH
@@ -633,15 +643,13 @@ def load_config(path: Optional[str] = None, *, insecure: bool = False) -> Config
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
-        data = tomllib.loads(text)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
+    valid, data = (toml_child.parse_in_child if parse_in_child else toml_child.parse)(text)
+    if not valid:
+        raise ConfigError(f"{path}: {data}")
     config = parse_config(data, path)
     if not insecure:
         for i, w in enumerate(config.watches):

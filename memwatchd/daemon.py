@@ -14,8 +14,9 @@ import resource
 import select
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional
 
 from memwatchd import actions, report, sampler, state
 from memwatchd.config import CGROUP_ROOT, Config, load_config
@@ -30,35 +31,47 @@ GIVE_UP_AFTER = 30.0      # seconds after the last signal: record "did not exit"
 STATUS_EVERY = 1.0
 
 
-@dataclass
 class Victim:
     """A target we signalled, until it dies (or we stop waiting)."""
 
-    key: tuple
-    name: str
-    pidfds: List[int]
-    usage_before: int
-    event_ids: List[str]
-    first_signal_at: float
-    last_signal_at: float
-    cgroup_dir: str = ""
-    escalated: bool = False
-    description: str = ""
+    __slots__ = ("key", "name", "pidfds", "usage_before", "event_ids", "first_signal_at",
+                 "last_signal_at", "cgroup_dir", "escalated", "description")
+
+    def __init__(self, key: tuple, name: str, pidfds: List[int], usage_before: int,
+                 event_ids: List[str], signalled_at: float, cgroup_dir: str = "",
+                 description: str = "") -> None:
+        self.key = key
+        self.name = name
+        self.pidfds = pidfds
+        self.usage_before = usage_before
+        self.event_ids = event_ids
+        self.first_signal_at = signalled_at
+        self.last_signal_at = signalled_at
+        self.cgroup_dir = cgroup_dir
+        self.escalated = False
+        self.description = description
 
 
-@dataclass
 class Options:
     """How the loop is run: by systemd (`run`) or in the foreground (`watch`)."""
 
-    config_path: Optional[str] = None
-    insecure: bool = False
-    proc_root: str = "/"
-    cgroup_root: str = CGROUP_ROOT
-    exit_when_idle: bool = False         # `watch`: stop once every target is gone
-    command_pidfd: int = -1              # `watch -- COMMAND`: stop when it exits; SIGINT/SIGTERM go to it
-    on_record: Optional[Callable[[dict], None]] = None   # `watch --json`: every record
-    psi_trigger: bool = True
-    lock_memory: bool = True
+    __slots__ = ("config_path", "insecure", "proc_root", "cgroup_root", "exit_when_idle",
+                 "command_pidfd", "on_record", "psi_trigger", "lock_memory")
+
+    def __init__(self, config_path: Optional[str] = None, insecure: bool = False,
+                 proc_root: str = "/", cgroup_root: str = CGROUP_ROOT,
+                 exit_when_idle: bool = False, command_pidfd: int = -1,
+                 on_record: Optional[Callable[[dict], None]] = None,
+                 psi_trigger: bool = True, lock_memory: bool = True) -> None:
+        self.config_path = config_path
+        self.insecure = insecure
+        self.proc_root = proc_root
+        self.cgroup_root = cgroup_root
+        self.exit_when_idle = exit_when_idle    # `watch`: stop once every target is gone
+        self.command_pidfd = command_pidfd      # `watch -- COMMAND`: stop when it exits; SIGINT/SIGTERM go to it
+        self.on_record = on_record              # `watch --json`: every record
+        self.psi_trigger = psi_trigger
+        self.lock_memory = lock_memory
 
 
 class Daemon:
@@ -72,7 +85,8 @@ class Daemon:
         self.targets = TargetSet(config, self.opts.proc_root, self.opts.cgroup_root, self.never)
         self.policy = Policy(config)
         self.events = report.EventLog(config.daemon.events or None)
-        self.runner = actions.OnActionRunner()
+        self.runner: Optional[actions.OnActionRunner] = None
+        self._prepare_on_action(config)
         self.victims: Dict[tuple, Victim] = {}
         self.stopping = False
         self.reload_requested = False
@@ -136,7 +150,8 @@ class Daemon:
         for victim in self.victims.values():
             _close_all(victim.pidfds)
         self.victims.clear()
-        self.runner.close()
+        if self.runner is not None:
+            self.runner.close()
         self.events.close()
         self.publisher.close()
         for fd in (self._wake_r, self._wake_w):
@@ -216,8 +231,9 @@ class Daemon:
                 target.interval = self.policy.interval_for(reading)
                 target.next_due = now + target.interval
         self.follow_victims(self.clock())
-        for argv0, result in self.runner.poll():
-            log(INFO if result == 0 else WARNING, f"on_action {escape(argv0)} ended: {result}")
+        if self.runner is not None:
+            for argv0, result in self.runner.poll():
+                log(INFO if result == 0 else WARNING, f"on_action {escape(argv0)} ended: {result}")
 
     def _notify(self) -> None:
         """READY=1 after the first successful tick, then STATUS= once a second and
@@ -277,7 +293,7 @@ class Daemon:
         self.reload_requested = False
         self.notifier.reloading()
         try:
-            config = load_config(self.opts.config_path, insecure=self.opts.insecure)
+            config = load_config(self.opts.config_path, insecure=self.opts.insecure, parse_in_child=True)
         except ConfigError as e:
             log(ERR, f"reload failed, keeping the running configuration: {e}")
             self.notifier.ready(self.status_line())
@@ -287,6 +303,7 @@ class Daemon:
         self.notifier.ready(self.status_line())
 
     def apply_config(self, config: Config) -> None:
+        self._prepare_on_action(config)
         self.config = config
         for key in self.targets.reconfigure(config):
             self.policy.forget(key)
@@ -295,6 +312,13 @@ class Daemon:
         if (config.daemon.events or None) != self.events.path:
             self.events.close()
             self.events = report.EventLog(config.daemon.events or None)
+
+    def _prepare_on_action(self, config: Config) -> None:
+        """Create the on_action runner once some watch has on_action, at start or reload:
+        it imports subprocess (about 1 MiB resident), which must not happen mid-emergency
+        and is not worth carrying for a config without on_action."""
+        if self.runner is None and any(w.on_action for w in config.watches):
+            self.runner = actions.OnActionRunner()
 
     # -------------------------------------------------------------- actions
 
@@ -395,7 +419,7 @@ class Daemon:
         victim = self.victims.get(decision.key)
         if victim is None:
             self.victims[decision.key] = Victim(decision.key, decision.watch, pidfds, usage,
-                                                [record["id"]], now, now, cgroup_dir,
+                                                [record["id"]], now, cgroup_dir,
                                                 description=self._describe(decision.key))
         else:
             victim.pidfds.extend(pidfds)

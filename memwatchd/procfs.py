@@ -472,9 +472,14 @@ def process_mrelease(pidfd: int) -> None:
 
 
 def mlockall_onfault() -> None:
-    """mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): keep the killer resident under pressure."""
+    """mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT): keep the killer resident under pressure.
+
+    malloc_trim(0) first hands the heap that start-up freed back to the kernel, so
+    what stays locked is what the daemon uses.
+    """
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.malloc_trim(ctypes.c_size_t(0))
     if libc.mlockall(1 | 2 | 4) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Mapping, Optional
-
-from memwatchd import report
-
+TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
     import socket
+    from typing import Callable, Mapping, Optional
+
+from memwatchd import report
 
 __all__ = ["Notifier"]
 

@@ -1,12 +1,13 @@
-"""Plain frozen dataclasses and the project's errors, shared by every stage.
+"""The samples the readers return and the project's errors, shared by every stage.
 
-Nothing here does I/O; every stage may import this module.
+Nothing here does I/O; every stage may import this module. The records are
+named tuples, not dataclasses: `dataclasses` pulls in inspect, ast, dis and
+tokenize, about 1.6 MiB that the daemon's resident memory cannot afford.
 """
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
-from typing import Optional
+from collections import namedtuple
 
 # ---------------------------------------------------------------- errors
 
@@ -71,53 +72,33 @@ UNLIMITED = -1  # memory.max / memory.high "max"
 UNKNOWN = -2    # a key or file the kernel does not provide
 
 
-@dataclass(frozen=True)
-class Pressure:
-    """One PSI file (/proc/pressure/memory or a cgroup's memory.pressure)."""
+class Pressure(namedtuple("Pressure", "some_avg10 some_avg60 some_avg300 some_total_us "
+                                      "full_avg10 full_avg60 full_avg300 full_total_us",
+                          defaults=(0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0))):
+    """One PSI file (/proc/pressure/memory or a cgroup's memory.pressure); totals in µs."""
 
-    some_avg10: float = 0.0
-    some_avg60: float = 0.0
-    some_avg300: float = 0.0
-    some_total_us: int = 0
-    full_avg10: float = 0.0
-    full_avg60: float = 0.0
-    full_avg300: float = 0.0
-    full_total_us: int = 0
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class HostSample:
-    """/proc/meminfo and /proc/pressure/memory; pressure is None where PSI is missing."""
+class HostSample(namedtuple("HostSample", "mem_total mem_available swap_total swap_free pressure")):
+    """/proc/meminfo and /proc/pressure/memory, in bytes; pressure is None where PSI is missing."""
 
-    mem_total: int
-    mem_available: int
-    swap_total: int
-    swap_free: int
-    pressure: Optional[Pressure]
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class CgroupSample:
-    """One cgroup v2 directory's memory files, in bytes; UNKNOWN where a file/key is missing."""
+class CgroupSample(namedtuple("CgroupSample", "current max high swap_current "
+                                              "events_high events_max events_oom events_oom_kill "
+                                              "events_oom_group_kill anon file inactive_file shmem "
+                                              "pressure")):
+    """One cgroup v2 directory's memory files, in bytes; UNKNOWN where a file/key is missing.
 
-    current: int
-    max: int            # UNLIMITED for "max"
-    high: int           # UNLIMITED for "max"
-    swap_current: int
-    events_high: int
-    events_max: int
-    events_oom: int
-    events_oom_kill: int
-    events_oom_group_kill: int
-    anon: int
-    file: int
-    inactive_file: int
-    shmem: int
-    pressure: Optional[Pressure]
+    max and high are UNLIMITED for "max"; pressure is None without memory.pressure.
+    """
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Reading:
+class Reading(namedtuple("Reading", "key watch usage limit warn")):
     """One watched target's usage this tick, as the policy sees it.
 
     ``key`` names the target for its whole life: ("process", pid, start_time)
@@ -125,19 +106,14 @@ class Reading:
     target; limit and warn are already resolved to bytes (warn None = no warning).
     """
 
-    key: tuple
-    watch: str
-    usage: int
-    limit: int
-    warn: Optional[int]
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A process the host guard may choose (listed only when the guard fires)."""
+class Candidate(namedtuple("Candidate", "key pid comm cgroup rss")):
+    """A process the host guard may choose (listed only when the guard fires).
 
-    key: tuple                   # ("process", pid, start_time)
-    pid: int
-    comm: str
-    cgroup: str                  # below the cgroup root, e.g. "/system.slice/x.service"
-    rss: int
+    key is ("process", pid, start_time); cgroup is below the cgroup root,
+    e.g. "/system.slice/x.service"; rss in bytes.
+    """
+
+    __slots__ = ()

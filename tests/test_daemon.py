@@ -280,3 +280,49 @@ result(alive_after_bad=alive_after_bad, fate=fate, log=daemon_log(), events=read
     assert "9000 parsecs" in r["log"] and "limit" in r["log"]
     assert r["fate"] == -signal.SIGKILL
     assert r["events"][0]["limit_bytes"] == 200 << 20
+
+
+def test_on_action_added_by_reload_runs_with_the_victims_details():
+    """The on_action runner is created when a reload first configures on_action
+    (no subprocess import before), and the program gets the victim's details."""
+    r = run_scenario(f"""
+events = WORK + "/events.jsonl"
+seen = WORK + "/on_action.json"
+script = WORK + "/on_action.py"
+with open(script, "w") as f:
+    f.write("#!" + sys.executable + "\\nimport json, os, sys\\n"
+            "json.dump({{k: v for k, v in os.environ.items() if k.startswith('MEMWATCHD_')}}, open(sys.argv[1], 'w'))\\n")
+os.chmod(script, 0o700)
+config = lambda on_action: f'''
+[daemon]
+events = "{{events}}"
+state = ""
+{NO_GUARD}
+[[watch]]
+name = "scripted"
+cmdline = "hog-o$"
+limit = "200M"
+{{on_action}}
+'''
+d = start_daemon(config(""))
+time.sleep(1.0)
+write_config(config(f'on_action = ["{{script}}", "{{seen}}"]'))
+os.kill(d.pid, signal.SIGHUP)
+wait_for(lambda: "reloaded" in daemon_log(), 10)
+h = start_hog("hog-o", rate_mib=300, cap_mib=1024, events=events)
+fate = exited_by(h, 15)
+ran = wait_for(lambda: os.path.exists(seen) and os.path.getsize(seen) > 0, 10)
+stop(d, signal.SIGTERM)
+result(fate=fate, env=json.load(open(seen)) if ran else None, log=daemon_log(),
+       events=read_events(events), pid=h.pid)
+""")
+    assert r["fate"] == 0, r["log"]
+    env = r["env"]
+    assert env is not None, r["log"]
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert env["MEMWATCHD_TARGET"] == "scripted"
+    assert env["MEMWATCHD_PID"] == str(r["pid"])
+    assert env["MEMWATCHD_EVENT_ID"] == decision["id"]
+    assert env["MEMWATCHD_REASON"] == "over-limit" and env["MEMWATCHD_ACTION"] == "term"
+    assert int(env["MEMWATCHD_LIMIT"]) == 200 << 20
+    assert "ended: 0" in r["log"]

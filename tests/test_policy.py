@@ -1,8 +1,7 @@
-"""The policy over plain dataclasses: the ladder, hysteresis, sustain, guard, re-check, intervals."""
+"""The policy over plain records: the ladder, hysteresis, sustain, guard, re-check, intervals."""
 from __future__ import annotations
 
 import signal
-from dataclasses import replace
 
 import pytest
 
@@ -134,7 +133,7 @@ def test_still_needed_rechecks_first_actions_only():
     term = P.Decision("signal", KEY, "job", P.REASON_LIMIT, 210 * MiB, 200 * MiB, signal.SIGTERM)
     assert P.still_needed(term, 205 * MiB, None, cfg.guard)
     assert not P.still_needed(term, 190 * MiB, None, cfg.guard)
-    grace = replace(term, reason=P.REASON_GRACE, signal=signal.SIGKILL)
+    grace = term._replace(reason=P.REASON_GRACE, signal=signal.SIGKILL)
     assert P.still_needed(grace, 10 * MiB, None, cfg.guard)
     guard = P.Decision("signal", KEY, "guard", P.REASON_GUARD_LOW, 1, 1, signal.SIGTERM)
     assert P.still_needed(guard, None, host(0.5), cfg.guard)      # 0.5 GiB < 5% of 16
@@ -177,10 +176,10 @@ def test_guard_levels():
     assert P.guard_level(g, host(4)) == (None, "")
     assert P.guard_level(g, host(0.5)) == ("term", P.REASON_GUARD_LOW)
     assert P.guard_level(g, host(0.2)) == ("kill", P.REASON_GUARD_CRITICAL)
-    psi = replace(g, psi_full_avg10=20.0)
+    psi = g._replace(psi_full_avg10=20.0)
     assert P.guard_level(psi, host(4, full_avg10=25)) == ("term", P.REASON_GUARD_PSI)
     assert P.guard_level(psi, host(4, full_avg10=5)) == (None, "")
-    assert P.guard_level(replace(g, enabled=False), host(0.1)) == (None, "")
+    assert P.guard_level(g._replace(enabled=False), host(0.1)) == (None, "")
 
 
 def test_choose_victim_skips_protected_pid1_self_and_kernel_threads():
@@ -194,7 +193,7 @@ def test_choose_victim_skips_protected_pid1_self_and_kernel_threads():
 
 
 def test_guard_ladder_term_then_kill_after_grace():
-    cfg = replace(default_config(), guard=replace(GuardConfig(), grace=1.0))
+    cfg = default_config()._replace(guard=GuardConfig()._replace(grace=1.0))
     pol = P.Policy(cfg)
     assert not pol.guard_wants_victim(0, host(4))
     assert pol.guard_wants_victim(0, host(0.5))
