@@ -67,6 +67,15 @@ class GuardState:
         self.cooldown_until = 0.0
 
 
+def _quiet(r: Reading, state: Optional[TargetState]) -> bool:
+    """True when _evaluate_one would neither decide nor change anything: usage below
+    the warn level (if any) and the limit, with no crossing, warning or action pending."""
+    if r.usage >= r.limit or (r.warn is not None and r.usage >= r.warn):
+        return False
+    return state is None or (state.stage == "idle" and state.over_since is None
+                             and not state.warned)
+
+
 def next_interval(headroom: int, fill_rate: int, min_interval: float, max_interval: float) -> float:
     """Time until this headroom could be used up at the worst-case fill rate, clamped.
 
@@ -155,11 +164,16 @@ class Policy:
         """Decisions for this tick's watched targets."""
         critical = host is not None and guard_level(self.config.guard, host)[0] == "kill"
         decisions: List[Decision] = []
+        states = self.states
         for reading in readings:
+            state = states.get(reading.key)
+            if _quiet(reading, state):
+                continue  # most targets on most ticks: below every threshold, nothing pending
             watch = self.watches.get(reading.watch)
             if watch is None:
                 continue
-            state = self.states.setdefault(reading.key, TargetState())
+            if state is None:
+                state = states[reading.key] = TargetState()
             decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
         return decisions
 

@@ -196,13 +196,14 @@ def unit_cgroup(unit: str) -> str:
 class Target:
     """One watched process (or process tree) or cgroup."""
 
-    __slots__ = ("key", "watch", "pid", "start_time", "slot", "members", "cgroup", "comm",
-                 "cmdline", "usage", "limit", "warn", "next_due", "sampled_at", "interval")
+    __slots__ = ("key", "is_cgroup", "watch", "pid", "start_time", "slot", "members", "cgroup",
+                 "comm", "cmdline", "usage", "limit", "warn", "next_due", "sampled_at", "interval")
 
     def __init__(self, key: tuple, watch: WatchConfig, pid: int = 0, start_time: int = 0,
                  slot: int = -1, cgroup: str = "", comm: str = "", cmdline: str = "",
                  next_due: float = 0.0) -> None:
         self.key = key
+        self.is_cgroup = key[0] == "cgroup"
         self.watch = watch
         self.pid = pid
         self.start_time = start_time
@@ -217,10 +218,6 @@ class Target:
         self.next_due = next_due
         self.sampled_at = 0.0
         self.interval = 0.0
-
-    @property
-    def is_cgroup(self) -> bool:
-        return self.key[0] == "cgroup"
 
 
 class TargetSet:
@@ -403,22 +400,24 @@ class TargetSet:
 
     def sample_due(self, now: float, force: bool = False) -> Tuple[List[Reading], List[Target]]:
         """Read the targets that are due (all with force); return readings and gone targets."""
-        due = [t for t in self.targets.values() if force or t.next_due <= now]
         vanished, self.vanished = self.vanished, []
-        if not due:
-            return [], vanished
-        slots = []
-        for t in due:
-            if t.is_cgroup:
+        due, slots, cgroups_due = [], [], False
+        for t in self.targets.values():  # one pass: at idle this loop is most of a tick
+            if not force and t.next_due > now:
                 continue
-            if t.watch.scope == "tree":
+            due.append(t)
+            if t.is_cgroup:
+                cgroups_due = True
+            elif t.watch.scope == "tree":
                 self._refresh_tree(t)
                 slots.extend(t.members.values())
             else:
                 slots.append(t.slot)
+        if not due:
+            return [], vanished
         if slots:
             self.processes.sample_slots(slots)
-        if any(t.is_cgroup for t in due):
+        if cgroups_due:
             self.cgroups.sample()
         readings, gone = [], []
         for t in due:
