@@ -594,43 +594,56 @@ cdef class CgroupTable:
     def sample(self):
         """Re-read every live cgroup; return how many are still live."""
         cdef Py_ssize_t i, live = 0
+        for i in range(self.used):
+            if self._sample_one(i):
+                live += 1
+        return live
+
+    def sample_slots(self, slots):
+        """Re-read only these slots (the ones due); return how many are still live."""
+        cdef Py_ssize_t live = 0
+        for i in slots:
+            self._check(i)
+            if self._sample_one(i):
+                live += 1
+        return live
+
+    cdef bint _sample_one(self, Py_ssize_t i):
+        """pread + parse every memory file of one slot; True if it is still live."""
         cdef int k, fd, st
         cdef ssize_t n
         cdef int64_t *v
-        for i in range(self.used):
-            if self.fds[i * NFILES + F_CURRENT] < 0:
+        if self.fds[i * NFILES + F_CURRENT] < 0:
+            return False
+        v = self.values + i * NVALUES
+        st = S_OK
+        for k in range(NFILES):
+            fd = self.fds[i * NFILES + k]
+            if fd < 0:
                 continue
-            v = self.values + i * NVALUES
-            st = S_OK
-            for k in range(NFILES):
-                fd = self.fds[i * NFILES + k]
-                if fd < 0:
-                    continue
-                n = pread_retry(fd, self.buf, BUFSIZE - 1)
-                if n < 0:
-                    st = status_of(errno)
-                    break
-                if k == F_CURRENT:
-                    v[0] = parse_max_c(self.buf, n)
-                elif k == F_MAX:
-                    v[1] = parse_max_c(self.buf, n)
-                elif k == F_HIGH:
-                    v[2] = parse_max_c(self.buf, n)
-                elif k == F_SWAP:
-                    v[3] = parse_max_c(self.buf, n)
-                elif k == F_EVENTS:
-                    parse_keyed_c(self.buf, n, self.event_keys, v + V_EVENTS, 1)
-                elif k == F_STAT:
-                    parse_keyed_c(self.buf, n, self.stat_keys, v + V_STAT, 1)
-                else:
-                    memset(v + V_PSI, 0, 8 * sizeof(int64_t))
-                    v[V_HAS_PSI] = 1 if parse_psi_c(self.buf, n, v + V_PSI) == 0 else 0
-            self.statuses[i] = st
-            if st == S_GONE:
-                self._close_slot(i)
-            elif st == S_OK:
-                live += 1
-        return live
+            n = pread_retry(fd, self.buf, BUFSIZE - 1)
+            if n < 0:
+                st = status_of(errno)
+                break
+            if k == F_CURRENT:
+                v[0] = parse_max_c(self.buf, n)
+            elif k == F_MAX:
+                v[1] = parse_max_c(self.buf, n)
+            elif k == F_HIGH:
+                v[2] = parse_max_c(self.buf, n)
+            elif k == F_SWAP:
+                v[3] = parse_max_c(self.buf, n)
+            elif k == F_EVENTS:
+                parse_keyed_c(self.buf, n, self.event_keys, v + V_EVENTS, 1)
+            elif k == F_STAT:
+                parse_keyed_c(self.buf, n, self.stat_keys, v + V_STAT, 1)
+            else:
+                memset(v + V_PSI, 0, 8 * sizeof(int64_t))
+                v[V_HAS_PSI] = 1 if parse_psi_c(self.buf, n, v + V_PSI) == 0 else 0
+        self.statuses[i] = st
+        if st == S_GONE:
+            self._close_slot(i)
+        return st == S_OK
 
     cdef inline _check(self, Py_ssize_t slot):
         if slot < 0 or slot >= self.used:

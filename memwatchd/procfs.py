@@ -8,7 +8,7 @@ file and re-reads it with os.pread, so the two differ only in speed.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 from memwatchd import types as _types
 from memwatchd.types import (
@@ -365,21 +365,30 @@ class CgroupTable:
 
     def sample(self) -> int:
         """Re-read every live cgroup; return how many are still live."""
-        live = 0
-        for i, fds in enumerate(self._fds):
-            if fds[0] < 0:
-                continue
-            try:
-                texts = [_pread(fd) if fd >= 0 else None for fd in fds]
-            except OSError as e:
-                self._status[i] = status_for_errno(e.errno)
-                if self._status[i] == GONE:
-                    self._close(i)
-                continue
-            self._values[i] = _cgroup_sample(*texts)
-            self._status[i] = OK
-            live += 1
-        return live
+        return sum(self._sample_one(i) for i in range(len(self._fds)))
+
+    def sample_slots(self, slots: Iterable[int]) -> int:
+        """Re-read only these slots (the ones due); return how many are still live."""
+        slots = list(slots)
+        for i in slots:
+            self._check(i)
+        return sum(self._sample_one(i) for i in slots)
+
+    def _sample_one(self, i: int) -> bool:
+        """pread + parse every memory file of one slot; True if it is still live."""
+        fds = self._fds[i]
+        if fds[0] < 0:
+            return False
+        try:
+            texts = [_pread(fd) if fd >= 0 else None for fd in fds]
+        except OSError as e:
+            self._status[i] = status_for_errno(e.errno)
+            if self._status[i] == GONE:
+                self._close(i)
+            return False
+        self._values[i] = _cgroup_sample(*texts)
+        self._status[i] = OK
+        return True
 
     def _check(self, slot: int) -> None:
         if not 0 <= slot < len(self._fds):

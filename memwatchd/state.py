@@ -30,7 +30,7 @@ FRESH_FOR = 5.0       # `status`: a state written longer ago than this is stale
 RECENT = 10           # actions kept in the state file
 
 __all__ = ["FORMAT", "STATE_EVERY", "FRESH_FOR", "write_atomic", "read_state", "boottime",
-           "proc_start_time", "liveness", "target_view", "host_view", "guard_view",
+           "proc_start_time", "liveness", "target_labels", "target_view", "host_view", "guard_view",
            "build_view", "action_key", "action_summary", "Publisher"]
 
 
@@ -121,19 +121,28 @@ def liveness(state: Optional[Dict[str, Any]], now_boot: Optional[float] = None,
 
 # ------------------------------------------------------------------ the view
 
-def target_view(t: Any, now: float, last_action: Optional[dict] = None) -> Dict[str, Any]:
-    """One targets.Target as plain JSON data. Names are escape()d: a process chooses its own."""
+def target_labels(t: Any) -> tuple:
+    """(id, comm, cgroup) of a targets.Target, escape()d: a process chooses its own names.
+    They never change while the target lives, so the Publisher computes them once."""
+    cgroup = escape(t.cgroup)
+    return (cgroup if t.is_cgroup else str(t.pid)), escape(t.comm), cgroup
+
+
+def target_view(t: Any, now: float, last_action: Optional[dict] = None,
+                labels: Optional[tuple] = None) -> Dict[str, Any]:
+    """One targets.Target as plain JSON data; labels as target_labels(t) returns them."""
     sampled = t.sampled_at > 0
     usage = t.usage if sampled else None
     limit = t.limit if sampled else None
+    ident, comm, cgroup = labels or target_labels(t)
     return {
         "target": t.watch.name,
         "kind": t.watch.kind,
         "scope": t.watch.scope,
-        "id": escape(t.cgroup) if t.is_cgroup else str(t.pid),
+        "id": ident,
         "pid": None if t.is_cgroup else t.pid,
-        "comm": escape(t.comm),
-        "cgroup": escape(t.cgroup),
+        "comm": comm,
+        "cgroup": cgroup,
         "usage_bytes": usage,
         "limit_bytes": limit,
         "warn_bytes": t.warn if sampled else None,
@@ -172,12 +181,19 @@ def guard_view(guard: Any, mem_total: Optional[int]) -> Dict[str, Any]:
 
 def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
                daemon: Optional[dict] = None, recent: Iterable[dict] = (),
-               last_by_target: Optional[Dict[tuple, dict]] = None) -> Dict[str, Any]:
+               last_by_target: Optional[Dict[tuple, dict]] = None,
+               labels: Optional[Dict[tuple, tuple]] = None) -> Dict[str, Any]:
     """What `status` shows and the state file holds. daemon=None: sampled by `status` itself.
-    last_by_target maps action_key() to the last action on that target."""
+    last_by_target maps action_key() to the last action on that target; labels caches
+    target_labels() by target key across calls (the caller prunes it)."""
     last_by_target = last_by_target or {}
-    rows = [target_view(t, now, last_by_target.get(
-        (t.watch.name, escape(t.cgroup) if t.is_cgroup else str(t.pid)))) for t in targets]
+    labels = {} if labels is None else labels
+    rows = []
+    for t in targets:
+        shown = labels.get(t.key)
+        if shown is None:
+            shown = labels[t.key] = target_labels(t)
+        rows.append(target_view(t, now, last_by_target.get((t.watch.name, shown[0])), shown))
     rows.sort(key=lambda r: (r["target"], r["id"]))
     return {
         "format": FORMAT,
@@ -224,6 +240,7 @@ class Publisher:
         self.proc_root = proc_root
         self.recent: "collections.deque[dict]" = collections.deque(maxlen=RECENT)
         self.last_by_target: Dict[tuple, dict] = {}
+        self.labels: Dict[tuple, tuple] = {}   # target key -> target_labels(), escaped once
         self.metrics = None
         self._written = -STATE_EVERY
         self._failed = False
@@ -326,8 +343,11 @@ class Publisher:
             "victims": len(daemon.victims),
             "state_every_seconds": STATE_EVERY,
         }
-        return build_view(daemon.targets.targets.values(), daemon.host, now, self.config,
-                          info, self.recent, self.last_by_target)
+        targets = daemon.targets.targets
+        if len(self.labels) > 2 * len(targets) + 64:   # forget the targets that are gone
+            self.labels = {key: shown for key, shown in self.labels.items() if key in targets}
+        return build_view(targets.values(), daemon.host, now, self.config,
+                          info, self.recent, self.last_by_target, self.labels)
 
     def _write_state(self, view: Dict[str, Any]) -> None:
         path = self.config.daemon.state

@@ -401,13 +401,13 @@ class TargetSet:
     def sample_due(self, now: float, force: bool = False) -> Tuple[List[Reading], List[Target]]:
         """Read the targets that are due (all with force); return readings and gone targets."""
         vanished, self.vanished = self.vanished, []
-        due, slots, cgroups_due = [], [], False
+        due, slots, cgroup_slots = [], [], []
         for t in self.targets.values():  # one pass: at idle this loop is most of a tick
             if not force and t.next_due > now:
                 continue
             due.append(t)
             if t.is_cgroup:
-                cgroups_due = True
+                cgroup_slots.append(t.slot)
             elif t.watch.scope == "tree":
                 self._refresh_tree(t)
                 slots.extend(t.members.values())
@@ -417,8 +417,8 @@ class TargetSet:
             return [], vanished
         if slots:
             self.processes.sample_slots(slots)
-        if cgroups_due:
-            self.cgroups.sample()
+        if cgroup_slots:
+            self.cgroups.sample_slots(cgroup_slots)
         readings, gone = [], []
         for t in due:
             if not self._read_target(t):
@@ -469,7 +469,7 @@ class TargetSet:
         if t is None:
             return None
         if t.is_cgroup:
-            self.cgroups.sample()
+            self.cgroups.sample_slots([t.slot])
         else:
             self.processes.sample_slots(list(t.members.values()) or [t.slot])
         return t.usage if self._read_target(t) else None

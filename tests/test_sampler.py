@@ -246,6 +246,25 @@ def test_fake_cgroup(impl, tmp_path):
     assert table.current(slot) == 1048576 and table.path(slot) == str(cg)
 
 
+def test_cgroup_sample_slots_reads_only_those_slots(impl, tmp_path):
+    """The daemon re-reads only the cgroups that are due (hundreds of containers)."""
+    a = _fake_cgroup(tmp_path / "a")
+    b = _fake_cgroup(tmp_path / "b")
+    table = impl.CgroupTable()
+    sa, sb = table.add(str(a)), table.add(str(b))
+    assert table.sample() == 2
+    (a / "memory.current").write_bytes(b"5000\n")
+    (b / "memory.current").write_bytes(b"7000\n")
+    assert table.sample_slots([sb]) == 1
+    assert (table.current(sa), table.current(sb)) == (1048576, 7000)
+    assert table.sample_slots([sa, sb]) == 2
+    assert (table.current(sa), table.current(sb)) == (5000, 7000)
+    table.remove(sa)
+    assert table.sample_slots([sa]) == 0 and table.status(sa) == GONE
+    with pytest.raises(IndexError):
+        table.sample_slots([sb + 5])
+
+
 def test_fake_cgroup_without_optional_files(impl, tmp_path):
     cg = _fake_cgroup(tmp_path / "c", **{"memory.pressure": None, "memory.stat": None,
                                          "memory.events": None, "memory.high": None})
