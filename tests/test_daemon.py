@@ -326,3 +326,22 @@ result(fate=fate, env=json.load(open(seen)) if ran else None, log=daemon_log(),
     assert env["MEMWATCHD_REASON"] == "over-limit" and env["MEMWATCHD_ACTION"] == "term"
     assert int(env["MEMWATCHD_LIMIT"]) == 200 << 20
     assert "ended: 0" in r["log"]
+
+
+def test_run_refuses_a_bad_config_naming_file_key_and_value():
+    """`memwatchd run` parses its file in a child process: the errors must still name
+    the file, the key and the value, and the daemon must not start (exit 2)."""
+    r = run_scenario("""
+outcomes = []
+for text in ('[daemon]\\ninterval = \\n',
+             '[[watch]]\\nname = "x"\\npid = 1\\nlimit = "9000 parsecs"\\n',
+             '[daemon]\\nwhen = 1979-05-27\\n'):
+    d = start_daemon(text)
+    outcomes.append((exited_by(d, 30), daemon_log()))
+result(outcomes=outcomes, path=os.path.join(WORK, "memwatchd.toml"))
+""")
+    (rc1, log1), (rc2, log2), (rc3, log3) = r["outcomes"]
+    path = r["path"]
+    assert rc1 == 2 and log1.startswith(f"memwatchd: {path}: invalid TOML:") and "line 2" in log1, log1
+    assert rc2 == 2 and f"{path}: watch[0].limit:" in log2 and "9000 parsecs" in log2, log2
+    assert rc3 == 2 and f"{path}: daemon.when: dates and times are not used in this file, got 1979-05-27" in log3, log3
