@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import signal
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memwatchd import policy as P
 from memwatchd.config import (Config, DaemonConfig, GuardConfig, MetricsConfig, ProtectConfig, Size,
@@ -226,3 +229,34 @@ def test_guard_gives_up_on_an_unkillable_victim():
     assert pol.guard.victim is not None
     pol.guard_evaluate(5 + P.UNKILLABLE_AFTER + 0.1, host(0.2))
     assert pol.guard.victim is None
+
+
+# ------------------------------------------------------- the quiet fast path
+
+
+@settings(max_examples=300, deadline=None)
+@given(action=st.sampled_from(["warn", "term", "kill", "throttle", "freeze"]),
+       sustain=st.sampled_from([0.0, 0.3]),
+       warn_mib=st.sampled_from([None, 150]),
+       steps=st.lists(st.tuples(st.floats(0.0, 1.5), st.integers(0, 300), st.booleans()),
+                      min_size=1, max_size=40))
+def test_skipping_quiet_targets_changes_nothing(action, sustain, warn_mib, steps):
+    """evaluate() skips readings below every threshold with nothing pending, without
+    creating state. Against a policy that evaluates every reading in full, over random
+    episodes (usage in MiB, time steps, a back_off now and then), the decisions and the
+    next intervals must be identical."""
+    config = make_config(action=action, sustain=sustain, warn=None if warn_mib is None else
+                         Size(bytes=warn_mib * MiB))
+    fast, full = P.Policy(config), P.Policy(config)
+    now = 0.0
+    for dt, usage, backs_off in steps:
+        now += dt
+        r = reading(usage, warn_mib=warn_mib)
+        got = fast.evaluate(now, [r])
+        with mock.patch.object(P, "_quiet", lambda reading, state: False):
+            want = full.evaluate(now, [r])
+        assert got == want, (now, usage)
+        assert fast.interval_for(r) == full.interval_for(r)
+        if backs_off and got:
+            fast.back_off(KEY, "job")
+            full.back_off(KEY, "job")
