@@ -3,7 +3,7 @@
 No I/O and no clock of its own: every function takes the time and the
 readings as arguments, so the whole ladder (warn, sustain, SIGTERM, grace,
 escalation, SIGKILL, cooldown) and the host guard are tested with plain
-dataclasses. The daemon executes what comes out, after a fresh re-read
+records. The daemon executes what comes out, after a fresh re-read
 (``still_needed``), the way earlyoom re-checks before it kills.
 """
 from __future__ import annotations
