@@ -179,6 +179,18 @@ def in_private_namespace(script: str, argv: list) -> int:
     return subprocess.run(cmd, env=env, cwd=ROOT).returncode
 
 
+def inner_or_namespace(script: str, args, inner) -> int:
+    """main() of a benchmark that runs wholly in a private PID namespace: inner(args)
+    in the copy re-run there (--inner), else re-run this script there."""
+    if args.inner:
+        return inner(args)
+    if not can_unshare():
+        print(f"{os.path.basename(script)} needs root and unshare(1) (a private PID namespace)",
+              file=sys.stderr)
+        return 2
+    return in_private_namespace(script, sys.argv[1:] + ["--inner"])
+
+
 def memwatchd_command() -> list:
     """How systemd would start it: the console script next to this Python, else -m."""
     script = os.path.join(os.path.dirname(sys.executable), "memwatchd")

@@ -215,13 +215,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="sampling time per mode")
     parser.add_argument("--modes", default="cached,no-pyc")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.inner:
-        return inner(args)
-    if not _benchlib.can_unshare():
-        print("footprint.py needs root and unshare(1) (a private PID namespace)", file=sys.stderr)
-        return 2
-    return _benchlib.in_private_namespace(__file__, sys.argv[1:] + ["--inner"])
+    return _benchlib.inner_or_namespace(__file__, parser.parse_args(), inner)
 
 
 if __name__ == "__main__":
