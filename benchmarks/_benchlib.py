@@ -191,6 +191,18 @@ def inner_or_namespace(script: str, args, inner) -> int:
     return in_private_namespace(script, sys.argv[1:] + ["--inner"])
 
 
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """End a process we started (SIGTERM by its PID, through Popen; SIGKILL after
+    timeout) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def memwatchd_command() -> list:
     """How systemd would start it: the console script next to this Python, else -m."""
     script = os.path.join(os.path.dirname(sys.executable), "memwatchd")

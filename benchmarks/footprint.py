@@ -132,12 +132,7 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
         cpu_end = (_benchlib.cpu_ns(daemon.pid), time.monotonic())
     finally:
         for proc in (daemon, bare):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _benchlib.stop(proc, 10)
     steady = samples[len(samples) // 2:]
     med = lambda i, key: statistics.median(s[i][key] for s in steady)
     return {

@@ -452,15 +452,7 @@ def phases(reps: int, seed: int) -> list:
     return values
 
 
-def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """End a watcher we started (by its PID, through Popen) and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+stop = _benchlib.stop
 
 
 TRACE = None   # a file path when --trace is given

@@ -28,7 +28,6 @@ import gc
 import os
 import pstats
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -159,12 +158,7 @@ def measure_idle(exe: str, n: int, seconds: float, workdir: str) -> dict:
         with open(f"/proc/{proc.pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _benchlib.stop(proc, 10)
         sleepers.stop()
     per_min = 60.0 / (t1 - t0)
     return {"cpu_ms_per_min": (b - a) / 1e6 * per_min,

@@ -5,7 +5,6 @@ maps the core's errors to exit codes.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 

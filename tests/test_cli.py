@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 import pytest
@@ -130,7 +129,7 @@ def test_install_units_relaxes_protecthome_for_a_home_install():
 
 @needs_pidns
 def test_watch_stops_a_hog_with_the_documented_status():
-    r = run_scenario(f"""
+    r = run_scenario("""
 p = subprocess.run([sys.executable, "-m", "memwatchd", "watch", "--limit", "100M", "--grace", "1s",
                     "--json", "--", sys.executable, "-c", HOG, "300", "400", "20", "ignore",
                     WORK + "/h.signals", "/x", "hog"], capture_output=True, text=True, timeout=40)
@@ -145,7 +144,7 @@ result(rc=p.returncode, out=p.stdout, err=p.stderr, signals=hog_signals("h"))
 
 @needs_pidns
 def test_watch_leaves_a_well_behaved_command_alone():
-    r = run_scenario(f"""
+    r = run_scenario("""
 p = subprocess.run([sys.executable, "-m", "memwatchd", "watch", "--limit", "300M", "--",
                     sys.executable, "-c", HOG, "300", "60", "1.5", "exit", WORK + "/w.signals",
                     "/x", "calm"], capture_output=True, text=True, timeout=40)
@@ -157,7 +156,7 @@ result(rc=p.returncode, err=p.stderr, signals=hog_signals("w"))
 
 @needs_pidns
 def test_sigint_to_watch_reaches_the_command():
-    r = run_scenario(f"""
+    r = run_scenario("""
 code = "import signal, sys, time\\n" \\
        "signal.signal(signal.SIGINT, lambda *a: sys.exit(7))\\n" \\
        "print('ready', flush=True)\\n" \\

@@ -1,7 +1,6 @@
 """`memwatchd run` against real hogs, each scenario in a private PID namespace."""
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
@@ -17,7 +16,7 @@ enabled = false
 
 
 def test_hog_gets_sigterm_sibling_survives_record_written_first():
-    r = run_scenario(f"""
+    r = run_scenario("""
 events = EVENTS
 d = start_watching('''
 [[watch]]
@@ -50,7 +49,7 @@ result(fate_a=fate_a, a=hog_signals("hog-a"), b=hog_signals("hog-b"), b_alive=b_
 
 
 def test_hog_ignoring_sigterm_gets_sigkill_after_grace():
-    r = run_scenario(f"""
+    r = run_scenario("""
 events = EVENTS
 d = start_watching('''
 [[watch]]
@@ -78,7 +77,7 @@ result(fate=fate, signals=hog_signals("hog-s"), events=read_events(events), log=
 
 
 def test_dry_run_sends_nothing_but_records():
-    r = run_scenario(f"""
+    r = run_scenario("""
 events = EVENTS
 d = start_watching(daemon="dry_run = true", watches='''
 [[watch]]
@@ -105,7 +104,7 @@ def test_guard_never_signals_a_protected_process():
     """The guard fires (MemAvailable floor set just under what is free now); the largest
     process is protected by name, so the next largest is chosen and the protected one is
     never signalled."""
-    r = run_scenario(f"""
+    r = run_scenario("""
 import psutil
 events = WORK + "/events.jsonl"
 keep = start_hog("keepme", rate_mib=400, cap_mib=700, seconds=25, events=events)
@@ -114,11 +113,11 @@ wait_for(lambda: psutil.Process(keep.pid).memory_info().rss > 650 << 20, 10)
 floor = psutil.virtual_memory().available + (300 << 20)   # already below: the guard fires
 d = start_daemon(f'''
 [daemon]
-events = "{{events}}"
+events = "{events}"
 state = ""
 cooldown = "30s"
 [guard]
-min_available = "{{floor}}"
+min_available = "{floor}"
 kill_available = "1M"
 grace = "1s"
 [protect]
@@ -143,14 +142,14 @@ result(fate_small=fate_small, keep_alive=keep_alive, keep=hog_signals("keepme"),
 def test_pid_reuse_new_process_is_never_signalled():
     """A pid watch names one process. After it exits, a new process forced onto the same PID
     (ns_last_pid) and growing far past the limit is left alone."""
-    r = run_scenario(f"""
+    r = run_scenario("""
 events = EVENTS
 first = subprocess.Popen(["sleep", "30"])
 pid = first.pid
 d = start_watching(f'''
 [[watch]]
 name = "one"
-pid = {{pid}}
+pid = {pid}
 limit = "50M"
 action = "kill"
 ''')
@@ -173,17 +172,17 @@ result(same_pid=same_pid, alive=alive, signals=hog_signals("reused"),
 
 
 def test_tree_scope_kills_children_first_and_counts_the_whole_tree():
-    r = run_scenario(f"""
+    r = run_scenario("""
 events = EVENTS
 # A shell whose two children each use 80 MiB: only the sum crosses 120 MiB.
 parent = subprocess.Popen(["sh", "-c",
-    f"{{sys.executable}} -c \\"$HOG\\" 200 80 20 ignore {{WORK}}/c1.signals /x c1 & "
-    f"{{sys.executable}} -c \\"$HOG\\" 200 80 20 ignore {{WORK}}/c2.signals /x c2 & wait"],
+    f"{sys.executable} -c \\"$HOG\\" 200 80 20 ignore {WORK}/c1.signals /x c1 & "
+    f"{sys.executable} -c \\"$HOG\\" 200 80 20 ignore {WORK}/c2.signals /x c2 & wait"],
     env=dict(os.environ, HOG=HOG))
 d = start_watching(f'''
 [[watch]]
 name = "tree"
-pid = {{parent.pid}}
+pid = {parent.pid}
 scope = "tree"
 limit = "120M"
 action = "kill"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memwatchd import procfs, sampler, types
-from memwatchd.types import DENIED, FAILED, GONE, OK, UNKNOWN, UNLIMITED, AccessDenied, TargetGone
+from memwatchd.types import DENIED, FAILED, GONE, OK, UNKNOWN, UNLIMITED, TargetGone
 
 from .conftest import NO_EXTENSIONS
 

@@ -12,7 +12,6 @@ Wheel source (MEMWATCHD_VM_SMOKE_WHEEL):
   <dir>    any project dir; module to import from MEMWATCHD_VM_SMOKE_IMPORT
 """
 import os
-import shlex
 import warnings
 from pathlib import Path
 

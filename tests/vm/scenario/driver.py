@@ -542,7 +542,6 @@ class Driver:
     def scenario_reload(self, out):
         """Scenario 4: a broken config is refused and the old one keeps working;
         a valid new one applies its new limit."""
-        pid = self.memwatchd("MainPID")["MainPID"]
         restarts = self.memwatchd("NRestarts")["NRestarts"]
         write_file(RUN + "/broken.toml", CONFIG_BROKEN, mode=0o600)
         cc = run("memwatchd", "check-config", RUN + "/broken.toml")
