@@ -311,6 +311,7 @@ wait_for(lambda: "reloaded" in daemon_log(), 10)
 h = start_hog("hog-o", rate_mib=300, cap_mib=1024, events=events)
 fate = exited_by(h, 15)
 ran = wait_for(lambda: os.path.exists(seen) and os.path.getsize(seen) > 0, 10)
+wait_for(lambda: "ended:" in daemon_log(), 10)   # reaped at the daemon's next tick
 stop(d, signal.SIGTERM)
 result(fate=fate, env=json.load(open(seen)) if ran else None, log=daemon_log(),
        events=read_events(events), pid=h.pid)
