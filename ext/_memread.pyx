@@ -602,8 +602,10 @@ cdef class CgroupTable:
     def sample_slots(self, slots):
         """Re-read only these slots (the ones due); return how many are still live."""
         cdef Py_ssize_t live = 0
-        for i in slots:
+        slots = list(slots)
+        for i in slots:  # all checked before any is read, as in ProcessTable
             self._check(i)
+        for i in slots:
             if self._sample_one(i):
                 live += 1
         return live

@@ -17,6 +17,7 @@ from __future__ import annotations
 import marshal
 import os
 import select
+import signal
 import sys
 import time
 
@@ -71,33 +72,38 @@ def _first_date(value: Any, key: str) -> Any:
 def parse_in_child(text: str) -> Tuple[bool, Any]:
     """``parse(text)`` run by a fresh interpreter, so tomllib never loads here.
 
-    Falls back to parsing in-process when the child cannot be started or dies
-    (the memory is a goal, not worth refusing a valid config for).
+    Falls back to parsing in-process when the child cannot be started, dies, hangs
+    or answers with anything but a marshal blob (the memory is a goal, not worth
+    refusing a valid config for, nor worth crashing a reload over).
     """
     argv = [sys.executable, "-I", CHILD_SCRIPT]
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
-    pid, output = 0, None
     try:
         pid = os.posix_spawn(sys.executable, argv, {}, file_actions=[
             (os.POSIX_SPAWN_DUP2, to_child_r, 0), (os.POSIX_SPAWN_DUP2, from_child_w, 1)])
     except OSError:
-        pass
-    try:
+        pid = 0
+    finally:
         os.close(to_child_r)
         os.close(from_child_w)
+    output = None
+    try:
         if pid:
             output = _exchange(to_child_w, from_child_r, text.encode("utf-8"))
+        else:
+            os.close(to_child_w)
     finally:
         os.close(from_child_r)
-        if not pid:
-            os.close(to_child_w)
-        else:
-            if output is None:
-                os.kill(pid, 9)  # our own child, by PID: it overran CHILD_TIMEOUT
+        if pid:
+            if output is None:  # it overran CHILD_TIMEOUT: our own child, killed by PID
+                os.kill(pid, signal.SIGKILL)
             status = os.waitpid(pid, 0)[1]
-    if pid and output is not None and status == 0:
-        return marshal.loads(output)
+    if output is not None and status == 0:
+        try:
+            return marshal.loads(output)
+        except (EOFError, ValueError, TypeError):
+            pass  # e.g. a site hook that printed to stdout
     return parse(text)
 
 

@@ -113,3 +113,12 @@ def test_a_hung_child_is_killed_and_the_text_parsed_here(monkeypatch, tmp_path):
     assert toml_child.parse_in_child("a = 1\n") == (True, {"a": 1})
     assert time.monotonic() - started < 5
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_child_that_answers_garbage_is_ignored_and_the_text_parsed_here(monkeypatch, tmp_path):
+    """Exit status 0 but no marshal blob on stdout (say, a site hook that printed):
+    still a parse, never an exception out of a reload."""
+    chatty = tmp_path / "chatty.py"
+    chatty.write_text("import sys; sys.stdin.read(); print('hello from a site hook')\n")
+    monkeypatch.setattr(toml_child, "CHILD_SCRIPT", str(chatty))
+    assert toml_child.parse_in_child("a = 1\n") == (True, {"a": 1})
