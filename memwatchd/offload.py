@@ -64,13 +64,10 @@ class Helpers:
                 self.alive -= 1
             call.done.release()
 
-    def call(self, fn: Callable, args: tuple = (), wait: float = 0.0) -> Tuple[bool, Any]:
-        """(True, result) if fn(*args) returned within ``wait`` seconds; (False, None) if
-        it is still running (it finishes on its own) or every helper is busy. An exception
-        from fn is re-raised here when it arrives in time. wait=0: fire and forget."""
+    def _spawn(self, fn: Callable, args: tuple) -> Optional[_Call]:
         with self._count:
             if self.alive >= self.limit:
-                return False, None
+                return None
             self.alive += 1
         call = _Call()
         try:
@@ -78,8 +75,20 @@ class Helpers:
         except RuntimeError:   # the kernel refused a thread (RLIMIT_NPROC, memory)
             with self._count:
                 self.alive -= 1
-            return False, None
-        if wait <= 0 or not call.done.acquire(True, wait):
+            return None
+        return call
+
+    def start(self, fn: Callable, args: tuple = ()) -> bool:
+        """Run fn(*args) in a helper thread and do not wait (fn reports its own errors).
+        False if every helper is busy: nothing was started."""
+        return self._spawn(fn, args) is not None
+
+    def call(self, fn: Callable, args: tuple = (), wait: float = 0.0) -> Tuple[bool, Any]:
+        """(True, result) if fn(*args) returned within ``wait`` seconds; (False, None) if
+        it is still running (it finishes on its own, its result dropped) or every helper
+        is busy. An exception from fn is re-raised here when it arrives in time."""
+        call = self._spawn(fn, args)
+        if call is None or not call.done.acquire(True, wait):
             return False, None
         if call.error is not None:
             raise call.error

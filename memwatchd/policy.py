@@ -141,6 +141,7 @@ class Policy:
         self.watches: Dict[str, WatchConfig] = {w.name: w for w in config.watches}
         self.states: Dict[tuple, TargetState] = {}
         self.resting: Dict[tuple, float] = {}   # key -> cooldown_until, kept across forget()
+        self.failed: List[tuple] = []   # (watch name, exception) from a bug: the daemon quarantines
         self.guard = GuardState()
 
     def reconfigure(self, config: Config) -> None:
@@ -210,7 +211,10 @@ class Policy:
                 continue
             if state is None:
                 state = self._state(reading.key, now)
-            decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
+            try:
+                decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
+            except Exception as e:   # a bug: contained to this watch, never the whole tick
+                self.failed.append((reading.watch, e))
         return decisions
 
     def _evaluate_one(self, now: float, r: Reading, watch: WatchConfig, state: TargetState,

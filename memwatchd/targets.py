@@ -239,6 +239,8 @@ class TargetSet:
         self.config = config
         self.mem_total = self.host.read().mem_total
         self.problems: List[str] = []     # resolution trouble, for the daemon to log
+        self.failed: List[tuple] = []     # (watch name, exception): a bug; the daemon quarantines
+        self.quarantined: Set[str] = set()   # watch names not resolved until a reload
         self.vanished: List[Target] = []  # dropped by a rescan, reported with the next sample
 
     # ---------------------------------------------------------- resolution
@@ -261,15 +263,19 @@ class TargetSet:
         """Resolve every watch whose rescan is due; return the targets added."""
         added: List[Target] = []
         for watch in self.config.watches:
-            if now < self.rescan_at.get(watch.name, 0.0):
-                if watch.name in self.unit_paths:
-                    added.extend(self._unit_restarted(watch, now))
+            if watch.name in self.quarantined:
                 continue
-            self.rescan_at[watch.name] = now + RESCAN_INTERVAL
             try:
+                if now < self.rescan_at.get(watch.name, 0.0):
+                    if watch.name in self.unit_paths:
+                        added.extend(self._unit_restarted(watch, now))
+                    continue
+                self.rescan_at[watch.name] = now + RESCAN_INTERVAL
                 added.extend(self._resolve(watch, now))
             except (OSError, MemwatchdError) as e:
                 self.problems.append(f"watch {watch.name}: {e}")
+            except Exception as e:   # a bug: this watch only (the daemon quarantines it)
+                self.failed.append((watch.name, e))
         return added
 
     def _resolve(self, watch: WatchConfig, now: float) -> List[Target]:
@@ -421,8 +427,12 @@ class TargetSet:
             self.cgroups.sample_slots(cgroup_slots)
         readings, gone = [], []
         for t in due:
-            if not self._read_target(t):
-                gone.append(t)
+            try:
+                if not self._read_target(t):
+                    gone.append(t)
+                    continue
+            except Exception as e:   # a bug: this watch only (the daemon quarantines it)
+                self.failed.append((t.watch.name, e))
                 continue
             t.sampled_at = now
             readings.append(Reading(t.key, t.watch.name, t.usage, t.limit, t.warn))
