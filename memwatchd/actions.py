@@ -32,7 +32,7 @@ from memwatchd.types import (
 
 __all__ = [
     "open_process", "send_signal", "is_dead", "release_memory", "release_and_close", "pidfd_pid",
-    "cgroup_populated", "cgroup_frozen",
+    "cgroup_populated",
     "descendants", "signal_tree",
     "cgroup_procs", "signal_cgroup", "set_memory_high", "set_frozen",
     "victim_env", "OnActionRunner", "ON_ACTION_PATH",
@@ -193,27 +193,18 @@ def pidfd_pid(pidfd: int) -> int:
     return 0
 
 
-def _cgroup_event(cgroup_dir: str, key: bytes) -> Optional[bool]:
-    """One boolean of cgroup_dir/cgroup.events ("populated", "frozen"); None if unreadable."""
+def cgroup_populated(cgroup_dir: str) -> Optional[bool]:
+    """Does any process live in this cgroup subtree (cgroup.events "populated")? None if
+    that cannot be read."""
     try:
         data = _read(os.path.join(cgroup_dir, "cgroup.events"), 4096)
     except OSError:
         return None
     for line in data.splitlines():
         fields = line.split()
-        if len(fields) == 2 and fields[0] == key:
+        if len(fields) == 2 and fields[0] == b"populated":
             return fields[1] == b"1"
     return None
-
-
-def cgroup_populated(cgroup_dir: str) -> Optional[bool]:
-    """Does any process live in this cgroup subtree? None if cgroup.events is unreadable."""
-    return _cgroup_event(cgroup_dir, b"populated")
-
-
-def cgroup_frozen(cgroup_dir: str) -> Optional[bool]:
-    """Is this cgroup frozen (Linux 5.2+)? None if cgroup.events is unreadable."""
-    return _cgroup_event(cgroup_dir, b"frozen")
 
 
 def _close_all(fds: Iterable[int]) -> None:

@@ -477,15 +477,16 @@ class Daemon:
         cgroup_dir = self.opts.cgroup_root + cgroup if cgroup else ""
         if decision.kind == "throttle":
             # Reclaim runs inside the write: a helper thread does it, the loop goes on.
-            if not self.actors.start(_throttle, (cgroup_dir, decision.limit, what)):
+            written: List[bool] = []
+            if not self.actors.start(_throttle, (cgroup_dir, decision.limit, what, written)):
                 log(ERR, f"{what}: could not set memory.high: earlier kernel calls are still blocked")
             else:
                 log(WARNING, f"{what}: setting memory.high to {_mib(decision.limit)}")
-                self._held[decision.key] = ("throttle", cgroup_dir, decision.limit)
+                self._held[decision.key] = ("throttle", cgroup_dir, decision.limit, written)
         elif decision.kind == "freeze":
             actions.set_frozen(cgroup_dir, True)
             log(WARNING, f"{what}: cgroup frozen")
-            self._held[decision.key] = ("freeze", cgroup_dir, None)
+            self._held[decision.key] = ("freeze", cgroup_dir, None, [True])
         else:
             self._signal(decision, record, scope, pid, start, cgroup_dir, usage, target)
         if not by_guard and target.watch.on_action:
@@ -557,20 +558,21 @@ class Daemon:
         """A frozen cgroup an operator thawed, or a throttled one whose memory.high someone
         changed, is watched again: its ladder restarts (after the cooldown). memwatchd
         itself never thaws and never restores memory.high (docs/configuration.md)."""
-        for key, (kind, cgroup_dir, value) in list(self._held.items()):
+        for key, (kind, cgroup_dir, value, written) in list(self._held.items()):
             if self.policy.stage(key) not in ("throttled", "freezing"):
                 del self._held[key]     # usage fell below the limit: the ladder is idle again
                 continue
-            if kind == "freeze":
-                released = actions.cgroup_frozen(cgroup_dir) is False
-                why = "was thawed"
-            else:
-                try:
-                    high = read_small(os.path.join(cgroup_dir, "memory.high")).strip()
-                except OSError:
-                    continue
-                released = high != str(value).encode() and high != b""
-                why = f"has memory.high {escape(high)} now"
+            if not written:
+                continue                # the helper is still writing memory.high (reclaim)
+            # What was asked for, not cgroup.events: freezing takes a while to complete.
+            control, ours = ("cgroup.freeze", b"1") if kind == "freeze" else \
+                ("memory.high", str(value).encode())
+            try:
+                now_set = read_small(os.path.join(cgroup_dir, control)).strip()
+            except OSError:
+                continue
+            released = now_set != ours
+            why = "was thawed" if kind == "freeze" else f"has memory.high {escape(now_set)} now"
             if released:
                 del self._held[key]
                 self.policy.settle(key)
@@ -798,12 +800,14 @@ def _open_events(config: Config) -> report.EventLog:
                           f"{e.strerror or e}") from None
 
 
-def _throttle(cgroup_dir: str, limit: int, what: str) -> None:
-    """A helper thread's call: write memory.high (the kernel reclaims inside the write)."""
+def _throttle(cgroup_dir: str, limit: int, what: str, written: List[bool]) -> None:
+    """A helper thread's call: write memory.high (the kernel reclaims inside the write);
+    ``written`` gets an item once it is done (the loop then looks whether it stays)."""
     try:
         actions.set_memory_high(cgroup_dir, limit)
     except MemwatchdError as e:
         log(ERR, f"{what}: could not set memory.high: {e}")
+    written.append(True)
 
 
 def _mib(n: Optional[int]) -> str:
