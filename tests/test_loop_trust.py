@@ -586,7 +586,7 @@ limit = "100M"
 grace = "1s"
 ''')
 time.sleep(1.0)
-h = start_hog("hog-g", rate_mib=200, cap_mib=116, on_term="ignore", seconds=15)
+h = start_hog("hog-g", rate_mib=200, cap_mib=100, on_term="ignore", seconds=15)
 fate = exited_by(h, 15)
 wait_for(lambda: sum(e["type"] == "outcome" for e in read_events(EVENTS)) >= 2, 5)
 stop(d, signal.SIGTERM)
