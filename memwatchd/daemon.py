@@ -37,6 +37,7 @@ REVISIT_EVERY = 2.0       # seconds between looks at throttled / frozen cgroups
 STOPPED_KEPT = 32         # decision records kept in stopped_for_memory (`watch`'s summary)
 EVENT_IDS_KEPT = 16       # per victim: the decisions its outcome answers
 VICTIMS_MAX = 4096        # victims followed at once (each holds pidfds; memory is locked)
+FAILED_TICK_PAUSE = 0.1   # seconds the loop sleeps at least after a tick that raised
 
 
 class Victim:
@@ -125,6 +126,7 @@ class Daemon:
         self._empty_noted: set = set()    # cgroup keys said to be over their limit with no process
         self._held: Dict[tuple, tuple] = {}   # throttled/frozen cgroup key -> (kind, dir, value)
         self._revisit_at = 0.0
+        self._tick_failed = False
         self._status_at = 0.0
         self._psi_fd = -1
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
@@ -208,8 +210,10 @@ class Daemon:
                 started = time.perf_counter()
                 try:
                     self.tick()
+                    self._tick_failed = False
                 except Exception as e:   # a bug outside any one watch: log it once, keep going
                     self._log_exception("the loop", e)
+                    self._tick_failed = True   # _sleep waits a little: no busy loop on a bug
                 try:
                     self.publisher.after_tick(self, time.perf_counter() - started)
                 except Exception as e:
@@ -351,7 +355,7 @@ class Daemon:
         ping = self.notifier.ping_interval
         if ping:
             due.append(now + ping)
-        timeout = max(0.0, min(due) - now)
+        timeout = max(FAILED_TICK_PAUSE if self._tick_failed else 0.0, min(due) - now)
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         if self.opts.command_pidfd >= 0 and not self.victims:  # once dead it stays readable

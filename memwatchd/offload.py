@@ -13,7 +13,9 @@ a bounded time:
 - ``EventWriter``: one thread, started with the first record, that appends and
   fsyncs the events file in order. ``append(record, wait)`` returns once the record
   is on disk, or after ``wait`` seconds if the disk is congested (the caller acts
-  anyway and says so: a stuck disk must not stop protection).
+  anyway and says so: a stuck disk must not stop protection). While a record it
+  gave up waiting for is still not written, later ones are not waited for at all,
+  so a congested disk costs the loop ``wait`` once, not once per action.
 
 Raw ``_thread`` and ``_queue``, not threading/queue: the daemon's resident memory is a
 goal (threading costs about 0.25 MiB; a helper thread about 16 KiB while it lives).
@@ -110,6 +112,7 @@ class EventWriter:
         self._started = False
         self._stopped = _thread.allocate_lock()
         self._dropped = 0
+        self._stuck: Optional[_Call] = None   # the last record the loop stopped waiting for
         self.late = 0         # records the loop stopped waiting for (acted before they were on disk)
 
     @property
@@ -155,12 +158,15 @@ class EventWriter:
             return False
         call = _Call()
         self._queue.put((record, call, time.monotonic()))
-        if wait <= 0:
-            return False
+        stuck = self._stuck
+        if wait <= 0 or (stuck is not None and stuck.result != "written"):
+            return False   # the disk already kept the loop waiting once: never twice in a row
         if not call.done.acquire(True, wait):
             call.result = "abandoned"   # the writer logs when it lands
+            self._stuck = call
             self.late += 1
             return False
+        self._stuck = None
         return call.error is None
 
     def close(self, wait: float = 5.0) -> None:
