@@ -17,13 +17,14 @@ a bounded time:
   gave up waiting for is still not written, later ones are not waited for at all,
   so a congested disk costs the loop ``wait`` once, not once per action.
 
-Raw ``_thread`` and ``_queue``, not threading/queue: the daemon's resident memory is a
-goal (threading costs about 0.25 MiB; a helper thread about 16 KiB while it lives).
+Raw ``_thread`` locks and a deque, not threading/queue: the daemon's resident memory is a
+goal (threading costs about 0.25 MiB, _queue 32 KiB; a helper thread about 16 KiB while
+it lives).
 """
 from __future__ import annotations
 
-import _queue
 import _thread
+import collections
 import time
 TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ class EventWriter:
     def __init__(self, log_file: report.EventLog):
         self.log_file = log_file
         self.path = log_file.path
-        self._queue = _queue.SimpleQueue()
+        self._queue: collections.deque = collections.deque()   # (record, call, queued at)
+        self._wake = _thread.allocate_lock()   # held while the queue is empty
+        self._wake.acquire()
         self._started = False
         self._stopped = _thread.allocate_lock()
         self._dropped = 0
@@ -122,7 +125,9 @@ class EventWriter:
     def _run(self) -> None:
         try:
             while True:
-                item = self._queue.get()
+                while not self._queue:
+                    self._wake.acquire()   # released by _put (the loop is the only producer)
+                item = self._queue.popleft()
                 if item is None:
                     return
                 record, call, queued_at = item
@@ -141,6 +146,14 @@ class EventWriter:
         finally:
             self._stopped.release()
 
+    def _put(self, item: Optional[tuple]) -> None:
+        self._queue.append(item)
+        if self._wake.locked():
+            try:
+                self._wake.release()
+            except RuntimeError:   # the writer took it meanwhile: it sees the item anyway
+                pass
+
     def append(self, record: Dict[str, Any], wait: float) -> bool:
         """Queue record; True once it is on disk (fsync'ed), False if that took longer than
         ``wait`` seconds (it stays queued), or it could not be written (logged)."""
@@ -150,14 +163,14 @@ class EventWriter:
             self._stopped.acquire()
             _thread.start_new_thread(self._run, ())
             self._started = True
-        if self._queue.qsize() >= QUEUE_MAX:
+        if len(self._queue) >= QUEUE_MAX:
             self._dropped += 1
             if self._dropped == 1 or self._dropped % 100 == 0:
                 log(ERR, f"{self.path}: {QUEUE_MAX} records are waiting for the disk; "
                          f"{self._dropped} dropped (the journal has each action)")
             return False
         call = _Call()
-        self._queue.put((record, call, time.monotonic()))
+        self._put((record, call, time.monotonic()))
         stuck = self._stuck
         if wait <= 0 or (stuck is not None and stuck.result != "written"):
             return False   # the disk already kept the loop waiting once: never twice in a row
@@ -172,12 +185,12 @@ class EventWriter:
     def close(self, wait: float = 5.0) -> None:
         """Write what is queued (up to ``wait`` seconds on a stuck disk), then close."""
         if self._started:
-            self._queue.put(None)
+            self._put(None)
             if self._stopped.acquire(True, wait):
                 self._stopped.release()
                 self._started = False
             else:
-                log(ERR, f"{self.path}: {self._queue.qsize()} records not yet written after {wait:.0f}s; "
+                log(ERR, f"{self.path}: {len(self._queue)} records not yet written after {wait:.0f}s; "
                          "giving up on them")
                 return   # the writer still owns the fd
         self.log_file.close()
