@@ -133,9 +133,13 @@ def test_a_cmdline_read_that_blocks_is_bounded(tmp_path):
         assert d._fresh_cmdline(4242, None) is None
         assert time.monotonic() - started < 0.05
     finally:
-        for _ in range(d.readers.alive):   # unblock the helpers
-            fd = os.open(proc / "4242" / "cmdline", os.O_WRONLY | os.O_NONBLOCK)
-            os.close(fd)
+        deadline = time.monotonic() + 10
+        while d.readers.alive and time.monotonic() < deadline:   # unblock the helpers
+            try:
+                os.close(os.open(proc / "4242" / "cmdline", os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:   # ENXIO: a helper has not reached its open() yet
+                pass
+            time.sleep(0.01)
         d.close()
 
 
