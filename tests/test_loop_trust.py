@@ -434,6 +434,25 @@ def test_cooldown_survives_the_death_of_a_cgroup_victim(tmp_path):
         d.close()
 
 
+def test_what_grows_per_action_is_bounded(tmp_path):
+    """The daemon's memory is mlocked: a target killed thousands of times (cooldown 10 ms
+    here) must not grow any list without bound."""
+    from memwatchd import daemon as daemon_mod
+    make_cgroup(tmp_path / "cg", "/jobs/a", 80 * MiB, procs=[999999])
+    d, clock, events = cgroup_daemon(tmp_path, cooldown="10ms")
+    try:
+        d.events.close()
+        d.events = daemon_mod.offload.EventWriter(daemon_mod.report.EventLog(None))  # no disk
+        ticks(d, clock, 40.0, step=0.02)
+        assert d.actions_taken >= 1000
+        assert len(d.stopped_for_memory) == daemon_mod.STOPPED_KEPT
+        assert len(d.publisher.recent) <= 10 and len(d.publisher.last_by_target) <= 40
+        assert d.victims == {} and len(d.policy.resting) <= 1
+        assert d.publisher.view(d, clock.now)["targets"][0]["actions_last_hour"] == d.actions_taken
+    finally:
+        d.close()
+
+
 # ------------------------------------------------- smaller: frozen / throttled are revisited
 
 def test_a_thawed_cgroup_is_watched_again(tmp_path):
