@@ -32,7 +32,7 @@ ON_ACTION_TIMEOUT = 30.0
 GIVE_UP_AFTER = 30.0      # seconds after the last signal: record "did not exit", keep looking
 STATUS_EVERY = 1.0
 WRITE_AHEAD_WAIT = 0.5    # seconds the loop waits for a decision record to be on disk (fsync)
-CMDLINE_WAIT = 0.05       # seconds the loop waits for a victim's cmdline (its mmap_lock)
+CMDLINE_WAIT = 0.25       # seconds the loop waits for a victim's cmdline (its mmap_lock)
 REVISIT_EVERY = 2.0       # seconds between looks at throttled / frozen cgroups
 STOPPED_KEPT = 32         # decision records kept in stopped_for_memory (`watch`'s summary)
 EVENT_IDS_KEPT = 16       # per victim: the decisions its outcome answers
@@ -534,6 +534,8 @@ class Daemon:
         cmdline = self._fresh_cmdline(target.pid, target.start_time)
         if self._start_time(target.pid) != target.start_time or not comm:
             return target.comm, cmdline   # it is exiting: the names it had
+        if cmdline is None and comm == target.comm:
+            cmdline = target.cmdline      # not read in time, but the same program: its cmdline
         if comm != target.comm or (cmdline is not None and cmdline != target.cmdline):
             target.comm = comm
             target.cmdline = target.cmdline if cmdline is None else cmdline

@@ -541,7 +541,8 @@ result(fate=fate, running=running, rc=d.returncode, events=read_events(EVENTS), 
 """, timeout=60)
     assert r["running"] and r["rc"] == 0, r["log"]
     assert r["fate"] == 0, r["log"]                      # the hog exits on its SIGTERM
-    assert [e["target"] for e in r["events"] if e["type"] == "decision"] == ["hogs"]
+    # Only the healthy watch acted (a SIGKILL may follow the SIGTERM on a loaded machine).
+    assert {e["target"] for e in r["events"] if e["type"] == "decision"} == {"hogs"}
     assert r["log"].count("RuntimeError: a bug that only") == 2, r["log"]   # message + traceback, once
     assert r["log"].count("watch broken is quarantined") == 1
 
