@@ -106,6 +106,23 @@ enabled = false
 ''', env=env)
 
 
+def start_patched_daemon(code: str, watches: str, argv=()) -> subprocess.Popen:
+    """Like start_watching, but `memwatchd run` is started by ``python -c code *argv run
+    --config ...``; code changes something first (a seccomp filter, a constant, a fault)
+    and ends by calling memwatchd.entry.main()."""
+    path = write_config(f'''
+[daemon]
+events = "{EVENTS}"
+state = ""
+[guard]
+enabled = false
+{textwrap.dedent(watches)}
+''')
+    log = open(os.path.join(WORK, "daemon.log"), "w")
+    return subprocess.Popen([sys.executable, "-c", code, *argv, "run", "--config", path],
+                            stderr=log, stdout=log)
+
+
 def daemon_log() -> str:
     with open(os.path.join(WORK, "daemon.log")) as f:
         return f.read()

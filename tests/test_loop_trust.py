@@ -235,25 +235,18 @@ for i in range(0, len(b), 4096):
     b[i] = 1
 t.join()
 ''')
-cfg = write_config(f'''
-[daemon]
-events = "{WORK}/events.jsonl"
-state = ""
-[guard]
-enabled = false
+code = "import memwatchd.daemon as d; d.GIVE_UP_AFTER = 2.0; from memwatchd.entry import main; main()"
+d = start_patched_daemon(code, '''
 [[watch]]
 name = "stuck"
 cmdline = "stuck.py"
 limit = "100M"
 action = "kill"
 ''')
-log = open(WORK + "/daemon.log", "w")
-code = "import memwatchd.daemon as d; d.GIVE_UP_AFTER = 2.0; from memwatchd.entry import main; main()"
-d = subprocess.Popen([sys.executable, "-c", code, "run", "--config", cfg], stderr=log, stdout=log)
 subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
 try:
     h = subprocess.Popen([sys.executable, stuck, mnt + "/blocked"])
-    ev = WORK + "/events.jsonl"
+    ev = EVENTS
     gave_up = wait_for(lambda: [e for e in read_events(ev) if e["type"] == "outcome"], 20)
     alive_after_give_up = h.poll() is None
 finally:
@@ -311,21 +304,13 @@ def test_process_mrelease_errors_are_advisory(err):
     """The kernel answers process_mrelease with EAGAIN/EINTR/EPERM (a seccomp filter makes it):
     the victim is still killed, followed, its outcome recorded, its pidfd closed."""
     r = run_scenario(f"""
-cfg = write_config(f'''
-[daemon]
-events = "{{EVENTS}}"
-state = ""
-[guard]
-enabled = false
+d = start_patched_daemon({SECCOMP!r}, '''
 [[watch]]
 name = "hogs"
 cmdline = "hog-m$"
 limit = "100M"
 action = "kill"
-''')
-log = open(WORK + "/daemon.log", "w")
-d = subprocess.Popen([sys.executable, "-c", {SECCOMP!r}, "{err}", "run", "--config", cfg],
-                     stderr=log, stdout=log)
+''', ["{err}"])
 time.sleep(1.0)
 h = start_hog("hog-m", rate_mib=300, cap_mib=300, seconds=15)
 fate = exited_by(h, 15)
@@ -455,37 +440,27 @@ def test_what_grows_per_action_is_bounded(tmp_path):
 
 # ------------------------------------------------- smaller: frozen / throttled are revisited
 
-def test_a_thawed_cgroup_is_watched_again(tmp_path):
+@pytest.mark.parametrize("action,control,ours,reset", [
+    ("freeze", "cgroup.freeze", "1", "0"),                 # an operator thaws it
+    ("throttle", "memory.high", str(50 * MiB), "max\n"),  # an operator lifts the throttle
+])
+def test_a_thawed_or_unthrottled_cgroup_is_watched_again(tmp_path, action, control, ours, reset):
+    """memwatchd never undoes a freeze or a throttle itself; once someone does, and the cgroup
+    is still over its limit, the watch acts again (after the cooldown)."""
     cg = make_cgroup(tmp_path / "cg", "/jobs/a", 80 * MiB, procs=[999999])
-    d, clock, events = cgroup_daemon(tmp_path, action="freeze", cooldown="1s")
-    try:
-        ticks(d, clock, 0.5)
-        assert (cg / "cgroup.freeze").read_text() == "1"
-        (cg / "cgroup.events").write_text("populated 1\nfrozen 1\n")
-        ticks(d, clock, 3.0)
-        assert len(decisions(events)) == 1            # frozen: nothing more to do
-        (cg / "cgroup.freeze").write_text("0")         # the operator thaws it
-        ticks(d, clock, 3.0)
-        assert len(decisions(events)) == 2            # still over its limit: frozen again
-        assert (cg / "cgroup.freeze").read_text() == "1"
-    finally:
-        d.close()
-
-
-def test_a_throttled_cgroup_whose_memory_high_was_reset_is_watched_again(tmp_path):
-    cg = make_cgroup(tmp_path / "cg", "/jobs/a", 80 * MiB, procs=[999999])
-    d, clock, events = cgroup_daemon(tmp_path, action="throttle", cooldown="1s")
+    d, clock, events = cgroup_daemon(tmp_path, action=action, cooldown="1s")
     try:
         ticks(d, clock, 0.5)
         deadline = time.monotonic() + 5
-        while (cg / "memory.high").read_text() != str(50 * MiB) and time.monotonic() < deadline:
-            time.sleep(0.01)   # written by a helper thread
-        assert (cg / "memory.high").read_text() == str(50 * MiB)
+        while (cg / control).read_text() != ours and time.monotonic() < deadline:
+            time.sleep(0.01)   # memory.high is written by a helper thread
+        assert (cg / control).read_text() == ours
+        (cg / "cgroup.events").write_text(f"populated 1\nfrozen {int(action == 'freeze')}\n")
         ticks(d, clock, 3.0)
-        assert len(decisions(events)) == 1
-        (cg / "memory.high").write_text("max\n")      # an operator lifts the throttle
+        assert len(decisions(events)) == 1            # done: nothing more to do
+        (cg / control).write_text(reset)
         ticks(d, clock, 3.0)
-        assert len(decisions(events)) == 2
+        assert len(decisions(events)) == 2            # still over its limit: acted on again
     finally:
         d.close()
 
@@ -511,12 +486,8 @@ main()
 def test_an_exception_in_one_watch_quarantines_it_and_the_rest_keeps_running():
     r = run_scenario(f"""
 import shutil
-cfg = write_config(f'''
-[daemon]
-events = "{{EVENTS}}"
-state = ""
-[guard]
-enabled = false
+sleeper = subprocess.Popen(["sleeper", "30"], executable=shutil.which("sleep"))
+d = start_patched_daemon({BROKEN!r}, '''
 [[watch]]
 name = "broken"
 cmdline = "^sleeper"
@@ -527,9 +498,6 @@ cmdline = "hog-q$"
 limit = "100M"
 grace = "1s"
 ''')
-log = open(WORK + "/daemon.log", "w")
-sleeper = subprocess.Popen(["sleeper", "30"], executable=shutil.which("sleep"))
-d = subprocess.Popen([sys.executable, "-c", {BROKEN!r}, "run", "--config", cfg], stderr=log, stdout=log)
 time.sleep(1.5)
 h = start_hog("hog-q", rate_mib=300, cap_mib=300, seconds=15)
 fate = exited_by(h, 15)
