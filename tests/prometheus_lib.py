@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 
@@ -96,13 +95,3 @@ def alerts(port: int, name: str, state: str = "firing") -> list:
     return [a for a in data.get("alerts", ()) if a["labels"].get("alertname") == name
             and a["state"] == state]
 
-
-def wait_until(predicate, timeout: float, step: float = 0.25):
-    """predicate()'s first truthy value, polled until the deadline; None after it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None

@@ -95,7 +95,7 @@ try:
     def memwatchd_up():
         v = api(port, "query", query='up{job="memwatchd"} == 1')
         return v and v["result"]
-    up = wait_until(memwatchd_up, 30)
+    up = wait_for(memwatchd_up, 30, step=0.25)
     t_up = time.monotonic() - t0
     # Two evaluations after the first good scrape: all rules evaluated, none firing.
     def evaluated():
@@ -104,29 +104,29 @@ try:
         return len(rules) == 15 and all(r.get("lastEvaluation", "0001").startswith("20")
                                         and r.get("evaluationTime", 0) > 0 for r in rules) and rules
     time.sleep(2.5)
-    before = wait_until(evaluated, 15) or []
+    before = wait_for(evaluated, 15, step=0.25) or []
     active_before = (api(port, "alerts") or {}).get("alerts")
     seeded = api(port, "query", query='memwatchd_actions_total{target="hogs"}')
 
     h = start_hog("hog-x", rate_mib=200, cap_mib=600, seconds=20, on_term="exit", events=events)
     t_hog = time.monotonic()
     fate = exited_by(h, 15)
-    stopped = wait_until(lambda: alerts(port, "MemwatchdTargetStopped"), 30)
+    stopped = wait_for(lambda: alerts(port, "MemwatchdTargetStopped"), 30, step=0.25)
     t_stopped = time.monotonic() - t_hog
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as resp:
         scrape = resp.read().decode()
     def textfile_after_the_stop():   # rewritten every 5 s
         text = os.path.exists(prom) and open(prom).read()
         return text and "memwatchd_signal_to_exit_seconds_count 1.0" in text and text
-    textfile = wait_until(textfile_after_the_stop, 15)
+    textfile = wait_for(textfile_after_the_stop, 15, step=0.25)
     not_firing = {name: alerts(port, name) + alerts(port, name, "pending")
                   for name in ("MemwatchdDown", "MemwatchdMetricsStale", "MemwatchdGuardActing",
                                "MemwatchdTargetRestartStorm", "MemwatchdDryRunLeftOn")}
 
     stop(d, signal.SIGTERM)
     t_stop = time.monotonic()
-    pending = wait_until(lambda: alerts(port, "MemwatchdDown", "pending"), 20)
-    down = wait_until(lambda: alerts(port, "MemwatchdDown"), 30)
+    pending = wait_for(lambda: alerts(port, "MemwatchdDown", "pending"), 20, step=0.25)
+    down = wait_for(lambda: alerts(port, "MemwatchdDown"), 30, step=0.25)
     t_down = time.monotonic() - t_stop
     rules_after = [r for g in (api(port, "rules") or {}).get("groups", []) for r in g["rules"]]
 finally:
