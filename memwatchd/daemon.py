@@ -206,7 +206,11 @@ class Daemon:
                       f"{', dry run' if self.config.daemon.dry_run else ''} ({self.config.source})")
             while not self.stopping:
                 if self.reload_requested:
-                    self.reload()
+                    try:
+                        self.reload()
+                    except Exception as e:   # a bug: the running config stays, the loop goes on
+                        self._log_exception("reload", e)
+                        self.notifier.ready(self.status_line())
                 started = time.perf_counter()
                 try:
                     self.tick()
