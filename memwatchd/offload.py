@@ -116,7 +116,6 @@ class EventWriter:
         self._stopped = _thread.allocate_lock()
         self._dropped = 0
         self._stuck: Optional[_Call] = None   # the last record the loop stopped waiting for
-        self.late = 0         # records the loop stopped waiting for (acted before they were on disk)
 
     @property
     def enabled(self) -> bool:
@@ -177,7 +176,6 @@ class EventWriter:
         if not call.done.acquire(True, wait):
             call.result = "abandoned"   # the writer logs when it lands
             self._stuck = call
-            self.late += 1
             return False
         self._stuck = None
         return call.error is None
