@@ -717,6 +717,8 @@ class Daemon:
         if not dead and not final:
             if (victim.last_signal != signal.SIGKILL and not victim.by_guard
                     and key not in self.targets.targets
+                    and victim.name in self.policy.watches   # not removed by a reload
+                    and victim.name not in self.quarantined
                     and now - victim.last_signal_at >= victim.grace):
                 self._kill_survivors(victim, now)
                 return
