@@ -83,6 +83,38 @@ result(rc=rc, took=took, cpu=cpu1, busy=busy, signals=hog_signals("h"), events=r
     assert outcomes and all(o["exited"] for o in outcomes)
 
 
+@needs_pidns
+@pytest.mark.slow
+def test_survivors_of_a_watch_removed_by_reload_are_left_alone():
+    """Nothing is killed that the config no longer makes a target: the shell died of its
+    SIGTERM, the hog ignored it, then a reload removed the watch: no SIGKILL after the grace."""
+    r = run_scenario("""
+from memwatchd.config import parse_config
+from memwatchd.daemon import Daemon, Options
+sh = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \\"$HOG\\" 200 120 20 ignore {WORK}/h.signals /x hog & wait"],
+                      env=dict(os.environ, HOG=HOG))
+def config(watches):
+    return parse_config({"daemon": {"events": EVENTS, "state": "", "min_interval": "10ms"},
+                         "guard": {"enabled": False}, "watch": watches}, "t")
+d = Daemon(config([{"name": "job", "pid": sh.pid, "scope": "tree", "limit": "50M", "grace": "1s"}]),
+           Options(psi_trigger=False, lock_memory=False))
+d._setup()
+deadline = time.time() + 15
+while not hog_signals("h") and time.time() < deadline:
+    d.tick(); d._sleep()
+sh.wait(timeout=5)
+d.apply_config(config([]))
+end = time.time() + 2.5
+while time.time() < end:
+    d.tick(); d._sleep()
+hog = subprocess.run(["pgrep", "-f", "hog$"], capture_output=True, text=True).stdout.split()
+d.close()
+result(hog=hog, events=read_events(EVENTS))
+""", timeout=60)
+    assert r["hog"], r["events"]                            # still alive: not ours any more
+    assert [e["signal"] for e in r["events"] if e["type"] == "decision"] == ["SIGTERM"]
+
+
 # -------------------------------------------------- item 9 / issue 17: the program really stopped
 
 @needs_pidns
