@@ -92,12 +92,13 @@ def start_daemon(config_text: str, env: dict = None, extra_args=()) -> subproces
 EVENTS = os.path.join(WORK, "events.jsonl")
 
 
-def start_watching(watches: str, daemon: str = "", env: dict = None) -> subprocess.Popen:
-    """The daemon with the guard off, events in EVENTS, no state file, plus these
-    [[watch]] tables (and extra [daemon] keys): only the watched hogs can be signalled."""
+def start_watching(watches: str, daemon: str = "", env: dict = None,
+                   events: str = EVENTS) -> subprocess.Popen:
+    """The daemon with the guard off, events in EVENTS (or ``events``), no state file, plus
+    these [[watch]] tables (and extra [daemon] keys): only the watched hogs can be signalled."""
     return start_daemon(f'''
 [daemon]
-events = "{EVENTS}"
+events = "{events}"
 state = ""
 {textwrap.dedent(daemon)}
 [guard]

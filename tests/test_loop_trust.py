@@ -205,18 +205,13 @@ def test_a_frozen_events_disk_does_not_stop_the_kill():
     of its decision, the journal says the record was late, and once the disk thaws the
     record is there, before its outcome."""
     r = run_scenario(FROZEN_FS + """
-d = start_daemon(f'''
-[daemon]
-events = "{events}"
-state = ""
-[guard]
-enabled = false
+d = start_watching('''
 [[watch]]
 name = "hogs"
 cmdline = "hog-f$"
 limit = "100M"
 action = "kill"
-''')
+''', events=events)
 time.sleep(1.0)
 subprocess.run(["fsfreeze", "--freeze", mnt], check=True)
 try:
