@@ -175,6 +175,42 @@ def test_a_cmdline_read_that_blocks_is_bounded(tmp_path):
         d.close()
 
 
+def test_the_cmdline_is_read_again_only_after_an_exec(tmp_path):
+    """The usual first SIGTERM waits for no helper thread: one stat read (no mmap_lock)
+    shows whether the process exec'ed since its cmdline was read (comm or argv addresses)."""
+    from types import SimpleNamespace
+    proc = tmp_path / "proc" / "4242"
+    proc.mkdir(parents=True)
+    shutil.copy("/proc/meminfo", tmp_path / "proc" / "meminfo")
+    os.mkfifo(proc / "cmdline")                    # would block (and keep a helper) if read
+
+    def stat(comm, arg_start):
+        fields = ["S"] + ["0"] * 18 + ["777"] + ["0"] * 25 + [str(arg_start), str(arg_start + 40)]
+        (proc / "stat").write_text(f"4242 ({comm}) " + " ".join(fields) + " 0 0 0\n")
+
+    d = Daemon(parse_config({"daemon": {"events": "", "state": ""}, "guard": {"enabled": False}},
+                            "t"), Options(proc_root=str(tmp_path), psi_trigger=False, lock_memory=False))
+    target = SimpleNamespace(key=("process", 4242, 777), pid=4242, start_time=777, comm="bash",
+                             cmdline="bash -c sleep 1; exec python3 job.py", is_cgroup=False)
+    try:
+        stat("bash", 1000)
+        d._note_names(target)
+        assert d._fresh_names(target) == ("bash", "bash -c sleep 1; exec python3 job.py")
+        assert d.readers.alive == 0                 # the FIFO was never opened
+        stat("python3", 5000)                       # it exec'ed: read again (here: stuck)
+        assert d._fresh_names(target) == ("python3", None)
+        assert d.readers.alive == 1 and target.comm == "python3"
+    finally:
+        deadline = time.monotonic() + 10
+        while d.readers.alive and time.monotonic() < deadline:
+            try:
+                os.close(os.open(proc / "cmdline", os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            time.sleep(0.01)
+        d.close()
+
+
 # ------------------------------------------ item 9: a congested disk does not hold up the signal
 
 def _can_loop_mount() -> bool:
