@@ -34,7 +34,7 @@ class Decision:
     """One decision of the replay (``live`` False) or of the recorded run (``live`` True)."""
 
     __slots__ = ("t", "key", "watch", "kind", "reason", "usage", "limit", "signal", "live",
-                 "match", "diverged", "note")
+                 "match", "diverged", "note", "window")
 
     def __init__(self, t, key, watch, kind, reason, usage, limit, sig, live):
         self.t, self.key, self.watch, self.kind, self.reason = t, key, watch, kind, reason
@@ -42,6 +42,7 @@ class Decision:
         self.match: Optional[Decision] = None
         self.diverged = False
         self.note = ""
+        self.window: Optional[float] = None   # live: one sample (time since the one before)
 
     @property
     def action(self) -> str:
@@ -154,6 +155,7 @@ class _Replayer:
         self.host: Optional[HostSample] = None
         self.candidates: List[tuple] = []
         self.started = False
+        self.seen_at: Dict[int, float] = {}
         self.noted = set()
         rec = trace.header.get("config", {}).get("daemon", {})
         self.live_dry_run = bool(rec.get("dry_run")) if isinstance(rec, dict) else False
@@ -215,6 +217,10 @@ class _Replayer:
 
     def apply(self, s) -> List[int]:
         changed = []
+        seen = self.seen_at
+        before = {rid: seen.get(rid) for rid, *_ in s.rows}
+        for rid, *_ in s.rows:
+            seen[rid] = s.t
         for rid, usage, limit, warn, stat in s.rows:
             if rid in self.killed:
                 key = self.trace.runs[rid].key
@@ -235,9 +241,11 @@ class _Replayer:
             self.candidates.append((s.t, s.candidates))
         for d in s.decisions:
             key = tuple(d["key"])
-            self.result.live.append(Decision(s.t, key, d.get("watch"), d.get("kind"),
-                                             d.get("reason"), d.get("usage"), d.get("limit"),
-                                             d.get("signal"), True))
+            live = Decision(s.t, key, d.get("watch"), d.get("kind"), d.get("reason"),
+                            d.get("usage"), d.get("limit"), d.get("signal"), True)
+            prev = before.get(self.rid_of.get(key))
+            live.window = None if prev is None else s.t - prev
+            self.result.live.append(live)
             if d.get("watch") == "guard" and d.get("kind") == "signal" and not self.live_dry_run:
                 self.freed.pop(key, None)
         if s.host is not None or s.gone or s.decisions:
@@ -340,7 +348,8 @@ class _Replayer:
 
 def _match(result: Result) -> None:
     """Pair replay decisions with live ones (same target, kind, signal, reason, within one
-    sample), then mark what comes after each target's first divergence."""
+    sample: the time since the sample before the live decision's, at most the slowest
+    interval), then mark what comes after each target's first divergence."""
     daemon = result.config.daemon
     rec = result.trace.header.get("config", {}).get("daemon", {})
     try:
@@ -353,7 +362,8 @@ def _match(result: Result) -> None:
     result.live = live
     for d in result.decisions:
         for l in live:
-            if l.match is None and l.same_as(d) and abs(l.t - d.t) <= result.tolerance:
+            window = result.tolerance if l.window is None else min(l.window, result.tolerance)
+            if l.match is None and l.same_as(d) and abs(l.t - d.t) <= max(window, 1e-3):
                 d.match, l.match = l, d
                 break
     first: Dict[tuple, float] = {}

@@ -321,7 +321,9 @@ class Recorder:
             last[r.key] = row
             if rows is None:
                 rows = []
-            rows.append(row)
+            # limit and warn as the target's last row: [id, usage] is enough
+            rows.append(row[:2] if prev is not None and len(row) == 4 and prev[2] == r.limit
+                        and prev[3] == r.warn else row)
         line = None
         if rows:
             line = {"t": "s", "m": round(now, 4), "r": rows}
@@ -555,6 +557,7 @@ def read_trace(path: str) -> Trace:
     opened: Dict[tuple, int] = {}        # key -> run id of its open run
     items = []                           # (t, order, kind, payload)
     ids: Dict[int, int] = {}             # this header's target id -> run id
+    limits: Dict[int, tuple] = {}        # run id -> its last (limit, warn)
     offset = 0.0                         # trace time = m + offset (a new boot restarts m)
     first_m = first_w = None
     boot = None
@@ -624,7 +627,7 @@ def read_trace(path: str) -> Trace:
                     opened[key] = rid
                 ids[tid] = rid
             elif kind == "s":
-                sample = _sample(obj, t, ids, where, trace.damage)
+                sample = _sample(obj, t, ids, limits, where, trace.damage)
                 if sample is not None:
                     items.append((t, order, sample))
                     for rid in sample.gone:   # the key's next target record starts a new run
@@ -658,10 +661,21 @@ def read_trace(path: str) -> Trace:
     return trace
 
 
-def _sample(obj: dict, t: float, ids: Dict[int, int], where: str, damage: List[str]) -> Optional[Sample]:
+def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], where: str,
+            damage: List[str]) -> Optional[Sample]:
+    """One "s" line; ``limits`` (run id -> (limit, warn)) fills in the short [id, usage] rows."""
     rows = []
     unknown = 0
     for row in obj.get("r") or ():
+        # the common row, [id, usage] with ints, is checked first and cheaply
+        if type(row) is list and len(row) == 2 and type(row[0]) is int and type(row[1]) is int:
+            rid = ids.get(row[0])
+            prev = limits.get(rid)
+            if prev is None:
+                unknown += 1
+                continue
+            rows.append((rid, row[1], prev[0], prev[1], None))
+            continue
         if not (isinstance(row, list) and len(row) >= 4 and isinstance(row[0], int)
                 and _int(row[1]) == row[1] and _int(row[2]) == row[2]
                 and (row[3] is None or _int(row[3]) == row[3])):
@@ -673,6 +687,7 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], where: str, damage: List[s
             continue
         stat = row[4] if len(row) > 4 and isinstance(row[4], list) and len(row[4]) == len(STAT_FIELDS) \
             and all(_num(x) is not None or x is None for x in row[4]) else None
+        limits[rid] = (row[2], row[3])
         rows.append((rid, row[1], row[2], row[3], stat))
     if unknown:
         damage.append(f"{where}: {unknown} reading(s) for a target whose record was lost, skipped")

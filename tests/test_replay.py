@@ -1,0 +1,280 @@
+"""replay and suggest over real traces: the golden ones in tests/data/ (recorded from
+real processes with `memwatchd record`, see tests/data/make_traces.py) and traces
+recorded live here, in a private PID namespace."""
+from __future__ import annotations
+
+import json
+import os
+import pytest
+from typer.testing import CliRunner
+
+from memwatchd import toml_child
+from memwatchd.cli import app
+from memwatchd.config import Size, parse_config
+from memwatchd.replay import recorded_config, replay
+from memwatchd.suggest import suggest
+from memwatchd.trace import TraceError, read_trace
+from memwatchd.types import ConfigError
+
+from .pidns import needs_pidns, run_scenario
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+MiB = 1 << 20
+
+
+def golden(name: str) -> str:
+    return os.path.join(DATA, f"{name}.trace.gz")
+
+
+def with_limit(config, mib: int, **changes):
+    return config._replace(watches=tuple(w._replace(limit=Size(bytes=mib * MiB), **changes)
+                                         for w in config.watches), source=f"limit {mib}M")
+
+
+def signals(result):
+    return [d for d in result.decisions if d.kind == "signal"]
+
+
+# ------------------------------------------------------------------ golden
+
+@pytest.mark.parametrize("name", ["leak", "plateau-1", "plateau-2", "plateau-3", "sawtooth", "build"])
+def test_golden_trace_replays_its_own_decisions_exactly(name):
+    t = read_trace(golden(name))
+    result = replay(t)
+    assert len(result.decisions) == len(result.live)
+    for d in result.decisions:
+        assert d.match is not None and d.match.t == d.t and not d.diverged
+    if name == "leak":   # the dry-run policy said SIGTERM at 100M, then escalated past 125M
+        assert [(d.reason, d.signal) for d in result.decisions] == [
+            ("over-limit", "SIGTERM"), ("over-limit-escalated", "SIGKILL")]
+        assert result.decisions[0].usage >= 100 * MiB
+
+
+def test_golden_leak_lower_limit_acts_earlier_higher_limit_never():
+    t = read_trace(golden("leak"))
+    cfg = recorded_config(t)
+    live = replay(t).decisions[0]
+    low = replay(t, with_limit(cfg, 50))
+    first = signals(low)[0]
+    assert first.t < live.t - 0.3 and first.usage >= 50 * MiB and first.match is None
+    # after a replay-only action the rest is marked, and the killed target's readings dropped
+    assert all(d.diverged for d in low.decisions[1:])
+    assert low.dropped and low.diverged_at[first.key] == first.t
+    high = replay(t, with_limit(cfg, 400))
+    assert high.decisions == [] and len(high.live) == 2
+    assert all(l.match is None for l in high.live)   # live decisions the replay did not take
+
+
+def test_golden_sawtooth_sustain_rides_out_the_peaks_that_a_plain_limit_acts_on():
+    t = read_trace(golden("sawtooth"))
+    cfg = recorded_config(t)
+    assert len(signals(replay(t, with_limit(cfg, 45)))) >= 1
+    sustained = with_limit(cfg, 45, sustain=2.0)   # each peak lasts < 1 s
+    assert signals(replay(t, sustained)) == []
+
+
+def test_golden_build_tree_counts_children_together():
+    t = read_trace(golden("build"))
+    run = next(iter(t.runs.values()))
+    assert run.kind == "tree" and run.peak > 60 * MiB   # two children of up to 40 MiB at once
+    assert signals(replay(t, with_limit(recorded_config(t), 60)))
+
+
+def test_a_config_whose_watches_the_trace_never_saw_is_refused_naming_both():
+    t = read_trace(golden("leak"))
+    other = parse_config({"watch": [{"name": "web", "unit": "nginx", "limit": "1G"}]}, "other.toml")
+    with pytest.raises(ConfigError) as e:
+        replay(t, other)
+    assert "other.toml" in str(e.value) and "web" in str(e.value)
+    assert golden("leak") in str(e.value) and "leak" in str(e.value)
+    wrong_scope = parse_config({"watch": [{"name": "leak", "pid": 3, "limit": "1G"}]}, "scope.toml")
+    with pytest.raises(ConfigError, match="scope.toml: watch\\[0\\] \\(leak\\) has scope process, but .* "
+                                          "recorded it with scope tree"):
+        replay(t, wrong_scope)
+
+
+# ----------------------------------------------------------------- suggest
+
+def test_suggest_covers_every_finished_peak_and_replays_to_zero_stops():
+    report = suggest([golden("plateau-1"), golden("plateau-2"), golden("plateau-3")])
+    w = report.watches["plateau"]
+    peaks = [r.peak for r in w.runs]
+    assert len(peaks) == 3 and all(r.complete for r in w.runs)
+    assert w.limit >= max(peaks) * 1.05 and w.warn < w.limit
+    assert w.replayed_runs == 3 and w.stopped_by_replay == []
+    text = report.text()
+    assert "would have stopped 0 of 3 recorded run(s)" in text
+    snippet = text[text.index("# suggested by"):text.index("replay of the suggested")]
+    valid, data = toml_child.parse(snippet)
+    assert valid, data
+    watch = data["watch"][0]
+    assert watch["name"] == "plateau" and parse_config(
+        {"watch": [dict(watch, cmdline="plateau")]}, "snippet").watches[0].limit.bytes == w.limit
+
+
+def test_suggest_with_a_tighter_margin_says_how_many_runs_it_would_stop():
+    # the 95th percentile of three runs is the largest; at p50 with no margin the floor
+    # (largest finished peak + 5%) still keeps every finished run
+    report = suggest([golden("plateau-1"), golden("plateau-2"), golden("plateau-3")],
+                     percentile=50, margin=0.0)
+    w = report.watches["plateau"]
+    assert w.limit >= max(r.peak for r in w.runs) and w.stopped_by_replay == []
+
+
+def test_suggest_refuses_nonsense_settings():
+    with pytest.raises(ConfigError, match="--percentile"):
+        suggest([golden("leak")], percentile=0)
+    with pytest.raises(ConfigError, match="--margin"):
+        suggest([golden("leak")], margin=-0.1)
+
+
+# --------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+def test_cli_replay_text_and_json():
+    out = runner.invoke(app, ["replay", golden("leak"), "--config", write_toml(
+        '[[watch]]\nname = "leak"\npid = 3\nscope = "tree"\nlimit = "50M"\n')])
+    assert out.exit_code == 0, out.output
+    assert "leak: pid 3" in out.output and "not taken live" in out.output
+    assert "live decisions the replay did not take:" in out.output
+    js = runner.invoke(app, ["replay", golden("leak"), "--json"])
+    objs = [json.loads(line) for line in js.output.splitlines()]
+    assert objs[-1]["type"] == "summary" and objs[-1]["reproduced"] == 2
+    assert [o["action"] for o in objs if o["type"] == "replay"] == ["term", "kill"]
+
+
+def test_cli_replay_window():
+    """--from starts the policy fresh at that time (as if the daemon started then) with the
+    values last recorded before it; --to ends it; live decisions outside are not listed."""
+    whole = runner.invoke(app, ["replay", golden("leak"), "--json"])
+    t_term = [json.loads(l) for l in whole.output.splitlines()][0]["t"]
+    late = runner.invoke(app, ["replay", golden("leak"), "--json", "--from", f"{t_term + 0.05:.3f}s"])
+    objs = [json.loads(l) for l in late.output.splitlines()]
+    replayed = [o for o in objs if o["type"] == "replay"]
+    assert replayed and all(o["t"] >= t_term + 0.05 - 1e-6 for o in replayed)
+    assert replayed[0]["reason"] == "over-limit" and replayed[0]["live"] is None
+    assert all(o["t"] > t_term for o in objs if o["type"] == "live-only")
+    early = runner.invoke(app, ["replay", golden("leak"), "--json", "--to", f"{t_term - 0.05:.3f}s"])
+    assert [json.loads(l)["type"] for l in early.output.splitlines()] == ["summary"]
+    bad = runner.invoke(app, ["replay", golden("leak"), "--from", "yesterday"])
+    assert bad.exit_code == 2 and "--from" in bad.output
+
+
+def test_cli_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.trace"
+    bad.write_text("not a trace\n")
+    out = runner.invoke(app, ["replay", str(bad)])
+    assert out.exit_code == 1 and str(bad) in out.output and "not a memwatchd trace" in out.output
+    out = runner.invoke(app, ["suggest", str(tmp_path / "missing.trace")])
+    assert out.exit_code == 1 and "missing.trace: cannot read" in out.output
+
+
+def test_cli_suggest_prints_toml_then_the_replay():
+    out = runner.invoke(app, ["suggest", golden("plateau-1"), golden("plateau-2"), golden("build")])
+    assert out.exit_code == 0, out.output
+    assert out.output.index("[[watch]]") < out.output.index("would have stopped")
+    assert 'name = "build"' in out.output and 'name = "plateau"' in out.output
+
+
+def test_cli_record_refuses_two_sources():
+    out = runner.invoke(app, ["record", "--out", "/dev/null", "--pid", "1", "--unit", "x"])
+    assert out.exit_code == 2 and "give one of" in out.output
+
+
+def write_toml(text: str) -> str:
+    import tempfile
+    fd, path = tempfile.mkstemp(suffix=".toml")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+# -------------------------------------------- live, in a private PID namespace
+
+@needs_pidns
+@pytest.mark.slow
+def test_replaying_a_live_daemon_run_with_its_own_config_reproduces_its_actions():
+    """The daemon with [daemon] trace really stops two hogs (one exits on SIGTERM, one needs
+    SIGKILL after the grace), is restarted once (the ring keeps the first run), and the
+    replay of the ring with the same config takes the same actions on the same targets
+    for the same reasons, each within one sample of the live one."""
+    r = run_scenario("""
+trace_dir = os.path.join(WORK, "trace")
+watches = '''
+[[watch]]
+name = "hogs"
+cmdline = "hog-[ab]$"
+limit = "150M"
+grace = "1s"
+'''
+daemon = f'trace = "{trace_dir}"\\ntrace_size = "1M"'
+d = start_watching(watches, daemon)
+time.sleep(1.0)
+a = start_hog("hog-a", rate_mib=200, cap_mib=400, events=EVENTS)
+b = start_hog("hog-b", rate_mib=25, cap_mib=400, on_term="ignore", events=EVENTS)
+fate = (exited_by(a, 15), exited_by(b, 15))
+wait_for(lambda: sum(e["type"] == "outcome" for e in read_events(EVENTS)) >= 3, 10)
+stop(d, signal.SIGTERM)
+d = start_watching(watches, daemon)      # a restart: the ring continues
+time.sleep(1.5)
+stop(d, signal.SIGTERM)
+from memwatchd.replay import replay_file, to_json
+from memwatchd.trace import segment_files
+res = replay_file(trace_dir)
+result(fate=fate, replay=to_json(res), segments=len(segment_files(trace_dir)),
+       live=[(l.t, l.key, l.reason, l.signal) for l in res.live],
+       headers=len(res.trace.headers), events=read_events(EVENTS), log=daemon_log())
+""", timeout=90)
+    assert r["fate"][0] == 0 and r["fate"][1] == -9, r["log"]
+    sent = [e for e in r["events"] if e["type"] == "decision"]
+    assert sorted((e["reason"], e["signal"]) for e in sent) == [
+        ("grace-expired", "SIGKILL"), ("over-limit", "SIGTERM"), ("over-limit", "SIGTERM")], sent
+    assert r["segments"] == 2 and r["headers"] == 2
+    decisions = [o for o in r["replay"] if o["type"] == "replay"]
+    summary = r["replay"][-1]
+    assert summary["live_not_taken"] == 0 and summary["new"] == 0, r["replay"]
+    assert len(decisions) == len(r["live"]) == 3
+    for d in decisions:
+        assert d["live"] is not None and abs(d["live"]["delta_s"]) <= 0.05, d
+    by_event = {(e["pid"], e["reason"]) for e in sent}
+    assert {(d["key"][1], d["reason"]) for d in decisions} == by_event
+
+
+@needs_pidns
+@pytest.mark.slow
+def test_record_of_a_hog_then_replay_lower_limit_acts_earlier_higher_never():
+    """`memwatchd record -- COMMAND` of a hog that grows to 250 MiB acts on nothing (the hog
+    gets no signal); replayed with a 100M limit the SIGTERM comes earlier than with 200M, and
+    with 400M there is none. suggest then calls the run complete and covers its peak."""
+    r = run_scenario("""
+out = os.path.join(WORK, "hog.trace")
+hog = [sys.executable, "-c", HOG, "100", "250", "3", "exit", os.path.join(WORK, "rec.signals"),
+       "/nonexistent", "hog-rec"]
+rec = subprocess.run([sys.executable, "-m", "memwatchd", "record", "--out", out, "--interval",
+                      "100ms", "--limit", "200M", "--name", "hog", "--"] + hog,
+                     capture_output=True, text=True, timeout=30)
+from memwatchd.config import Size
+from memwatchd.replay import recorded_config, replay
+from memwatchd.suggest import suggest
+from memwatchd.trace import read_trace
+t = read_trace(out)
+cfg = recorded_config(t)
+def first(mib):
+    c = cfg._replace(watches=(cfg.watches[0]._replace(limit=Size(bytes=mib << 20)),))
+    s = [d for d in replay(t, c).decisions if d.kind == "signal"]
+    return [s[0].t - t.start, s[0].usage, s[0].reason] if s else None
+sg = suggest([out]).watches["hog"]
+result(rc=rec.returncode, stderr=rec.stderr, signals=hog_signals("rec"), low=first(100),
+       mid=first(200), high=first(400), peak=sg.runs[0].peak, ended=sg.runs[0].ended,
+       limit=sg.limit, stopped=sg.stopped_by_replay)
+""", timeout=60)
+    assert r["rc"] == 0, r["stderr"]
+    assert r["signals"] == []                         # record acts on nothing
+    assert "dry run, would term" in r["stderr"]       # at its own 200M, as a dry run
+    assert r["low"] and r["mid"] and r["low"][0] < r["mid"][0] - 0.5
+    assert r["low"][1] >= 100 * MiB and r["mid"][1] >= 200 * MiB
+    assert r["high"] is None
+    assert r["ended"] == "finished" and r["peak"] >= 240 * MiB
+    assert r["limit"] >= r["peak"] * 1.05 and r["stopped"] == []
