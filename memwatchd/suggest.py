@@ -164,8 +164,10 @@ def _selector_lines(w: WatchSuggestion) -> List[str]:
         if kind in spec:
             return [f"{kind} = {json.dumps(spec[kind])}"]
     cmd = next((r.run.cmdline for r in w.runs if r.run.cmdline), "")
-    return [f"# recorded by pid (a command: `memwatchd watch --limit ... -- {json.dumps(cmd)[1:-1][:200]}`);",
-            "# give it a selector: pidfile, unit, cgroup or cmdline"]
+    warn = f" --warn {size_text(w.warn)}" if w.warn is not None else ""
+    return [f"# recorded by pid (a command); for its next run: memwatchd watch --limit "
+            f"{size_text(w.limit)}{warn} -- {json.dumps(cmd)[1:-1][:200]}",
+            "# in the daemon's config, give it a selector: pidfile, unit, cgroup or cmdline"]
 
 
 def _events_stopped(path: str) -> tuple:

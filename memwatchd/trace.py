@@ -10,8 +10,8 @@ torn, garbled, reordered or orphaned lines are skipped and listed in ``damage``.
 Why NDJSON: a torn write loses one line, not the file; ``jq``/``grep`` read it;
 it is documented in a page. Its cost is kept down by what is written, not by
 the encoding: a reading is written only when it moved by more than 1/256 of its
-value (or its limit changed, or the policy is not quiet on it), so an idle
-target costs nothing, and a reading row is a bare array (~30 bytes).
+value, crossed a level the policy compares against, or while a policy timer runs
+(``_held_will_do``), so an idle target costs nothing, and a row is a bare array.
 
 This module is imported by the daemon only when tracing is on.
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from typing import Dict, List, Optional, Tuple
 
 from memwatchd import __version__
-from memwatchd.policy import is_quiet
+from memwatchd.policy import WARN_REARM
 from memwatchd.report import ERR, log
 from memwatchd.types import MemwatchdError
 
@@ -35,6 +35,7 @@ DEFAULT_SIZE = 64 * 2**20      # the ring's cap, [daemon] trace_size
 SEGMENTS = 8                   # the ring is this many segment files: dropping one frees 1/8
 MIN_SEGMENT = 64 * 1024
 CLOCK_EVERY = 300.0            # a wall-clock line at most this often (wall = w + (m - m0))
+NEAR_FLOOR = 4                 # within this multiple of the guard's floor, every host sample is written
 CMDLINE_MAX = 1024             # cmdlines are attacker-sized: cut in the trace
 SEGMENT_PREFIX = "trace-"
 SEGMENT_SUFFIX = ".ndjson"
@@ -219,6 +220,7 @@ class Recorder:
         self.event_keys: Dict[str, tuple] = {}     # decision id -> target key
         self.next_id = 1
         self.host_last = None
+        self._near = (None, 0, 0)   # (mem_total, 4x the guard's floor, MemTotal/1024)
         self.clock_at = 0.0
         self._safely(self._header, daemon.clock(), False)
 
@@ -235,6 +237,7 @@ class Recorder:
     def reconfigure(self, config) -> None:
         """A reload: a new header with the new config (target ids start again)."""
         self.config = config
+        self._near = (None, 0, 0)
         self.ids.clear()
         self.info.clear()
         self.last.clear()
@@ -306,12 +309,15 @@ class Recorder:
         states = self.daemon.policy.states
         rows = None
         last = self.last
-        for r in readings:
-            prev = last.get(r.key)
-            if (prev is not None and prev[2] == r.limit and prev[3] == r.warn
-                    and -(prev[1] >> 8) - 4096 <= r.usage - prev[1] <= (prev[1] >> 8) + 4096
-                    and is_quiet(r, states.get(r.key))):
-                continue  # moved less than 1/256 and nothing pending: the held value is enough
+        for r in readings:  # at idle this loop is the whole cost: keep it to tuple reads
+            key, _watch, usage, limit, warn = r
+            prev = last.get(key)
+            if prev is not None and prev[2] == limit and prev[3] == warn:
+                held = prev[1]
+                band = (held >> 8) + 4096
+                if held - band <= usage <= held + band and _held_will_do(
+                        held, usage, limit, warn, states.get(key)):
+                    continue  # moved less than 1/256 and no threshold or timer in play
             tid = self.ids.get(r.key) or self._target(now, r.key)
             row = [tid, r.usage, r.limit, r.warn]
             if r.key[0] == "cgroup":
@@ -331,7 +337,7 @@ class Recorder:
         if h is not None:
             line = line or {"t": "s", "m": round(now, 4)}
             line["h"] = h
-        gone_ids = [self.ids.get(t.key) for t in gone if t.key in self.ids]
+        gone_ids = [self.ids[t.key] for t in gone if t.key in self.ids] if gone else None
         if gone_ids:
             line = line or {"t": "s", "m": round(now, 4)}
             line["g"] = gone_ids
@@ -355,22 +361,26 @@ class Recorder:
         self.last.pop(key, None)
 
     def _host_row(self, host) -> Optional[list]:
-        """The host, when it moved: MemAvailable or swap by more than MemTotal/4096, PSI avg10 by
-        0.5 points, or on every tick while the guard is within twice its floor."""
+        """The host, when it moved: MemAvailable or swap by more than MemTotal/1024, a PSI avg10
+        by a point, or on every tick while MemAvailable is within 4x the guard's floor."""
         if host is None:
             return None
         p = host.pressure
-        row = [host.mem_available, host.swap_free, None if p is None else p.some_avg10,
-               None if p is None else p.full_avg10]
         prev = self.host_last
         if prev is not None:
-            band = host.mem_total >> 12
-            guard = self.config.guard
-            near = guard.enabled and host.mem_total > 0 and \
-                host.mem_available < 2 * guard.thresholds(host.mem_total)[0]
-            if (not near and abs(row[0] - prev[0]) <= band and abs(row[1] - prev[1]) <= band
-                    and _close(row[2], prev[2]) and _close(row[3], prev[3])):
+            if self._near[0] != host.mem_total:
+                guard = self.config.guard
+                floor = guard.thresholds(host.mem_total)[0] if guard.enabled else -1
+                self._near = (host.mem_total, NEAR_FLOOR * floor, host.mem_total >> 10)
+            _, near, band = self._near
+            avail = host.mem_available
+            if (avail >= near and -band <= avail - prev[0] <= band
+                    and -band <= host.swap_free - prev[1] <= band
+                    and (p is None if prev[2] is None else
+                         p is not None and _close(p.some_avg10, prev[2]) and _close(p.full_avg10, prev[3]))):
                 return None
+        row = [host.mem_available, host.swap_free, None if p is None else p.some_avg10,
+               None if p is None else p.full_avg10]
         self.host_last = row
         return row
 
@@ -386,6 +396,21 @@ class Recorder:
                 # the daemon drops a dead victim without a "gone": say it here
                 self._write({"t": "s", "m": round(now, 4), "g": [self.ids[key]]})
                 self._forget(key)
+
+
+def _held_will_do(held: int, usage: int, limit: int, warn, state) -> bool:
+    """True when the policy, fed the last written value instead of this one, decides and
+    changes exactly as with this one: same side of every threshold it compares against
+    (limit, warn, warn's re-arm level), and no timer running (sustain, grace). Replay holds
+    the last written value, so nothing it needs is lost."""
+    if state is None:
+        return usage < limit and (warn is None or usage < warn)   # quiet, and stays so
+    if state.stage == "terminating" or (state.stage == "idle" and state.over_since is not None):
+        return False   # the grace, or the sustain / cooldown clock, runs: every sample counts
+    if (usage >= limit) != (held >= limit):
+        return False
+    return warn is None or ((usage >= warn) == (held >= warn)
+                            and (usage < warn * WARN_REARM) == (held < warn * WARN_REARM))
 
 
 def _still_there(key: tuple, targets) -> bool:
@@ -406,9 +431,7 @@ def _still_there(key: tuple, targets) -> bool:
 
 
 def _close(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    return abs(a - b) < 0.5
+    return a is not None and b is not None and -1.0 < a - b < 1.0
 
 
 def decision_dict(d) -> dict:

@@ -223,7 +223,17 @@ stop(d, signal.SIGTERM)
 from memwatchd.replay import replay_file, to_json
 from memwatchd.trace import segment_files
 res = replay_file(trace_dir)
-result(fate=fate, replay=to_json(res), segments=len(segment_files(trace_dir)),
+from memwatchd.suggest import suggest
+stopped = suggest([trace_dir]).watches["hogs"]
+# the same runs without the trace's own event lines: only --events can tell they were stopped
+bare = os.path.join(WORK, "bare.trace")
+with open(bare, "w") as out:
+    for seg in segment_files(trace_dir):
+        out.writelines(l for l in open(seg) if '"t":"event"' not in l)
+blind = suggest([bare]).watches["hogs"]
+told = suggest([bare], EVENTS).watches["hogs"]
+result(suggest=[[r.ended for r in w.runs] + [w.limit, w.why] for w in (stopped, blind, told)],
+       fate=fate, replay=to_json(res), segments=len(segment_files(trace_dir)),
        live=[(l.t, l.key, l.reason, l.signal) for l in res.live],
        headers=len(res.trace.headers), events=read_events(EVENTS), log=daemon_log())
 """, timeout=90)
@@ -239,6 +249,11 @@ result(fate=fate, replay=to_json(res), segments=len(segment_files(trace_dir)),
     assert len(decisions) == len(r["live"]) == len(sent)
     for d in decisions:
         assert d["live"] is not None and abs(d["live"]["delta_s"]) <= 0.05, d
+    # suggest: runs memwatchd stopped are censored, never complete; no limit from them alone
+    for ended_limit_why in (r["suggest"][0], r["suggest"][2]):
+        assert ended_limit_why[:2] == ["stopped", "stopped"] and ended_limit_why[2] is None
+        assert "no run finished on its own" in ended_limit_why[3]
+    assert r["suggest"][1][:2] == ["finished", "finished"]   # without the records it cannot know
     by_event = {(e["pid"], e["reason"]) for e in sent}
     assert {(d["key"][1], d["reason"]) for d in decisions} == by_event
 

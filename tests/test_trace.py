@@ -76,9 +76,49 @@ def test_idle_target_is_not_rewritten_and_a_move_of_more_than_1_in_256_is(tmp_pa
                                                             (base + (base >> 7), 1 << 30, None)]
 
 
+def test_a_target_parked_above_warn_is_written_at_its_crossings_and_replays_the_same(tmp_path):
+    """Above its warn level (warned, nothing else pending) a steady target writes nothing more;
+    the crossing up, the fall below the re-arm level and the next crossing are written, and
+    replay reproduces both warnings and the SIGTERM at the limit at the same times."""
+    config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": False},
+                           "watch": [{"name": "job-0", "pid": 1000, "limit": "1G", "warn": "800M",
+                                      "sustain": "2s"}]}, "synthetic")
+    daemon = SyntheticDaemon(config)
+    path = tmp_path / "t.ndjson"
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    mib = 1 << 20
+
+    def usage(i, t):
+        if t < 5:
+            return 500 * mib
+        if t < 60:
+            return 850 * mib + (4096 if int(t * 10) % 2 else 0)    # parked above warn
+        if t < 65:
+            return 600 * mib                                      # below warn * 0.9: re-armed
+        if t < 70:
+            return 850 * mib
+        return 1100 * mib                                         # over the limit, sustained
+    daemon.run(80, usage=usage)
+    daemon.trace.close()
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    t0 = lines[0]["m"]
+    parked = sum(len(l.get("r", [])) for l in lines if t0 + 5.5 < l["m"] < t0 + 59.5)
+    rearmed = sum(len(l.get("r", [])) for l in lines if t0 + 60.5 < l["m"] < t0 + 64.5)
+    live = [d for l in lines for d in l.get("d", [])]
+    assert [(d["kind"], d["reason"]) for d in live] == [
+        ("warn", "warn-level"), ("warn", "warn-level"), ("signal", "over-limit")]
+    # parked above warn for 54 s the daemon samples ~27 times a second (150 MiB of headroom at
+    # the 4G/s fill rate): none of those ~1500 readings is written, nor below the re-arm level
+    assert parked == 0 and rearmed == 0, (parked, rearmed)
+    result = replay(trace.read_trace(str(path)))
+    assert [(d.kind, d.reason) for d in result.decisions] == [(d["kind"], d["reason"]) for d in live]
+    # within one sample (times are written to 0.1 ms, so a timer may fire one 10 ms tick apart)
+    assert all(d.match is not None and abs(d.match.t - d.t) <= 0.0101 for d in result.decisions)
+
+
 def test_ring_drops_oldest_segments_keeps_its_cap_and_survives_a_restart(tmp_path):
     ring = tmp_path / "ring"
-    d = synthetic(trace.RingSink(str(ring), 2**20), n=20, seconds=400)
+    d = synthetic(trace.RingSink(str(ring), 2**20), n=20, seconds=900)
     d.trace.close()
     files = trace.segment_files(str(ring))
     sizes = [os.path.getsize(f) for f in files]

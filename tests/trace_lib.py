@@ -89,7 +89,8 @@ class SyntheticDaemon:
                     continue
                 u = usage(i, t - start)
                 limit = w.limit.resolve(self.host.mem_total)
-                readings.append(Reading(key, w.name, u, limit, None))
+                warn = w.warn.resolve(self.host.mem_total) if w.warn is not None else None
+                readings.append(Reading(key, w.name, u, limit, warn))
             decisions = self.policy.evaluate(t, readings, self.host)
             self.trace.tick(t, readings, [], self.host, [], decisions)
             for r in readings:
