@@ -294,3 +294,36 @@ result(rc=rec.returncode, stderr=rec.stderr, signals=hog_signals("rec"), low=fir
     assert r["high"] is None
     assert r["ended"] == "finished" and r["peak"] >= 240 * MiB
     assert r["limit"] >= r["peak"] * 1.05 and r["stopped"] == []
+
+
+def test_cgroup_readings_replay_another_usage_and_a_percent_of_memory_max(tmp_path):
+    """This host has no cgroup v2 memory controller (the VM tier has), so the trace is written
+    by hand, field by field as docs/trace.md gives them: memory.current grows with page cache,
+    anon does not pass 300 MiB. Replayed with usage = "anon" and limit = "50%" of memory.max
+    (1 GiB) nothing happens; with "current" at 50% the SIGTERM comes when current passes 512 MiB."""
+    cfg = {"daemon": {"interval": "1s"}, "guard": {"enabled": False},
+           "watch": [{"name": "web", "cgroup": "/web.slice", "limit": "50%", "scope": "cgroup",
+                      "usage": "current", "action": "term", "grace": "10.0s", "sustain": "0.0s"}]}
+    header = {"t": "header", "format": 1, "memwatchd": "0.1.0", "kernel": "6.1", "boot_id": "b",
+              "mem_total": 8 << 30, "swap_total": 0, "m": 100.0, "w": 1.7e9, "continues": False,
+              "source": "hand", "config": cfg}
+    lines = [header, {"t": "target", "m": 100.0, "id": 1, "key": ["cgroup", "/web.slice"],
+                      "watch": "web", "kind": "cgroup", "comm": "web.slice", "cmdline": "",
+                      "cgroup": "/web.slice"}]
+    for i in range(20):
+        current, anon = (200 + 40 * i) * MiB, min(300, 150 + 10 * i) * MiB
+        stat = [current, anon, current - anon, (current - anon) // 2, 0, 0, 1 << 30, -1, 0, 0.0, 0.0]
+        lines.append({"t": "s", "m": 100.0 + i, "r": [[1, current, 512 * MiB, None, stat]]})
+    path = tmp_path / "web.trace"
+    path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    t = read_trace(str(path))
+    assert t.damage == []
+    as_current = replay(t, parse_config(cfg, "current.toml"))
+    first = signals(as_current)[0]
+    assert first.usage >= 512 * MiB and first.limit == 512 * MiB
+    assert first.t - t.start == pytest.approx(8.0)          # 200 + 40*8 = 520 MiB
+    anon_cfg = dict(cfg, watch=[dict(cfg["watch"][0], usage="anon")])
+    assert signals(replay(t, parse_config(anon_cfg, "anon.toml"))) == []
+    inactive_cfg = dict(cfg, watch=[dict(cfg["watch"][0], usage="current-inactive_file")])
+    later = signals(replay(t, parse_config(inactive_cfg, "inactive.toml")))[0]
+    assert later.t > first.t and later.usage >= 512 * MiB
