@@ -282,9 +282,18 @@ def first(mib):
     s = [d for d in replay(t, c).decisions if d.kind == "signal"]
     return [s[0].t - t.start, s[0].usage, s[0].reason] if s else None
 sg = suggest([out]).watches["hog"]
+sleeper = subprocess.Popen(["sleep", "30"])
+pid_out = os.path.join(WORK, "pid.trace.gz")
+by_pid = subprocess.run([sys.executable, "-m", "memwatchd", "record", "--out", pid_out, "--pid",
+                         str(sleeper.pid), "--duration", "1s"], capture_output=True, text=True, timeout=30)
+sleeper_alive = sleeper.poll() is None
+stop(sleeper)
+pt = read_trace(pid_out)
+by_pid = [by_pid.returncode, by_pid.stderr, sleeper_alive, pt.clean_end,
+          [(r.key[1], r.watch, r.gone) for r in pt.runs.values()], sleeper.pid]
 result(rc=rec.returncode, stderr=rec.stderr, signals=hog_signals("rec"), low=first(100),
        mid=first(200), high=first(400), peak=sg.runs[0].peak, ended=sg.runs[0].ended,
-       limit=sg.limit, stopped=sg.stopped_by_replay)
+       limit=sg.limit, stopped=sg.stopped_by_replay, by_pid=by_pid)
 """, timeout=60)
     assert r["rc"] == 0, r["stderr"]
     assert r["signals"] == []                         # record acts on nothing
@@ -294,6 +303,9 @@ result(rc=rec.returncode, stderr=rec.stderr, signals=hog_signals("rec"), low=fir
     assert r["high"] is None
     assert r["ended"] == "finished" and r["peak"] >= 240 * MiB
     assert r["limit"] >= r["peak"] * 1.05 and r["stopped"] == []
+    rc, stderr, alive, clean, runs, pid = r["by_pid"]   # record --pid --duration
+    assert rc == 0 and alive and clean, stderr
+    assert runs == [[pid, f"pid-{pid}", None]]          # still running when it stopped recording
 
 
 def test_cgroup_readings_replay_another_usage_and_a_percent_of_memory_max(tmp_path):

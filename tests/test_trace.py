@@ -265,8 +265,13 @@ cfg = parse_config({"daemon": {"events": "", "state": "", "trace": sys.argv[1]},
                     "guard": {"enabled": False}}, "t")
 d = Daemon(cfg, Options(lock_memory=False, psi_trigger=False))
 loaded = "memwatchd.trace" in sys.modules
-d.tick(); d.close()
-print(json.dumps({"loaded": loaded}))
+d.tick()
+d.apply_config(cfg)                                  # a reload: a new header
+d.tick()
+d.apply_config(cfg._replace(daemon=cfg.daemon._replace(trace="")))   # tracing turned off
+off = d.trace is None
+d.close()
+print(json.dumps({"loaded": loaded, "off": off}))
 """
 
 
@@ -275,8 +280,10 @@ def test_the_daemon_imports_trace_only_when_tracing_is_on(tmp_path, traced):
     ring = str(tmp_path / "ring") if traced else ""
     out = subprocess.run([sys.executable, "-c", HOOK_PY, ring], capture_output=True, text=True,
                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True)
-    assert json.loads(out.stdout)["loaded"] is traced
+    got = json.loads(out.stdout)
+    assert got["loaded"] is traced and got["off"]
     if traced:
         t = trace.read_trace(ring)
         assert t.clean_end and t.header["config"]["guard"]["enabled"] is False
+        assert len(t.headers) == 2 and not t.headers[1]["continues"]
         assert t.samples and t.samples[0].host is not None   # the host sample of the one tick
