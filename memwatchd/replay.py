@@ -156,6 +156,8 @@ class _Replayer:
         self.candidates: List[tuple] = []
         self.started = False
         self.seen_at: Dict[int, float] = {}
+        self.fixed: Dict[int, tuple] = {}    # process run id -> (key, watch, limit, warn); () = no watch
+        self.guard_on = config.guard.enabled
         self.noted = set()
         rec = trace.header.get("config", {}).get("daemon", {})
         self.live_dry_run = bool(rec.get("dry_run")) if isinstance(rec, dict) else False
@@ -168,9 +170,14 @@ class _Replayer:
     # -- readings
 
     def reading(self, rid: int, usage: int, limit: int, warn, stat) -> Optional[Reading]:
+        fixed = self.fixed.get(rid)
+        if fixed is not None:   # a process: its limit and warn do not change (a % of MemTotal)
+            return Reading(fixed[0], fixed[1], usage, fixed[2], fixed[3]) if fixed else None
         run = self.trace.runs[rid]
         w = self.watches.get(run.watch)
         if w is None:
+            if run.kind != "cgroup":
+                self.fixed[rid] = ()
             return None
         base = self.mem_total
         if run.kind == "cgroup":
@@ -184,6 +191,8 @@ class _Replayer:
                 self.note("some cgroup readings carry no memory.stat: their recorded usage is used as is")
         lim = w.limit.resolve(base)
         wrn = w.warn.resolve(base) if w.warn is not None else None
+        if run.kind != "cgroup":
+            self.fixed[rid] = (run.key, run.watch, lim, wrn)
         return Reading(run.key, run.watch, usage, lim, wrn)
 
     def set_host(self) -> None:
@@ -212,16 +221,23 @@ class _Replayer:
             if not self.started:
                 self.started = True
                 changed = list(self.held)
-            self.tick(s.t, changed)
+            # a quiet reading changes nothing (policy.is_quiet): tick only for the others, or
+            # for the host when the guard may act
+            states = self.policy.states
+            held = self.held
+            active = [rid for rid in changed if not is_quiet(held[rid], states.get(held[rid].key))]
+            if active or (self.host is not None and (self.guard_on or self.policy.guard.victim)
+                          and (s.host is not None or s.gone or s.decisions)):
+                self.tick(s.t, active)
         self.advance(self.end + 1e-9)
 
     def apply(self, s) -> List[int]:
         changed = []
         seen = self.seen_at
-        before = {rid: seen.get(rid) for rid, *_ in s.rows}
-        for rid, *_ in s.rows:
-            seen[rid] = s.t
+        if s.decisions:
+            self.live_decisions(s)
         for rid, usage, limit, warn, stat in s.rows:
+            seen[rid] = s.t
             if rid in self.killed:
                 key = self.trace.runs[rid].key
                 self.result.dropped[key] = self.result.dropped.get(key, 0) + 1
@@ -239,20 +255,27 @@ class _Replayer:
             self.freed.pop(key, None)   # the live run freed it too from here on
         if s.candidates is not None:
             self.candidates.append((s.t, s.candidates))
-        for d in s.decisions:
-            key = tuple(d["key"])
-            live = Decision(s.t, key, d.get("watch"), d.get("kind"), d.get("reason"),
-                            d.get("usage"), d.get("limit"), d.get("signal"), True)
-            prev = before.get(self.rid_of.get(key))
-            live.window = None if prev is None else s.t - prev
-            self.result.live.append(live)
-            if d.get("watch") == "guard" and d.get("kind") == "signal" and not self.live_dry_run:
-                self.freed.pop(key, None)
         if s.host is not None or s.gone or s.decisions:
             if s.host is not None:
                 self.host_raw = s.host
             self.set_host()
         return changed
+
+    def live_decisions(self, s) -> None:
+        """The live policy's decisions in this sample, each with its one-sample window
+        (the time since that target's sample before this one)."""
+        for d in s.decisions:
+            key = tuple(d["key"])
+            live = Decision(s.t, key, d.get("watch"), d.get("kind"), d.get("reason"),
+                            d.get("usage"), d.get("limit"), d.get("signal"), True)
+            rid = self.rid_of.get(key)
+            if rid is None:
+                rid = next((r for r, u, *_ in s.rows if self.trace.runs[r].key == key), None)
+            prev = self.seen_at.get(rid)
+            live.window = None if prev is None else s.t - prev
+            self.result.live.append(live)
+            if d.get("watch") == "guard" and d.get("kind") == "signal" and not self.live_dry_run:
+                self.freed.pop(key, None)
 
     def advance(self, until: float) -> None:
         """The virtual ticks before ``until``: targets not quiet, at their own intervals."""
@@ -276,7 +299,7 @@ class _Replayer:
         policy = self.policy
         decisions = policy.evaluate(t, readings, self.host)
         host = self.host
-        if host is not None:
+        if host is not None and (self.guard_on or policy.guard.victim is not None):
             candidates = ()
             if policy.guard_wants_victim(t, host):
                 candidates = self.guard_candidates(t)

@@ -652,7 +652,7 @@ def read_trace(path: str) -> Trace:
             elif kind == "s":
                 sample = _sample(obj, t, ids, limits, where, trace.damage)
                 if sample is not None:
-                    items.append((t, order, sample))
+                    items.append(sample)
                     for rid in sample.gone:   # the key's next target record starts a new run
                         if opened.get(trace.runs[rid].key) == rid:
                             del opened[trace.runs[rid].key]
@@ -675,12 +675,13 @@ def read_trace(path: str) -> Trace:
     if out_of_order:
         trace.damage.append(f"{path}: {out_of_order} record(s) out of time order (reordered or "
                             "concatenated?); replayed in time order")
-    items.sort(key=lambda x: (x[0], x[1]))
-    trace.samples = [s for _, _, s in items]
+    if out_of_order:
+        items.sort(key=lambda x: x.t)   # stable: lines of the same time keep their order
+    trace.samples = items
     trace.events.sort(key=lambda e: e[0])
     trace.start = first_m
     trace.end = max([trace.start] + [s.t for s in trace.samples] + [e[0] for e in trace.events])
-    _finish_runs(trace, opened)
+    _finish_runs(trace)
     return trace
 
 
@@ -689,7 +690,8 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
     """One "s" line; ``limits`` (run id -> (limit, warn)) fills in the short [id, usage] rows."""
     rows = []
     unknown = 0
-    for row in obj.get("r") or ():
+    r = obj.get("r")
+    for row in r if type(r) is list else ():
         # the common row, [id, usage] with ints, is checked first and cheaply
         if type(row) is list and len(row) == 2 and type(row[0]) is int and type(row[1]) is int:
             rid = ids.get(row[0])
@@ -722,29 +724,37 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
             host = None
         else:
             host = (host[0], host[1], _num(host[2]), _num(host[3]))
-    gone = [ids[g] for g in obj.get("g") or () if isinstance(g, int) and g in ids]
+    g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
+    gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if g else ()
     cands = None
-    if obj.get("c") is not None:
-        cands = [tuple(c) for c in obj["c"] if isinstance(c, list) and len(c) == 5
-                 and _int(c[0]) == c[0] and _int(c[1]) == c[1] and isinstance(c[2], str)
-                 and isinstance(c[3], str) and _int(c[4]) == c[4]]
-    decisions = [d for d in obj.get("d") or () if isinstance(d, dict) and _key(d.get("key"))]
+    if c is not None:
+        cands = [tuple(x) for x in c if isinstance(x, list) and len(x) == 5
+                 and _int(x[0]) == x[0] and _int(x[1]) == x[1] and isinstance(x[2], str)
+                 and isinstance(x[3], str) and _int(x[4]) == x[4]] if isinstance(c, list) else []
+    decisions = [x for x in d if isinstance(x, dict) and _key(x.get("key"))] \
+        if isinstance(d, list) else ()
     if not (rows or host or gone or cands or decisions):
         return None
     return Sample(t, rows, host, gone, cands, decisions, bool(obj.get("k")))
 
 
-def _finish_runs(trace: Trace, opened: Dict[tuple, int]) -> None:
+def _finish_runs(trace: Trace) -> None:
     """Peaks, sample counts and ends of every run; a gone ends a run (a new target line
     for the same key then starts another)."""
     runs = trace.runs
+    peak = {rid: 0 for rid in runs}
+    count = dict.fromkeys(runs, 0)
+    last = {}
     for s in trace.samples:
+        t = s.t
         for rid, usage, _limit, _warn, _stat in s.rows:
-            run = runs[rid]
-            run.samples += 1
-            run.last = max(run.last, s.t)
-            if usage > run.peak:
-                run.peak = usage
+            count[rid] += 1
+            last[rid] = t
+            if usage > peak[rid]:
+                peak[rid] = usage
         for rid in s.gone:
             if runs[rid].gone is None:
-                runs[rid].gone = s.t
+                runs[rid].gone = t
+    for rid, run in runs.items():
+        run.peak, run.samples = peak[rid], count[rid]
+        run.last = max(run.last, last.get(rid, run.last))
