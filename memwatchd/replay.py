@@ -109,7 +109,7 @@ def check_config(trace: Trace, config: Config) -> List[str]:
             raise ConfigError(f"{config.source}: watch[{i}] ({w.name}) has scope {w.scope}, but "
                               f"{trace.path} recorded it with scope {scope}: its readings measure "
                               "something else")
-        if rec and rec.get("usage") != w.usage and w.scope != "cgroup":
+        if rec and rec.get("usage") not in (None, w.usage) and w.scope != "cgroup":
             raise ConfigError(f"{config.source}: watch[{i}] ({w.name}) measures {w.usage}, but "
                               f"{trace.path} recorded {rec.get('usage')}")
     return notes

@@ -200,19 +200,18 @@ def _events_stopped(path: str) -> tuple:
     return procs, cgroups
 
 
-def _ended(trace: Trace, run: Run, stopped_procs, stopped_cgroups, dry_run: bool) -> str:
+def _ended(trace: Trace, run: Run, stopped_procs, stopped_cgroups) -> str:
     key = run.key
     if key in stopped_procs:
         return "stopped"
-    if not dry_run:
-        for t, e in trace.events:
-            if e.get("type") == "decision" and not e.get("dry_run") and \
-                    e.get("action") in ("term", "kill", "freeze") and \
-                    run.first <= t <= (run.gone if run.gone is not None else trace.end) + 1.0:
-                ekey = ("cgroup", e.get("cgroup")) if e.get("scope") == "cgroup" else \
-                    ("process", e.get("pid"), e.get("start_time"))
-                if ekey == key:
-                    return "stopped"
+    for t, e in trace.events:   # the records say what was really sent (dry run or not)
+        if e.get("type") == "decision" and not e.get("dry_run") and \
+                e.get("action") in ("term", "kill", "freeze") and \
+                run.first <= t <= (run.gone if run.gone is not None else trace.end) + 1.0:
+            ekey = ("cgroup", e.get("cgroup")) if e.get("scope") == "cgroup" else \
+                ("process", e.get("pid"), e.get("start_time"))
+            if ekey == key:
+                return "stopped"
     if key[0] == "cgroup":
         lo, hi = trace.wall(run.first), trace.wall(run.gone if run.gone is not None else trace.end)
         if any(c == key[1] and lo <= w <= hi + 30 for c, w in stopped_cgroups):
@@ -241,7 +240,6 @@ def suggest(paths: Sequence[str], events_path: Optional[str] = None, percentile:
         report.damage.extend(trace.damage)
         specs = {w.get("name"): w for w in trace.header.get("config", {}).get("watch", [])
                  if isinstance(w, dict)}
-        dry = bool(trace.header.get("config", {}).get("daemon", {}).get("dry_run"))
         for run in trace.runs.values():
             if not run.watch or not run.samples:
                 continue
@@ -249,7 +247,7 @@ def suggest(paths: Sequence[str], events_path: Optional[str] = None, percentile:
             if w is None:
                 w = report.watches[run.watch] = WatchSuggestion(run.watch, specs.get(run.watch))
                 w.percentile = percentile
-            w.runs.append(RunView(trace, run, _ended(trace, run, procs, cgroups, dry)))
+            w.runs.append(RunView(trace, run, _ended(trace, run, procs, cgroups)))
     if not report.watches:
         raise TraceError(f"{', '.join(paths)}: no target readings in the trace(s): nothing to learn from")
     for w in report.watches.values():

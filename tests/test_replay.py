@@ -339,3 +339,84 @@ def test_cgroup_readings_replay_another_usage_and_a_percent_of_memory_max(tmp_pa
     inactive_cfg = dict(cfg, watch=[dict(cfg["watch"][0], usage="current-inactive_file")])
     later = signals(replay(t, parse_config(inactive_cfg, "inactive.toml")))[0]
     assert later.t > first.t and later.usage >= 512 * MiB
+
+
+def _guard_trace(tmp_path, with_candidates: bool) -> str:
+    """A hand-written trace (the guard cannot be made to fire on this shared host): the host
+    falls below the guard's 5% floor while two watched processes grow; the live run was a dry
+    run; when the guard fired it listed three processes."""
+    total = 8 << 30
+    cfg = {"daemon": {"interval": "1s", "dry_run": True}, "guard": {"enabled": True},
+           "watch": [{"name": "jobs", "cmdline": "job", "limit": "4G", "scope": "process"}]}
+    lines = [{"t": "header", "format": 1, "memwatchd": "0.1.0", "kernel": "6.1", "boot_id": "b",
+              "mem_total": total, "swap_total": 0, "m": 10.0, "w": 1.7e9, "continues": False,
+              "source": "hand", "config": cfg}]
+    for tid, pid in ((1, 101), (2, 102)):
+        lines.append({"t": "target", "m": 10.0, "id": tid, "key": ["process", pid, 7],
+                      "watch": "jobs", "kind": "process", "comm": f"job{tid}", "cmdline": "job",
+                      "cgroup": "/"})
+    for i in range(15):
+        avail = max(300 << 20, (2 << 30) - i * (150 << 20))   # 2 GiB falling 150 MiB/s to 300 MiB
+        line = {"t": "s", "m": 10.0 + i, "r": [[1, (1 << 30) + i * (150 << 20), 4 << 30, None],
+                                              [2, (512 << 20) + i * (50 << 20), 4 << 30, None]],
+                "h": [avail, 0, 0.0, 0.0]}
+        if with_candidates and avail < total * 5 // 100:
+            line["c"] = [[101, 7, "job1", "/", (1 << 30) + i * (150 << 20)],
+                         [102, 7, "job2", "/", (512 << 20) + i * (50 << 20)],
+                         [103, 7, "editor", "/", 64 << 20]]
+        lines.append(line)
+    path = tmp_path / ("guard-c.trace" if with_candidates else "guard.trace")
+    path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("with_candidates", [True, False])
+def test_replayed_guard_stops_the_largest_and_gives_its_memory_back_to_the_host(tmp_path, with_candidates):
+    t = read_trace(_guard_trace(tmp_path, with_candidates))
+    result = replay(t)
+    guard = [d for d in result.decisions if d.watch == "guard"]
+    # below 5% of 8 GiB (409.6 MiB) at +11 s: SIGTERM to the largest process, job1; then its
+    # 2.6 GiB count as available again, so the guard does nothing more
+    assert [(d.key, d.signal, d.reason) for d in guard] == [
+        (("process", 101, 7), "SIGTERM", "mem-available-low")]
+    assert guard[0].t - t.start == pytest.approx(11.0)
+    assert guard[0].match is None and guard[0].usage == (1 << 30) + 11 * (150 << 20)
+    assert result.dropped == {("process", 101, 7): 3}   # job1's readings after it was stopped
+    assert any("assumed to exit" in n for n in result.notes)
+    assert any("added back to MemAvailable" in n for n in result.notes)
+    from_watched = any("chose among the watched processes only" in n for n in result.notes)
+    assert from_watched is not with_candidates
+    # job1 is gone for the replay from then on: its readings after +9 s are not evaluated
+    assert ("process", 101, 7) in result.diverged_at
+
+
+def test_suggest_censors_a_stopped_run_among_complete_ones_and_weighs_old_runs_less(tmp_path):
+    import gzip
+    paths = []
+    for n, age_days in ((1, 30), (2, 0), (3, 0)):
+        lines = gzip.open(golden(f"plateau-{n}"), "rb").read().splitlines(keepends=True)
+        header = json.loads(lines[0])
+        header["w"] -= age_days * 86400          # plateau-1 ran a month earlier
+        lines[0] = json.dumps(header).encode() + b"\n"
+        if n == 3:   # memwatchd really stopped this run: a (non dry-run) decision record
+            run_key = json.loads(next(l for l in lines if b'"target"' in l))["key"]
+            m = json.loads(lines[5])["m"]
+            lines.insert(6, json.dumps({"t": "event", "m": m, "e": {
+                "type": "decision", "id": "x", "target": "plateau", "pid": run_key[1],
+                "start_time": run_key[2], "scope": "tree", "action": "term", "dry_run": False,
+                "reason": "over-limit", "signal": "SIGTERM"}}).encode() + b"\n")
+        path = tmp_path / f"p{n}.trace"
+        path.write_bytes(b"".join(lines))
+        paths.append(str(path))
+    w = suggest(paths, percentile=50, margin=0.0).watches["plateau"]
+    assert sorted(r.ended for r in w.runs) == ["finished", "finished", "stopped"]
+    complete = sorted(w.complete, key=lambda r: r.peak)
+    stopped = w.censored[0]
+    assert stopped.peak > max(r.peak for r in complete)       # its peak is not counted
+    assert w.limit >= max(r.peak for r in complete) * 1.05 and w.limit < stopped.peak * 1.05
+    assert "1 censored run(s) not counted" in w.why
+    old, new = complete[0], complete[1]                      # plateau-1 (old) and plateau-2
+    assert old.weight == pytest.approx(0.5 ** (30 / 7), rel=0.01) and new.weight == pytest.approx(1.0, abs=1e-4)
+    assert w.percentile_peak == new.peak    # p50 of weights 0.05 and 1: the recent run
+    equal = suggest(paths, percentile=50, margin=0.0, half_life=float("inf")).watches["plateau"]
+    assert equal.percentile_peak == old.peak                 # unweighted p50 of two: the lower
