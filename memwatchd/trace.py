@@ -41,6 +41,7 @@ SEGMENT_PREFIX = "trace-"
 SEGMENT_SUFFIX = ".ndjson"
 
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False, ensure_ascii=True).encode
+_decode = json.JSONDecoder().decode
 
 
 class TraceError(MemwatchdError):
@@ -589,32 +590,35 @@ def read_trace(path: str) -> Trace:
     order = 0
     for fname in trace_files(path):
         seen_header = False
+        n = 0
+
+        def at() -> str:   # where, for a damage message (formatted only then)
+            return f"{fname} line {n}"
         for n, raw in _lines(fname, trace.damage):
-            where = f"{fname} line {n}"
             if not raw.endswith(b"\n"):
-                trace.damage.append(f"{where}: truncated line (a torn write?), skipped")
+                trace.damage.append(f"{at()}: truncated line (a torn write?), skipped")
                 continue
             try:
-                obj = json.loads(raw)
-            except ValueError:
+                obj = _decode(raw.decode("utf-8"))
+            except ValueError:   # UnicodeDecodeError is one too
                 if not seen_header and n == 1:
                     raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not JSON)") from None
-                trace.damage.append(f"{where}: not JSON, skipped")
+                trace.damage.append(f"{at()}: not JSON, skipped")
                 continue
-            if not isinstance(obj, dict) or not isinstance(_num(obj.get("m")), (int, float)):
-                trace.damage.append(f"{where}: not a trace record (no \"t\"/\"m\"), skipped")
+            if type(obj) is not dict or type(obj.get("m")) not in (float, int):
+                trace.damage.append(f"{at()}: not a trace record (no \"t\"/\"m\"), skipped")
                 continue
             kind = obj.get("t")
             if kind == "header":
                 fmt = obj.get("format")
                 if not isinstance(fmt, int) or isinstance(fmt, bool):
-                    raise TraceError(f"{where}: header without a format version")
+                    raise TraceError(f"{at()}: header without a format version")
                 if fmt > FORMAT:
                     raise TraceError(f"{fname}: trace format {fmt} is newer than this memwatchd "
                                      f"({__version__}) reads (format {FORMAT}): upgrade memwatchd "
                                      f"to replay it (it was written by memwatchd {obj.get('memwatchd')})")
                 if not isinstance(obj.get("config"), dict):
-                    trace.damage.append(f"{where}: header without its config, skipped")
+                    trace.damage.append(f"{at()}: header without its config, skipped")
                     continue
                 seen_header = True
                 m, w = obj["m"], _num(obj.get("w")) or 0.0
@@ -631,7 +635,7 @@ def read_trace(path: str) -> Trace:
             if not seen_header:
                 if first_m is None and n == 1 and fname == trace_files(path)[0]:
                     raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not a header)")
-                trace.damage.append(f"{where}: record before any header, skipped")
+                trace.damage.append(f"{at()}: record before any header, skipped")
                 continue
             t = obj["m"] + offset
             if last_t is not None and t < last_t - 1e-9:
@@ -641,7 +645,7 @@ def read_trace(path: str) -> Trace:
             if kind == "target":
                 key, tid = _key(obj.get("key")), obj.get("id")
                 if key is None or not isinstance(tid, int):
-                    trace.damage.append(f"{where}: target record without a valid key and id, skipped")
+                    trace.damage.append(f"{at()}: target record without a valid key and id, skipped")
                     continue
                 rid = opened.get(key)
                 if rid is None:
@@ -650,7 +654,7 @@ def read_trace(path: str) -> Trace:
                     opened[key] = rid
                 ids[tid] = rid
             elif kind == "s":
-                sample = _sample(obj, t, ids, limits, where, trace.damage)
+                sample = _sample(obj, t, ids, limits, at, trace.damage)
                 if sample is not None:
                     items.append(sample)
                     for rid in sample.gone:   # the key's next target record starts a new run
@@ -660,13 +664,13 @@ def read_trace(path: str) -> Trace:
                 if isinstance(obj.get("e"), dict):
                     trace.events.append((t, obj["e"]))
                 else:
-                    trace.damage.append(f"{where}: event without a record, skipped")
+                    trace.damage.append(f"{at()}: event without a record, skipped")
             elif kind == "end":
                 trace.clean_end = True
             elif kind == "clock":
                 pass
             else:
-                trace.damage.append(f"{where}: unknown record type {str(kind)[:20]!r}, skipped")
+                trace.damage.append(f"{at()}: unknown record type {str(kind)[:20]!r}, skipped")
         if not seen_header:
             if first_m is None:
                 raise TraceError(f"{fname}: empty or truncated before its header: no trace to read")
@@ -685,9 +689,10 @@ def read_trace(path: str) -> Trace:
     return trace
 
 
-def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], where: str,
+def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], at,
             damage: List[str]) -> Optional[Sample]:
-    """One "s" line; ``limits`` (run id -> (limit, warn)) fills in the short [id, usage] rows."""
+    """One "s" line; ``limits`` (run id -> (limit, warn)) fills in the short [id, usage] rows;
+    ``at()`` names the file and line for a damage message."""
     rows = []
     unknown = 0
     r = obj.get("r")
@@ -704,7 +709,7 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
         if not (isinstance(row, list) and len(row) >= 4 and isinstance(row[0], int)
                 and _int(row[1]) == row[1] and _int(row[2]) == row[2]
                 and (row[3] is None or _int(row[3]) == row[3])):
-            damage.append(f"{where}: malformed reading {str(row)[:60]}, skipped")
+            damage.append(f"{at()}: malformed reading {str(row)[:60]}, skipped")
             continue
         rid = ids.get(row[0])
         if rid is None:
@@ -715,12 +720,12 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
         limits[rid] = (row[2], row[3])
         rows.append((rid, row[1], row[2], row[3], stat))
     if unknown:
-        damage.append(f"{where}: {unknown} reading(s) for a target whose record was lost, skipped")
+        damage.append(f"{at()}: {unknown} reading(s) for a target whose record was lost, skipped")
     host = obj.get("h")
     if host is not None:
         if not (isinstance(host, list) and len(host) == 4 and _int(host[0]) == host[0]
                 and _int(host[1]) == host[1]):
-            damage.append(f"{where}: malformed host sample, skipped")
+            damage.append(f"{at()}: malformed host sample, skipped")
             host = None
         else:
             host = (host[0], host[1], _num(host[2]), _num(host[3]))
