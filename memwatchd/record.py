@@ -11,7 +11,7 @@ import re
 import signal
 import subprocess
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from memwatchd import report
 from memwatchd.config import Config, MetricsConfig, load_config, parse_config

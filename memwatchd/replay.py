@@ -34,14 +34,13 @@ class Decision:
     """One decision of the replay (``live`` False) or of the recorded run (``live`` True)."""
 
     __slots__ = ("t", "key", "watch", "kind", "reason", "usage", "limit", "signal", "live",
-                 "match", "diverged", "note", "window")
+                 "match", "diverged", "window")
 
     def __init__(self, t, key, watch, kind, reason, usage, limit, sig, live):
         self.t, self.key, self.watch, self.kind, self.reason = t, key, watch, kind, reason
         self.usage, self.limit, self.signal, self.live = usage, limit, sig, live
         self.match: Optional[Decision] = None
         self.diverged = False
-        self.note = ""
         self.window: Optional[float] = None   # live: one sample (time since the one before)
 
     @property
@@ -71,7 +70,6 @@ class Result:
         self.end = trace.end
         self.ticks = 0
         self.readings = 0
-        self.labels: Dict[tuple, str] = {}
 
     @property
     def damage(self) -> List[str]:
@@ -225,7 +223,8 @@ class _Replayer:
             # for the host when the guard may act
             states = self.policy.states
             held = self.held
-            active = [rid for rid in changed if not is_quiet(held[rid], states.get(held[rid].key))]
+            active = [rid for rid in changed if rid in held     # (gone in the same line)
+                      and not is_quiet(held[rid], states.get(held[rid].key))]
             if active or (self.host is not None and (self.guard_on or self.policy.guard.victim)
                           and (s.host is not None or s.gone or s.decisions)):
                 self.tick(s.t, active)
@@ -375,10 +374,10 @@ def _match(result: Result) -> None:
     interval), then mark what comes after each target's first divergence."""
     daemon = result.config.daemon
     rec = result.trace.header.get("config", {}).get("daemon", {})
+    from memwatchd.config import parse_duration
     try:
-        from memwatchd.config import parse_duration
         rec_interval = parse_duration(rec.get("interval", "1s"), "interval")
-    except Exception:
+    except ConfigError:
         rec_interval = daemon.interval
     result.tolerance = max(daemon.interval, rec_interval)
     live = [d for d in result.live if result.start <= d.t <= result.end]
@@ -407,11 +406,14 @@ def _mib(n) -> str:
     return "?" if n is None else f"{n / 2**20:.1f} MiB"
 
 
-def label(trace: Trace, key: tuple, candidates: Optional[dict] = None) -> str:
-    run = next((r for r in trace.runs.values() if r.key == key), None)
+def label(trace: Trace, key: tuple) -> str:
+    """ "pid 123 (comm)" or "cgroup /x" (raw: escape before printing). A guard victim that was
+    not a target is named from the candidate lists."""
     if key[0] == "cgroup":
         return f"cgroup {key[1]}"
-    comm = run.comm if run else ""
+    run = next((r for r in trace.runs.values() if r.key == key), None)
+    comm = run.comm if run else next((c[2] for s in trace.samples if s.candidates
+                                      for c in s.candidates if (c[0], c[1]) == key[1:]), "")
     return f"pid {key[1]}" + (f" ({comm})" if comm else "")
 
 

@@ -617,8 +617,10 @@ def read_trace(path: str) -> Trace:
                     raise TraceError(f"{fname}: trace format {fmt} is newer than this memwatchd "
                                      f"({__version__}) reads (format {FORMAT}): upgrade memwatchd "
                                      f"to replay it (it was written by memwatchd {obj.get('memwatchd')})")
-                if not isinstance(obj.get("config"), dict):
-                    trace.damage.append(f"{at()}: header without its config, skipped")
+                cfg = obj.get("config")
+                if not (isinstance(cfg, dict) and isinstance(cfg.get("watch", []), list)
+                        and all(isinstance(cfg.get(k, {}), dict) for k in ("daemon", "guard"))):
+                    trace.damage.append(f"{at()}: header without a well-formed config, skipped")
                     continue
                 seen_header = True
                 m, w = obj["m"], _num(obj.get("w")) or 0.0
@@ -730,7 +732,7 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
         else:
             host = (host[0], host[1], _num(host[2]), _num(host[3]))
     g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
-    gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if g else ()
+    gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if isinstance(g, list) else ()
     cands = None
     if c is not None:
         cands = [tuple(x) for x in c if isinstance(x, list) and len(x) == 5

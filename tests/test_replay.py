@@ -13,7 +13,7 @@ from memwatchd.cli import app
 from memwatchd.config import Size, parse_config
 from memwatchd.replay import recorded_config, replay
 from memwatchd.suggest import suggest
-from memwatchd.trace import TraceError, read_trace
+from memwatchd.trace import read_trace
 from memwatchd.types import ConfigError
 
 from .pidns import needs_pidns, run_scenario

@@ -287,3 +287,31 @@ def test_the_daemon_imports_trace_only_when_tracing_is_on(tmp_path, traced):
         assert t.clean_end and t.header["config"]["guard"]["enabled"] is False
         assert len(t.headers) == 2 and not t.headers[1]["continues"]
         assert t.samples and t.samples[0].host is not None   # the host sample of the one tick
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
+                           | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+                               st.text(max_size=3), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(GOLDEN), edits=st.lists(st.tuples(
+    st.integers(0, 10**6), st.sampled_from(["t", "m", "r", "h", "g", "c", "d", "k", "id", "key",
+                                            "watch", "kind", "config", "format", "e"]),
+    JSON_VALUES), min_size=1, max_size=4))
+def test_replay_never_raises_on_hostile_field_values(tmp_path, name, edits):
+    """Any field of any line replaced by any JSON value: a clear TraceError naming the file,
+    or a replay (with the damage listed); never another exception."""
+    lines = golden_lines(name)
+    for i, key, value in edits:
+        i %= len(lines)
+        obj = json.loads(lines[i])
+        obj[key] = value
+        lines[i] = json.dumps(obj).encode() + b"\n"
+    path = write(tmp_path / "hostile.trace", lines)
+    try:
+        t = trace.read_trace(path)
+        replay(t)
+    except (trace.TraceError, ConfigError) as e:
+        assert path in str(e)
