@@ -266,7 +266,7 @@ def test_record_of_a_hog_then_replay_lower_limit_acts_earlier_higher_never():
     with 400M there is none. suggest then calls the run complete and covers its peak."""
     r = run_scenario("""
 out = os.path.join(WORK, "hog.trace")
-hog = [sys.executable, "-c", HOG, "100", "250", "3", "exit", os.path.join(WORK, "rec.signals"),
+hog = [sys.executable, "-c", HOG, "100", "250", "4.5", "exit", os.path.join(WORK, "rec.signals"),
        "/nonexistent", "hog-rec"]
 rec = subprocess.run([sys.executable, "-m", "memwatchd", "record", "--out", out, "--interval",
                       "100ms", "--limit", "200M", "--name", "hog", "--"] + hog,
@@ -301,7 +301,7 @@ result(rc=rec.returncode, stderr=rec.stderr, signals=hog_signals("rec"), low=fir
     assert r["low"] and r["mid"] and r["low"][0] < r["mid"][0] - 0.5
     assert r["low"][1] >= 100 * MiB and r["mid"][1] >= 200 * MiB
     assert r["high"] is None
-    assert r["ended"] == "finished" and r["peak"] >= 240 * MiB
+    assert r["ended"] == "finished" and r["peak"] >= 220 * MiB   # grows to 250 MiB, then holds
     assert r["limit"] >= r["peak"] * 1.05 and r["stopped"] == []
     rc, stderr, alive, clean, runs, pid = r["by_pid"]   # record --pid --duration
     assert rc == 0 and alive and clean, stderr
