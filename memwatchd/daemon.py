@@ -133,6 +133,8 @@ class Daemon:
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
+        self.trace = None                  # trace.Recorder when [daemon] trace is set
+        self._open_trace(config)
 
     # ---------------------------------------------------------------- setup
 
@@ -187,6 +189,9 @@ class Daemon:
             self.runner.close()
         self.events.close()   # writes what is queued first (bounded on a stuck disk)
         self.publisher.close()
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -275,6 +280,11 @@ class Daemon:
             decisions += self.policy.guard_evaluate(now, host, candidates, self.never)
         except Exception as e:   # the guard is never quarantined: retried next tick
             self._log_exception("the host guard", e)
+        if self.trace is not None:  # trace hook 1: what the policy consumed and decided
+            try:
+                self.trace.tick(now, readings, gone, host, candidates, decisions)
+            except Exception as e:   # a recording must never stop protection
+                self._log_exception("the trace", e)
         for decision in decisions:
             if decision.watch in self.quarantined and not decision.by_guard:
                 continue
@@ -424,6 +434,23 @@ class Daemon:
         if events is not None:
             self.events.close()
             self.events = offload.EventWriter(events)
+        self._open_trace(config)
+
+    def _open_trace(self, config: Config) -> None:
+        """Start, move, stop or re-head the trace for this config. memwatchd.trace is
+        imported only when [daemon] trace is set: without it, tracing costs nothing."""
+        path = config.daemon.trace
+        if self.trace is not None and (not path or self.trace.sink.path != path):
+            self.trace.close()
+            self.trace = None
+        if self.trace is not None:
+            self.trace.reconfigure(config)
+        elif path:
+            from memwatchd import trace
+            try:
+                self.trace = trace.open_ring(config, self)
+            except OSError as e:
+                log(ERR, f"cannot record a trace in {path}: {e.strerror}; not recording")
 
     def _prepare_on_action(self, config: Config) -> None:
         """Create the on_action runner once some watch has on_action, at start or reload:
@@ -808,6 +835,8 @@ class Daemon:
             log(ERR, f"event record {record.get('id')} is not on disk in {self.events.path} after "
                      f"{WRITE_AHEAD_WAIT:.1f}s (disk congested or failing); acting anyway")
         self.publisher.on_record(record)
+        if self.trace is not None:  # trace hook 2: decisions as recorded, and their outcomes
+            self.trace.event(record)
         if self.opts.on_record is not None:
             self.opts.on_record(record)
 
