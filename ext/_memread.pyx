@@ -17,6 +17,7 @@ from posix.fcntl cimport O_RDONLY, O_CLOEXEC, O_DIRECTORY
 import os
 
 from memwatchd import types as _types
+from memwatchd.threadgroup import open_live_statm
 from memwatchd.types import CgroupSample, HostSample, Pressure
 
 cdef extern from "unistd.h" nogil:
@@ -303,8 +304,14 @@ cdef class ProcessTable:
     and returns a slot. sample() re-reads every live slot's statm with one
     pread each; rss(slot)/vms(slot)/status(slot) read the results. A process
     that exited, or a zombie (statm all zeros), turns GONE; its fd is closed.
+    A statm of zeros is first checked off the hot path (memwatchd.threadgroup):
+    if the main thread exited while others live, the slot reads a live thread's
+    statm from then on; only a whole thread group that exited is GONE.
     """
     cdef int *fds
+    cdef signed char *via_thread   # the slot reads /proc/<pid>/task/<tid>/statm
+    cdef Py_ssize_t *pending       # slots whose statm read zeros this pass
+    cdef Py_ssize_t npending
     cdef int64_t *rss_bytes
     cdef int64_t *vms_bytes
     cdef int64_t *start_times
@@ -331,8 +338,13 @@ cdef class ProcessTable:
                     close(self.fds[i])
         free(self.fds); free(self.rss_bytes); free(self.vms_bytes)
         free(self.start_times); free(self.pids); free(self.statuses)
+        free(self.via_thread); free(self.pending)
 
     cdef _grow(self, Py_ssize_t newcap):
+        self.via_thread = <signed char *>realloc(self.via_thread, newcap)
+        self.pending = <Py_ssize_t *>realloc(self.pending, newcap * sizeof(Py_ssize_t))
+        if self.via_thread == NULL or self.pending == NULL:
+            raise MemoryError()
         self.fds = <int *>realloc(self.fds, newcap * sizeof(int))
         self.rss_bytes = <int64_t *>realloc(self.rss_bytes, newcap * sizeof(int64_t))
         self.vms_bytes = <int64_t *>realloc(self.vms_bytes, newcap * sizeof(int64_t))
@@ -384,6 +396,7 @@ cdef class ProcessTable:
         self.rss_bytes[slot] = 0
         self.vms_bytes[slot] = 0
         self.statuses[slot] = _types.OK
+        self.via_thread[slot] = 0
         return slot
 
     def remove(self, Py_ssize_t slot):
@@ -397,7 +410,8 @@ cdef class ProcessTable:
         self.free_slots.append(slot)
 
     cdef inline bint _sample_one(self, Py_ssize_t i) noexcept nogil:
-        """pread + parse one slot; True if it is still live."""
+        """pread + parse one slot; True if it is still live. A read of zeros (or a
+        failing thread fd) queues the slot in pending for _rehome, outside nogil."""
         cdef ssize_t n
         cdef int64_t vms, rss
         cdef int fd = self.fds[i]
@@ -407,20 +421,50 @@ cdef class ProcessTable:
         if n < 0:
             self.statuses[i] = status_of(errno)
             if self.statuses[i] == S_GONE:
+                if self.via_thread[i] and self.npending < self.capacity:
+                    self.pending[self.npending] = i  # that thread exited: another may live
+                    self.npending += 1
+                    return False
                 close(fd)
                 self.fds[i] = -1
             return False
         if parse_statm_c(self.buf, n, &vms, &rss) != 0 or (vms == 0 and rss == 0):
-            # A zombie reads all zeros: it has released its memory already.
+            # A zombie reads all zeros, and so does a live process whose main thread exited.
             self.statuses[i] = S_GONE
             self.rss_bytes[i] = 0
-            close(fd)
-            self.fds[i] = -1
+            if self.npending < self.capacity:
+                self.pending[self.npending] = i
+                self.npending += 1
+            else:
+                close(fd)
+                self.fds[i] = -1
             return False
         self.rss_bytes[i] = rss * PAGE_SIZE
         self.vms_bytes[i] = vms * PAGE_SIZE
         self.statuses[i] = S_OK
         return True
+
+    cdef Py_ssize_t _rehome_pending(self):
+        """Settle the slots that read zeros: a live thread's statm, or GONE. Returns the
+        number that turned out live."""
+        cdef Py_ssize_t k, i, live = 0
+        cdef Py_ssize_t count = self.npending
+        self.npending = 0
+        for k in range(count):
+            i = self.pending[k]
+            found = open_live_statm(os.fsdecode(self.proc_root), self.pids[i], self.start_times[i])
+            close(self.fds[i])
+            if found is None:
+                self.fds[i] = -1
+                self.statuses[i] = S_GONE
+                continue
+            self.fds[i], vms, rss = found
+            self.via_thread[i] = 1
+            self.rss_bytes[i] = rss * PAGE_SIZE
+            self.vms_bytes[i] = vms * PAGE_SIZE
+            self.statuses[i] = S_OK
+            live += 1
+        return live
 
     def sample(self):
         """Re-read every live slot; return how many are still live."""
@@ -429,6 +473,8 @@ cdef class ProcessTable:
             for i in range(self.used):
                 if self._sample_one(i):
                     live += 1
+        if self.npending:
+            live += self._rehome_pending()
         return live
 
     def sample_slots(self, slots):
@@ -448,6 +494,8 @@ cdef class ProcessTable:
                         live += 1
         finally:
             free(idx)
+        if self.npending:
+            live += self._rehome_pending()
         return live
 
     cdef inline _check(self, Py_ssize_t slot):

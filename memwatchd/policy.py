@@ -104,9 +104,12 @@ def guard_level(guard: GuardConfig, host: HostSample) -> Tuple[Optional[str], st
 
 def is_protected(candidate: Candidate, protect_names: Iterable[str],
                  protect_cgroups: Iterable[str]) -> bool:
-    """A protected comm name, or a process inside (or below) a protected cgroup."""
+    """A process inside (or below) a protected cgroup, or one with a protected comm name
+    that its owner could not have forged: a name counts only for a process running as
+    root (real uid 0) from a root-owned executable that nobody else may write. Any user
+    can name a process "sshd"; only root can start such a one."""
     import fnmatch
-    if candidate.comm in protect_names:
+    if candidate.comm in protect_names and candidate.uid == 0 and candidate.exe_root_owned:
         return True
     for pattern in protect_cgroups:
         if (candidate.cgroup == pattern or candidate.cgroup.startswith(pattern.rstrip("/") + "/")

@@ -11,6 +11,7 @@ import os
 from typing import Iterable, List, Optional, Sequence
 
 from memwatchd import types as _types
+from memwatchd.threadgroup import open_live_statm
 from memwatchd.types import (
     GONE,
     OK,
@@ -177,6 +178,7 @@ class ProcessTable:
         self._status: List[int] = []
         self._pids: List[int] = []
         self._starts: List[int] = []
+        self._via_thread: List[bool] = []   # reads /proc/<pid>/task/<tid>/statm
         self._free: List[int] = []
 
     def __del__(self):
@@ -211,9 +213,11 @@ class ProcessTable:
             slot = self._free.pop()
         else:
             slot = len(self._fds)
-            for column in (self._fds, self._rss, self._vms, self._status, self._pids, self._starts):
+            for column in (self._fds, self._rss, self._vms, self._status, self._pids, self._starts,
+                           self._via_thread):
                 column.append(0)
         self._fds[slot], self._pids[slot], self._starts[slot] = fd, pid, start
+        self._via_thread[slot] = False
         self._rss[slot] = self._vms[slot] = 0
         self._status[slot] = OK
         return slot
@@ -238,17 +242,32 @@ class ProcessTable:
         except OSError as e:
             self._status[i] = status_for_errno(e.errno)
             if self._status[i] == GONE:
+                if self._via_thread[i]:  # that thread exited: another may live
+                    return self._rehome(i)
                 self._close(i)
             return False
         try:
             vms, rss = parse_statm(data)
         except ValueError:
             vms = rss = 0
-        if vms == 0 and rss == 0:  # a zombie has released its memory already
+        if vms == 0 and rss == 0:
+            # A zombie reads all zeros, and so does a live process whose main thread exited.
+            return self._rehome(i)
+        self._rss[i] = rss * PAGE_SIZE
+        self._vms[i] = vms * PAGE_SIZE
+        self._status[i] = OK
+        return True
+
+    def _rehome(self, i: int) -> bool:
+        """A live thread's statm from now on (memwatchd.threadgroup), or GONE."""
+        self._close(i)
+        found = open_live_statm(self._proc, self._pids[i], self._starts[i])
+        if found is None:
             self._status[i] = GONE
             self._rss[i] = 0
-            self._close(i)
             return False
+        self._fds[i], vms, rss = found
+        self._via_thread[i] = True
         self._rss[i] = rss * PAGE_SIZE
         self._vms[i] = vms * PAGE_SIZE
         self._status[i] = OK

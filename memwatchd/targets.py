@@ -12,12 +12,14 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from memwatchd import sampler
 from memwatchd.sampler import parse_stat_start_time
+from memwatchd.threadgroup import live_task_dir
 from memwatchd.config import CGROUP_ROOT, Config, WatchConfig
 from memwatchd.types import (GONE, OK, AccessDenied, Candidate, MemwatchdError, Reading,
                              TargetGone)
@@ -42,12 +44,39 @@ def read_comm(pid: int, proc: str = "/proc") -> str:
 
 
 def read_cmdline(pid: int, proc: str = "/proc") -> str:
-    """Arguments joined by spaces (attacker-controlled: escape before logging)."""
+    """Arguments joined by spaces (attacker-controlled: escape before logging). A process
+    whose main thread exited reads an empty cmdline: a live thread's is read instead."""
     try:
         raw = read_small(f"{proc}/{pid}/cmdline")
+        if not raw:
+            raw = read_small(live_task_dir(proc, pid) + "/cmdline")
     except OSError:
         return ""
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "backslashreplace")
+
+
+def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, bool]:
+    """(real uid, whether its executable is a root-owned regular file nobody else may write).
+
+    What the guard needs to trust a protected name. /proc/<pid>/exe is stat'ed through
+    the magic link, so an executable replaced by an upgrade (shown "(deleted)") still
+    answers for the very file that runs; a kernel thread has none (-1/False: no name
+    protects it, and it has no memory of its own anyway).
+    """
+    task = live_task_dir(proc, pid)   # leader exited: its status and exe are empty
+    uid = -1
+    try:
+        for line in read_small(task + "/status").splitlines():
+            if line.startswith(b"Uid:"):
+                uid = int(line.split()[1])
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        st = os.stat(task + "/exe")
+    except OSError:
+        return uid, False
+    return uid, stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def read_cgroup(pid: int, proc: str = "/proc") -> str:
@@ -489,8 +518,12 @@ class TargetSet:
                 continue
             table.sample_slots([slot])
             if table.status(slot) == OK and table.rss(slot) > 0:
-                out.append(Candidate(("process", pid, table.start_time(slot)), pid,
-                                     read_comm(pid, self.proc), read_cgroup(pid, self.proc),
-                                     table.rss(slot)))
+                comm = read_comm(pid, self.proc)
+                # Only a protected name needs its owner checked (policy.is_protected).
+                uid, root_exe = process_owner(pid, self.proc) \
+                    if comm in self.config.protect.names else (-1, False)
+                out.append(Candidate(("process", pid, table.start_time(slot)), pid, comm,
+                                     read_cgroup(pid, self.proc), table.rss(slot), uid,
+                                     root_exe))
             table.remove(slot)
         return out

@@ -54,6 +54,28 @@ HOG = textwrap.dedent("""
 """)
 
 
+# A process whose main thread calls pthread_exit() while a worker thread holds memory:
+# the leader is a zombie (statm reads zeros) but the process lives. The worker prints
+# "ready" once its memory is touched and the leader has exited, then sleeps (capped).
+LEADER_EXITS = textwrap.dedent("""
+    import ctypes, os, sys, threading, time
+    size, seconds = int(sys.argv[1]), float(sys.argv[2])
+    def worker():
+        block = bytearray(size)
+        for i in range(0, size, 4096):
+            block[i] = 1
+        while open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)                  # wait until the leader is a zombie
+        print("ready", flush=True)
+        time.sleep(seconds)
+        os._exit(0)
+    threading.Thread(target=worker).start()
+    ctypes.CDLL(None).pthread_exit(None)
+""")
+
+
+
+
 def start_hog(name: str, rate_mib: int = 200, cap_mib: int = 1024, seconds: float = 20,
               on_term: str = "exit", events: str = "") -> subprocess.Popen:
     """A hog growing at rate_mib MiB/s up to cap_mib; its signals go to WORK/<name>.signals.

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from memwatchd import procfs, sampler, types
 from memwatchd.types import DENIED, FAILED, GONE, OK, UNKNOWN, UNLIMITED, TargetGone
 
-from .conftest import NO_EXTENSIONS
+from .conftest import NO_EXTENSIONS, start_leader_exits
 
 MiB = 1 << 20
 
@@ -114,6 +114,29 @@ def test_exit_zombie_and_reap_are_gone_never_raise(impl):
     child.wait()
     assert table.sample() == 0
     assert table.status(slot) == GONE
+
+
+def test_leader_thread_exited_is_read_through_a_live_thread(impl):
+    """pthread_exit() in main: statm of the pid reads zeros, but the process lives and holds
+    memory. It stays OK with its real rss, and is GONE only once the whole group exits."""
+    child = start_leader_exits(96 * MiB, seconds=30)
+    try:
+        with open(f"/proc/{child.pid}/statm") as f:
+            assert f.read().split()[:2] == ["0", "0"]   # the kernel state this test is about
+        table = impl.ProcessTable()
+        slot = table.add(child.pid)
+        for _ in range(3):          # the first pass moves to a thread; later ones stay there
+            assert table.sample() == 1
+            assert table.status(slot) == OK
+            assert table.rss(slot) >= 96 * MiB
+        assert table.sample_slots([slot]) == 1 and table.rss(slot) >= 96 * MiB
+        child.kill()
+        child.wait()
+        assert table.sample() == 0
+        assert table.status(slot) == GONE
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_reaped_pid_is_gone_even_if_reused(impl):
