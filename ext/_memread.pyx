@@ -549,12 +549,32 @@ EVENT_KEYS = [b"high", b"max", b"oom", b"oom_kill", b"oom_group_kill"]
 STAT_KEYS = [b"anon", b"file", b"inactive_file", b"shmem"]
 
 
+cdef inline void _forget_file(int64_t *v, int k) noexcept nogil:
+    """The values an unreadable optional file k would have given: UNKNOWN (no PSI)."""
+    cdef int j
+    if k == F_MAX:
+        v[1] = C_UNKNOWN
+    elif k == F_HIGH:
+        v[2] = C_UNKNOWN
+    elif k == F_SWAP:
+        v[3] = C_UNKNOWN
+    elif k == F_EVENTS:
+        for j in range(5):
+            v[V_EVENTS + j] = C_UNKNOWN
+    elif k == F_STAT:
+        for j in range(4):
+            v[V_STAT + j] = C_UNKNOWN
+    elif k == F_PRESSURE:
+        v[V_HAS_PSI] = 0
+
+
 cdef class CgroupTable:
     """A set of cgroup v2 directories whose memory files are sampled together.
 
     add(path) opens memory.current (required; its absence means the cgroup is
     gone or has no memory controller) and whichever optional files exist.
-    A removed cgroup's files fail with ENODEV/ENOENT, which turns the slot GONE.
+    A removed cgroup's memory.current fails with ENODEV/ENOENT, which turns the
+    slot GONE; an optional file that fails to read only reads as UNKNOWN.
     """
     cdef int *fds            # capacity * NFILES
     cdef int64_t *values     # capacity * NVALUES
@@ -673,8 +693,11 @@ cdef class CgroupTable:
                 continue
             n = pread_retry(fd, self.buf, BUFSIZE - 1)
             if n < 0:
-                st = status_of(errno)
-                break
+                if k == F_CURRENT:  # only memory.current decides that a cgroup is gone
+                    st = status_of(errno)
+                    break
+                _forget_file(v, k)  # an optional file failing (ENODEV after
+                continue            # cgroup.pressure=0, EACCES, ...) is just unknown
             if k == F_CURRENT:
                 v[0] = parse_max_c(self.buf, n)
             elif k == F_MAX:

@@ -399,12 +399,13 @@ class CgroupTable:
         if fds[0] < 0:
             return False
         try:
-            texts = [_pread(fd) if fd >= 0 else None for fd in fds]
-        except OSError as e:
+            texts = [_pread(fds[0])]
+        except OSError as e:  # only memory.current decides that a cgroup is gone
             self._status[i] = status_for_errno(e.errno)
             if self._status[i] == GONE:
                 self._close(i)
             return False
+        texts.extend(_pread_optional(fd) for fd in fds[1:])
         self._values[i] = _cgroup_sample(*texts)
         self._status[i] = OK
         return True
@@ -431,6 +432,17 @@ class CgroupTable:
 
     def __len__(self) -> int:
         return len(self._fds) - len(self._free)
+
+
+def _pread_optional(fd: int) -> Optional[bytes]:
+    """An optional cgroup file: None (UNKNOWN) if absent or failing (ENODEV after
+    cgroup.pressure=0, EACCES, ...), never a reason to drop the cgroup."""
+    if fd < 0:
+        return None
+    try:
+        return _pread(fd)
+    except OSError:
+        return None
 
 
 def _unknown_cgroup_sample() -> CgroupSample:

@@ -6,6 +6,7 @@ down every signal they receive.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 
 WORK = tempfile.mkdtemp(prefix="memwatchd-scenario-")
 MiB = 1 << 20
@@ -167,3 +169,31 @@ def exited_by(proc: subprocess.Popen, timeout: float = 15):
 
 def result(**fields) -> None:
     print(json.dumps(fields), flush=True)
+
+
+@contextlib.contextmanager
+def cgroup2_sandbox():
+    """A fresh child cgroup of the real cgroup v2 hierarchy, mounted in this scenario's
+    private mount namespace (run_scenario makes one): real kernfs behaviour (ENODEV
+    after removal or cgroup.pressure=0, cgroup.kill, cgroup.procs) on hosts whose
+    /sys/fs/cgroup is v1 or lacks the memory controller. Yields its path; on exit its
+    processes are killed and the cgroup (and any child cgroup) removed."""
+    mnt = tempfile.mkdtemp(prefix="memwatchd-cg2-")
+    subprocess.run(["mount", "-t", "cgroup2", "none", mnt], check=True)
+    path = os.path.join(mnt, "memwatchd-test-" + uuid.uuid4().hex[:12])
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(dirpath, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                try:
+                    os.rmdir(dirpath)
+                    break
+                except OSError:
+                    time.sleep(0.02)
+        subprocess.run(["umount", mnt])
