@@ -197,8 +197,11 @@ class Daemon:
             return actions.is_dead(self.opts.command_pidfd)
         if self.opts.exit_when_idle:
             if self.ticks == 1 and not self.seen_target:
+                off = self.targets.off
                 raise TargetGone("nothing to watch: " + "; ".join(
-                    f"{w.name} ({w.kind} {w.selector}) matched nothing" for w in self.config.watches))
+                    f"{w.name} ({w.kind} {w.selector}) "
+                    + (f"is off ({off[w.name]})" if w.name in off else "matched nothing")
+                    for w in self.config.watches))
             return not self.targets.targets
         return False
 

@@ -26,6 +26,32 @@ from memwatchd.types import (GONE, OK, AccessDenied, Candidate, MemwatchdError, 
 
 RESCAN_INTERVAL = 2.0     # seconds between re-resolving globs, regexes, pidfiles and units
 SYSTEMCTL_TIMEOUT = 10.0
+SYSTEMD_RUNTIME_DIR = "/run/systemd/system"   # exists iff systemd is PID 1 (sd_booted(3))
+_WARNED_MAX = 1024        # distinct problems remembered (and so logged once) per config
+
+
+# ------------------------------------------------------------ what the host offers
+
+def cgroup_v2_memory(cgroup_root: str = CGROUP_ROOT) -> bool:
+    """Is cgroup_root a cgroup v2 hierarchy with the memory controller? Its root's
+    cgroup.controllers lists "memory" then; a v1 or hybrid /sys/fs/cgroup (a tmpfs of
+    v1 mounts) has no such file, and a v2 tree without the controller does not list it."""
+    try:
+        return b"memory" in read_small(os.path.join(cgroup_root, "cgroup.controllers")).split()
+    except OSError:
+        return False
+
+
+def host_support(cgroup_root: str = CGROUP_ROOT) -> Dict[str, str]:
+    """Why "unit" and "cgroup" watches cannot work here ({} when both can): checked once
+    at start and on reload, said once, so such watches are off instead of "gone" every
+    rescan; process watches and the guard need neither."""
+    off: Dict[str, str] = {}
+    if not cgroup_v2_memory(cgroup_root):
+        off["cgroup"] = off["unit"] = f"{cgroup_root} is not cgroup v2 with the memory controller"
+    if not os.path.isdir(SYSTEMD_RUNTIME_DIR):
+        off["unit"] = "needs systemd as PID 1"
+    return off
 
 
 # ------------------------------------------------------------ /proc helpers
@@ -269,6 +295,9 @@ class TargetSet:
         self.mem_total = self.host.read().mem_total
         self.problems: List[str] = []     # resolution trouble, for the daemon to log
         self.vanished: List[Target] = []  # dropped by a rescan, reported with the next sample
+        self.warned: Set[str] = set()     # problems already logged under this config
+        self.off: Dict[str, str] = {}     # watch name -> why the host cannot serve it
+        self._check_host()
 
     # ---------------------------------------------------------- resolution
 
@@ -284,12 +313,34 @@ class TargetSet:
         self.unit_paths = {n: p for n, p in self.unit_paths.items() if new.get(n) == old.get(n)}
         self.config = config
         self.rescan_at.clear()
+        self.warned.clear()
+        self._check_host()
         return dropped
+
+    def _check_host(self) -> None:
+        """Turn off the unit/cgroup watches this host cannot serve, saying so once."""
+        support = host_support(self.cgroup_root)
+        self.off = {w.name: support[w.kind] for w in self.config.watches if w.kind in support}
+        for name, why in self.off.items():
+            watch = next(w for w in self.config.watches if w.name == name)
+            self.problems.append(f"watch {name} ({watch.kind} {watch.selector}) is off ({why}); "
+                                 f"process watches and the guard keep working")
+
+    def _problem(self, text: str) -> None:
+        """Log a resolution problem once per config, not every tick or rescan."""
+        if text in self.warned:
+            return
+        if len(self.warned) >= _WARNED_MAX:
+            self.warned.clear()
+        self.warned.add(text)
+        self.problems.append(text)
 
     def refresh(self, now: float) -> List[Target]:
         """Resolve every watch whose rescan is due; return the targets added."""
         added: List[Target] = []
         for watch in self.config.watches:
+            if watch.name in self.off:
+                continue
             if now < self.rescan_at.get(watch.name, 0.0):
                 if watch.name in self.unit_paths:
                     added.extend(self._unit_restarted(watch, now))
@@ -298,7 +349,7 @@ class TargetSet:
             try:
                 added.extend(self._resolve(watch, now))
             except (OSError, MemwatchdError) as e:
-                self.problems.append(f"watch {watch.name}: {e}")
+                self._problem(f"watch {watch.name}: {e}")
         return added
 
     def _resolve(self, watch: WatchConfig, now: float) -> List[Target]:
@@ -361,15 +412,15 @@ class TargetSet:
         added = []
         for pid in pids:
             if pid in self.never:
-                self.problems.append(f"watch {watch.name}: refusing to watch memwatchd itself "
-                                     f"or its ancestor (pid {pid})")
+                self._problem(f"watch {watch.name}: refusing to watch memwatchd itself "
+                              f"or its ancestor (pid {pid})")
                 continue
             try:
                 slot = self.processes.add(pid)
             except TargetGone:
                 continue
             except AccessDenied as e:
-                self.problems.append(f"watch {watch.name}: {e}")
+                self._problem(f"watch {watch.name}: {e}")
                 continue
             start = self.processes.start_time(slot)
             key = ("process", pid, start)
@@ -394,7 +445,7 @@ class TargetSet:
             try:
                 slot = self.cgroups.add(self.cgroup_root + path)
             except (TargetGone, AccessDenied) as e:
-                self.problems.append(f"watch {watch.name}: {e}")
+                self._problem(f"watch {watch.name}: {e}")   # e.g. no memory.current
                 continue
             target = Target(key, watch, slot=slot, cgroup=path, comm=path.rsplit("/", 1)[-1],
                             next_due=now)
