@@ -17,7 +17,7 @@ TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never 
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from memwatchd import sampler
+from memwatchd import pidfile, sampler
 from memwatchd.sampler import parse_stat_start_time
 from memwatchd.threadgroup import live_task_dir
 from memwatchd.config import CGROUP_ROOT, Config, WatchConfig
@@ -359,17 +359,22 @@ class TargetSet:
             if watch.name in self.pid_watches_done:
                 return []
             self.pid_watches_done.add(watch.name)
-            return self._attach_pids(watch, [int(watch.selector)], now)
+            # After a restart or reboot the number may name another process: one that
+            # started after the config file was written is not the one it meant.
+            return self._attach_pids(watch, [int(watch.selector)], now,
+                                     not_after=self._config_written, why="the config file")
         if watch.kind == "pidfile":
+            path = str(watch.selector)
             try:
-                pid = int(read_small(str(watch.selector)).split()[0])
-            except (OSError, ValueError, IndexError):
-                return []
+                pid, writer, written = pidfile.read_pidfile(path)
+            except FileNotFoundError:
+                return []   # not written yet (or removed): nothing to watch, no complaint
             if any(t.pid == pid for t in have):
                 return []
             for t in have:  # the pidfile names another process now: follow it
                 self.vanished.append(self.drop(t.key))
-            return self._attach_pids(watch, [pid], now)
+            return self._attach_pids(watch, [pid], now, not_after=written,
+                                     why=f"pidfile {path}", owner=writer)
         if watch.kind == "cmdline":
             pattern = re.compile(str(watch.selector))
             taken = {t.pid for t in have}
@@ -408,11 +413,23 @@ class TargetSet:
             return []
         return self._attach_cgroups(watch, [path], now)
 
-    def _attach_pids(self, watch: WatchConfig, pids: List[int], now: float) -> List[Target]:
+    @property
+    def _config_written(self) -> Optional[float]:
+        """The config file's mtime; None for a config from flags (`watch --pid`: just typed)."""
+        try:
+            return os.stat(self.config.source).st_mtime
+        except (OSError, TypeError, ValueError):
+            return None
+
+    def _attach_pids(self, watch: WatchConfig, pids: List[int], now: float,
+                     not_after: Optional[float] = None, why: str = "",
+                     owner: Optional[int] = None) -> List[Target]:
+        """Targets for these pids. With not_after, a process that started after that time
+        (the file `why` was written) is refused; with owner, one of another user."""
         added = []
         for pid in pids:
-            if pid in self.never:
-                self._problem(f"watch {watch.name}: refusing to watch memwatchd itself "
+            if pid in self.never or pid == 1:
+                self._problem(f"watch {watch.name}: refusing to watch init, memwatchd itself "
                               f"or its ancestor (pid {pid})")
                 continue
             try:
@@ -424,7 +441,10 @@ class TargetSet:
                 continue
             start = self.processes.start_time(slot)
             key = ("process", pid, start)
-            if key in self.targets:
+            refused = self._refusal(pid, start, not_after, why, owner)
+            if key in self.targets or refused:
+                if refused:
+                    self._problem(f"watch {watch.name}: {refused}")
                 self.processes.remove(slot)
                 continue
             target = Target(key, watch, pid=pid, start_time=start, slot=slot,
@@ -435,6 +455,24 @@ class TargetSet:
             self.targets[key] = target
             added.append(target)
         return added
+
+    def _refusal(self, pid: int, start: int, not_after: Optional[float], why: str,
+                 owner: Optional[int]) -> str:
+        """Why process (pid, start) may not be attached ("" if it may): see memwatchd.pidfile."""
+        if not_after is not None and pidfile.started_after(start, not_after):
+            return (f"not watching pid {pid}: it started after {why} was written (stale, and "
+                    f"the PID now names another process?); rewrite {why} to attach it")
+        if owner is not None:
+            uid, _ = process_owner(pid, self.proc)
+            try:   # the uid was read by path: make sure it was still that very process
+                same = _stat_fields(read_small(f"{self.proc}/{pid}/stat"))[1] == start
+            except (OSError, ValueError):
+                same = False
+            if not same or uid != owner:
+                return (f"not watching pid {pid}: {why} is owned by uid {owner}, the process "
+                        f"by uid {uid}; only a root-written pidfile may name another user's "
+                        f"process")
+        return ""
 
     def _attach_cgroups(self, watch: WatchConfig, paths: List[str], now: float) -> List[Target]:
         added = []

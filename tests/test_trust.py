@@ -1,0 +1,95 @@
+"""Issue 11 (sensing and steering): nothing a local user controls - pidfiles, process names,
+command lines, odd thread states - blinds memwatchd, steers it onto a bystander or stalls
+its loop. Real processes in a private PID namespace; a real cgroup v2 where one is needed."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from .pidns import needs_pidns, run_scenario
+
+pytestmark = [needs_pidns, pytest.mark.slow]
+
+
+def test_pidfiles_are_read_like_systemd_reads_pidfile():
+    """A FIFO, a symlink, a value above INT_MAX, a user-owned pidfile naming a root process
+    and a stale pidfile whose PID was reused all name nothing (and are said once); a
+    user-owned pidfile naming that user's own process works; the loop is never held up:
+    a hog watched next to them is stopped as usual."""
+    r = run_scenario(r"""
+def as_nobody():
+    os.setgid(65534); os.setuid(65534)
+
+def write(path, text, uid=0):
+    with open(path, "w") as f:
+        f.write(text)
+    os.chown(path, uid, uid)
+
+root_sleeper = subprocess.Popen(["sleep", "60"])
+nobody_sleeper = subprocess.Popen(["sleep", "60"], preexec_fn=as_nobody)
+userrun = os.path.join(WORK, "userrun")
+os.mkdir(userrun)
+os.chmod(userrun, 0o755)
+os.chown(userrun, 65534, 65534)
+os.mkfifo(os.path.join(WORK, "fifo.pid"))
+write(os.path.join(WORK, "big.pid"), "99999999999\n")
+write(os.path.join(userrun, "forged.pid"), f"{root_sleeper.pid}\n", uid=65534)
+write(os.path.join(userrun, "own.pid"), f"{nobody_sleeper.pid}\n", uid=65534)
+write(os.path.join(WORK, "good.pid"), f"{root_sleeper.pid}\n")
+os.symlink(os.path.join(WORK, "good.pid"), os.path.join(WORK, "link.pid"))
+# A stale pidfile: written now, and only later a new process gets that very PID.
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(nobody_sleeper.pid + 100))
+write(os.path.join(WORK, "stale.pid"), f"{nobody_sleeper.pid + 101}\n")
+time.sleep(1.5)
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(nobody_sleeper.pid + 100))
+reused = subprocess.Popen(["sleep", "60"])
+watches = "".join(f'''
+[[watch]]
+name = "{name}"
+pidfile = "{path}"
+limit = "64K"
+action = "kill"
+''' for name, path in (("fifo", WORK + "/fifo.pid"), ("big", WORK + "/big.pid"),
+                       ("forged", userrun + "/forged.pid"), ("own", userrun + "/own.pid"),
+                       ("link", WORK + "/link.pid"), ("stale", WORK + "/stale.pid")))
+watches += '''
+[[watch]]
+name = "hogs"
+cmdline = "hog-x$"
+limit = "100M"
+grace = "1s"
+'''
+d = start_watching(watches)
+wait_for(lambda: "watching hogs" in daemon_log() or d.poll() is not None, 10)
+started = time.time()
+hog = start_hog("hog-x", rate_mib=200, cap_mib=400, seconds=20, on_term="ignore")
+hog_fate = exited_by(hog, 20)
+hog_seconds = time.time() - started
+nobody_fate = exited_by(nobody_sleeper, 5)
+time.sleep(2.5)   # a second rescan: nothing is said twice
+alive = {"root": root_sleeper.poll() is None, "reused": reused.poll() is None,
+         "daemon": d.poll() is None}
+stop(d, signal.SIGTERM)
+for p in (root_sleeper, reused):
+    stop(p)
+result(nobody_pid=nobody_sleeper.pid, hog_pid=hog.pid, hog_fate=hog_fate, hog_seconds=hog_seconds, nobody_fate=nobody_fate, alive=alive,
+       same_pid=reused.pid == nobody_sleeper.pid + 101, log=daemon_log(),
+       events=read_events(EVENTS))
+""", timeout=90)
+    log = r["log"]
+    assert r["same_pid"], "could not force PID reuse"
+    assert r["alive"] == {"root": True, "reused": True, "daemon": True}, log
+    assert r["hog_fate"] == -signal.SIGKILL and r["hog_seconds"] < 15, log
+    assert r["nobody_fate"] == -signal.SIGKILL, log          # its own pidfile: watched
+    assert "fifo.pid is not a regular file" in log
+    assert "big.pid does not hold a PID" in log
+    assert "forged.pid is owned by uid 65534, the process by uid 0" in log
+    assert "stale.pid was written" in log
+    assert "link.pid is a symlink" in log
+    for needle in ("fifo.pid", "big.pid", "forged.pid", "stale.pid", "link.pid"):
+        assert sum(needle in line for line in log.splitlines()) == 1, (needle, log)
+    killed = {e["pid"] for e in r["events"] if e["type"] == "decision"}
+    assert killed == {r["nobody_pid"], r["hog_pid"]}, log
