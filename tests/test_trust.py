@@ -93,3 +93,47 @@ result(nobody_pid=nobody_sleeper.pid, hog_pid=hog.pid, hog_fate=hog_fate, hog_se
         assert sum(needle in line for line in log.splitlines()) == 1, (needle, log)
     killed = {e["pid"] for e in r["events"] if e["type"] == "decision"}
     assert killed == {r["nobody_pid"], r["hog_pid"]}, log
+
+
+def test_a_pid_watch_after_a_restart_refuses_a_process_younger_than_the_config():
+    """`pid = N` names the process that had that PID when the config was written. After a
+    restart or reboot N may name a newcomer: one that started after the config file was
+    last written is refused (and said); an older one is watched."""
+    r = run_scenario(r"""
+old = subprocess.Popen(["sleep", "60"])
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(old.pid + 50))
+path = write_config(f'''
+[daemon]
+events = "{EVENTS}"
+state = ""
+[guard]
+enabled = false
+[[watch]]
+name = "old"
+pid = {old.pid}
+limit = "64K"
+action = "kill"
+[[watch]]
+name = "young"
+pid = {old.pid + 51}
+limit = "64K"
+action = "kill"
+''')
+time.sleep(1.5)
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(old.pid + 50))
+young = subprocess.Popen(["sleep", "60"])          # the daemon "restarts" after this
+log = open(os.path.join(WORK, "daemon.log"), "w")
+d = subprocess.Popen([sys.executable, "-m", "memwatchd", "run", "--config", path],
+                     stdout=log, stderr=log)
+old_fate = exited_by(old, 10)
+time.sleep(1.0)
+young_alive = young.poll() is None
+stop(young); stop(d, signal.SIGTERM)
+result(same_pid=young.pid == old.pid + 51, old_fate=old_fate, young_alive=young_alive,
+       log=daemon_log())
+""")
+    assert r["same_pid"], "could not place the newcomer on the PID"
+    assert r["old_fate"] == -signal.SIGKILL and r["young_alive"], r["log"]
+    assert "it started after the config file was written" in r["log"]
