@@ -571,12 +571,14 @@ cdef inline void _forget_file(int64_t *v, int k) noexcept nogil:
 cdef class CgroupTable:
     """A set of cgroup v2 directories whose memory files are sampled together.
 
-    add(path) opens memory.current (required; its absence means the cgroup is
-    gone or has no memory controller) and whichever optional files exist.
+    add(path) opens the directory (kept: dirfd(slot)), memory.current (required;
+    its absence means the cgroup is gone or has no memory controller) and
+    whichever optional files exist.
     A removed cgroup's memory.current fails with ENODEV/ENOENT, which turns the
     slot GONE; an optional file that fails to read only reads as UNKNOWN.
     """
     cdef int *fds            # capacity * NFILES
+    cdef int *dirfds         # the cgroup directory itself, held from selection to action
     cdef int64_t *values     # capacity * NVALUES
     cdef signed char *statuses
     cdef Py_ssize_t capacity
@@ -602,13 +604,17 @@ cdef class CgroupTable:
             for i in range(self.used * NFILES):
                 if self.fds[i] >= 0:
                     close(self.fds[i])
-        free(self.fds); free(self.values); free(self.statuses)
+            for i in range(self.used):
+                if self.dirfds[i] >= 0:
+                    close(self.dirfds[i])
+        free(self.fds); free(self.dirfds); free(self.values); free(self.statuses)
 
     cdef _grow(self, Py_ssize_t newcap):
         self.fds = <int *>realloc(self.fds, newcap * NFILES * sizeof(int))
+        self.dirfds = <int *>realloc(self.dirfds, newcap * sizeof(int))
         self.values = <int64_t *>realloc(self.values, newcap * NVALUES * sizeof(int64_t))
         self.statuses = <signed char *>realloc(self.statuses, newcap)
-        if self.fds == NULL or self.values == NULL or self.statuses == NULL:
+        if self.fds == NULL or self.dirfds == NULL or self.values == NULL or self.statuses == NULL:
             raise MemoryError()
         self.capacity = newcap
 
@@ -620,14 +626,12 @@ cdef class CgroupTable:
         cdef int opened[NFILES]
         if dirfd < 0:
             _types.raise_for_status(status_of(errno), f"cgroup {path}")
-        try:
-            for k in range(NFILES):
-                opened[k] = openat(dirfd, os.fsencode(CGROUP_FILES[k]), O_RDONLY | O_CLOEXEC)
-                if opened[k] < 0 and k == F_CURRENT:
-                    err = errno
-                    _types.raise_for_status(status_of(err), f"cgroup {path}: memory.current")
-        finally:
-            close(dirfd)
+        for k in range(NFILES):
+            opened[k] = openat(dirfd, os.fsencode(CGROUP_FILES[k]), O_RDONLY | O_CLOEXEC)
+            if opened[k] < 0 and k == F_CURRENT:   # the first one: nothing else to close
+                err = errno
+                close(dirfd)
+                _types.raise_for_status(status_of(err), f"cgroup {path}: memory.current")
         cdef Py_ssize_t slot
         if self.free_slots:
             slot = self.free_slots.pop()
@@ -640,6 +644,7 @@ cdef class CgroupTable:
             self.paths.append(path)
         for k in range(NFILES):
             self.fds[slot * NFILES + k] = opened[k]
+        self.dirfds[slot] = dirfd
         for k in range(NVALUES):
             self.values[slot * NVALUES + k] = _types.UNKNOWN
         self.statuses[slot] = _types.OK
@@ -647,6 +652,9 @@ cdef class CgroupTable:
 
     cdef _close_slot(self, Py_ssize_t slot):
         cdef int k
+        if self.dirfds[slot] >= 0:
+            close(self.dirfds[slot])
+            self.dirfds[slot] = -1
         for k in range(NFILES):
             if self.fds[slot * NFILES + k] >= 0:
                 close(self.fds[slot * NFILES + k])
@@ -734,6 +742,13 @@ cdef class CgroupTable:
     def path(self, Py_ssize_t slot):
         self._check(slot)
         return self.paths[slot]
+
+    def dirfd(self, Py_ssize_t slot):
+        """The cgroup directory opened by add() (-1 once GONE or removed): actions open
+        cgroup.kill/cgroup.procs relative to it, so a cgroup removed and re-created at
+        the same path is never mistaken for the one that was selected."""
+        self._check(slot)
+        return self.dirfds[slot]
 
     def get(self, Py_ssize_t slot):
         """The last sample of a slot as a CgroupSample."""

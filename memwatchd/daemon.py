@@ -375,10 +375,10 @@ class Daemon:
         self.last_action = f"{action} {decision.watch} ({decision.reason})"
         cgroup_dir = self.opts.cgroup_root + cgroup if cgroup else ""
         if decision.kind == "throttle":
-            actions.set_memory_high(cgroup_dir, decision.limit)
+            actions.set_memory_high(cgroup_dir, decision.limit, self.targets.cgroup_fd(decision.key))
             log(WARNING, f"{what}: memory.high set to {_mib(decision.limit)}")
         elif decision.kind == "freeze":
-            actions.set_frozen(cgroup_dir, True)
+            actions.set_frozen(cgroup_dir, True, self.targets.cgroup_fd(decision.key))
             log(WARNING, f"{what}: cgroup frozen")
         else:
             self._signal(decision, record, scope, pid, start, cgroup_dir, usage)
@@ -397,8 +397,8 @@ class Daemon:
         sig = decision.signal
         proc_root = self.opts.proc_root
         try:
-            if scope == "cgroup":
-                pidfds = actions.signal_cgroup(cgroup_dir, sig)
+            if scope == "cgroup":  # through the directory held since selection
+                pidfds = actions.signal_cgroup(cgroup_dir, sig, self.targets.cgroup_fd(decision.key))
             elif scope == "tree":
                 pidfds = actions.signal_tree(pid, start, sig, proc_root)
             else:

@@ -331,6 +331,7 @@ class CgroupTable:
         self._values: List[Optional[CgroupSample]] = []
         self._status: List[int] = []
         self._paths: List[Optional[str]] = []
+        self._dirfds: List[int] = []      # the directory, held from selection to action
         self._free: List[int] = []
 
     def __del__(self):
@@ -338,6 +339,9 @@ class CgroupTable:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
+        for fd in getattr(self, "_dirfds", ()):
+            if fd is not None and fd >= 0:
+                os.close(fd)
 
     def add(self, path) -> int:
         """Open the memory files of a cgroup directory; return its slot."""
@@ -347,33 +351,33 @@ class CgroupTable:
         except OSError as e:
             raise_for_status(status_for_errno(e.errno), what)
         fds = []
-        try:
-            for name in CGROUP_FILES:
-                try:
-                    fds.append(_open_at(name, dirfd))
-                except OSError as e:
-                    if name == "memory.current":
-                        raise_for_status(status_for_errno(e.errno), f"{what}: memory.current")
-                    fds.append(-1)
-        finally:
-            os.close(dirfd)
+        for name in CGROUP_FILES:
+            try:
+                fds.append(_open_at(name, dirfd))
+            except OSError as e:
+                if name == "memory.current":   # the first one: nothing else to close
+                    os.close(dirfd)
+                    raise_for_status(status_for_errno(e.errno), f"{what}: memory.current")
+                fds.append(-1)
         if self._free:
             slot = self._free.pop()
         else:
             slot = len(self._fds)
-            for column in (self._fds, self._values, self._status, self._paths):
+            for column in (self._fds, self._values, self._status, self._paths, self._dirfds):
                 column.append(None)
         self._fds[slot] = fds
+        self._dirfds[slot] = dirfd
         self._paths[slot] = path
         self._status[slot] = OK
         self._values[slot] = _unknown_cgroup_sample()
         return slot
 
     def _close(self, slot: int) -> None:
-        for fd in self._fds[slot]:
+        for fd in self._fds[slot] + [self._dirfds[slot]]:
             if fd >= 0:
                 os.close(fd)
         self._fds[slot] = [-1] * len(CGROUP_FILES)
+        self._dirfds[slot] = -1
 
     def remove(self, slot: int) -> None:
         self._check(slot)
@@ -425,6 +429,11 @@ class CgroupTable:
     def path(self, slot: int):
         self._check(slot)
         return self._paths[slot]
+
+    def dirfd(self, slot: int) -> int:
+        """The cgroup directory opened by add() (-1 once GONE or removed)."""
+        self._check(slot)
+        return self._dirfds[slot]
 
     def get(self, slot: int) -> CgroupSample:
         self._check(slot)

@@ -474,11 +474,22 @@ class TargetSet:
                         f"process")
         return ""
 
+    def _vital_cgroups(self) -> Set[str]:
+        """The cgroups of init, memwatchd and its ancestors (as /proc/<pid>/cgroup says)."""
+        return {read_cgroup(pid, self.proc) for pid in self.never | {1}} - {""}
+
     def _attach_cgroups(self, watch: WatchConfig, paths: List[str], now: float) -> List[Target]:
         added = []
+        vital = self._vital_cgroups() if paths else set()
         for path in paths:
             key = ("cgroup", path)
             if key in self.targets:
+                continue
+            if any(v == path or v.startswith(path.rstrip("/") + "/") for v in vital):
+                # e.g. a glob matching /init.scope or the slice memwatchd runs in:
+                # never signalled, frozen or throttled (actions check again at action time)
+                self._problem(f"watch {watch.name}: not watching cgroup {path}: it holds init "
+                              f"or memwatchd, or is above one that does")
                 continue
             try:
                 slot = self.cgroups.add(self.cgroup_root + path)
@@ -490,6 +501,12 @@ class TargetSet:
             self.targets[key] = target
             added.append(target)
         return added
+
+    def cgroup_fd(self, key: tuple) -> Optional[int]:
+        """The directory fd a cgroup target was selected by (-1 once gone); None for a
+        process target. Actions go through it, never through the path again."""
+        t = self.targets.get(key)
+        return self.cgroups.dirfd(t.slot) if t is not None and t.is_cgroup else None
 
     def drop(self, key: tuple) -> Optional[Target]:
         """Forget a target and close its fds."""

@@ -137,3 +137,81 @@ result(same_pid=young.pid == old.pid + 51, old_fate=old_fate, young_alive=young_
     assert r["same_pid"], "could not place the newcomer on the PID"
     assert r["old_fate"] == -signal.SIGKILL and r["young_alive"], r["log"]
     assert "it started after the config file was written" in r["log"]
+
+
+def test_a_cgroup_is_acted_on_through_the_directory_selected_never_its_successor():
+    """A real cgroup v2: the directory fd taken at selection outlives a removal; a cgroup
+    re-created at the same path (with a newcomer in it) is never signalled, frozen or
+    throttled through it. The live one is still killed (cgroup.kill) through its fd."""
+    r = run_scenario(r"""
+from memwatchd import actions
+from memwatchd.types import TargetGone
+def enter(cg, proc):
+    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+        f.write(str(proc.pid))
+outcomes = {}
+with cgroup2_sandbox() as top:
+    box = os.path.join(top, "box")
+    os.mkdir(box)
+    old = subprocess.Popen(["sleep", "60"]); enter(box, old)
+    held = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+    enter(top, old); os.rmdir(box); os.mkdir(box)           # removed, then re-created
+    newcomer = subprocess.Popen(["sleep", "60"]); enter(box, newcomer)
+    for name, act in (("kill", lambda: actions.signal_cgroup(box, signal.SIGKILL, held)),
+                      ("term", lambda: actions.signal_cgroup(box, signal.SIGTERM, held)),
+                      ("freeze", lambda: actions.set_frozen(box, True, held))):
+        try:
+            act()
+            outcomes[name] = "acted"
+        except TargetGone:
+            outcomes[name] = "gone"
+    time.sleep(0.2)
+    with open(os.path.join(box, "cgroup.freeze")) as f:
+        frozen = f.read().strip()
+    newcomer_alive = newcomer.poll() is None
+    live = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+    fds = actions.signal_cgroup(box, signal.SIGKILL, live)
+    newcomer_fate = exited_by(newcomer, 5)
+    stop(old)
+result(outcomes=outcomes, frozen=frozen, newcomer_alive=newcomer_alive,
+       newcomer_fate=newcomer_fate)
+""")
+    assert r["outcomes"] == {"kill": "gone", "term": "gone", "freeze": "gone"}, r
+    assert r["newcomer_alive"] and r["frozen"] == "0"
+    assert r["newcomer_fate"] == -signal.SIGKILL
+
+
+def test_a_glob_never_selects_init_memwatchd_or_a_cgroup_above_them(tmp_path):
+    """PID 1 runs in <top>/init.scope of a real cgroup v2; globs over a fake cgroup root
+    laid out the same way select the sibling, never init.scope nor its parent, and say so
+    once."""
+    r = run_scenario(r"""
+from memwatchd.config import parse_config
+from memwatchd.targets import TargetSet
+with cgroup2_sandbox() as top:
+    name = os.path.basename(top)
+    os.mkdir(os.path.join(top, "init.scope"))
+    with open(os.path.join(top, "init.scope", "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))                            # we are PID 1 here
+    fake = os.path.join(WORK, "cgroot")
+    for rel in (name, f"{name}/init.scope", f"{name}/app.service"):
+        os.makedirs(os.path.join(fake, rel))
+        with open(os.path.join(fake, rel, "memory.current"), "w") as f:
+            f.write("4096\n")
+    with open(os.path.join(fake, "cgroup.controllers"), "w") as f:
+        f.write("memory\n")
+    cfg = parse_config({"daemon": {"events": "", "state": ""}, "guard": {"enabled": False},
+                        "watch": [{"name": "all", "cgroup": f"/{name}/*", "limit": "1G"},
+                                  {"name": "top", "cgroup": "/*", "limit": "1G"}]}, "t")
+    ts = TargetSet(cfg, cgroup_root=fake, never={os.getpid()})
+    attached = [t.cgroup for t in ts.refresh(0.0)] + [t.cgroup for t in ts.refresh(5.0)]
+    problems = ts.problems
+    with open(os.path.join(top, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))                            # out again, for the cleanup
+result(attached=attached, problems=problems, name=name)
+""")
+    name = r["name"]
+    assert r["attached"] == [f"/{name}/app.service"], r
+    assert len(r["problems"]) == 2, r["problems"]
+    assert f"cgroup /{name}/init.scope: it holds init" in r["problems"][0]
+    assert f"cgroup /{name}: it holds init" in r["problems"][1]
