@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import stat
+import time
 TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from memwatchd import pidfile, sampler
+from memwatchd import cmdmatch, pidfile, sampler
 from memwatchd.sampler import parse_stat_start_time
 from memwatchd.threadgroup import live_task_dir
 from memwatchd.config import CGROUP_ROOT, Config, WatchConfig
@@ -296,6 +296,8 @@ class TargetSet:
         self.problems: List[str] = []     # resolution trouble, for the daemon to log
         self.vanished: List[Target] = []  # dropped by a rescan, reported with the next sample
         self.warned: Set[str] = set()     # problems already logged under this config
+        self.scans: Dict[str, cmdmatch.CmdlineScan] = {}   # cmdline watch -> its matching
+        self._work_until = 0.0            # this tick's cmdline budget ends (perf_counter)
         self.off: Dict[str, str] = {}     # watch name -> why the host cannot serve it
         self._check_host()
 
@@ -310,6 +312,7 @@ class TargetSet:
         for key in dropped:
             self.drop(key)
         self.pid_watches_done = {n for n in self.pid_watches_done if new.get(n) == old.get(n)}
+        self.scans = {n: s for n, s in self.scans.items() if new.get(n) == old.get(n)}
         self.unit_paths = {n: p for n, p in self.unit_paths.items() if new.get(n) == old.get(n)}
         self.config = config
         self.rescan_at.clear()
@@ -338,6 +341,7 @@ class TargetSet:
     def refresh(self, now: float) -> List[Target]:
         """Resolve every watch whose rescan is due; return the targets added."""
         added: List[Target] = []
+        self._work_until = time.perf_counter() + cmdmatch.BUDGET
         for watch in self.config.watches:
             if watch.name in self.off:
                 continue
@@ -376,10 +380,23 @@ class TargetSet:
             return self._attach_pids(watch, [pid], now, not_after=written,
                                      why=f"pidfile {path}", owner=writer)
         if watch.kind == "cmdline":
-            pattern = re.compile(str(watch.selector))
-            taken = {t.pid for t in have}
-            matches = [pid for pid in list_pids(self.proc) if pid not in taken
-                       and pid not in self.never and pattern.search(read_cmdline(pid, self.proc))]
+            # Bounded work (memwatchd.cmdmatch): verdicts cached per program, a budget per
+            # tick shared by all cmdline watches, a deadline per regex search.
+            scan = self.scans.get(watch.name)
+            if scan is None or scan.pattern.pattern != str(watch.selector):
+                scan = self.scans[watch.name] = cmdmatch.CmdlineScan(str(watch.selector))
+            slow: List[Tuple[int, int]] = []
+            with cmdmatch.Alarm() as alarm:
+                matches, complete = scan.step(
+                    lambda: list_pids(self.proc), lambda p: cmdmatch.program_identity(self.proc, p),
+                    lambda p: read_cmdline(p, self.proc), {t.pid for t in have} | self.never,
+                    self._work_until, alarm, slow)
+            for pid, length in slow:
+                self._problem(f"watch {watch.name}: the cmdline regex took over "
+                              f"{cmdmatch.MATCH_DEADLINE * 1000:.0f} ms on pid {pid} (a "
+                              f"{length}-character command line): not matched")
+            if not complete:
+                self.rescan_at[watch.name] = now   # the rest on the next tick
             return self._attach_pids(watch, matches, now)
         if watch.kind == "unit":
             if have:

@@ -1,0 +1,144 @@
+"""Matching an operator's cmdline regex against command lines users control, in bounded time.
+
+A command line is up to 64 KiB of whatever its owner chose, and a regex as plain
+as ``train.*--epochs.*gpu`` backtracks polynomially: 7 s on one crafted 16 KiB
+line. The loop that does this also samples and signals every other target, so:
+
+* each program is read and matched once: verdicts are cached by (pid, start time,
+  comm) - comm changes when a process execs another program (a wrapper such as
+  `sh -c "exec train ..."`), which is judged anew - and a rescan reads only the
+  stat of processes it has judged;
+* all cmdline work of one tick (reading stat and cmdline, matching) stops when
+  the tick's budget is spent (BUDGET) and resumes on the next tick, so a flood of
+  new processes delays the loop by at most the budget plus one step;
+* a single match is interrupted after MATCH_DEADLINE: Python's regex engine checks
+  for signals as it runs, so a one-shot SIGALRM (setitimer) ends it. Such a
+  process counts as not matching (its owner could as well have chosen another
+  name) and is said once. Off the main thread no alarm can be used; the budget
+  still bounds the rest.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Set, Tuple
+
+BUDGET = 0.004          # seconds of cmdline work per tick, over all cmdline watches
+MATCH_DEADLINE = 0.002  # seconds one regex search may take
+
+
+class _Deadline(Exception):
+    pass
+
+
+_armed = False
+
+
+def _on_alarm(signum, frame) -> None:
+    if _armed:
+        raise _Deadline()
+
+
+class Alarm:
+    """SIGALRM armed around each search (main thread only); restores the old handler."""
+
+    def __init__(self) -> None:
+        self.old = None
+        self.usable = False
+
+    def __enter__(self) -> "Alarm":
+        try:
+            self.old = signal.signal(signal.SIGALRM, _on_alarm)
+            self.usable = True
+        except ValueError:  # not the main thread
+            self.usable = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.usable:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+
+    def search(self, pattern: "re.Pattern", text: str) -> Optional[bool]:
+        """True/False, or None if the search ran past MATCH_DEADLINE."""
+        global _armed
+        if not self.usable:
+            return pattern.search(text) is not None
+        try:
+            signal.setitimer(signal.ITIMER_REAL, MATCH_DEADLINE)
+            _armed = True
+            found = pattern.search(text) is not None
+            _armed = False
+        except _Deadline:
+            _armed = False
+            return None
+        finally:
+            _armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return found
+
+
+class CmdlineScan:
+    """One cmdline watch: cached verdicts and the rest of an unfinished pass."""
+
+    __slots__ = ("pattern", "verdicts", "todo")
+
+    def __init__(self, regex: str) -> None:
+        self.pattern = re.compile(regex)
+        self.verdicts: Dict[int, Tuple[bytes, bool]] = {}   # pid -> (identity, matched)
+        self.todo: List[int] = []
+
+    def step(self, pids: Callable[[], List[int]], identity: Callable[[int], Optional[bytes]],
+             cmdline: Callable[[int], str], skip: Set[int], deadline: float,
+             alarm: Alarm, slow: List[Tuple[int, int]]) -> Tuple[List[int], bool]:
+        """Go on judging processes until `deadline` (time.perf_counter()); return the
+        newly matching pids and whether the pass is complete. A new pass starts (from
+        pids()) when the last one completed; verdicts of processes gone are dropped.
+        Searches that ran too long are appended to `slow` as (pid, cmdline length)."""
+        if not self.todo:
+            self.todo = pids()
+            alive = set(self.todo)
+            self.verdicts = {p: v for p, v in self.verdicts.items() if p in alive}
+            self.todo.reverse()          # pop() from the end: oldest PIDs first
+        found: List[int] = []
+        while self.todo:
+            if time.perf_counter() >= deadline:
+                return found, False
+            pid = self.todo.pop()
+            if pid in skip:
+                continue
+            ident = identity(pid)
+            if ident is None:
+                self.verdicts.pop(pid, None)
+                continue           # exited
+            known = self.verdicts.get(pid)
+            if known is not None and known[0] == ident:
+                continue           # judged once already: a match is attached or refused
+            text = cmdline(pid)
+            verdict = alarm.search(self.pattern, text)
+            if verdict is None:
+                slow.append((pid, len(text)))
+                verdict = False
+            self.verdicts[pid] = (ident, verdict)
+            if verdict:
+                found.append(pid)
+        return found, True
+
+
+def program_identity(proc: str, pid: int) -> Optional[bytes]:
+    """comm and start time from /proc/<pid>/stat: the same process running the same
+    program (None if it has exited). Everything up to the last ')' is pid and comm."""
+    try:
+        with open(os.path.join(proc, str(pid), "stat"), "rb", buffering=0) as f:
+            data = f.read(4096)
+    except OSError:
+        return None
+    close = data.rfind(b")")
+    fields = data[close + 2:].split()
+    if close < 0 or len(fields) < 20:
+        return None
+    return data[:close + 1] + b" " + fields[19]
