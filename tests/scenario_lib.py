@@ -63,11 +63,11 @@ LEADER_EXITS = textwrap.dedent("""
     import ctypes, os, sys, threading, time
     size, seconds = int(sys.argv[1]), float(sys.argv[2])
     def worker():
-        block = bytearray(size)
-        for i in range(0, size, 4096):
-            block[i] = 1
         while open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
             time.sleep(0.01)                  # wait until the leader is a zombie
+        block = bytearray(size)               # only then grow: all of it after the exit
+        for i in range(0, size, 4096):
+            block[i] = 1
         print("ready", flush=True)
         time.sleep(seconds)
         os._exit(0)

@@ -253,3 +253,95 @@ def test_long_cmdlines_and_a_backtracking_regex_never_hold_up_the_loop():
     assert r["found_at"] is not None and r["found_at"] < 3.0, r
     slow = [p for p in r["problems"] if "cmdline regex took over" in p]
     assert len(slow) == 20 and all("65536-character" in p for p in slow), r["problems"]
+
+
+GUARD = r"""
+import psutil
+def guard_config(extra=""):
+    floor = psutil.virtual_memory().available + (300 << 20)   # already below: it fires
+    return f'''
+[daemon]
+events = "{EVENTS}"
+state = ""
+cooldown = "30s"
+[guard]
+min_available = "{floor}"
+kill_available = "1M"
+grace = "1s"
+[protect]
+names = ["sshd"]
+cgroups = []
+{extra}'''
+"""
+
+
+def test_a_process_whose_main_thread_exited_is_watched_and_stopped():
+    """`watch -- CMD` where CMD's main thread calls pthread_exit() while a worker holds
+    300 MiB: it is stopped for memory (exit 120), not left alone as "gone"."""
+    r = run_scenario(r"""
+p = subprocess.run([sys.executable, "-m", "memwatchd", "watch", "--limit", "100M", "--grace",
+                    "1s", "--", sys.executable, "-c", LEADER_EXITS, str(300 << 20), "20"],
+                   capture_output=True, text=True, timeout=60)
+result(rc=p.returncode, err=p.stderr)
+""")
+    assert r["rc"] == 120, r["err"]
+    assert "stopped" in r["err"] and "over its limit of 100 MiB" in r["err"]
+
+
+def test_the_guard_sees_a_process_whose_main_thread_exited():
+    """The largest process has a zombie leader (statm reads zeros): the guard still ranks
+    it by its real size and stops it, not the next largest."""
+    r = run_scenario(GUARD + r"""
+big = subprocess.Popen([sys.executable, "-c", LEADER_EXITS, str(600 << 20), "25"],
+                       stdout=subprocess.PIPE, text=True)
+assert big.stdout.readline().strip() == "ready"
+small = start_hog("small", rate_mib=400, cap_mib=120, seconds=25)
+time.sleep(0.5)
+d = start_daemon(guard_config())
+big_fate = exited_by(big, 15)
+time.sleep(0.5)
+small_alive = small.poll() is None
+stop(small); stop(d, signal.SIGTERM)
+result(big_fate=big_fate, big_pid=big.pid, small_alive=small_alive, events=read_events(EVENTS),
+       log=daemon_log())
+""")
+    assert r["big_fate"] == -signal.SIGTERM and r["small_alive"], r["log"]
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert decision["target"] == "guard" and decision["pid"] == r["big_pid"]
+    assert decision["usage_bytes"] >= 600 << 20
+
+
+def test_a_forged_protected_name_protects_nothing():
+    """An unprivileged user's process named "sshd" is the largest but one: the guard stops
+    it. A root process named "sshd" running a root-owned executable stays protected."""
+    r = run_scenario(GUARD + r"""
+user_python = "/usr/bin/python3"
+if not os.path.exists(user_python):
+    result(skip="no /usr/bin/python3 an unprivileged user may run")
+    raise SystemExit(0)
+os.chmod(WORK, 0o755)
+mine = os.path.join(WORK, "nobody")
+os.mkdir(mine, 0o777); os.chmod(mine, 0o777)
+def as_nobody():
+    os.setgid(65534); os.setuid(65534)
+forged = subprocess.Popen([user_python, "-c", HOG, "400", "500", "25", "exit",
+                           os.path.join(mine, "forged.signals"), "/nonexistent", "sshd"],
+                          preexec_fn=as_nobody)
+real = start_hog("sshd", rate_mib=400, cap_mib=700, seconds=25)
+small = start_hog("small", rate_mib=400, cap_mib=120, seconds=25)
+wait_for(lambda: psutil.Process(real.pid).memory_info().rss > 650 << 20
+         and psutil.Process(forged.pid).memory_info().rss > 450 << 20, 10)
+d = start_daemon(guard_config())
+forged_fate = exited_by(forged, 15)
+time.sleep(0.5)
+alive = {"real": real.poll() is None, "small": small.poll() is None}
+stop(real); stop(small); stop(d, signal.SIGTERM)
+result(forged_fate=forged_fate, forged_pid=forged.pid, alive=alive, real=hog_signals("sshd"),
+       events=read_events(EVENTS), log=daemon_log())
+""")
+    if r.get("skip"):
+        pytest.skip(r["skip"])
+    assert r["forged_fate"] == 0, r["log"]                 # SIGTERM: the hog exits 0
+    assert r["alive"] == {"real": True, "small": True} and r["real"] == [], r["log"]
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert decision["pid"] == r["forged_pid"] and decision["comm"] == "sshd"
