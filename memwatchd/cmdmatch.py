@@ -19,7 +19,6 @@ line. The loop that does this also samples and signals every other target, so:
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -68,18 +67,15 @@ class Alarm:
         global _armed
         if not self.usable:
             return pattern.search(text) is not None
+        signal.setitimer(signal.ITIMER_REAL, MATCH_DEADLINE)
+        _armed = True
         try:
-            signal.setitimer(signal.ITIMER_REAL, MATCH_DEADLINE)
-            _armed = True
-            found = pattern.search(text) is not None
-            _armed = False
-        except _Deadline:
-            _armed = False
+            return pattern.search(text) is not None
+        except _Deadline:   # also when it fired just as the search returned: harmless
             return None
         finally:
-            _armed = False
+            _armed = False  # first: from here on a late alarm is ignored
             signal.setitimer(signal.ITIMER_REAL, 0)
-        return found
 
 
 class CmdlineScan:
@@ -127,18 +123,3 @@ class CmdlineScan:
             if verdict:
                 found.append(pid)
         return found, True
-
-
-def program_identity(proc: str, pid: int) -> Optional[bytes]:
-    """comm and start time from /proc/<pid>/stat: the same process running the same
-    program (None if it has exited). Everything up to the last ')' is pid and comm."""
-    try:
-        with open(os.path.join(proc, str(pid), "stat"), "rb", buffering=0) as f:
-            data = f.read(4096)
-    except OSError:
-        return None
-    close = data.rfind(b")")
-    fields = data[close + 2:].split()
-    if close < 0 or len(fields) < 20:
-        return None
-    return data[:close + 1] + b" " + fields[19]

@@ -81,6 +81,16 @@ def read_cmdline(pid: int, proc: str = "/proc") -> str:
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "backslashreplace")
 
 
+def program_identity(pid: int, proc: str = "/proc") -> Optional[bytes]:
+    """pid, comm and start time from /proc/<pid>/stat: the same process running the same
+    program (comm changes on exec); None if it has exited."""
+    try:
+        data = read_small(f"{proc}/{pid}/stat")
+        return data[:data.rfind(b")") + 1] + b" %d" % parse_stat_start_time(data)
+    except (OSError, ValueError):
+        return None
+
+
 def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, bool]:
     """(real uid, whether its executable is a root-owned regular file nobody else may write).
 
@@ -388,7 +398,7 @@ class TargetSet:
             slow: List[Tuple[int, int]] = []
             with cmdmatch.Alarm() as alarm:
                 matches, complete = scan.step(
-                    lambda: list_pids(self.proc), lambda p: cmdmatch.program_identity(self.proc, p),
+                    lambda: list_pids(self.proc), lambda p: program_identity(p, self.proc),
                     lambda p: read_cmdline(p, self.proc), {t.pid for t in have} | self.never,
                     self._work_until, alarm, slow)
             for pid, length in slow:

@@ -345,3 +345,25 @@ result(forged_fate=forged_fate, forged_pid=forged.pid, alive=alive, real=hog_sig
     assert r["alive"] == {"real": True, "small": True} and r["real"] == [], r["log"]
     decision = next(e for e in r["events"] if e["type"] == "decision")
     assert decision["pid"] == r["forged_pid"] and decision["comm"] == "sshd"
+
+
+def test_a_cmdline_verdict_is_judged_again_after_exec():
+    """Verdicts are cached per program, not per PID: a wrapper that execs the real job
+    (`sh -c "...; exec python3 ... train"`) is matched once it is the job."""
+    r = run_scenario(r"""
+from memwatchd.config import parse_config
+from memwatchd.targets import TargetSet
+job = "import time; time.sleep(30)"
+wrapper = subprocess.Popen(["sh", "-c", f"sleep 1; exec {sys.executable} -c '{job}' train"])
+cfg = parse_config({"daemon": {"events": "", "state": ""}, "guard": {"enabled": False},
+                    "watch": [{"name": "jobs", "cmdline": r"^\S*python\S* -c .* train$",
+                               "limit": "100G"}]}, "t")
+ts = TargetSet(cfg, never={os.getpid()})
+seen, t0 = [], time.time()
+while time.time() - t0 < 6 and not seen:
+    seen = [t.pid for t in ts.refresh(time.monotonic())]
+    time.sleep(0.1)
+stop(wrapper)
+result(seen=seen, pid=wrapper.pid, after=time.time() - t0)
+""")
+    assert r["seen"] == [r["pid"]] and r["after"] >= 0.9, r
