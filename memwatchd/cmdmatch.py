@@ -14,8 +14,10 @@ line. The loop that does this also samples and signals every other target, so:
 * a single match is interrupted after MATCH_DEADLINE: Python's regex engine checks
   for signals as it runs, so a one-shot SIGALRM (setitimer) ends it. Such a
   process counts as not matching (its owner could as well have chosen another
-  name) and is said once. Off the main thread no alarm can be used; the budget
-  still bounds the rest.
+  name) and is said once - but only if the search really had the CPU for that
+  long: a cut caused by being descheduled is retried, and judged again on the
+  next pass if it keeps happening. Off the main thread no alarm can be used;
+  the budget still bounds the rest.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ MATCH_DEADLINE = 0.002  # seconds one regex search may take
 
 class _Deadline(Exception):
     pass
+
+
+UNDECIDED = "undecided"   # Alarm.search could not tell: judge the process again later
 
 
 _armed = False
@@ -62,11 +67,23 @@ class Alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, self.old)
 
-    def search(self, pattern: "re.Pattern", text: str) -> Optional[bool]:
-        """True/False, or None if the search ran past MATCH_DEADLINE."""
-        global _armed
+    def search(self, pattern: "re.Pattern", text: str):
+        """True/False; None if the search took more than MATCH_DEADLINE of our CPU time;
+        UNDECIDED if being descheduled kept cutting it short (a loaded or emulated host:
+        the alarm counts wall time, so a cut is only a verdict when the CPU was ours)."""
         if not self.usable:
             return pattern.search(text) is not None
+        for _attempt in range(3):
+            cpu = time.thread_time()
+            found = self._search_once(pattern, text)
+            if found is not None:
+                return found
+            if time.thread_time() - cpu >= MATCH_DEADLINE * 0.75:
+                return None
+        return UNDECIDED
+
+    def _search_once(self, pattern: "re.Pattern", text: str) -> Optional[bool]:
+        global _armed
         signal.setitimer(signal.ITIMER_REAL, MATCH_DEADLINE)
         _armed = True
         try:
@@ -87,6 +104,11 @@ class CmdlineScan:
         self.pattern = re.compile(regex)
         self.verdicts: Dict[int, Tuple[bytes, bool]] = {}   # pid -> (identity, matched)
         self.todo: List[int] = []
+
+    @property
+    def busy(self) -> bool:
+        """A pass is under way (the budget ran out): the loop should come back soon."""
+        return bool(self.todo)
 
     def step(self, pids: Callable[[], List[int]], identity: Callable[[int], Optional[bytes]],
              cmdline: Callable[[int], str], skip: Set[int], deadline: float,
@@ -116,6 +138,8 @@ class CmdlineScan:
                 continue           # judged once already: a match is attached or refused
             text = cmdline(pid)
             verdict = alarm.search(self.pattern, text)
+            if verdict is UNDECIDED:
+                continue           # not cached: the next pass judges it again
             if verdict is None:
                 slow.append((pid, len(text)))
                 verdict = False

@@ -255,7 +255,7 @@ class Daemon:
         due = [t.next_due for t in self.targets.targets.values()]
         if self.host is not None:
             due.append(now + self.policy.guard_interval(self.host))
-        if self.victims:
+        if self.victims or self.targets.busy:   # busy: a cmdline pass resumes (targets)
             due.append(now + self.config.daemon.min_interval)
         due.append(now + self.config.daemon.interval)
         if self.publisher.every:

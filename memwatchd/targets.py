@@ -91,13 +91,15 @@ def program_identity(pid: int, proc: str = "/proc") -> Optional[bytes]:
         return None
 
 
-def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, bool]:
+def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, Optional[bool]]:
     """(real uid, whether its executable is a root-owned regular file nobody else may write).
 
     What the guard needs to trust a protected name. /proc/<pid>/exe is stat'ed through
     the magic link, so an executable replaced by an upgrade (shown "(deleted)") still
-    answers for the very file that runs; a kernel thread has none (-1/False: no name
-    protects it, and it has no memory of its own anyway).
+    answers for the very file that runs; a kernel thread has none (False: no name
+    protects it, and it has no memory of its own anyway). None when the kernel will not
+    let us look: exe needs ptrace access, which the hardened unit lacks for a root
+    process holding capabilities memwatchd's bounding set does not have.
     """
     task = live_task_dir(proc, pid)   # leader exited: its status and exe are empty
     uid = -1
@@ -110,8 +112,8 @@ def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, bool]:
         pass
     try:
         st = os.stat(task + "/exe")
-    except OSError:
-        return uid, False
+    except (PermissionError, OSError) as e:
+        return uid, None if isinstance(e, PermissionError) else False
     return uid, stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
 
 
@@ -528,6 +530,12 @@ class TargetSet:
             self.targets[key] = target
             added.append(target)
         return added
+
+    @property
+    def busy(self) -> bool:
+        """A cmdline pass ran out of its tick's budget: come back at min_interval, not at
+        the next sample (which may be a second away)."""
+        return any(scan.busy for scan in self.scans.values())
 
     def cgroup_fd(self, key: tuple) -> Optional[int]:
         """The directory fd a cgroup target was selected by (-1 once gone); None for a

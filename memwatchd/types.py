@@ -116,8 +116,9 @@ class Candidate(namedtuple("Candidate", "key pid comm cgroup rss uid exe_root_ow
     key is ("process", pid, start_time); cgroup is below the cgroup root,
     e.g. "/system.slice/x.service"; rss in bytes. uid (real uid, -1 unknown) and
     exe_root_owned (its executable is a root-owned regular file that nobody else
-    may write) say whether its name could have been forged: any user can call a
-    process "sshd". targets fills them for processes with a protected name.
+    may write; None when the kernel does not let memwatchd look) say whether its
+    name could have been forged: any user can call a process "sshd". targets
+    fills them for processes with a protected name.
     """
 
     __slots__ = ()

@@ -204,11 +204,15 @@ def test_a_protected_name_protects_only_what_its_owner_cannot_forge():
     by_user = cand(51, 800, comm="sshd", uid=1000, root_exe=True)       # prctl/exec -a sshd
     own_exe = cand(52, 700, comm="sshd", uid=0, root_exe=False)        # root runs a writable file
     unknown = Candidate(("process", 53, 1), 53, "sshd", "/user.slice", 600 * MiB)
+    hidden_exe = cand(55, 650, comm="sshd", uid=0, root_exe=None)      # no ptrace access
+    hidden_user = cand(56, 640, comm="sshd", uid=1000, root_exe=None)
     in_cgroup = cand(54, 950, comm="x", cgroup="/system.slice/ssh.service", uid=1000,
                      root_exe=False)
     assert P.choose_victim([real, by_user], cfg).pid == 51
     assert P.choose_victim([real, own_exe], cfg).pid == 52
     assert P.choose_victim([real, unknown], cfg).pid == 53     # unchecked: not trusted
+    assert P.choose_victim([real, hidden_exe], cfg) is None    # uid 0 decides then
+    assert P.choose_victim([real, hidden_exe, hidden_user], cfg).pid == 56
     assert P.choose_victim([real, in_cgroup], cfg) is None
 
 

@@ -700,7 +700,7 @@ class Driver:
         crossed = next((s for s in grown if s[2] >= limit), grown[-1] if grown else None)
         hog = {"label": "leader-exited", "pid": leader.pid, "rc": rc, "limit": limit,
                "steps": len(grown), "peak_allocated": max((s[2] for s in grown), default=0),
-               "events": events}
+               "events": events, "heartbeat": Heartbeat.window(since, exited_mono)}
         if decisions and crossed:
             first = decisions[0]
             hog["usage_at_decision"] = first["usage_bytes"]
