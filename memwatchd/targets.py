@@ -17,7 +17,11 @@ TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never 
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from memwatchd import cmdmatch, pidfile, sampler
+    from memwatchd import cmdmatch, pidfile
+# memwatchd.pidfile and memwatchd.cmdmatch are imported by the first pidfile / cmdline
+# watch: the default config (the guard alone) does not carry them.
+
+from memwatchd import sampler
 from memwatchd.sampler import parse_stat_start_time
 from memwatchd.threadgroup import live_task_dir
 from memwatchd.config import CGROUP_ROOT, Config, WatchConfig
@@ -309,7 +313,7 @@ class TargetSet:
         self.vanished: List[Target] = []  # dropped by a rescan, reported with the next sample
         self.warned: Set[str] = set()     # problems already logged under this config
         self.scans: Dict[str, cmdmatch.CmdlineScan] = {}   # cmdline watch -> its matching
-        self._work_until = 0.0            # this tick's cmdline budget ends (perf_counter)
+        self._work_until: Optional[float] = None   # this tick's cmdline budget ends
         self.off: Dict[str, str] = {}     # watch name -> why the host cannot serve it
         self._check_host()
 
@@ -353,7 +357,7 @@ class TargetSet:
     def refresh(self, now: float) -> List[Target]:
         """Resolve every watch whose rescan is due; return the targets added."""
         added: List[Target] = []
-        self._work_until = time.perf_counter() + cmdmatch.BUDGET
+        self._work_until = None           # set by the first cmdline watch this tick
         for watch in self.config.watches:
             if watch.name in self.off:
                 continue
@@ -380,6 +384,7 @@ class TargetSet:
             return self._attach_pids(watch, [int(watch.selector)], now,
                                      not_after=self._config_written, why="the config file")
         if watch.kind == "pidfile":
+            from memwatchd import pidfile
             path = str(watch.selector)
             try:
                 pid, writer, written = pidfile.read_pidfile(path)
@@ -394,6 +399,9 @@ class TargetSet:
         if watch.kind == "cmdline":
             # Bounded work (memwatchd.cmdmatch): verdicts cached per program, a budget per
             # tick shared by all cmdline watches, a deadline per regex search.
+            from memwatchd import cmdmatch
+            if self._work_until is None:
+                self._work_until = time.perf_counter() + cmdmatch.BUDGET
             scan = self.scans.get(watch.name)
             if scan is None or scan.pattern.pattern != str(watch.selector):
                 scan = self.scans[watch.name] = cmdmatch.CmdlineScan(str(watch.selector))
@@ -488,7 +496,9 @@ class TargetSet:
     def _refusal(self, pid: int, start: int, not_after: Optional[float], why: str,
                  owner: Optional[int]) -> str:
         """Why process (pid, start) may not be attached ("" if it may): see memwatchd.pidfile."""
-        if not_after is not None and pidfile.started_after(start, not_after):
+        if not_after is not None:
+            from memwatchd.pidfile import started_after
+        if not_after is not None and started_after(start, not_after):
             return (f"not watching pid {pid}: it started after {why} was written (stale, and "
                     f"the PID now names another process?); rewrite {why} to attach it")
         if owner is not None:
