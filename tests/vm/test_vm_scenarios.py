@@ -121,7 +121,7 @@ def summary(results):
     for name, key in (("host_guard", "hog"), ("unit_budget", "hog"),
                       ("reload", "hog_old_limit"), ("reload", "hog_under_old_limit"),
                       ("reload", "hog_new_limit"), ("watchdog", "hog"),
-                      ("adversarial", "leader_hog"), ("adversarial", "guard_hog"),
+                      ("adversarial", "leader_hog"),
                       ("baseline", "hog")):
         hog = s.get(name, {}).get(key)
         if hog:

@@ -724,34 +724,47 @@ class Driver:
         # The guard: nobody's "sshd" is the largest process when MemAvailable runs low.
         floor, _ = self.guard_floor()
         avail = meminfo()["MemAvailable"]
-        hold = int((avail - floor) * 0.55 / MIB)
+        hold = int((avail - floor) * 0.65 / MIB)
         forged = subprocess.Popen(["/usr/bin/python3", LIB + "/hog.py", "--comm", "sshd",
                                    "--hold-mb", str(hold), "--max-seconds", "60"],
                                   preexec_fn=as_nobody)
+
         def rss(pid):
             with open("/proc/%d/status" % pid) as f:
                 return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
         wait_for(lambda: rss(forged.pid) > hold * MIB * 0.95, 20)
         out["forged_sshd"] = {"pid": forged.pid, "hold_mb": hold, "rss": rss(forged.pid)}
-        cap = int((avail - floor) / MIB) - hold + 30   # crosses the floor; fits once sshd is gone
-        guard_hog = self.hog("adversarial-guard", "--rate-mb 200 --max-mb %d --max-seconds 8"
-                             % cap)
-        out["guard_hog"] = guard_hog
+        # hog.service grows until MemAvailable crosses the guard's floor (and fits once the
+        # forged sshd is gone); it is stopped as soon as the guard has acted.
+        cap = int((avail - floor) / MIB) - hold + 30
+        write_file(RUN + "/hog.env", 'HOG_ARGS="--rate-mb 200 --max-mb %d --max-seconds 40"\n'
+                   % cap)
+        run("systemctl", "reset-failed", "hog.service")
+        guard_started = mono()
+        run("systemctl", "start", "hog.service", check=True)
+        hog_pid = int(wait_for(lambda: show("hog.service", "MainPID")["MainPID"] not in ("", "0")
+                               and show("hog.service", "MainPID")["MainPID"], 10) or 0)
         try:
-            forged_rc = forged.wait(timeout=10)
+            forged_rc = forged.wait(timeout=40)
         except subprocess.TimeoutExpired:
             forged_rc = None
+        guard_acted = mono()
+        time.sleep(0.5)
+        hog_state = show("hog.service", "ActiveState", "MainPID")
+        run("systemctl", "stop", "hog.service")
         guard = [e for e in read_events()[n_events:] if e["type"] == "decision"
                  and e["target"] == "guard"]
-        out["guard_decisions"] = guard
+        out["guard"] = {"decisions": guard, "forged_rc": forged_rc, "hog_pid": hog_pid,
+                        "hog_after": hog_state, "cap_mb": cap,
+                        "seconds": round(guard_acted - guard_started, 1),
+                        "heartbeat": Heartbeat.window(guard_started, guard_acted)}
         self.check("adversarial: the guard stopped the forged sshd (the largest, unprotected)",
                    guard and guard[0]["pid"] == forged.pid and guard[0]["comm"] == "sshd"
                    and forged_rc in (-signal.SIGTERM, -signal.SIGKILL),
                    "rc %s, %s" % (forged_rc, json.dumps(guard)[:1200]))
         self.check("adversarial: and left the hog.service hog alone",
-                   not guard_hog["killed"] and guard_hog["exit_status"] == 0
-                   and not [d for d in guard if d["pid"] == guard_hog["pid"]],
-                   json.dumps({k: guard_hog[k] for k in ("result", "exit_status")}))
+                   hog_state["ActiveState"] == "active" and hog_state["MainPID"] == str(hog_pid)
+                   and not [d for d in guard if d["pid"] == hog_pid], json.dumps(hog_state))
         for p in (long_cmdline, forged):
             if p.poll() is None:
                 p.kill()
