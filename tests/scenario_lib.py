@@ -130,6 +130,27 @@ enabled = false
 ''', env=env)
 
 
+def guard_config(events: str, protect_names, extra: str = "") -> str:
+    """A config whose guard fires at once (its MemAvailable floor 300 MiB above what is
+    available now), with a 1 s grace and these protected names (no protected cgroups).
+    Needs psutil (the test environment has it)."""
+    import psutil
+    floor = psutil.virtual_memory().available + (300 << 20)
+    return f'''
+[daemon]
+events = "{events}"
+state = ""
+cooldown = "30s"
+[guard]
+min_available = "{floor}"
+kill_available = "1M"
+grace = "1s"
+[protect]
+names = {json.dumps(list(protect_names))}
+cgroups = []
+{extra}'''
+
+
 def daemon_log() -> str:
     with open(os.path.join(WORK, "daemon.log")) as f:
         return f.read()

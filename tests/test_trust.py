@@ -255,24 +255,6 @@ def test_long_cmdlines_and_a_backtracking_regex_never_hold_up_the_loop():
     assert len(slow) == 20 and all("65536-character" in p for p in slow), r["problems"]
 
 
-GUARD = r"""
-import psutil
-def guard_config(extra=""):
-    floor = psutil.virtual_memory().available + (300 << 20)   # already below: it fires
-    return f'''
-[daemon]
-events = "{EVENTS}"
-state = ""
-cooldown = "30s"
-[guard]
-min_available = "{floor}"
-kill_available = "1M"
-grace = "1s"
-[protect]
-names = ["sshd"]
-cgroups = []
-{extra}'''
-"""
 
 
 def test_a_process_whose_main_thread_exited_is_watched_and_stopped():
@@ -291,13 +273,13 @@ result(rc=p.returncode, err=p.stderr)
 def test_the_guard_sees_a_process_whose_main_thread_exited():
     """The largest process has a zombie leader (statm reads zeros): the guard still ranks
     it by its real size and stops it, not the next largest."""
-    r = run_scenario(GUARD + r"""
+    r = run_scenario(r"""
 big = subprocess.Popen([sys.executable, "-c", LEADER_EXITS, str(600 << 20), "25"],
                        stdout=subprocess.PIPE, text=True)
 assert big.stdout.readline().strip() == "ready"
 small = start_hog("small", rate_mib=400, cap_mib=120, seconds=25)
 time.sleep(0.5)
-d = start_daemon(guard_config())
+d = start_daemon(guard_config(EVENTS, ["sshd"]))
 big_fate = exited_by(big, 15)
 time.sleep(0.5)
 small_alive = small.poll() is None
@@ -314,7 +296,7 @@ result(big_fate=big_fate, big_pid=big.pid, small_alive=small_alive, events=read_
 def test_a_forged_protected_name_protects_nothing():
     """An unprivileged user's process named "sshd" is the largest but one: the guard stops
     it. A root process named "sshd" running a root-owned executable stays protected."""
-    r = run_scenario(GUARD + r"""
+    r = run_scenario(r"""
 user_python = "/usr/bin/python3"
 if not os.path.exists(user_python):
     result(skip="no /usr/bin/python3 an unprivileged user may run")
@@ -329,9 +311,10 @@ forged = subprocess.Popen([user_python, "-c", HOG, "400", "500", "25", "exit",
                           preexec_fn=as_nobody)
 real = start_hog("sshd", rate_mib=400, cap_mib=700, seconds=25)
 small = start_hog("small", rate_mib=400, cap_mib=120, seconds=25)
+import psutil
 wait_for(lambda: psutil.Process(real.pid).memory_info().rss > 650 << 20
          and psutil.Process(forged.pid).memory_info().rss > 450 << 20, 10)
-d = start_daemon(guard_config())
+d = start_daemon(guard_config(EVENTS, ["sshd"]))
 forged_fate = exited_by(forged, 15)
 time.sleep(0.5)
 alive = {"real": real.poll() is None, "small": small.poll() is None}
