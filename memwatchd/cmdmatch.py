@@ -14,9 +14,10 @@ line. The loop that does this also samples and signals every other target, so:
 * a single match is interrupted after MATCH_DEADLINE: Python's regex engine checks
   for signals as it runs, so a one-shot SIGALRM (setitimer) ends it. Such a
   process counts as not matching (its owner could as well have chosen another
-  name) and is said once - but only if the search really had the CPU for that
-  long: a cut caused by being descheduled is retried, and judged again on the
-  next pass if it keeps happening. Off the main thread no alarm can be used;
+  name) and is said once - but only after ATTEMPTS cuts with the CPU ours, one
+  per try, tried again later in the pass (on another tick): a cut caused by being
+  descheduled proves nothing, and a process that keeps being descheduled is left
+  for the next pass. Off the main thread no alarm can be used;
   the budget still bounds the rest.
 """
 from __future__ import annotations
@@ -30,13 +31,15 @@ if TYPE_CHECKING:
 
 BUDGET = 0.004          # seconds of cmdline work per tick, over all cmdline watches
 MATCH_DEADLINE = 0.002  # seconds one regex search may take
+ATTEMPTS = 3            # a search cut short this often in a row is slow, not unlucky
 
 
 class _Deadline(Exception):
     pass
 
 
-UNDECIDED = "undecided"   # Alarm.search could not tell: judge the process again later
+CUT = "cut"               # Alarm.search: the deadline passed while the CPU was ours
+UNDECIDED = "undecided"   # Alarm.search: it passed while we were descheduled
 
 
 _armed = False
@@ -68,19 +71,16 @@ class Alarm:
             signal.signal(signal.SIGALRM, self.old)
 
     def search(self, pattern: "re.Pattern", text: str):
-        """True/False; None if the search took more than MATCH_DEADLINE of our CPU time;
-        UNDECIDED if being descheduled kept cutting it short (a loaded or emulated host:
-        the alarm counts wall time, so a cut is only a verdict when the CPU was ours)."""
+        """True/False; CUT if MATCH_DEADLINE passed first while the CPU was ours (in a VM
+        the guest also counts time its vCPU was descheduled: one cut proves little),
+        UNDECIDED if it passed while we were descheduled."""
         if not self.usable:
             return pattern.search(text) is not None
-        for _attempt in range(3):
-            cpu = time.thread_time()
-            found = self._search_once(pattern, text)
-            if found is not None:
-                return found
-            if time.thread_time() - cpu >= MATCH_DEADLINE * 0.75:
-                return None
-        return UNDECIDED
+        cpu = time.thread_time()
+        found = self._search_once(pattern, text)
+        if found is not None:
+            return found
+        return CUT if time.thread_time() - cpu >= MATCH_DEADLINE * 0.75 else UNDECIDED
 
     def _search_once(self, pattern: "re.Pattern", text: str) -> Optional[bool]:
         global _armed
@@ -98,12 +98,13 @@ class Alarm:
 class CmdlineScan:
     """One cmdline watch: cached verdicts and the rest of an unfinished pass."""
 
-    __slots__ = ("pattern", "verdicts", "todo")
+    __slots__ = ("pattern", "verdicts", "todo", "cuts")
 
     def __init__(self, regex: str) -> None:
         self.pattern = re.compile(regex)
         self.verdicts: Dict[int, Tuple[bytes, bool]] = {}   # pid -> (identity, matched)
         self.todo: List[int] = []
+        self.cuts: Dict[int, Tuple[bytes, int, int]] = {}   # pid -> (identity, cut, undecided)
 
     @property
     def busy(self) -> bool:
@@ -121,6 +122,7 @@ class CmdlineScan:
             self.todo = pids()
             alive = set(self.todo)
             self.verdicts = {p: v for p, v in self.verdicts.items() if p in alive}
+            self.cuts = {p: c for p, c in self.cuts.items() if p in alive}
             self.todo.reverse()          # pop() from the end: oldest PIDs first
         found: List[int] = []
         while self.todo:
@@ -138,9 +140,18 @@ class CmdlineScan:
                 continue           # judged once already: a match is attached or refused
             text = cmdline(pid)
             verdict = alarm.search(self.pattern, text)
-            if verdict is UNDECIDED:
-                continue           # not cached: the next pass judges it again
-            if verdict is None:
+            if verdict is CUT or verdict is UNDECIDED:
+                # Retried later in this pass (most likely on a later tick): slow only after
+                # ATTEMPTS cuts; left for the next pass if descheduling keeps interrupting.
+                before = self.cuts.get(pid)
+                cut, undecided = before[1:] if before and before[0] == ident else (0, 0)
+                cut, undecided = cut + (verdict is CUT), undecided + (verdict is UNDECIDED)
+                self.cuts[pid] = (ident, cut, undecided)
+                if cut < ATTEMPTS:
+                    if undecided < ATTEMPTS:
+                        self.todo.insert(0, pid)
+                    continue
+                del self.cuts[pid]
                 slow.append((pid, len(text)))
                 verdict = False
             self.verdicts[pid] = (ident, verdict)
