@@ -196,7 +196,9 @@ class Daemon:
         if self.opts.command_pidfd >= 0:
             return actions.is_dead(self.opts.command_pidfd)
         if self.opts.exit_when_idle:
-            if self.ticks == 1 and not self.seen_target:
+            if not self.seen_target:
+                if self.targets.busy:  # a cmdline pass may span ticks: not judged yet
+                    return False
                 off = self.targets.off
                 raise TargetGone("nothing to watch: " + "; ".join(
                     f"{w.name} ({w.kind} {w.selector}) "
