@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from memwatchd.sampler import parse_stat_start_time, process_mrelease
-from memwatchd.targets import descendants
+from memwatchd.targets import ancestors, descendants
 from memwatchd.types import (
     DENIED,
     GONE,
@@ -296,7 +296,6 @@ def vital_pids(proc_root: str = "/") -> Set[int]:
     """PID 1, memwatchd and its ancestors: a cgroup holding any of them (anywhere in its
     subtree, i.e. the cgroup is theirs or an ancestor of theirs, /init.scope or a slice
     memwatchd runs in) is never signalled, frozen or throttled."""
-    from memwatchd.targets import ancestors
     return {1} | ancestors(os.getpid(), _proc(proc_root))
 
 

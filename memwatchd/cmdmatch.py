@@ -4,10 +4,11 @@ A command line is up to 64 KiB of whatever its owner chose, and a regex as plain
 as ``train.*--epochs.*gpu`` backtracks polynomially: 7 s on one crafted 16 KiB
 line. The loop that does this also samples and signals every other target, so:
 
-* each program is read and matched once: verdicts are cached by (pid, start time,
-  comm) - comm changes when a process execs another program (a wrapper such as
-  `sh -c "exec train ..."`), which is judged anew - and a rescan reads only the
-  stat of processes it has judged;
+* each command line is matched once: a rescan reads every command line (as
+  before) but runs the regex only on a text it has not judged for that PID (a
+  verdict is a function of the text alone), so an exec, a setproctitle or a
+  reused PID with a new command line is judged anew, and the fork-to-exec moment
+  when a child still shows its parent's command line costs nothing later;
 * all cmdline work of one tick (reading stat and cmdline, matching) stops when
   the tick's budget is spent (BUDGET) and resumes on the next tick, so a flood of
   new processes delays the loop by at most the budget plus one step;
@@ -102,22 +103,22 @@ class CmdlineScan:
 
     def __init__(self, regex: str) -> None:
         self.pattern = re.compile(regex)
-        self.verdicts: Dict[int, Tuple[bytes, bool]] = {}   # pid -> (identity, matched)
+        self.verdicts: Dict[int, Tuple[int, bool]] = {}   # pid -> (hash of cmdline, matched)
         self.todo: List[int] = []
-        self.cuts: Dict[int, Tuple[bytes, int, int]] = {}   # pid -> (identity, cut, undecided)
+        self.cuts: Dict[int, Tuple[int, int, int]] = {}   # pid -> (hash, cut, undecided)
 
     @property
     def busy(self) -> bool:
         """A pass is under way (the budget ran out): the loop should come back soon."""
         return bool(self.todo)
 
-    def step(self, pids: Callable[[], List[int]], identity: Callable[[int], Optional[bytes]],
-             cmdline: Callable[[int], str], skip: Set[int], deadline: float,
-             alarm: Alarm, slow: List[Tuple[int, int]]) -> Tuple[List[int], bool]:
+    def step(self, pids: Callable[[], List[int]], cmdline: Callable[[int], str],
+             skip: Set[int], deadline: float, alarm: Alarm,
+             slow: List[Tuple[int, int]]) -> Tuple[List[int], bool]:
         """Go on judging processes until `deadline` (time.perf_counter()); return the
-        newly matching pids and whether the pass is complete. A new pass starts (from
-        pids()) when the last one completed; verdicts of processes gone are dropped.
-        Searches that ran too long are appended to `slow` as (pid, cmdline length)."""
+        matching pids not in skip and whether the pass is complete. A new pass starts
+        (from pids()) when the last one completed. Searches that ran too long are
+        appended to `slow` as (pid, cmdline length)."""
         if not self.todo:
             self.todo = pids()
             alive = set(self.todo)
@@ -131,22 +132,21 @@ class CmdlineScan:
             pid = self.todo.pop()
             if pid in skip:
                 continue
-            ident = identity(pid)
-            if ident is None:
-                self.verdicts.pop(pid, None)
-                continue           # exited
-            known = self.verdicts.get(pid)
-            if known is not None and known[0] == ident:
-                continue           # judged once already: a match is attached or refused
             text = cmdline(pid)
+            key = hash(text)     # a verdict is a function of the text alone
+            known = self.verdicts.get(pid)
+            if known is not None and known[0] == key:
+                if known[1]:
+                    found.append(pid)
+                continue
             verdict = alarm.search(self.pattern, text)
             if verdict is CUT or verdict is UNDECIDED:
                 # Retried later in this pass (most likely on a later tick): slow only after
                 # ATTEMPTS cuts; left for the next pass if descheduling keeps interrupting.
                 before = self.cuts.get(pid)
-                cut, undecided = before[1:] if before and before[0] == ident else (0, 0)
+                cut, undecided = before[1:] if before and before[0] == key else (0, 0)
                 cut, undecided = cut + (verdict is CUT), undecided + (verdict is UNDECIDED)
-                self.cuts[pid] = (ident, cut, undecided)
+                self.cuts[pid] = (key, cut, undecided)
                 if cut < ATTEMPTS:
                     if undecided < ATTEMPTS:
                         self.todo.insert(0, pid)
@@ -154,7 +154,7 @@ class CmdlineScan:
                 del self.cuts[pid]
                 slow.append((pid, len(text)))
                 verdict = False
-            self.verdicts[pid] = (ident, verdict)
+            self.verdicts[pid] = (key, verdict)
             if verdict:
                 found.append(pid)
         return found, True

@@ -85,16 +85,6 @@ def read_cmdline(pid: int, proc: str = "/proc") -> str:
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "backslashreplace")
 
 
-def program_identity(pid: int, proc: str = "/proc") -> Optional[bytes]:
-    """pid, comm and start time from /proc/<pid>/stat: the same process running the same
-    program (comm changes on exec); None if it has exited."""
-    try:
-        data = read_small(f"{proc}/{pid}/stat")
-        return data[:data.rfind(b")") + 1] + b" %d" % parse_stat_start_time(data)
-    except (OSError, ValueError):
-        return None
-
-
 def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, Optional[bool]]:
     """(real uid, whether its executable is a root-owned regular file nobody else may write).
 
@@ -397,8 +387,8 @@ class TargetSet:
             return self._attach_pids(watch, [pid], now, not_after=written,
                                      why=f"pidfile {path}", owner=writer)
         if watch.kind == "cmdline":
-            # Bounded work (memwatchd.cmdmatch): verdicts cached per program, a budget per
-            # tick shared by all cmdline watches, a deadline per regex search.
+            # Bounded work (memwatchd.cmdmatch): verdicts cached per command line, a budget
+            # per tick shared by all cmdline watches, a deadline per regex search.
             from memwatchd import cmdmatch
             if self._work_until is None:
                 self._work_until = time.perf_counter() + cmdmatch.BUDGET
@@ -408,9 +398,8 @@ class TargetSet:
             slow: List[Tuple[int, int]] = []
             with cmdmatch.Alarm() as alarm:
                 matches, complete = scan.step(
-                    lambda: list_pids(self.proc), lambda p: program_identity(p, self.proc),
-                    lambda p: read_cmdline(p, self.proc), {t.pid for t in have} | self.never,
-                    self._work_until, alarm, slow)
+                    lambda: list_pids(self.proc), lambda p: read_cmdline(p, self.proc),
+                    {t.pid for t in have} | self.never, self._work_until, alarm, slow)
             for pid, length in slow:
                 self._problem(f"watch {watch.name}: the cmdline regex took over "
                               f"{cmdmatch.MATCH_DEADLINE * 1000:.0f} ms on pid {pid} (a "
@@ -498,9 +487,9 @@ class TargetSet:
         """Why process (pid, start) may not be attached ("" if it may): see memwatchd.pidfile."""
         if not_after is not None:
             from memwatchd.pidfile import started_after
-        if not_after is not None and started_after(start, not_after):
-            return (f"not watching pid {pid}: it started after {why} was written (stale, and "
-                    f"the PID now names another process?); rewrite {why} to attach it")
+            if started_after(start, not_after):
+                return (f"not watching pid {pid}: it started after {why} was written (stale, "
+                        f"and the PID now names another process?); rewrite {why} to attach it")
         if owner is not None:
             uid, _ = process_owner(pid, self.proc)
             try:   # the uid was read by path: make sure it was still that very process
