@@ -246,9 +246,14 @@ class Daemon:
         if self.opts.command_pidfd >= 0:
             return actions.is_dead(self.opts.command_pidfd)
         if self.opts.exit_when_idle:
-            if self.ticks == 1 and not self.seen_target:
+            if not self.seen_target:
+                if self.targets.busy:  # a cmdline pass may span ticks: not judged yet
+                    return False
+                off = self.targets.off
                 raise TargetGone("nothing to watch: " + "; ".join(
-                    f"{w.name} ({w.kind} {w.selector}) matched nothing" for w in self.config.watches))
+                    f"{w.name} ({w.kind} {w.selector}) "
+                    + (f"is off ({off[w.name]})" if w.name in off else "matched nothing")
+                    for w in self.config.watches))
             return not self.targets.targets
         return False
 
@@ -364,7 +369,7 @@ class Daemon:
         due = [t.next_due for t in self.targets.targets.values()]
         if self.host is not None:
             due.append(now + self.policy.guard_interval(self.host))
-        if self.victims:
+        if self.victims or self.targets.busy:   # busy: a cmdline pass resumes (targets)
             due.append(now + self.config.daemon.min_interval)
         due.append(now + self.config.daemon.interval)
         if self.publisher.every:
@@ -514,15 +519,19 @@ class Daemon:
         self.last_action = f"{action} {decision.watch} ({decision.reason})"
         cgroup_dir = self.opts.cgroup_root + cgroup if cgroup else ""
         if decision.kind == "throttle":
-            # Reclaim runs inside the write: a helper thread does it, the loop goes on.
+            # Reclaim runs inside the write: a helper thread does it (on its own dup of the
+            # cgroup's directory fd, which the loop may close meanwhile), the loop goes on.
             written: List[bool] = []
-            if not self.actors.start(_throttle, (cgroup_dir, decision.limit, what, written)):
+            dir_fd = _dup(self.targets.cgroup_fd(decision.key))
+            if not self.actors.start(_throttle, (cgroup_dir, decision.limit, what, written, dir_fd)):
+                if dir_fd is not None:
+                    os.close(dir_fd)
                 log(ERR, f"{what}: could not set memory.high: earlier kernel calls are still blocked")
             else:
                 log(WARNING, f"{what}: setting memory.high to {_mib(decision.limit)}")
                 self._held[decision.key] = ("throttle", cgroup_dir, decision.limit, written)
         elif decision.kind == "freeze":
-            actions.set_frozen(cgroup_dir, True)
+            actions.set_frozen(cgroup_dir, True, self.targets.cgroup_fd(decision.key))
             log(WARNING, f"{what}: cgroup frozen")
             self._held[decision.key] = ("freeze", cgroup_dir, None, [True])
         else:
@@ -652,8 +661,8 @@ class Daemon:
         sig = decision.signal
         proc_root = self.opts.proc_root
         try:
-            if scope == "cgroup":
-                pidfds = actions.signal_cgroup(cgroup_dir, sig)
+            if scope == "cgroup":  # through the directory held since selection
+                pidfds = actions.signal_cgroup(cgroup_dir, sig, self.targets.cgroup_fd(decision.key))
             elif scope == "tree":
                 pidfds = actions.signal_tree(pid, start, sig, proc_root)
             else:
@@ -873,14 +882,30 @@ def _open_events(config: Config) -> report.EventLog:
                           f"{e.strerror or e}") from None
 
 
-def _throttle(cgroup_dir: str, limit: int, what: str, written: List[bool]) -> None:
-    """A helper thread's call: write memory.high (the kernel reclaims inside the write);
-    ``written`` gets an item once it is done (the loop then looks whether it stays)."""
+def _throttle(cgroup_dir: str, limit: int, what: str, written: List[bool],
+              dir_fd: Optional[int]) -> None:
+    """A helper thread's call: write memory.high (the kernel reclaims inside the write)
+    through its own dup of the cgroup's directory fd, then close that; ``written`` gets an
+    item once it is done (the loop then looks whether it stays)."""
     try:
-        actions.set_memory_high(cgroup_dir, limit)
+        actions.set_memory_high(cgroup_dir, limit, dir_fd)
     except MemwatchdError as e:
         log(ERR, f"{what}: could not set memory.high: {e}")
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
     written.append(True)
+
+
+def _dup(fd: Optional[int]) -> Optional[int]:
+    """A private copy of a directory fd for a helper thread (None stays None; a closed
+    one, -1, is passed on for set_memory_high to refuse as gone)."""
+    if fd is None or fd < 0:
+        return fd
+    try:
+        return os.dup(fd)
+    except OSError:
+        return -1
 
 
 def _mib(n: Optional[int]) -> str:
