@@ -422,6 +422,8 @@ def cgroup_daemon(tmp_path, action="kill", cooldown="5s", extra=None):
                                       "interval": "100ms", "min_interval": "10ms"},
                            "guard": {"enabled": False}, "watch": [watch]}, "t")
     clock = Clock()
+    (tmp_path / "cg").mkdir(exist_ok=True)
+    (tmp_path / "cg" / "cgroup.controllers").write_text("cpu io memory pids\n")   # a v2 root
     d = Daemon(config, Options(cgroup_root=str(tmp_path / "cg"), psi_trigger=False,
                                lock_memory=False), clock=clock)
     return d, clock, events
