@@ -12,7 +12,7 @@ import typer
 
 from memwatchd import __version__
 from memwatchd.entry import exit_code_for, run_daemon
-from memwatchd.types import MemwatchdError, TargetGone
+from memwatchd.types import ConfigError, MemwatchdError, TargetGone
 
 EXIT_USAGE = 2
 # `watch -- COMMAND` exits with the command's own status, or with this one when memwatchd
@@ -98,8 +98,12 @@ def check_config(
 
     Example: memwatchd check-config /etc/memwatchd/memwatchd.toml
     """
+    from memwatchd.install import events_path_problem
     try:
         cfg = _load(path, insecure)
+        problem = events_path_problem(cfg.daemon.events)
+        if problem:
+            raise ConfigError(f"{cfg.source}: daemon.events = {cfg.daemon.events!r}: {problem}")
     except MemwatchdError as e:
         raise fail(e)
     typer.echo(f"{cfg.source}: OK ({len(cfg.watches)} watch(es), guard "
@@ -216,8 +220,13 @@ def watch(
     if stopped:
         first, last = stopped[0], stopped[-1]
         sent = " then ".join(dict.fromkeys(r["signal"] for r in stopped))
-        typer.echo(f"memwatchd: stopped {command[0]} (pid {child.pid}) for memory: using "
-                   f"{last['usage_bytes'] / 2**20:.0f} MiB, over its limit of "
+        usage = max((r["usage_bytes"] for r in stopped if r["usage_bytes"] is not None), default=0)
+        # The program really stopped (read when memwatchd decided): a wrapper may have exec'ed it.
+        name, pid = last.get("comm") or command[0], last.get("pid") or child.pid
+        started_as = "" if name == os.path.basename(command[0])[:15] else \
+            f", started as {report.escape(command[0])}"
+        typer.echo(f"memwatchd: stopped {name} (pid {pid}{started_as}) for memory: using "
+                   f"{usage / 2**20:.0f} MiB, over its limit of "
                    f"{first['limit_bytes'] / 2**20:.0f} MiB; sent {sent}", err=True)
         raise typer.Exit(EXIT_STOPPED_FOR_MEMORY)
     raise typer.Exit(128 - status if status < 0 else status)

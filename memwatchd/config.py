@@ -670,4 +670,17 @@ def load_config(path: Optional[str] = None, *, insecure: bool = False,
                 check_secure_file(w.on_action[0], where)
                 if not os.access(w.on_action[0], os.X_OK):
                     raise ConfigError(f"{where}: {w.on_action[0]}: not executable")
+                for j, arg in enumerate(w.on_action[1:], 1):
+                    if _names_a_file(arg):   # a script for an interpreter, a config it reads
+                        check_secure_file(os.path.join("/", arg), f"{where}[{j}]")
     return config
+
+
+def _names_a_file(arg: str) -> bool:
+    """Does an on_action argument name an existing file? Its program runs with cwd "/",
+    so a relative one counts from there. An option with a path inside (--conf=/x) is
+    not parsed: give files as separate arguments to have them checked."""
+    try:
+        return not arg.startswith("-") and os.path.isfile(os.path.join("/", arg))
+    except ValueError:   # an embedded NUL
+        return False

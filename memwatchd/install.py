@@ -100,3 +100,74 @@ def install_units(plan: Plan) -> None:
         done = subprocess.run([systemctl, "daemon-reload"], capture_output=True, text=True)
         if done.returncode != 0:
             raise MemwatchdError(f"systemctl daemon-reload failed: {done.stderr.strip()}")
+
+
+# ------------------------------------------------------------------ check-config
+
+_UNIT_DIRECTORIES = {"StateDirectory": "/var/lib", "RuntimeDirectory": "/run",
+                     "LogsDirectory": "/var/log", "CacheDirectory": "/var/cache"}
+
+
+def unit_writable_paths(text: str) -> Optional[List[str]]:
+    """The directories a unit with ProtectSystem=strict may write (ReadWritePaths=, its
+    State/Runtime/Logs/CacheDirectory=, /tmp and /var/tmp with PrivateTmp=); None if the
+    unit does not make the file system read-only (then any path may be written)."""
+    strict, paths = False, []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if "=" not in line or line.startswith(("#", ";")):
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if key == "ProtectSystem":
+            strict = value == "strict"
+        elif key == "ReadWritePaths":
+            paths += [p.lstrip("-+") for p in value.split()]
+        elif key in _UNIT_DIRECTORIES:
+            paths += [os.path.join(_UNIT_DIRECTORIES[key], p) for p in value.split()]
+        elif key == "PrivateTmp" and value in ("yes", "true", "1", "on"):
+            paths += ["/tmp", "/var/tmp"]
+    return paths if strict else None
+
+
+def installed_unit_text() -> str:
+    """The unit systemd would run: the installed one and its drop-ins, else the shipped one."""
+    path = os.path.join(UNIT_DIR, UNITS[0])
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return shipped(UNITS[0])
+    dropins = path + ".d"
+    try:
+        names = sorted(n for n in os.listdir(dropins) if n.endswith(".conf"))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            with open(os.path.join(dropins, name)) as f:
+                text += "\n" + f.read()
+        except OSError:
+            pass
+    return text
+
+
+def events_path_problem(path: str, unit_text: Optional[str] = None) -> str:
+    """Why the daemon could not open this events file ("" if it could, as far as can be
+    told without creating it): a parent that is not a directory, a path that is not a
+    regular file, or a path outside what the memwatchd unit may write."""
+    if not path:
+        return ""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    if os.path.lexists(path) and not os.path.isfile(path):
+        return "not a regular file"
+    writable = unit_writable_paths(installed_unit_text() if unit_text is None else unit_text)
+    if writable is not None and not any(
+            os.path.abspath(path).startswith(os.path.abspath(w).rstrip("/") + "/") for w in writable):
+        return ("outside the paths the memwatchd unit may write (ProtectSystem=strict; "
+                f"{', '.join(writable)}): under systemd it cannot be opened; use a path below "
+                "/var/lib/memwatchd, or add ReadWritePaths= in a drop-in")
+    return ""

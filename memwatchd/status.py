@@ -219,7 +219,7 @@ def _what(row: Dict[str, Any]) -> Text:
     return Text(f"{row['pid']} {row.get('comm') or ''}".rstrip())
 
 
-def _action_text(action: Optional[Dict[str, Any]], now: float) -> Text:
+def _action_text(action: Optional[Dict[str, Any]], now: float, last_hour: int = 0) -> Text:
     if not action:
         return Text("-", style="dim")
     warn = action.get("action") == "warn"
@@ -227,7 +227,8 @@ def _action_text(action: Optional[Dict[str, Any]], now: float) -> Text:
     when = parse_time(action.get("time"))
     ago = f" {duration(now - when)} ago" if when is not None else ""
     extra = " (dry run)" if action.get("dry_run") else ""
-    return Text(f"{what}{ago}{extra}", style="yellow" if warn else "red")
+    again = f", {last_hour} in the last hour" if last_hour > 1 else ""   # acted on again and again
+    return Text(f"{what}{ago}{extra}{again}", style="yellow" if warn else "red")
 
 
 def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Group:
@@ -287,7 +288,7 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
                       Text(short_size(headroom),
                            style="bold red" if headroom is not None and headroom <= 0 else ""),
                       duration(row.get("sample_age_seconds")),
-                      _action_text(row.get("last_action"), now))
+                      _action_text(row.get("last_action"), now, row.get("actions_last_hour") or 0))
     if view.get("targets"):
         parts.append(table)
     else:

@@ -436,9 +436,12 @@ def _close(a, b) -> bool:
 
 
 def decision_dict(d) -> dict:
-    return {"key": list(d.key), "watch": d.watch, "kind": d.kind, "reason": d.reason,
-            "usage": d.usage, "limit": d.limit,
-            "signal": None if d.signal is None else signal.Signals(d.signal).name}
+    out = {"key": list(d.key), "watch": d.watch, "kind": d.kind, "reason": d.reason,
+           "usage": d.usage, "limit": d.limit,
+           "signal": None if d.signal is None else signal.Signals(d.signal).name}
+    if getattr(d, "by_guard", False):
+        out["by_guard"] = True   # the guard is known by this, not by its name (a watch may be "guard")
+    return out
 
 
 def open_ring(config, daemon) -> Recorder:

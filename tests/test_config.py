@@ -502,6 +502,24 @@ def test_on_action_program_owned_by_another_user_is_refused(tmp_path):
         load_config(on_action_config(tmp_path, prog))
 
 
+@as_root
+def test_every_file_argument_of_on_action_is_checked(tmp_path):
+    """An interpreter (root's /bin/sh) running a script anyone could edit is as unsafe as
+    an unsafe program: every argument naming a file is checked like argv[0]."""
+    script = Path(write(tmp_path / "page.sh", "echo paged\n", 0o644))
+    p = write(tmp_path / "c.toml", '[[watch]]\nname = "x"\nunit = "x"\nlimit = "1G"\n'
+              f'on_action = ["/bin/sh", "{script}", "--now", "not-a-file"]\n')
+    assert load_config(p).watches[0].on_action[1] == str(script)
+    os.chown(script, 65534, 65534)
+    with pytest.raises(InsecureConfigError, match=r"watch\[0\]\.on_action\[1\]: .*page.sh: owned by uid 65534"):
+        load_config(p)
+    os.chown(script, 0, 0)
+    os.chmod(script, 0o666)
+    with pytest.raises(InsecureConfigError, match=r"on_action\[1\]: .*page.sh: writable by group or others"):
+        load_config(p)
+    assert load_config(p, insecure=True).watches[0].on_action[1] == str(script)
+
+
 # ------------------------------------------------------------ fuzzing
 
 SCALARS = st.one_of(

@@ -137,6 +137,20 @@ def test_hostile_names_are_shown_not_interpreted():
     assert "[blink]evil[/]" in text and "[red]x" in text
 
 
+def test_a_target_acted_on_again_and_again_says_how_often():
+    last = {"time": "2024-01-01T00:00:00.000Z", "action": "kill", "signal": "SIGKILL",
+            "reason": "over-limit"}
+    row = {"target": "jobs", "kind": "cgroup", "pid": None, "cgroup": "/jobs/a", "usage_bytes": 3,
+           "limit_bytes": 2, "warn_bytes": None, "headroom_bytes": -1, "sample_age_seconds": 0.1,
+           "last_action": last, "actions_last_hour": 12}
+    view = {"running": False, "message": "m", "host": None, "guard": {}, "watches": ["jobs"],
+            "targets": [row, dict(row, cgroup="/jobs/b", actions_last_hour=1)]}
+    console = Console(record=True, width=250)
+    console.print(status.status_renderable(view))
+    text = console.export_text()
+    assert text.count("in the last hour") == 1 and "12 in the last hour" in text
+
+
 # ---------------------------------------------------------------------- events
 
 T0 = 1_700_000_000 * 10**9
