@@ -29,7 +29,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 from memwatchd import __version__, sampler
 from memwatchd.report import ERR, NOTICE, log
-from memwatchd.state import write_atomic
+from memwatchd.files import write_atomic
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 MAX_CONNECTIONS = 8          # served at once; more wait in the listen backlog

@@ -20,7 +20,8 @@ TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never 
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, Optional
 
-from memwatchd import __version__, report, sampler
+from memwatchd import __version__, sampler
+from memwatchd.files import write_atomic
 from memwatchd.report import ERR, escape, log
 from memwatchd.types import MemwatchdError
 
@@ -37,41 +38,6 @@ __all__ = ["FORMAT", "STATE_EVERY", "FRESH_FOR", "write_atomic", "read_state", "
 def boottime() -> float:
     """Seconds since boot (CLOCK_BOOTTIME): the same in every process, unmoved by clock changes."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o600, make_dirs: bool = True) -> None:
-    """Replace path with data: write a temp file beside it, then rename() over it.
-
-    The temp file is created fresh (O_EXCL, after unlinking any leftover, so a planted
-    link is never written through) and chmod'ed to mode whatever the umask. Missing
-    directories are made 0700 if make_dirs. No fsync: this is live state, and a flush
-    could stall the loop on a busy disk.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if make_dirs and not os.path.isdir(directory):
-        report._makedirs_private(directory)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def read_state(path: str) -> Optional[Dict[str, Any]]:

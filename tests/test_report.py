@@ -172,25 +172,73 @@ def test_log_level_filter(logbuf):
     assert logbuf.getvalue() == "<6>shown\n"
 
 
-def test_log_plain_mode(monkeypatch):
-    buf = io.StringIO()
-    report.set_stream(buf)                         # auto: StringIO is no TTY -> prefix
-    try:
-        report.log(report.WARNING, "w")
-        monkeypatch.setenv("MEMWATCHD_LOG_PLAIN", "1")
-        report.log(report.WARNING, "w")
-        monkeypatch.delenv("MEMWATCHD_LOG_PLAIN")
+def journal_of(f) -> str:
+    st = os.fstat(f.fileno())
+    return f"{st.st_dev}:{st.st_ino}"
 
-        class Tty(io.StringIO):
-            def isatty(self):
-                return True
-        tty = Tty()
-        report.set_stream(tty)
+
+def test_prefixes_only_when_journal_stream_names_the_stream(monkeypatch, tmp_path):
+    """systemd.exec(5): $JOURNAL_STREAM is "dev:ino" of the journal stream; only a stream
+    that is that very file gets "<N>"; a pipe, a file, a StringIO or a TTY gets words."""
+    journal = open(tmp_path / "journal", "w")
+    other = open(tmp_path / "job.log", "w")
+    monkeypatch.setenv("JOURNAL_STREAM", journal_of(journal))
+    try:
+        for stream, expected in ((journal, "<4>w\n"), (other, "warning: w\n")):
+            report.set_stream(stream)
+            report.log(report.WARNING, "w")
+            stream.flush()
+            assert open(stream.name).read() == expected
+        buf = io.StringIO()                          # no fd at all: words
+        report.set_stream(buf)
         report.log(report.ERR, "e")
-        assert buf.getvalue() == "<4>w\nwarning: w\n"
-        assert tty.getvalue() == "error: e\n"
+        assert buf.getvalue() == "error: e\n"
+        monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+        assert not report.is_journal(journal)
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not report.is_journal(journal)        # no variable: not the journal
+        monkeypatch.setenv("JOURNAL_STREAM", journal_of(journal))
+        monkeypatch.setenv("MEMWATCHD_LOG_PLAIN", "1")   # forces words even in the journal
+        report.set_stream(journal)
+        report.log(report.NOTICE, "n")
+        journal.flush()
+        assert open(journal.name).read() == "<4>w\nnotice: n\n"
     finally:
         report.set_stream(None)
+        journal.close()
+        other.close()
+
+
+def run_with_stderr_to(tmp_path, argv, journal: bool):
+    """Run argv with stderr on a file; with journal, $JOURNAL_STREAM names that file."""
+    path = tmp_path / "stderr"
+    with open(path, "w") as err:
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop("MEMWATCHD_LOG_PLAIN", None)
+        env.pop("JOURNAL_STREAM", None)
+        if journal:
+            env["JOURNAL_STREAM"] = journal_of(err)
+        rc = subprocess.run(argv, stderr=err, stdout=subprocess.DEVNULL, env=env, timeout=30).returncode
+    return rc, path.read_text()
+
+
+def test_log_goes_to_stderr_with_words_unless_it_is_the_journal(tmp_path):
+    code = "from memwatchd import report; report.log(report.NOTICE, 'hello\\nworld')"
+    assert run_with_stderr_to(tmp_path, [sys.executable, "-c", code], journal=False) == \
+        (0, "notice: hello\\x0aworld\n")
+    assert run_with_stderr_to(tmp_path, [sys.executable, "-c", code], journal=True) == \
+        (0, "<5>hello\\x0aworld\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO, JOURNAL_STREAM="1:1"), timeout=30)
+    assert r.stderr == "notice: hello\\x0aworld\n"      # a pipe (cron, | tee, CI): words
+
+
+def test_a_fatal_start_up_error_of_run_has_the_error_priority_in_the_journal(tmp_path):
+    argv = [sys.executable, "-m", "memwatchd", "run", "--config", str(tmp_path / "absent.toml")]
+    rc, err = run_with_stderr_to(tmp_path, argv, journal=True)
+    assert rc == 2 and err.startswith("<3>") and "absent.toml" in err, err
+    rc, err = run_with_stderr_to(tmp_path, argv, journal=False)
+    assert rc == 2 and err.startswith("memwatchd: ") and "absent.toml" in err and "<" not in err, err
 
 
 def test_log_never_raises_on_a_broken_stream():
@@ -202,14 +250,6 @@ def test_log_never_raises_on_a_broken_stream():
         report.log(report.ERR, "x")
     finally:
         report.set_stream(None)
-
-
-def test_log_goes_to_stderr_by_default():
-    code = "from memwatchd import report; report.log(report.NOTICE, 'hello\\nworld')"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
-    assert r.stdout == ""
-    assert r.stderr == "<5>hello\\x0aworld\n"
 
 
 # ------------------------------------------------------------------ event log
