@@ -107,7 +107,7 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
     dry = gauge("memwatchd_dry_run")
     dry.add_metric([], 1 if view.get("dry_run") else 0)
     updated = gauge("memwatchd_last_update_timestamp_seconds")
-    updated.add_metric([], view["written_at"])
+    updated.add_metric([], view.get("written_at_unix", view.get("written_at")))
     out += [info, dry, updated]
     if daemon.get("rss_bytes") is not None:
         rss = gauge("memwatchd_resident_memory_bytes")

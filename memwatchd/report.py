@@ -22,7 +22,7 @@ __all__ = [
     "escape", "format_cmdline", "log", "set_stream", "set_level", "is_journal", "fatal_line",
     "EventLog", "Events", "read_events", "iter_events",
     "decision_record", "outcome_record", "host_fields", "format_time",
-    "format_size", "format_duration", "count", "decision_text",
+    "format_size", "format_duration", "count", "decision_text", "EVENT_FORMAT", "upgrade_record",
 ]
 
 # ------------------------------------------------------------------ escaping
@@ -428,6 +428,24 @@ def read_events(path: str) -> Events:
 
 # ------------------------------------------------------------------ records
 
+# Version of the event records (docs/formats.md). Records without "format" are version 1,
+# whose host fields were "mem_available" and "mem_total"; upgrade_record() reads both.
+EVENT_FORMAT = 2
+_V1_HOST = {"mem_available": "mem_available_bytes", "mem_total": "mem_total_bytes"}
+
+
+def upgrade_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    """An event record as the current format names its fields, whichever version wrote it
+    (for `events`, the state file and replay: old files keep working)."""
+    if record.get("format", 1) >= EVENT_FORMAT:
+        return record
+    record = dict(record, format=EVENT_FORMAT)
+    host = record.get("host")
+    if isinstance(host, dict):
+        record["host"] = {_V1_HOST.get(k, k): v for k, v in host.items()}
+    return record
+
+
 def format_time(time_ns: int) -> str:
     """ISO 8601 UTC with milliseconds: 2024-05-01T12:00:00.123Z."""
     seconds, ns = divmod(int(time_ns), 1_000_000_000)
@@ -467,6 +485,7 @@ def decision_record(*, target: str, pid: Optional[int], start_time: Optional[int
     stored by name ("SIGKILL"), None for actions that send none (memory.high, freeze)."""
     now = time.time_ns() if time_ns is None else int(time_ns)
     return {
+        "format": EVENT_FORMAT,
         "type": "decision",
         "id": event_id if event_id is not None else f"{now}-{pid if pid is not None else 0}",
         "time": format_time(now),
@@ -483,8 +502,8 @@ def decision_record(*, target: str, pid: Optional[int], start_time: Optional[int
         "signal": _signal_name(signal),
         "dry_run": bool(dry_run),
         "host": {
-            "mem_available": mem_available,
-            "mem_total": mem_total,
+            "mem_available_bytes": mem_available,
+            "mem_total_bytes": mem_total,
             "psi_some_avg10": psi_some_avg10,
             "psi_full_avg10": psi_full_avg10,
         },
@@ -497,6 +516,7 @@ def outcome_record(*, event_id: str, exited: bool, seconds_to_exit: Optional[flo
     """What became of a decision (same id): did it exit, how fast, what it freed."""
     now = time.time_ns() if time_ns is None else int(time_ns)
     return {
+        "format": EVENT_FORMAT,
         "type": "outcome",
         "id": event_id,
         "time": format_time(now),

@@ -20,12 +20,13 @@ TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never 
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, Optional
 
-from memwatchd import __version__, sampler
+from memwatchd import __version__, report, sampler
 from memwatchd.files import write_atomic
 from memwatchd.report import ERR, escape, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 1
+FORMAT = 2            # 2: times as RFC 3339 strings (*_at) with Unix twins (*_at_unix)
+READABLE_FORMATS = (1, 2)   # `status` still reads what an older, still running daemon wrote
 STATE_EVERY = 1.0     # at most one state write (and metrics snapshot) per second
 FRESH_FOR = 5.0       # `status`: a state written longer ago than this is stale
 RECENT = 10           # actions kept in the state file
@@ -48,7 +49,7 @@ def read_state(path: str) -> Optional[Dict[str, Any]]:
             data = json.loads(f.read())
     except FileNotFoundError:
         return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a memwatchd state file (format {FORMAT})")
     return data
 
@@ -161,9 +162,11 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
             shown = labels[t.key] = target_labels(t)
         rows.append(target_view(t, now, last_by_target.get((t.watch.name, shown[0])), shown))
     rows.sort(key=lambda r: (r["target"], r["id"]))
+    written = time.time_ns()
     return {
         "format": FORMAT,
-        "written_at": time.time(),
+        "written_at": report.format_time(written),
+        "written_at_unix": written / 1e9,
         "written_boottime": boottime(),
         "config": config.source,
         "dry_run": config.daemon.dry_run,
@@ -300,7 +303,8 @@ class Publisher:
         info = {
             "pid": os.getpid(),
             "start_time": self.start_time,
-            "started_at": self.started_at,
+            "started_at": report.format_time(int(self.started_at * 1e9)),
+            "started_at_unix": self.started_at,
             "version": __version__,
             "sampler": sampler.IMPLEMENTATION,
             "rss_bytes": self.rss(),

@@ -36,8 +36,8 @@ def test_version_and_help():
     (["watch", "--limit", "2X", "--", "true"], "--limit"),
     (["watch", "--limit", "1G", "--warn", "lots", "--", "true"], "--warn"),
     (["watch", "--limit", "1G", "--grace", "5", "--", "true"], "--grace"),
-    (["watch", "--limit", "1G"], "either -- COMMAND"),
-    (["watch", "--limit", "1G", "--pid", "1", "--", "true"], "either -- COMMAND"),
+    (["watch", "--limit", "1G"], "say what to watch: -- COMMAND, --pid PID"),
+    (["watch", "--limit", "1G", "--pid", "1", "--", "true"], "-- COMMAND and --pid conflict"),
     (["watch", "--limit", "1G", "--action", "explode", "--", "true"], "action"),
     (["watch", "--limit", "1G", "--scope", "cgroup", "--", "true"], "scope"),
     (["watch", "--limit", "1G", "--no-such-flag", "--", "true"], "No such option"),
@@ -130,14 +130,19 @@ def test_install_units_relaxes_protecthome_for_a_home_install():
 @needs_pidns
 def test_watch_stops_a_hog_with_the_documented_status():
     r = run_scenario("""
+records = open(WORK + "/records.jsonl", "w")
 p = subprocess.run([sys.executable, "-m", "memwatchd", "watch", "--limit", "100M", "--grace", "1s",
-                    "--json", "--", sys.executable, "-c", HOG, "300", "400", "20", "ignore",
-                    WORK + "/h.signals", "/x", "hog"], capture_output=True, text=True, timeout=40)
-result(rc=p.returncode, out=p.stdout, err=p.stderr, signals=hog_signals("h"))
+                    "--json-fd", str(records.fileno()), "--", sys.executable, "-c", HOG, "300", "400",
+                    "20", "ignore", WORK + "/h.signals", "/x", "hog"], capture_output=True, text=True,
+                   timeout=40, pass_fds=(records.fileno(),))
+records.close()
+result(rc=p.returncode, out=p.stdout, err=p.stderr, signals=hog_signals("h"),
+       records=open(WORK + "/records.jsonl").read())
 """)
     assert r["rc"] == EXIT_STOPPED_FOR_MEMORY, r["err"]
     assert "memwatchd: stopped" in r["err"] and "over its limit of 100 MiB" in r["err"]
-    records = [json.loads(line) for line in r["out"].splitlines()]
+    assert '"type"' not in r["out"]            # the job's stdout is the job's alone
+    records = [json.loads(line) for line in r["records"].splitlines()]
     assert records[0]["type"] == "decision" and records[0]["signal"] == "SIGTERM"
     assert any(rec["type"] == "outcome" and rec["exited"] for rec in records)
 

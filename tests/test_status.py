@@ -74,7 +74,7 @@ def test_status_without_a_daemon_samples_once_and_says_so(tmp_path, sleeper):
     proc, marker = sleeper
     config = write_config(tmp_path, marker)
     r = invoke("status", "--config", str(config), "--json")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 3, r.output          # not running, like systemctl status
     view = json.loads(r.output)
     assert view["running"] is False and view["source"] == "sample"
     assert "not running" in view["message"] and "sampled once" in view["message"]
@@ -84,7 +84,7 @@ def test_status_without_a_daemon_samples_once_and_says_so(tmp_path, sleeper):
     assert view["watches"] == ["probe", "absent"] and view["daemon"] is None
 
     r = invoke("status", "--config", str(config))
-    assert r.exit_code == 0
+    assert r.exit_code == 3
     assert "not running" in r.output and "probe" in r.output and str(proc.pid) in r.output
     assert "MemAvailable" in r.output
 
@@ -185,7 +185,7 @@ def test_events_pairs_and_survives_a_truncated_last_line(events_file):
     r = invoke("events", "--file", str(events_file))
     assert r.exit_code == 0
     out = r.stdout
-    for needle in ("sim", "guard", "41 job", "210M/200M", "over-limit", "SIGTERM", "31 ms",
+    for needle in ("sim", "guard", "41 job", "210 MiB/200 MiB", "over-limit", "SIGTERM", "31 ms",
                    "warn", "no outcome", "SIGKILL"):
         assert needle in out, needle
     assert "[red]x\\x0" in out              # escaped by the record, shown literally (no markup)
@@ -204,6 +204,10 @@ def test_events_since_and_target(events_file):
 
 def test_events_errors(tmp_path):
     r = invoke("events", "--file", str(tmp_path / "missing.jsonl"))
+    assert r.exit_code == 1 and "missing.jsonl: no such file" in r.output   # a typo is not "no events"
+    config = tmp_path / "none.toml"
+    config.write_text(f'[daemon]\nevents = "{tmp_path / "not-yet.jsonl"}"\n')
+    r = invoke("events", "--config", str(config))      # the daemon's own file: none written yet
     assert r.exit_code == 0 and "no events" in r.output
     r = invoke("events", "--file", str(tmp_path / "x"), "--since", "soon")
     assert r.exit_code == 2 and "--since" in r.output
