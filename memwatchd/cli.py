@@ -166,7 +166,10 @@ def check_config(
 WATCH_EPILOG = (
     "\b\nSelectors: exactly one of -- COMMAND, --pid (repeatable), --pidfile, --cmdline, --unit "
     "or --cgroup.\nDefaults are those of a [[watch]] in the config (grace 10s, sustain 0s, "
-    "action term).\n" + EXIT_STATUS_HELP)
+    "action term).\n\b\nExit status: with -- COMMAND, the command's own (128+N if a signal N "
+    f"ended it), or {EXIT_STOPPED_FOR_MEMORY} if memwatchd\nstopped its target for memory "
+    "(also with --pid and the other selectors); 0 once every target is gone;\n"
+    "2 for bad options, 5 if nothing matched. `memwatchd --help` lists every exit status.")
 
 SELECTOR_FLAGS = ("-- COMMAND", "--pid", "--pidfile", "--cmdline", "--unit", "--cgroup")
 
@@ -175,7 +178,8 @@ SELECTOR_FLAGS = ("-- COMMAND", "--pid", "--pidfile", "--cmdline", "--unit", "--
              short_help="Watch one command, process, unit or cgroup in the foreground.")
 def watch(
     command: Optional[List[str]] = typer.Argument(
-        None, metavar="[-- COMMAND...]", help="Start this command and watch it (and its children)."),
+        None, metavar="-- COMMAND", show_default=False,
+        help="Start this command and watch it (and its children)."),
     pid: Optional[List[str]] = typer.Option(None, "--pid", "-p", metavar="PID", help="Watch this process (repeatable)."),
     pidfile: Optional[str] = typer.Option(None, "--pidfile", metavar="FILE",
                                           help="Watch the process whose PID is in this file (re-read when it goes)."),
