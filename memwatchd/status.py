@@ -400,7 +400,7 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
                       duration(row.get("sample_age_seconds")),
                       _action_text(row.get("last_action"), now))
     if view.get("targets"):
-        parts.append(table)
+        parts.append(_fit(table))
     else:
         watches = view.get("watches") or []
         parts.append(Text("no targets: " + (f"{', '.join(watches)} matched nothing" if watches
@@ -426,17 +426,37 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
     return Group(*parts)
 
 
+FREE_COLUMNS = ("target", "pid/cgroup", "reason", "last action")
+
+
 def _table(*columns) -> Table:
-    """Columns: (name, justify). On a terminal the free-text ones (a name, a path, an
-    action) are cut with an ellipsis to fit its width, so every row stays one line; piped
-    (console() gives an unlimited width) nothing is cut or wrapped, like systemctl."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
-                  header_style="bold", collapse_padding=True)
+    """Columns: (name, justify). On a terminal the free-text ones are cut to fit its width
+    (see _fit), so every row stays one line; piped (console() gives an unlimited width)
+    nothing is cut or wrapped, like systemctl."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0,
+                  header_style="bold")
     for name, justify in columns:
-        free = name in ("target", "pid/cgroup", "reason", "last action")
         table.add_column(name, justify=justify, overflow="ellipsis", no_wrap=True,
-                         min_width=6 if free else None)
+                         min_width=6 if name in FREE_COLUMNS else None)
     return table
+
+
+def _fit(table: Table) -> Table:
+    """On a narrow terminal only the free-text columns (a name, a path, an action) give
+    way, each cell cut with an ellipsis and kept on one line; a size, a time or a signal
+    is never cut. Rich shrinks only "wrappable" columns, so those are marked wrappable
+    while their cells refuse to wrap."""
+    for column in table.columns:
+        if column.header in FREE_COLUMNS:
+            column.no_wrap = False
+            column._cells = [_one_line(c) for c in column._cells]
+    return table
+
+
+def _one_line(cell: Any) -> Text:
+    text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
 
 
 def events_table(events: List[Dict[str, Any]], now: Optional[float] = None) -> Table:
@@ -465,7 +485,7 @@ def events_table(events: List[Dict[str, Any]], now: Optional[float] = None) -> T
                       Text(str(e.get("reason"))), Text(action,
                                                        style="yellow" if e.get("action") == "warn" else "red"),
                       died, freed)
-    return table
+    return _fit(table)
 
 
 PIPE_WIDTH = 10_000   # "unlimited" when stdout is not a terminal: nothing is cut or wrapped

@@ -285,3 +285,188 @@ result(view=json.loads(out.stdout), text=text.stdout, rc=out.returncode, err=out
     after = r["after"]
     assert after["running"] is False and "not running" in after["message"]
     assert {row["target"] for row in after["targets"]} == {"big", "small"}
+
+
+# ------------------------------------------------------------ first contact (issue 17)
+
+import datetime  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+from memwatchd.types import ConfigError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1d", lambda now, midnight: now - 86400),
+    ("90s", lambda now, midnight: now - 90),
+    ("-1h", lambda now, midnight: now - 3600),
+    ("1h ago", lambda now, midnight: now - 3600),
+    ("2 days ago", lambda now, midnight: now - 2 * 86400),
+    ("1 h 30 min ago", lambda now, midnight: now - 5400),
+    ("+30m", lambda now, midnight: now + 1800),
+    ("now", lambda now, midnight: now),
+    ("today", lambda now, midnight: midnight),
+    ("yesterday", lambda now, midnight: midnight - 86400),
+    ("tomorrow", lambda now, midnight: midnight + 86400),
+    ("07:00", lambda now, midnight: midnight + 7 * 3600),
+    ("07:00:30", lambda now, midnight: midnight + 7 * 3600 + 30),
+    ("2026-12-01", lambda now, midnight: datetime.datetime(2026, 12, 1).timestamp()),
+    ("2026-12-01 07:00", lambda now, midnight: datetime.datetime(2026, 12, 1, 7).timestamp()),
+    ("2026-12-01 07:00:05", lambda now, midnight: datetime.datetime(2026, 12, 1, 7, 0, 5).timestamp()),
+    ("@1764572400", lambda now, midnight: 1764572400.0),
+])
+def test_since_and_until_read_what_journalctl_reads(text, expected):
+    now = datetime.datetime(2026, 12, 1, 9, 30).timestamp()     # local time, like journalctl
+    midnight = datetime.datetime(2026, 12, 1).timestamp()
+    assert status.parse_when(text, "--since", now) == pytest.approx(expected(now, midnight))
+
+
+@pytest.mark.parametrize("text", ["5", "soon", "1 fortnight", "2026-13-01", "25:00", ""])
+def test_a_time_journalctl_would_refuse_names_the_flag_and_value(text):
+    with pytest.raises(ConfigError) as e:
+        status.parse_when(text, "--until")
+    assert str(e.value).startswith("--until: expected a time") and repr(text) in str(e.value)
+
+
+def test_events_until_and_last_n(events_file):
+    ids = lambda *a: [json.loads(x)["id"] for x in invoke_apart("events", "--file", str(events_file),
+                                                                "--json", *a).stdout.splitlines()]
+    assert ids("--until", "45s") == ["old", "a"]
+    assert ids("--since", "1h", "--until", "20s") == ["a", "w"]
+    assert ids("-n", "2") == ["w", "k"]
+    assert ids("--lines", "1", "--target", "sim") == ["k"]
+    assert ids("-n", "0") == []
+    r = invoke("events", "--file", str(events_file), "-n", "-1")
+    assert r.exit_code == 2 and "-n -1" in r.output
+
+
+def _spawn_events(*args):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("COLUMNS", None)
+    return subprocess.Popen([sys.executable, "-m", "memwatchd", "events", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _read_line(proc, timeout=15.0):
+    """The next line of proc's stdout within timeout (a thread reads: select() on a buffered
+    pipe would miss a second line already in the buffer)."""
+    import queue
+    import threading
+    if not hasattr(proc, "lines"):
+        proc.lines = queue.Queue()
+        threading.Thread(target=lambda: [proc.lines.put(line) for line in proc.stdout],
+                         daemon=True).start()
+    try:
+        return proc.lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError("no line from events --follow in time") from None
+
+
+def test_events_follow_prints_new_records_as_they_are_written_and_survives_rotation(tmp_path):
+    path = tmp_path / "events.jsonl"
+    now = time.time_ns()
+    path.write_text(json.dumps(decision("before", "sim", 1, "term", 15, "over-limit", 300 << 20, now)) + "\n")
+    proc = _spawn_events("--file", str(path), "--follow", "--json")
+    try:
+        assert json.loads(_read_line(proc))["id"] == "before"          # what was there
+        with open(path, "a") as f:
+            f.write(json.dumps(decision("new", "sim", 2, "kill", 9, "over-limit", 310 << 20, now)) + "\n")
+            f.write('{"type": "outcome", "id": "new", "exi')            # half a line: wait for it
+            f.flush()
+            time.sleep(0.8)
+            f.write('ted": true, "seconds_to_exit": 0.01}\n')
+        first, second = json.loads(_read_line(proc)), json.loads(_read_line(proc))
+        assert (first["id"], first["type"]) == ("new", "decision")
+        assert (second["id"], second["type"], second["exited"]) == ("new", "outcome", True)
+        os.rename(path, tmp_path / "events.jsonl.1")                       # logrotate
+        path.write_text(json.dumps(decision("rotated", "guard", 3, "term", 15, "mem-available-low",
+                                            400 << 20, now)) + "\n")
+        assert json.loads(_read_line(proc))["id"] == "rotated"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_events_follow_as_text_is_one_line_per_record(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("")
+    proc = _spawn_events("--file", str(path), "--follow", "--target", "sim")
+    try:
+        time.sleep(0.5)
+        now = time.time_ns()
+        with open(path, "a") as f:
+            for record in (decision("g", "guard", 5, "term", 15, "mem-available-low", 1 << 30, now),
+                           decision("s", "sim", 6, "term", 15, "over-limit", 300 << 20, now),
+                           report.outcome_record(event_id="g", exited=True, seconds_to_exit=0.5,
+                                                 freed_bytes=1, escalated=False),
+                           report.outcome_record(event_id="s", exited=True, seconds_to_exit=0.04,
+                                                 freed_bytes=300 << 20, escalated=False)):
+                f.write(json.dumps(record) + "\n")
+        line1, line2 = _read_line(proc), _read_line(proc)
+        assert "sim SIGTERM pid 6 job 300 MiB/200 MiB over-limit [s]" in line1
+        assert "outcome of s: exited after 40 ms, freed 300 MiB" in line2
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+LONG = "/system.slice/" + "very-long-container-name-" * 6 + "end.scope"
+
+
+@pytest.fixture
+def wide_events(tmp_path):
+    path = tmp_path / "events.jsonl"
+    now = time.time_ns()
+    with open(path, "w") as f:
+        for i in range(3):
+            record = report.decision_record(
+                target=f"containers-{i}", pid=None, start_time=None, comm=None, cmdline=None,
+                cgroup=LONG, usage_bytes=900 << 20, limit_bytes=800 << 20, reason="over-limit",
+                action="kill", signal=9, dry_run=False, time_ns=now - i, event_id=f"c{i}")
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_tables_piped_are_full_width_and_never_wrapped(wide_events):
+    """`events | grep` and `status | cat` get whole lines, like systemctl and journalctl."""
+    proc = _spawn_events("--file", str(wide_events))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    rows = [line for line in out.splitlines() if "containers-" in line]
+    assert len(rows) == 3 and all(LONG in row for row in rows)   # one line each, cgroup whole
+    assert "\x1b[" not in out                                      # no colour into a pipe
+    assert len({row.index("over-limit") for row in rows}) == 1     # still aligned
+
+
+def test_tables_on_a_terminal_fit_its_width_one_line_per_row(wide_events):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=REPO, TERM="xterm")
+    env.pop("COLUMNS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "memwatchd", "events", "--file", str(wide_events)],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:          # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(30)
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode()).replace("\r", "")
+    lines = [line for line in text.split("\n") if line.strip()]
+    rows = [line for line in lines if "containers-" in line]
+    assert len(rows) == 3, text                                    # truncated, not wrapped
+    assert all(len(line) <= 100 for line in lines), [len(x) for x in lines]
+    assert all("…" in row for row in rows) and LONG not in text
+    assert all("SIGKILL" in row and "900 MiB/800 MiB" in row for row in rows)
