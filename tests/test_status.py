@@ -470,3 +470,42 @@ def test_tables_on_a_terminal_fit_its_width_one_line_per_row(wide_events):
     assert all(len(line) <= 100 for line in lines), [len(x) for x in lines]
     assert all("…" in row for row in rows) and LONG not in text
     assert all("SIGKILL" in row and "900 MiB/800 MiB" in row for row in rows)
+
+
+FORMATS = open(os.path.join(REPO, "docs", "formats.md")).read()
+
+
+def _keys(data, prefix=""):
+    """Every field name in a JSON object, nested ones too (as "a" and "a.b")."""
+    out = set()
+    items = data.items() if isinstance(data, dict) else ()
+    for key, value in items:
+        out.add(key)
+        if isinstance(value, dict):
+            out |= _keys(value, key + ".")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            out |= _keys(value[0], key + ".")
+    return out
+
+
+def test_every_json_field_is_documented(tmp_path, sleeper):
+    """docs/formats.md has a row for every field of the events records, the state file and
+    `status --json`; a new field without documentation fails here."""
+    import types as pytypes
+
+    from memwatchd.config import load_config
+    proc, marker = sleeper
+    cfg = load_config(str(write_config(tmp_path, marker)), insecure=True)
+    view = json.loads(invoke("status", "-c", str(write_config(tmp_path, marker)), "--json").output)
+    fake = pytypes.SimpleNamespace(ticks=1, actions_taken=0, victims={}, host=None, clock=time.monotonic,
+                                   targets=pytypes.SimpleNamespace(targets={}))
+    daemon_view = state.Publisher(cfg).view(fake, time.monotonic())
+    rec = decision("d", "sim", 1, "term", 15, "over-limit", 1, time.time_ns())
+    rec["scope"] = "process"
+    out = report.outcome_record(event_id="d", exited=True, seconds_to_exit=0.1, freed_bytes=1,
+                                escalated=False)
+    view["recent_actions"] = [dict(state.action_summary(rec), outcome={"exited": True})]
+    undocumented = sorted(k.rsplit(".", 1)[-1] for k in _keys(rec) | _keys(out) | _keys(view) | _keys(daemon_view)
+                          if f"`{k.rsplit('.', 1)[-1]}`" not in FORMATS and f".{k.rsplit('.', 1)[-1]}`" not in FORMATS)
+    assert not undocumented, f"docs/formats.md does not document: {undocumented}"
+    assert rec["format"] == out["format"] == report.EVENT_FORMAT and view["format"] == state.FORMAT
