@@ -333,24 +333,34 @@ def watch(
     stopped = [r for r in daemon.stopped_for_memory if not r["dry_run"]]
     if stopped:
         if not quiet:
-            for line in stopped_summary(stopped):
+            for line in stopped_summary(stopped, command[0] if command else None):
                 typer.echo(f"memwatchd: {line}", err=True)
         raise typer.Exit(EXIT_STOPPED_FOR_MEMORY)
     raise typer.Exit(128 - status if status < 0 else status)
 
 
-def stopped_summary(records: List[dict]) -> List[str]:
-    """One line per target stopped for memory, from its decision records (first and last)."""
-    from memwatchd.report import format_size
+def stopped_summary(records: List[dict], started_as: Optional[str] = None) -> List[str]:
+    """One line per target stopped for memory, from its decision records: the program
+    they name (read when memwatchd decided: a wrapper may have exec'ed another), its
+    highest usage, its limit, the signals sent. started_as: `watch -- COMMAND`'s argv[0],
+    said when the program stopped is not the one started."""
+    import os
+
+    from memwatchd.report import escape, format_size
     by_target: dict = {}
     for r in records:
         by_target.setdefault((r.get("target"), r.get("pid"), r.get("cgroup")), []).append(r)
     lines = []
     for (_, pid, cgroup), rs in by_target.items():
         first, last = rs[0], rs[-1]
-        who = f"{last.get('comm') or '?'} (pid {pid})" if pid is not None else f"cgroup {cgroup}"
+        name = last.get("comm") or "?"
+        also = ""
+        if started_as and name != os.path.basename(started_as)[:15]:
+            also = f", started as {escape(started_as)}"
+        who = f"{name} (pid {pid}{also})" if pid is not None else f"cgroup {cgroup}"
+        usage = max((r["usage_bytes"] for r in rs if r.get("usage_bytes") is not None), default=None)
         sent = " then ".join(dict.fromkeys(r["signal"] for r in rs if r.get("signal")))
-        lines.append(f"stopped {who} for memory: using {format_size(last.get('usage_bytes'))}, "
+        lines.append(f"stopped {who} for memory: using {format_size(usage)}, "
                      f"over its limit of {format_size(first.get('limit_bytes'))}; sent {sent}")
     return lines
 

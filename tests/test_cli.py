@@ -310,3 +310,20 @@ result(rc=p.returncode, err=p.stderr, out=p.stdout, pid=hog.pid)
     assert f"memwatchd: stopped pidhog (pid {r['pid']}) for memory: using" in r["err"]
     assert "over its limit of 100 MiB; sent SIGTERM" in r["err"]
     assert "<4>" not in r["err"] and "warning: " in r["err"]     # a pipe is no journal: words
+
+
+def test_the_stopped_summary_names_each_target_with_its_peak_and_the_signals():
+    from memwatchd.cli import stopped_summary
+    MiB = 1 << 20
+    rec = lambda pid, comm, usage, sig, cgroup=None: {
+        "target": "t", "pid": pid, "comm": comm, "cgroup": cgroup, "usage_bytes": usage,
+        "limit_bytes": 100 * MiB, "signal": sig}
+    lines = stopped_summary([rec(7, "python3", 130 * MiB, "SIGTERM"), rec(7, "python3", 120 * MiB, "SIGKILL"),
+                             rec(9, "bash", 101 * MiB, "SIGTERM"),
+                             rec(None, None, 2 << 30, "SIGKILL", cgroup="/system.slice/x.service")],
+                            started_as="/usr/bin/python3")
+    assert lines == [
+        "stopped python3 (pid 7) for memory: using 130 MiB, over its limit of 100 MiB; sent SIGTERM then SIGKILL",
+        "stopped bash (pid 9, started as /usr/bin/python3) for memory: using 101 MiB, over its limit of 100 MiB; sent SIGTERM",
+        "stopped cgroup /system.slice/x.service for memory: using 2 GiB, over its limit of 100 MiB; sent SIGKILL",
+    ]
