@@ -13,7 +13,9 @@ TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never 
 if TYPE_CHECKING:
     from typing import List, Optional, Tuple
 
-from memwatchd.types import EXIT_CODES, MemwatchdError, exit_code_for  # noqa: F401 (EXIT_CODES: the old name's home)
+from memwatchd.types import EXIT_CODES, MemwatchdError, exit_code_for
+
+__all__ = ["EXIT_CODES", "exit_code_for", "parse_plain_run", "main"]   # EXIT_CODES: its old home
 
 
 def parse_plain_run(args: List[str]) -> Optional[Tuple[Optional[str], bool, bool]]:
