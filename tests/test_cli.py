@@ -327,3 +327,12 @@ def test_the_stopped_summary_names_each_target_with_its_peak_and_the_signals():
         "stopped bash (pid 9, started as /usr/bin/python3) for memory: using 101 MiB, over its limit of 100 MiB; sent SIGTERM",
         "stopped cgroup /system.slice/x.service for memory: using 2 GiB, over its limit of 100 MiB; sent SIGKILL",
     ]
+
+
+def test_watch_events_file_may_be_relative(tmp_path, monkeypatch):
+    """`--events records.jsonl` is the user's path from here; the config underneath wants an
+    absolute one, so the flag is resolved (it used to be refused as not absolute)."""
+    monkeypatch.chdir(tmp_path)
+    r = invoke("watch", "--limit", "1G", "--events", "records.jsonl", "--", sys.executable, "-c", "pass")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "records.jsonl").exists()
