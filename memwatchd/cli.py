@@ -415,7 +415,7 @@ def status(
                 raise fail(e)
     console = st.console()
     if not watch_:
-        console.print(st.status_renderable(view))
+        st.show(console, st.status_renderable(view))
         raise typer.Exit(code)
     from rich.live import Live
     try:
@@ -492,7 +492,7 @@ def events(
         for event in shown:
             typer.echo(json.dumps(event, sort_keys=True))
     elif shown:
-        st.console().print(st.events_table(shown))
+        st.show(st.console(), st.events_table(shown))
     elif not follow:
         typer.echo(f"no events in {path}" + (f" since {since}" if since else "")
                    + (f" until {until}" if until else "") + (f" for {target}" if target else ""))

@@ -498,3 +498,16 @@ def console(**kw) -> Console:
     if "width" not in kw and not sys.stdout.isatty():
         kw["width"] = PIPE_WIDTH
     return Console(highlight=False, **kw)
+
+
+def show(console: Console, renderable: Any) -> None:
+    """Print a table or the status screen; piped, without the padding Rich adds to the
+    last column (trailing blanks only trip up grep and awk)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    text = "\n".join(line.rstrip() for line in captured.get().split("\n"))
+    console.file.write(text)
+    console.file.flush()

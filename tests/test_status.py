@@ -438,6 +438,7 @@ def test_tables_piped_are_full_width_and_never_wrapped(wide_events):
     assert len(rows) == 3 and all(LONG in row for row in rows)   # one line each, cgroup whole
     assert "\x1b[" not in out                                      # no colour into a pipe
     assert len({row.index("over-limit") for row in rows}) == 1     # still aligned
+    assert not [line for line in out.splitlines() if line != line.rstrip()]   # no trailing blanks
 
 
 def test_tables_on_a_terminal_fit_its_width_one_line_per_row(wide_events):
