@@ -394,7 +394,7 @@ def test_events_follow_as_text_is_one_line_per_record(tmp_path):
     path.write_text("")
     proc = _spawn_events("--file", str(path), "--follow", "--target", "sim")
     try:
-        time.sleep(0.5)
+        time.sleep(3.0)                     # generous: it must be following before we write
         now = time.time_ns()
         with open(path, "a") as f:
             for record in (decision("g", "guard", 5, "term", 15, "mem-available-low", 1 << 30, now),
