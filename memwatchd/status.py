@@ -142,7 +142,8 @@ def select_events(path: str, since: Optional[float] = None, target: Optional[str
     lines (a torn last line, after a crash); .size is how many bytes were read, where
     follow_records() goes on."""
     size = os.path.getsize(path) if os.path.exists(path) else 0
-    records = report.Events(_records(path, 0, size))
+    read = {"whole": 0}
+    records = report.Events(_records(path, 0, size, read))
     records.skipped = sum(1 for r in records if r is None)
     out = report.Events()
     for e in pair_events(r for r in records if r is not None):
@@ -155,12 +156,14 @@ def select_events(path: str, since: Optional[float] = None, target: Optional[str
             continue
         out.append(e)
     out.skipped = records.skipped
-    out.size = size
+    out.size = read["whole"]     # after the last whole line: a record still being written is followed
     return out
 
 
-def _records(path: str, start: int, end: int) -> Iterable[Optional[Dict[str, Any]]]:
-    """The records in bytes [start, end) of an events file; None for each unreadable line."""
+def _records(path: str, start: int, end: int,
+             read: Optional[Dict[str, int]] = None) -> Iterable[Optional[Dict[str, Any]]]:
+    """The records in bytes [start, end) of an events file; None for each unreadable line.
+    read["whole"] is set to the offset after the last line that ended in a newline."""
     import json
     try:
         f = open(path, "rb")
@@ -168,7 +171,13 @@ def _records(path: str, start: int, end: int) -> Iterable[Optional[Dict[str, Any
         return
     with f:
         f.seek(start)
-        for raw in f.read(max(0, end - start)).splitlines():
+        pos = start
+        for raw in f:                  # line by line: a big events file is never read whole
+            pos += len(raw)
+            if pos > end:              # written after we looked: --follow reads it
+                break
+            if read is not None and raw.endswith(b"\n"):
+                read["whole"] = pos
             if not raw.strip():
                 continue
             try:

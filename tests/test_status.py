@@ -510,3 +510,23 @@ def test_every_json_field_is_documented(tmp_path, sleeper):
                           if f"`{k.rsplit('.', 1)[-1]}`" not in FORMATS and f".{k.rsplit('.', 1)[-1]}`" not in FORMATS)
     assert not undocumented, f"docs/formats.md does not document: {undocumented}"
     assert rec["format"] == out["format"] == report.EVENT_FORMAT and view["format"] == state.FORMAT
+
+
+def test_events_follow_picks_up_a_record_that_was_half_written_when_it_started(tmp_path):
+    """The listing counts the half line as unreadable, but following goes on from the last
+    whole line, so the record is printed once its writer finishes it."""
+    path = tmp_path / "events.jsonl"
+    now = time.time_ns()
+    whole = json.dumps(decision("one", "sim", 1, "term", 15, "over-limit", 300 << 20, now)) + "\n"
+    late = json.dumps(decision("two", "sim", 2, "term", 15, "over-limit", 300 << 20, now)) + "\n"
+    path.write_text(whole + late[:20])
+    proc = _spawn_events("--file", str(path), "--follow", "--json")
+    try:
+        assert json.loads(_read_line(proc))["id"] == "one"
+        time.sleep(1.0)
+        with open(path, "a") as f:
+            f.write(late[20:])
+        assert json.loads(_read_line(proc))["id"] == "two"
+    finally:
+        proc.kill()
+        proc.wait()
