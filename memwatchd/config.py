@@ -44,7 +44,8 @@ MAX_DURATION = 30 * 86400.0
 # checks that examples/memwatchd.toml shows every one of them.
 KEYS: Dict[str, Tuple[str, ...]] = {
     "": ("daemon", "guard", "protect", "metrics", "watch"),
-    "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state"),
+    "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state",
+               "trace", "trace_size"),
     "guard": ("enabled", "min_available", "kill_available", "psi_full_avg10", "grace"),
     "protect": ("names", "cgroups"),
     "metrics": ("listen", "textfile"),
@@ -100,6 +101,8 @@ _DAEMON_DEFAULTS = {
     "dry_run": False,
     "events": "/var/lib/memwatchd/events.jsonl",
     "state": "/run/memwatchd/state.json",
+    "trace": "",                     # a directory for the trace ring (memwatchd/trace.py); "" = off
+    "trace_size": 64 * 2**20,        # the ring's cap in bytes, oldest segment dropped first
 }
 
 
@@ -620,7 +623,16 @@ def _parse_daemon(data: Any, source: str, errors: list) -> DaemonConfig:
         dry_run=t.attempt(t.get, "dry_run", d.dry_run, bool, "true or false"),
         events=t.attempt(t.abspath, "events", events, True),
         state=t.attempt(t.abspath, "state", state, True),
+        trace=t.attempt(t.abspath, "trace", d.trace, True),
+        trace_size=t.attempt(_trace_size, t, d.trace_size, fallback=d.trace_size),
     )
+
+
+def _trace_size(t: _Table, default: int) -> int:
+    size = t.size("trace_size", Size(bytes=default))
+    if size.bytes is None or size.bytes < 2**20:
+        raise t.fail("trace_size", "expected an absolute size of at least 1M, like 64M")
+    return size.bytes
 
 
 def _parse_guard(data: Any, source: str, errors: list) -> GuardConfig:

@@ -180,7 +180,8 @@ result(rc=rc)
 
 # ------------------------------------------------------------ first contact (issue 17)
 
-COMMANDS = ("run", "check-config", "watch", "status", "events", "install-units")
+COMMANDS = ("run", "check-config", "watch", "status", "events", "install-units", "record", "replay",
+            "suggest")
 
 
 def test_top_level_help_lists_every_command_whole_and_the_exit_statuses():
