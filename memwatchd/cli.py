@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from memwatchd import __version__
-from memwatchd.types import MemwatchdError, exit_code_for
+from memwatchd.types import MemwatchdError, TargetGone, exit_code_for
 
 EXIT_USAGE = 2
 # `status` when the daemon is not running, like `systemctl status` (LSB: "not running").
@@ -285,6 +285,13 @@ def watch(
     else:
         kind = selector[2:]
         value = {"pidfile": pidfile, "cmdline": cmdline, "unit": unit, "cgroup": cgroup}[kind]
+        if kind in ("unit", "cgroup"):
+            from memwatchd.targets import host_support
+            why = host_support().get(kind)
+            if why:  # said plainly, not "matched nothing"
+                typer.echo(f"memwatchd watch: --{kind}{' ' if why.startswith('needs') else ': '}{why}",
+                           err=True)
+                raise typer.Exit(exit_code_for(TargetGone("")))
         watches = [dict(base, name=kind, **{kind: value})]
     try:
         cfg = parse_config({"daemon": {"interval": interval, "min_interval": "10ms",
