@@ -207,7 +207,7 @@ class Daemon:
         self._setup()
         self.publisher.start()
         try:
-            log(INFO, f"memwatchd started: {len(self.config.watches)} watch(es), guard "
+            log(INFO, f"memwatchd started: {report.count(len(self.config.watches), 'watch', 'watches')}, guard "
                       f"{'on' if self.config.guard.enabled else 'off'}, sampler {sampler.IMPLEMENTATION}"
                       f"{', dry run' if self.config.daemon.dry_run else ''} ({self.config.source})")
             while not self.stopping:
@@ -416,7 +416,9 @@ class Daemon:
             log(ERR, f"reload failed, keeping the running configuration: {e}")
             self.notifier.ready(self.status_line())
             return
-        log(INFO, f"reloaded {config.source}: {len(config.watches)} watch(es)")
+        for warning in config.warnings:
+            log(WARNING, warning)
+        log(INFO, f"reloaded {config.source}: {report.count(len(config.watches), 'watch', 'watches')}")
         self.notifier.ready(self.status_line())
 
     def apply_config(self, config: Config) -> None:
@@ -506,8 +508,9 @@ class Daemon:
             action=action, signal=decision.signal, dry_run=self.config.daemon.dry_run,
             **report.host_fields(fresh_host))
         record["scope"] = scope
-        what = f"{decision.watch}: {self._describe(decision.key, target)} at " \
-               f"{_mib(usage)} (limit {_mib(decision.limit)}, {decision.reason})"
+        what = f"{decision.watch}: {self._describe(decision.key, target)} " + report.decision_text(
+            decision.watch, usage, decision.limit, decision.reason,
+            warn=getattr(target, "warn", None), host=fresh_host, guard=self.config.guard)
         self._record(record, write_ahead=decision.kind != "warn" and not self.config.daemon.dry_run)
         if decision.kind == "warn":
             log(WARNING, f"{what}: warning")
@@ -684,8 +687,9 @@ class Daemon:
             return
         now = self.clock()
         name = signal.Signals(sig).name
-        log(WARNING, f"{decision.watch}: sent {name} to {self._describe(decision.key)} at "
-                     f"{_mib(usage)} (limit {_mib(decision.limit)}, {decision.reason})")
+        log(WARNING, f"{decision.watch}: sent {name} to {self._describe(decision.key)} "
+                     + report.decision_text(decision.watch, usage, decision.limit, decision.reason,
+                                            host=self.host, guard=self.config.guard))
         self.stopped_for_memory.append(record)
         victim = self.victims.get(decision.key)   # followed before anything else can fail
         if victim is None:
@@ -744,7 +748,7 @@ class Daemon:
         self.stopped_for_memory.append(record)
         victim.event_ids = (victim.event_ids + [record["id"]])[-EVENT_IDS_KEPT:]
         victim.last_signal, victim.last_signal_at, victim.escalated = signal.SIGKILL, now, True
-        log(WARNING, f"{victim.name}: sent SIGKILL to {len(victim.alive)} process(es) left of "
+        log(WARNING, f"{victim.name}: sent SIGKILL to {report.count(len(victim.alive), 'process', 'processes')} left of "
                      f"{victim.description} after its grace (pid {', '.join(map(str, record['pids']))}"
                      f"{f' ({escape(comm)})' if comm else ''})")
 
@@ -816,7 +820,7 @@ class Daemon:
                      f"({signal.Signals(victim.last_signal).name}); still followed"))
         log(NOTICE if dead else ERR,
             f"{victim.name}: {victim.description} "
-            + (f"exited {now - victim.first_signal_at:.3f}s after the first signal"
+            + (f"exited {report.format_duration(now - victim.first_signal_at)} after the first signal"
                if dead else f"did not exit {GIVE_UP_AFTER:.0f}s after "
                             f"{signal.Signals(victim.last_signal).name}"))
         if not dead and not final:
@@ -867,8 +871,8 @@ class Daemon:
         host = self.host
         avail = f", MemAvailable {_mib(host.mem_available)}" if host else ""
         last = f", last: {self.last_action}" if self.last_action else ""
-        return f"watching {len(self.targets.targets)} target(s){avail}, " \
-               f"{self.actions_taken} action(s){last}"
+        return f"watching {report.count(len(self.targets.targets), 'target')}{avail}, " \
+               f"{report.count(self.actions_taken, 'action')}{last}"
 
 
 def _open_events(config: Config) -> report.EventLog:
@@ -909,7 +913,7 @@ def _dup(fd: Optional[int]) -> Optional[int]:
 
 
 def _mib(n: Optional[int]) -> str:
-    return "?" if n is None or n < 0 else f"{n / 2**20:.1f} MiB"
+    return "?" if n is None or n < 0 else report.format_size(n)
 
 
 def _close_all(fds) -> None:
@@ -918,3 +922,14 @@ def _close_all(fds) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def run_from_file(config_path: Optional[str], insecure: bool, dry_run: bool) -> int:
+    """`memwatchd run`: load the config and run the loop until SIGTERM.
+    Raises MemwatchdError / OSError (the caller prints and exits)."""
+    config = load_config(config_path, insecure=insecure, parse_in_child=True)
+    if dry_run:
+        config = config._replace(daemon=config.daemon._replace(dry_run=True))
+    for warning in config.warnings:
+        log(WARNING, warning)
+    return Daemon(config, Options(config_path=config_path, insecure=insecure)).run()

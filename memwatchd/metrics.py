@@ -29,7 +29,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 from memwatchd import __version__, sampler
 from memwatchd.report import ERR, NOTICE, log
-from memwatchd.state import write_atomic
+from memwatchd.files import write_atomic
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 MAX_CONNECTIONS = 8          # served at once; more wait in the listen backlog
@@ -110,7 +110,7 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
     dry = gauge("memwatchd_dry_run")
     dry.add_metric([], 1 if view.get("dry_run") else 0)
     updated = gauge("memwatchd_last_update_timestamp_seconds")
-    updated.add_metric([], view["written_at"])
+    updated.add_metric([], view.get("written_at_unix", view.get("written_at")))
     out += [info, dry, updated]
     if daemon.get("rss_bytes") is not None:
         rss = gauge("memwatchd_resident_memory_bytes")

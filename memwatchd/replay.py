@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from memwatchd.config import Config, parse_config
 from memwatchd.policy import Policy, guard_level, is_quiet
-from memwatchd.trace import Trace, TraceError, read_trace
+from memwatchd.trace import Trace, TraceError, loadable_config, read_trace
 from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, Reading
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
@@ -117,7 +117,7 @@ def check_config(trace: Trace, config: Config) -> List[str]:
 def recorded_config(trace: Trace) -> Config:
     """The config the trace was recorded with (from its first header)."""
     try:
-        return parse_config(trace.header["config"], f"{trace.path} (recorded config)")
+        return parse_config(loadable_config(trace.header["config"]), f"{trace.path} (recorded config)")
     except (ConfigError, KeyError) as e:
         raise TraceError(f"{trace.path}: the recorded config cannot be used: {e}") from None
 

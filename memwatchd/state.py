@@ -21,10 +21,12 @@ if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, Optional
 
 from memwatchd import __version__, report, sampler
+from memwatchd.files import write_atomic
 from memwatchd.report import ERR, escape, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 1
+FORMAT = 2            # 2: times as RFC 3339 strings (*_at) with Unix twins (*_at_unix)
+READABLE_FORMATS = (1, 2)   # `status` still reads what an older, still running daemon wrote
 STATE_EVERY = 1.0     # at most one state write (and metrics snapshot) per second
 FRESH_FOR = 5.0       # `status`: a state written longer ago than this is stale
 RECENT = 10           # actions kept in the state file
@@ -40,41 +42,6 @@ def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600, make_dirs: bool = True) -> None:
-    """Replace path with data: write a temp file beside it, then rename() over it.
-
-    The temp file is created fresh (O_EXCL, after unlinking any leftover, so a planted
-    link is never written through) and chmod'ed to mode whatever the umask. Missing
-    directories are made 0700 if make_dirs. No fsync: this is live state, and a flush
-    could stall the loop on a busy disk.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if make_dirs and not os.path.isdir(directory):
-        report._makedirs_private(directory)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def read_state(path: str) -> Optional[Dict[str, Any]]:
     """The state file as a dict; None if it does not exist. Raises OSError (e.g. EACCES)
     and ValueError for a file that is not a memwatchd state."""
@@ -83,7 +50,7 @@ def read_state(path: str) -> Optional[Dict[str, Any]]:
             data = json.loads(f.read())
     except FileNotFoundError:
         return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a memwatchd state file (format {FORMAT})")
     return data
 
@@ -201,9 +168,11 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
         key = (t.watch.name, shown[0])
         rows.append(target_view(t, now, last_by_target.get(key), shown, counts.get(key, 0)))
     rows.sort(key=lambda r: (r["target"], r["id"]))
+    written = time.time_ns()
     return {
         "format": FORMAT,
-        "written_at": time.time(),
+        "written_at": report.format_time(written),
+        "written_at_unix": written / 1e9,
         "written_boottime": boottime(),
         "config": config.source,
         "dry_run": config.daemon.dry_run,
@@ -366,7 +335,8 @@ class Publisher:
         info = {
             "pid": os.getpid(),
             "start_time": self.start_time,
-            "started_at": self.started_at,
+            "started_at": report.format_time(int(self.started_at * 1e9)),
+            "started_at_unix": self.started_at,
             "version": __version__,
             "sampler": sampler.IMPLEMENTATION,
             "rss_bytes": self.rss(),

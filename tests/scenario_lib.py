@@ -160,7 +160,7 @@ events = "{events}"
 state = ""
 cooldown = "30s"
 [guard]
-min_available = "{floor}"
+min_available = "{floor}B"
 kill_available = "1M"
 grace = "1s"
 [protect]
