@@ -29,10 +29,13 @@ if [ ! -e "$chroot_dir/.complete" ]; then
     rm -rf "$chroot_dir"
     mkdir -p "$(dirname "$chroot_dir")"
     echo "build-deb-in-chroot: debootstrap --variant=buildd $suite"
-    debootstrap --variant=buildd --include=lintian "$suite" "$chroot_dir" "$mirror" \
+    debootstrap --variant=buildd "$suite" "$chroot_dir" "$mirror" \
         > "$chroot_dir.debootstrap.log" 2>&1 || { tail -30 "$chroot_dir.debootstrap.log"; exit 1; }
     printf '#!/bin/sh\nexit 101\n' > "$chroot_dir/usr/sbin/policy-rc.d"
     chmod +x "$chroot_dir/usr/sbin/policy-rc.d"
+    cp /etc/resolv.conf "$chroot_dir/etc/resolv.conf" 2>/dev/null || true
+    chroot "$chroot_dir" apt-get install -y -qq --no-install-recommends lintian \
+        >> "$chroot_dir.debootstrap.log" 2>&1 || { tail -30 "$chroot_dir.debootstrap.log"; exit 1; }
     touch "$chroot_dir/.complete"
 fi
 cp /etc/resolv.conf "$chroot_dir/etc/resolv.conf" 2>/dev/null || true
