@@ -12,9 +12,9 @@ no pip), and then, against that install:
   - the hog-stopped scenario: a [[watch]] of hog.service with limit 300M, applied
     with `systemctl reload`; a hog growing past it is stopped by memwatchd (the
     events file says so), not by the kernel OOM killer;
-  - an upgrade (apt reinstall of the same .deb) keeps the edited config and
-    restarts the daemon once (a new MainPID, active again);
-  - purge removes the unit, its enablement, the config and /var/lib/memwatchd.
+  - on Debian 12 also: an upgrade (apt reinstall of the same .deb) keeps the edited
+    config and restarts the daemon once (a new MainPID, active again), and purge
+    removes the unit, its enablement, the config and /var/lib/memwatchd.
 
 The Debian 12 .deb is $MEMWATCHD_DEB (CI builds it), else built here from a clean
 clone with debian/build-in-clean-clone.sh. Debian 13 needs its own build (the
@@ -98,6 +98,10 @@ cp /var/lib/memwatchd/events.jsonl "$out/events.jsonl" 2>/dev/null || true
 journalctl -k -b --no-pager -o cat | grep -ci 'out of memory' > "$out/kernel_oom_kills"
 journalctl -u memwatchd -b --no-pager -o cat > "$out/journal_hog" 2>&1
 
+# On Debian 13 the issue asks for the smoke test and the hog scenario; the upgrade and
+# purge (pure dpkg/debhelper behaviour, tested on 12) would add a minute under TCG.
+if [ "@FULL@" != 1 ]; then echo deb done; exit 0; fi
+
 # Upgrade: the same package again. The edited conffile stays; the daemon restarts once.
 pid_before=$(systemctl show memwatchd -P MainPID)
 apt-get install -y --reinstall --no-install-recommends "$VM_SHARE"/memwatchd_*.deb > "$out/apt_reinstall.log" 2>&1
@@ -140,8 +144,9 @@ def deb_for(tmp_path_factory):
 def test_the_deb_installs_starts_stops_a_hog_upgrades_and_purges(suite, vm_image_for, deb_for, tmp_path):
     deb = deb_for(suite)
     image = vm_image_for(suite)
+    full = suite == harness.DEFAULT_SUITE
     result = harness.run_guest(
-        SCRIPT, image=image, run_dir=tmp_path / "run", timeout=480,
+        SCRIPT.replace("@FULL@", "1" if full else "0"), image=image, run_dir=tmp_path / "run", timeout=480,
         extra_files={deb.name: deb,
                      "/etc/systemd/system/hog.service": HERE / "scenario" / "units" / "hog.service",
                      "/usr/local/lib/mwtest/hog.py": HERE / "scenario" / "hog.py"})
@@ -182,6 +187,8 @@ def test_the_deb_installs_starts_stops_a_hog_upgrades_and_purges(suite, vm_image
     assert 300 << 20 <= first["usage_bytes"] < 400 << 20, first
     assert hog_exit.get("Result") != "oom-kill" and g("kernel_oom_kills") == "0", g("hog_exit")
 
+    if not full:
+        return
     assert g("apt_reinstall_rc") == "0", g("apt_reinstall.log")
     assert g("is_active_after_upgrade") == "active" and g("pid_changed_on_upgrade") == "yes", \
         g("journal_upgrade")
