@@ -180,6 +180,16 @@ class Metrics:
         self.exporter = Exporter(config.address, config.textfile)
         self.exporter.start()
 
+    def seed(self, config: Any) -> None:
+        """Export each watch's (and the guard's) first-stop counter at 0 from the start.
+
+        Prometheus' increase() sees no increase in a series that first appears at 1, so
+        an alert on increase(memwatchd_actions_total[...]) would miss the first stop of
+        every target (examples/prometheus/memwatchd.rules.yml relies on these zeros).
+        """
+        for key in first_stops(config):
+            self.actions.setdefault(key, 0)
+
     def on_record(self, record: Dict[str, Any]) -> None:
         if record.get("type") != "decision":
             return
@@ -193,6 +203,21 @@ class Metrics:
 
     def close(self) -> None:
         self.exporter.stop()
+
+
+def first_stops(config: Any) -> List[tuple]:
+    """(target, action, reason, signal) of the first decision that stops a target, per
+    watch, and the guard's (memwatchd.policy records exactly these)."""
+    from memwatchd import policy
+    first = {"term": ("term", "SIGTERM"), "kill": ("kill", "SIGKILL"), "freeze": ("freeze", "")}
+    keys = [(w.name, first[w.action][0], policy.REASON_LIMIT, first[w.action][1])
+            for w in config.watches if w.action in first]
+    if config.guard.enabled:
+        keys += [("guard", "term", policy.REASON_GUARD_LOW, "SIGTERM"),
+                 ("guard", "kill", policy.REASON_GUARD_CRITICAL, "SIGKILL")]
+        if config.guard.psi_full_avg10 > 0:
+            keys.append(("guard", "term", policy.REASON_GUARD_PSI, "SIGTERM"))
+    return keys
 
 
 class _Conn:

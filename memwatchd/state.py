@@ -265,6 +265,7 @@ class Publisher:
         try:
             from memwatchd import metrics  # loads prometheus_client: only when configured
             self.metrics = metrics.Metrics(m)
+            self.metrics.seed(self.config)
         except ImportError as e:
             log(ERR, f"[metrics] is configured but prometheus_client is missing ({e}); no metrics")
         except OSError as e:
@@ -278,6 +279,8 @@ class Publisher:
                 self.metrics.close()
                 self.metrics = None
             self._start_metrics()
+        elif self.metrics is not None:
+            self.metrics.seed(config)   # a new watch's first-stop counter starts at 0 too
         self._written = -STATE_EVERY
 
     def rss(self) -> Optional[int]:

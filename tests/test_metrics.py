@@ -381,3 +381,43 @@ result(fate=fate, events=read_events(events), body=body, textfile=textfile, mode
     assert not [s for s in fams["memwatchd_target_usage_bytes"].samples]   # the hog is gone
     assert r["mode"] == 0o644 and "memwatchd_actions_total" in r["textfile"]
     parse(r["textfile"])
+
+
+def test_each_watch_and_the_guard_export_their_first_stop_at_zero_from_the_start(tmp_path):
+    """increase() sees nothing in a counter series that first appears at 1: the rules'
+    stop alerts need every first-stop series present at 0 before the first stop."""
+    def config(*watches, psi=0):
+        return parse_config({"daemon": {"state": ""},
+                             "metrics": {"listen": "", "textfile": str(tmp_path / "m.prom")},
+                             "guard": {"psi_full_avg10": psi},
+                             "watch": [dict(w, limit="1G") for w in watches]}, "t")
+    pub = state.Publisher(config({"name": "sim", "cmdline": "sim"},
+                                 {"name": "fast", "cmdline": "x", "action": "kill"},
+                                 {"name": "note", "cmdline": "y", "action": "warn"},
+                                 {"name": "ice", "unit": "ice.service", "action": "freeze"}))
+    pub.start()
+    try:
+        assert pub.metrics.actions == {
+            ("sim", "term", "over-limit", "SIGTERM"): 0, ("fast", "kill", "over-limit", "SIGKILL"): 0,
+            ("ice", "freeze", "over-limit", ""): 0,
+            ("guard", "term", "mem-available-low", "SIGTERM"): 0,
+            ("guard", "kill", "mem-available-critical", "SIGKILL"): 0}
+        # The key a real decision record counts under is the seeded one.
+        pub.metrics.on_record({"type": "decision", "target": "sim", "action": "term",
+                               "reason": "over-limit", "signal": "SIGTERM"})
+        pub.reconfigure(config({"name": "sim", "cmdline": "sim"}, {"name": "new", "cmdline": "n"},
+                               psi=20))
+        acts = pub.metrics.actions
+        assert acts[("sim", "term", "over-limit", "SIGTERM")] == 1      # a reload keeps counts
+        assert acts[("new", "term", "over-limit", "SIGTERM")] == 0
+        assert acts[("guard", "term", "psi-full-high", "SIGTERM")] == 0
+        pub.metrics.publish(state.build_view([], None, time.time(), pub.config))
+        fams = parse(metrics.render(pub.metrics.exporter.snapshot).decode())
+        samples = {(s.labels["target"], s.labels["action"]): s.value
+                   for s in fams["memwatchd_actions"].samples}
+        assert samples[("new", "term")] == 0 and samples[("sim", "term")] == 1
+    finally:
+        pub.close()
+    off = parse_config({"guard": {"enabled": False}, "watch": [{"name": "w", "cmdline": "w",
+                                                                "limit": "1G"}]}, "t")
+    assert metrics.first_stops(off) == [("w", "term", "over-limit", "SIGTERM")]
