@@ -123,17 +123,19 @@ class Notifier:
         # sdnotify encodes with latin-1; this round trip hands it our UTF-8 bytes as they are.
         state = message.encode("utf-8", "backslashreplace").decode("latin-1")
         for attempt in (1, 2):
+            reused = self._notifier is not None
             try:
                 if self._notifier is None:
                     self._notifier = self._connect()
                 self._notifier.notify(state)
             except OSError as e:
-                # A socket re-created by PID 1 refuses the old connection: reconnect once.
-                # A full queue (EAGAIN) is not retried: that would only wait for PID 1.
-                if attempt == 1 and self._notifier is not None and e.errno in _RECONNECT:
+                # A socket re-created by PID 1 refuses the old connection: reconnect, and
+                # retry once if it was an old connection. A full queue (EAGAIN) keeps the
+                # socket and is not retried: that would only wait for PID 1.
+                if e.errno in _RECONNECT:
                     self.close()
-                    continue
-                self.close()
+                    if attempt == 1 and reused:
+                        continue
                 self.errors += 1
                 if self.errors == 1:
                     report.log(report.WARNING,
