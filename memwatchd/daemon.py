@@ -100,6 +100,8 @@ class Daemon:
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
+        self.trace = None                  # trace.Recorder when [daemon] trace is set
+        self._open_trace(config)
 
     # ---------------------------------------------------------------- setup
 
@@ -154,6 +156,9 @@ class Daemon:
             self.runner.close()
         self.events.close()
         self.publisher.close()
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -220,6 +225,8 @@ class Daemon:
         if self.policy.guard_wants_victim(now, host):
             candidates = self.targets.guard_candidates()
         decisions += self.policy.guard_evaluate(now, host, candidates, self.never)
+        if self.trace is not None:  # trace hook 1: what the policy consumed and decided
+            self.trace.tick(now, readings, gone, host, candidates, decisions)
         for decision in decisions:
             try:
                 self.execute(decision, candidates)
@@ -312,6 +319,23 @@ class Daemon:
         if (config.daemon.events or None) != self.events.path:
             self.events.close()
             self.events = report.EventLog(config.daemon.events or None)
+        self._open_trace(config)
+
+    def _open_trace(self, config: Config) -> None:
+        """Start, move, stop or re-head the trace for this config. memwatchd.trace is
+        imported only when [daemon] trace is set: without it, tracing costs nothing."""
+        path = config.daemon.trace
+        if self.trace is not None and (not path or self.trace.sink.path != path):
+            self.trace.close()
+            self.trace = None
+        if self.trace is not None:
+            self.trace.reconfigure(config)
+        elif path:
+            from memwatchd import trace
+            try:
+                self.trace = trace.open_ring(config, self)
+            except OSError as e:
+                log(ERR, f"cannot record a trace in {path}: {e.strerror}; not recording")
 
     def _prepare_on_action(self, config: Config) -> None:
         """Create the on_action runner once some watch has on_action, at start or reload:
@@ -469,6 +493,8 @@ class Daemon:
         except (OSError, ValueError, TypeError) as e:
             log(ERR, f"could not write the event record to {self.events.path}: {e}")
         self.publisher.on_record(record)
+        if self.trace is not None:  # trace hook 2: decisions as recorded, and their outcomes
+            self.trace.event(record)
         if self.opts.on_record is not None:
             self.opts.on_record(record)
 

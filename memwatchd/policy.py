@@ -67,9 +67,12 @@ class GuardState:
         self.cooldown_until = 0.0
 
 
-def _quiet(r: Reading, state: Optional[TargetState]) -> bool:
+def is_quiet(r: Reading, state: Optional[TargetState]) -> bool:
     """True when _evaluate_one would neither decide nor change anything: usage below
-    the warn level (if any) and the limit, with no crossing, warning or action pending."""
+    the warn level (if any) and the limit, with no crossing, warning or action pending.
+
+    The trace recorder and replay rely on it too: a quiet target whose reading does not
+    change stays quiet, so neither needs to write or re-evaluate it."""
     if r.usage >= r.limit or (r.warn is not None and r.usage >= r.warn):
         return False
     return state is None or (state.stage == "idle" and state.over_since is None
@@ -167,7 +170,7 @@ class Policy:
         states = self.states
         for reading in readings:
             state = states.get(reading.key)
-            if _quiet(reading, state):
+            if is_quiet(reading, state):
                 continue  # most targets on most ticks: below every threshold, nothing pending
             watch = self.watches.get(reading.watch)
             if watch is None:

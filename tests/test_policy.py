@@ -253,7 +253,7 @@ def test_skipping_quiet_targets_changes_nothing(action, sustain, warn_mib, steps
         now += dt
         r = reading(usage, warn_mib=warn_mib)
         got = fast.evaluate(now, [r])
-        with mock.patch.object(P, "_quiet", lambda reading, state: False):
+        with mock.patch.object(P, "is_quiet", lambda reading, state: False):
             want = full.evaluate(now, [r])
         assert got == want, (now, usage)
         assert fast.interval_for(r) == full.interval_for(r)
