@@ -113,9 +113,10 @@ def test_watchdog_cadence_from_a_fast_loop(listener):
     n = Notifier(env_for(listener, WATCHDOG_USEC=usec))
     assert n.watchdog_interval == pytest.approx(0.1)
     assert n.ping_interval == pytest.approx(0.05)
-    stamps, got = [], []
+    stamps, got, calls = [], [], []
     end = time.monotonic() + 1.0
     while time.monotonic() < end:           # a main loop ticking every 5 ms
+        calls.append(time.monotonic())
         if n.watchdog():
             stamps.append(time.monotonic())
         got.extend(listener.available())    # systemd reads as they come
@@ -129,7 +130,13 @@ def test_watchdog_cadence_from_a_fast_loop(listener):
     assert low <= len(got) <= high, len(got)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert min(gaps) >= n.ping_interval          # rate limit holds
-    assert max(gaps) < usec / 1e6 / 2            # systemd would never see a silent half-period
+    # A ping goes out at the first call after ping_interval: at most one loop tick late.
+    # With ticks shorter than ping_interval (a healthy loop; a loaded test machine may
+    # stretch a 5 ms sleep) systemd never sees a silent half-period (usec / 2).
+    longest_tick = max(b - a for a, b in zip(calls, calls[1:]))
+    assert max(gaps) <= n.ping_interval + longest_tick + 0.001, (max(gaps), longest_tick)
+    if longest_tick < n.ping_interval:
+        assert max(gaps) < usec / 1e6 / 2
 
 
 def test_a_stuck_loop_sends_nothing(listener):
