@@ -523,31 +523,51 @@ def _usage(command: str, message: str) -> "typer.Exit":
 
 @app.command("install-units", short_help="Install memwatchd.service and a starting config.")
 def install_units(
-    prefix: Optional[Path] = typer.Option(
-        None, "--prefix", metavar="DIR", help="Write unit files here instead of /etc/systemd/system (no daemon-reload)."),
     config_path: Path = typer.Option(
         Path("/etc/memwatchd/memwatchd.toml"), "--config", metavar="FILE",
-        help="Where the starting config goes (never overwritten)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be written; write nothing."),
+        help="The daemon's config: a starting one is written here if there is none, and a "
+             "path other than the default goes into ExecStart= as --config PATH."),
+    root: Optional[Path] = typer.Option(
+        None, "--root", metavar="DIR", help="Install into this image's /etc (like systemctl --root); no daemon-reload."),
+    prefix: Optional[Path] = typer.Option(
+        None, "--prefix", metavar="DIR", help="Write unit files here instead of /etc/systemd/system (no daemon-reload)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing unit or config that differs (the old one is kept as .old)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change, as a diff; write nothing."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Install even if the interpreter or memwatchd's files can be changed by "
+                                  "someone other than root (who could then run code as root)."),
 ) -> None:
     """Install memwatchd.service (ExecStart pointing at this installation) and a starting config.
 
-    Then `systemctl enable --now memwatchd` is all that is left. An existing config is kept.
+    Then `systemctl enable --now memwatchd` is all that is left. The unit is the shipped,
+    sandboxed one; for an installation (or config) under /home, /root or /tmp the one option
+    that would hide it is relaxed, and the output says which. Refuses when the code the unit
+    runs as root is writable by anyone but root, and never overwrites without --force.
 
     \b
     Examples:
       sudo memwatchd install-units && sudo systemctl enable --now memwatchd
       memwatchd install-units --dry-run
-      memwatchd install-units --prefix ./units --config ./memwatchd.toml
+      sudo /opt/memwatchd/bin/memwatchd install-units --config /etc/memwatchd/prod.toml
     """
     from memwatchd import install
-    plan = install.plan_install(str(prefix) if prefix else None, str(config_path))
-    for path, content, mode in plan.files:
-        typer.echo(f"{'would write' if dry_run else 'writing'} {path} (mode {mode:o})")
-        if dry_run:
-            typer.echo("".join(f"    {line}\n" for line in content.splitlines()), nl=False)
+    try:
+        plan = install.plan_install(str(prefix) if prefix else None, str(config_path),
+                                    root=str(root) if root else None, force=force, insecure=insecure)
+    except MemwatchdError as e:
+        raise fail(e)
+    for warning in plan.warnings:
+        typer.echo(f"memwatchd: WARNING: {warning}", err=True)
+    for f in plan.files:
+        verb = {"new": "write", "differs": "replace", "unchanged": "keep unchanged"}[f.state]
+        typer.echo(f"{'would ' if dry_run else ''}{verb} {f.path} (mode {f.mode:o})"
+                   + (f"; the old one {'would be ' if dry_run else ''}kept as {f.path}.old"
+                      if f.state == "differs" else ""))
+        if dry_run and f.state != "unchanged":
+            typer.echo(f.diff(), nl=False)
     for path in plan.kept:
-        typer.echo(f"keeping existing {path}")
+        typer.echo(f"keeping existing {path} (--force replaces it)")
     for note in plan.notes:
         typer.echo(f"note: {note}")
     if dry_run:
@@ -555,15 +575,17 @@ def install_units(
     try:
         install.install_units(plan)
     except PermissionError as e:
-        typer.echo(f"memwatchd: {e} (run as root, or use --prefix)", err=True)
+        typer.echo(f"memwatchd: {e} (run as root, or use --root/--prefix)", err=True)
         raise typer.Exit(4)
     except MemwatchdError as e:
         raise fail(e)
     if plan.reload_systemd:
         typer.echo("systemd reloaded; now: systemctl enable --now memwatchd")
-    else:
+    elif root is None:
         typer.echo("now (on a machine with systemd): systemctl daemon-reload && "
                    "systemctl enable --now memwatchd")
+    else:
+        typer.echo(f"now: systemctl --root {root} enable memwatchd")
 
 
 # ------------------------------------------------- record, replay, suggest (issue 14)

@@ -122,22 +122,13 @@ def test_install_units_dry_run_and_real(tmp_path):
     assert r.exit_code == 0, r.output
     unit = (units / "memwatchd.service").read_text()
     exec_line = next(l for l in unit.splitlines() if l.startswith("ExecStart="))
-    assert "/usr/local/bin/memwatchd" not in exec_line and exec_line.endswith(" run")
+    assert "/usr/local/bin/memwatchd" not in exec_line and exec_line.endswith(f" run --config {config}")
     assert os.path.exists(exec_line.split("=", 1)[1].split()[0])
     assert oct(config.stat().st_mode & 0o777) == "0o600"
     assert invoke("check-config", str(config)).exit_code == 0
     config.write_text("# mine\n")
     r = invoke("install-units", "--prefix", str(units), "--config", str(config))
     assert "keeping existing" in r.output and config.read_text() == "# mine\n"
-
-
-def test_install_units_relaxes_protecthome_for_a_home_install():
-    from memwatchd.install import render_unit, shipped
-    unit = render_unit(shipped("memwatchd.service"), "/root/venv/bin/memwatchd")
-    assert "ProtectHome=read-only" in unit and "ProtectHome=yes" not in unit
-    assert "ExecStart=/root/venv/bin/memwatchd run" in unit
-    unit = render_unit(shipped("memwatchd.service"), "/usr/bin/memwatchd")
-    assert "ProtectHome=yes" in unit
 
 
 # ------------------------------------------------------------------ for real
