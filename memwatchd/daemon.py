@@ -22,6 +22,7 @@ from memwatchd import actions, report, sampler, state
 from memwatchd.config import CGROUP_ROOT, Config, load_config
 from memwatchd.policy import Decision, Policy, still_needed
 from memwatchd.report import DEBUG, ERR, INFO, NOTICE, WARNING, escape, log
+from memwatchd.swapinfo import SwapWatcher
 from memwatchd.systemd import Notifier
 from memwatchd.targets import TargetSet, ancestors, read_cgroup, read_cmdline, read_comm
 from memwatchd.types import Candidate, ConfigError, HostSample, MemwatchdError, TargetGone
@@ -100,6 +101,7 @@ class Daemon:
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
+        self.swaps = SwapWatcher(self.opts.proc_root)   # which swap is zram, for the guard
 
     # ---------------------------------------------------------------- setup
 
@@ -215,6 +217,7 @@ class Daemon:
             self.policy.forget(target.key)
             log(INFO, f"{target.watch.name}: {self._describe(target.key, target)} is gone")
         self.host = host = self.targets.host.read()
+        self.policy.zram = self.swaps.update(now, host.swap_total)
         decisions = self.policy.evaluate(now, readings, host)
         candidates: List[Candidate] = []
         if self.policy.guard_wants_victim(now, host):
@@ -332,7 +335,7 @@ class Daemon:
         fresh_host = self.targets.host.read() if is_guard else self.host
         if not is_guard and fresh_usage is None:
             return  # it exited on its own meanwhile
-        if not still_needed(decision, fresh_usage, fresh_host, self.config.guard):
+        if not still_needed(decision, fresh_usage, fresh_host, self.config.guard, self.policy.zram):
             self.policy.back_off(decision.key, decision.watch)
             log(NOTICE, f"{decision.watch}: {self._describe(decision.key, target)} recovered "
                         f"before {decision.kind}; backing off")
