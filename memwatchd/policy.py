@@ -24,6 +24,7 @@ ZRAM_COST_EMPTY = 0.5    # RAM a page swapped to an empty zram device is assumed
 PSI_MIN_SPAN = 1.0       # seconds of pressure history needed before pressure can fire
 PSI_STEP = 0.05          # pressure history keeps at most one sample per this many seconds
 PSI_INTERVAL = 0.25      # sampling period while pressure builds with memory low
+GUARD_FASTER = 5         # near its floor the guard samples this many times per min_interval
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
 REASON_WARN = "warn-level"
@@ -317,8 +318,11 @@ class Policy:
         if self.guard.victim is not None:
             return d.min_interval
         term_below, _ = g.thresholds(host.mem_total)
+        # One host read is a pread of /proc/meminfo: near the floor the guard samples
+        # GUARD_FASTER times as often as min_interval (only within fill_rate x
+        # min_interval of it: 40 MiB with the defaults).
         wait = next_interval(headroom(g, host, self.zram) - term_below, d.fill_rate,
-                             d.min_interval, d.interval)
+                             max(0.001, d.min_interval / GUARD_FASTER), d.interval)
         share = pressure_share(self.guard.pressure)
         if share is not None and share[0] > 0 and pressure_gate(g, host):
             wait = min(wait, max(d.min_interval, PSI_INTERVAL))  # pressure building: look closer
