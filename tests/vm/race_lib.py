@@ -48,14 +48,16 @@ def boot(guardian, image, wheels, run_dir, scenarios=(), timeout=1500):
 
 def row(name, guardian, s):
     hb = s.get("heartbeat") or {}
-    return ("%-14s %-9s %9s %9s %8s %-22s %-10s %4s %9s" % (
-        name, guardian, _f(hb.get("max_gap_s")), _f(s.get("login_worst_s")), _f(hb.get("stall_s")),
+    return ("%-14s %-9s %9s %9s %9s %8s %-22s %-10s %4s %9s" % (
+        name, guardian, _f(hb.get("max_gap_s")), _f(s.get("login_worst_s")), _f(s.get("login_idle_s")),
+        _f(hb.get("stall_s")),
         ",".join(s.get("killed") or []) or "-", ",".join(s.get("wrong_kills") or []) or "-",
         s.get("oom_kills", "-"), "yes" if s.get("bystander_alive") else "NO"))
 
 
-HEADER = "%-14s %-9s %9s %9s %8s %-22s %-10s %4s %9s" % (
-    "scenario", "guardian", "pause s", "login s", "stall s", "killed", "wrong", "oom", "bystander")
+HEADER = "%-14s %-9s %9s %9s %9s %8s %-22s %-10s %4s %9s" % (
+    "scenario", "guardian", "pause s", "login s", "idle lgn", "stall s", "killed", "wrong", "oom",
+    "bystander")
 
 
 def _f(v):
@@ -80,7 +82,7 @@ def wrong_kills(race):
 
 
 def benign_kills(race):
-    return sum(len(race["scenarios"][n].get("killed") or []) + len(race["scenarios"][n].get("wrong_kills") or [])
+    return sum(len(set(race["scenarios"][n].get("killed") or []) | set(race["scenarios"][n].get("wrong_kills") or []))
                for n in BENIGN_SCENARIOS if n in race.get("scenarios", {}))
 
 
