@@ -15,13 +15,16 @@ start-up and the compiler's arenas inflate RSS. So it runs twice:
   - "no-pyc": PYTHONDONTWRITEBYTECODE=1 with an empty PYTHONPYCACHEPREFIX: nothing is
     cached, every module (stdlib too) is compiled at start; the upper bound of what an
     environment with PYTHONDONTWRITEBYTECODE=1 sees.
+  - "traced": as "cached", with `[daemon] trace` set (the trace ring, issue 14): its
+    RSS and CPU next to "cached" are what recording costs at idle; it also prints how
+    many bytes per minute the ring grew.
 Then, for the run path (memwatchd.entry -> config -> daemon), the RSS after each import
 and the packages it loads, so a regression names its culprit.
 Goal: steady-state VmRSS of `memwatchd run` at most 12 MiB. The last line (cached) is
 `rss_mib=<x> bare_python_rss_mib=<y> idle_cpu_ms_per_min=<z>`.
 
-Run: python benchmarks/footprint.py [--seconds 60] [--modes cached,no-pyc]
-(as root: needs unshare(1) for the namespace). About 2.5 minutes with the defaults.
+Run: python benchmarks/footprint.py [--seconds 60] [--modes cached,no-pyc,traced]
+(as root: needs unshare(1) for the namespace). About 3.5 minutes with the defaults.
 """
 from __future__ import annotations
 
@@ -85,9 +88,9 @@ def status(pid: int) -> dict:
     return out
 
 
-def write_config(workdir: str, pids: list) -> str:
-    path = os.path.join(workdir, "memwatchd.toml")
-    lines = [f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\n']
+def write_config(workdir: str, pids: list, trace: str = "") -> str:
+    path = os.path.join(workdir, "memwatchd-traced.toml" if trace else "memwatchd.toml")
+    lines = [f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\ntrace = "{trace}"\n']
     for i, pid in enumerate(pids):
         lines.append(f'[[watch]]\nname = "job-{i}"\npid = {pid}\nlimit = "1G"\n')
     with open(path, "w") as f:
@@ -98,7 +101,7 @@ def write_config(workdir: str, pids: list) -> str:
 
 def mode_env(mode: str, cache_dir: str) -> dict:
     env = dict(os.environ, PYTHONPYCACHEPREFIX=cache_dir)
-    if mode == "cached":
+    if mode in ("cached", "traced"):
         env.pop("PYTHONDONTWRITEBYTECODE", None)
     else:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -110,7 +113,7 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
     env = mode_env(mode, cache_dir)
     daemon_cmd = _benchlib.memwatchd_command() + ["run", "--config", config]
     bare_cmd = [sys.executable, "-c", f"import time; time.sleep({seconds + 30})"]
-    if mode == "cached":  # warm the cache: one start of each, then stop
+    if mode in ("cached", "traced"):  # warm the cache: one start of each, then stop
         warm = subprocess.Popen(daemon_cmd, env=env, stderr=subprocess.DEVNULL)
         subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
         time.sleep(3.0)
@@ -130,6 +133,7 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
                 cpu_at = (_benchlib.cpu_ns(daemon.pid), time.monotonic())
             samples.append((time.monotonic() - t0, status(daemon.pid), status(bare.pid)))
         cpu_end = (_benchlib.cpu_ns(daemon.pid), time.monotonic())
+        trace_bytes = (_dir_size(os.path.join(workdir, "trace")), time.monotonic() - t0)
     finally:
         for proc in (daemon, bare):
             _benchlib.stop(proc, 10)
@@ -141,8 +145,15 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
         "rss_min": min(s[1]["VmRSS"] for s in steady), "rss_max": max(s[1]["VmRSS"] for s in steady),
         "bare": med(2, "VmRSS"), "bare_anon": med(2, "RssAnon"), "bare_file": med(2, "RssFile"),
         "cpu_ms_per_min": (cpu_end[0] - cpu_at[0]) / 1e6 * 60.0 / (cpu_end[1] - cpu_at[1]),
-        "env": env,
+        "env": env, "trace_kib_per_min": trace_bytes[0] / 1024 * 60.0 / trace_bytes[1],
     }
+
+
+def _dir_size(path: str) -> int:
+    try:
+        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+    except OSError:
+        return 0
 
 
 def import_breakdown(env: dict) -> None:
@@ -174,6 +185,7 @@ def inner(args) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="memwatchd-bench-") as workdir:
             config = write_config(workdir, [p.pid for p in sleepers])
+            traced = write_config(workdir, [p.pid for p in sleepers], os.path.join(workdir, "trace"))
             print(_benchlib.machine())
             print(f"`{' '.join(os.path.basename(c) for c in _benchlib.memwatchd_command())} run` with "
                   f"{N_TARGETS} pid watches + the host guard, next to `{os.path.basename(sys.executable)} "
@@ -182,12 +194,14 @@ def inner(args) -> int:
             print(f"{'mode':<8} {'memwatchd VmRSS':>22} {'anon':>6} {'file':>6} {'peak':>6}"
                   f" {'bare python':>12} {'anon':>6} {'file':>6} {'ratio':>6} {'CPU ms/min':>11}")
             for mode in modes:
-                r = measure(mode, config, args.seconds, workdir)
+                r = measure(mode, traced if mode == "traced" else config, args.seconds, workdir)
                 results[mode] = r
                 print(f"{mode:<8} {r['rss']:>8.1f} [{r['rss_min']:.1f}..{r['rss_max']:.1f}]"
                       f" {r['anon']:>6.1f} {r['file']:>6.1f} {r['hwm']:>6.1f} {r['bare']:>12.1f}"
                       f" {r['bare_anon']:>6.1f} {r['bare_file']:>6.1f} {r['rss'] / r['bare']:>5.2f}x"
-                      f" {r['cpu_ms_per_min']:>11.1f}", flush=True)
+                      f" {r['cpu_ms_per_min']:>11.1f}"
+                      + (f"  trace {r['trace_kib_per_min']:.1f} KiB/min" if mode == "traced" else ""),
+                      flush=True)
             head = results.get("cached") or next(iter(results.values()))
             print(f"\nimports on the `run` path ({'cached' if 'cached' in results else modes[0]}; MiB):")
             import_breakdown(head["env"])
@@ -201,14 +215,17 @@ def inner(args) -> int:
           + " (DESIGN.md: nohang 17.2 MiB, bare python3.11 8.5 MiB, earlyoom 1.7 MiB)")
     print(f"total run time {time.monotonic() - t_begin:.0f} s")
     print(f"rss_mib={head['rss']:.1f} bare_python_rss_mib={head['bare']:.1f} "
-          f"idle_cpu_ms_per_min={head['cpu_ms_per_min']:.1f}")
+          f"idle_cpu_ms_per_min={head['cpu_ms_per_min']:.1f}"
+          + (f" traced_rss_mib={results['traced']['rss']:.1f} traced_idle_cpu_ms_per_min="
+             f"{results['traced']['cpu_ms_per_min']:.1f} trace_kib_per_min="
+             f"{results['traced']['trace_kib_per_min']:.1f}" if "traced" in results else ""))
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="sampling time per mode")
-    parser.add_argument("--modes", default="cached,no-pyc")
+    parser.add_argument("--modes", default="cached,no-pyc,traced")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     return _benchlib.inner_or_namespace(__file__, parser.parse_args(), inner)
 

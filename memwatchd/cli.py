@@ -12,7 +12,7 @@ import typer
 
 from memwatchd import __version__
 from memwatchd.entry import exit_code_for, run_daemon
-from memwatchd.types import MemwatchdError
+from memwatchd.types import MemwatchdError, TargetGone
 
 EXIT_USAGE = 2
 # `watch -- COMMAND` exits with the command's own status, or with this one when memwatchd
@@ -171,6 +171,12 @@ def watch(
             watches = [dict(base, name=f"pid-{p}", pid=p, scope=scope or "process") for p in pid]
         else:
             kind, value = ("unit", unit) if unit else ("cgroup", cgroup)
+            from memwatchd.targets import host_support
+            why = host_support().get(kind)
+            if why:  # said plainly, not "matched nothing"
+                typer.echo(f"memwatchd watch: --{kind}{' ' if why.startswith('needs') else ': '}{why}",
+                           err=True)
+                raise typer.Exit(exit_code_for(TargetGone("")))
             watches = [dict(base, name=kind, **{kind: value})]
             if scope:
                 watches[0]["scope"] = scope
@@ -372,6 +378,124 @@ def install_units(
     else:
         typer.echo("now (on a machine with systemd): systemctl daemon-reload && "
                    "systemctl enable --now memwatchd")
+
+
+# ------------------------------------------------- record, replay, suggest (issue 14)
+# Thin wrappers: the work is in memwatchd/record.py, replay.py and suggest.py.
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def record(
+    command: Optional[List[str]] = typer.Argument(
+        None, metavar="[-- COMMAND [ARGS...]]", help="Start this command and record it (and its children)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Trace file to write (NDJSON; gzip'ed if it ends in .gz)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Record the targets of this config file."),
+    pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Record this process (repeatable)."),
+    unit: Optional[str] = typer.Option(None, "--unit", "-u", help="Record this systemd unit's cgroup."),
+    cgroup: Optional[str] = typer.Option(None, "--cgroup", help="Record a cgroup v2 directory (path or glob)."),
+    duration: Optional[str] = typer.Option(None, "--duration", "-d", help="Stop recording after this long (30s, 10m, 2h)."),
+    limit: str = typer.Option("100%", "--limit", "-l", help="The limit the dry-run policy applies (recorded as its decisions)."),
+    warn: Optional[str] = typer.Option(None, "--warn", help="A warn level for the dry-run policy."),
+    interval: str = typer.Option("1s", "--interval", help="Slowest sampling period (faster near the limit)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The watch name in the trace (default: the command's name)."),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+) -> None:
+    """Sample like the daemon and act on nothing: write what its policy would see to a trace.
+
+    The trace replays with `memwatchd replay` and feeds `memwatchd suggest`. Nothing is
+    signalled, no events or state file is written, on_action programs never run.
+
+    Examples:
+
+      memwatchd record --out build.trace.gz -- make -j8
+
+      sudo memwatchd record --config /etc/memwatchd/memwatchd.toml --duration 1h --out night.trace
+    """
+    from memwatchd import record as rec
+    from memwatchd.config import parse_duration
+    command = list(command or [])
+    given = (config is not None) + bool(command) + bool(pid) + (unit is not None) + (cgroup is not None)
+    if given != 1:
+        typer.echo("memwatchd record: give one of --config, -- COMMAND, --pid (repeatable), --unit "
+                   "or --cgroup", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        seconds = parse_duration(duration, "--duration") if duration else None
+        done = rec.record(str(out), config_path=str(config) if config else None, insecure=insecure,
+                          pids=pid or (), unit=unit, cgroup=cgroup, command=command, duration=seconds,
+                          limit=limit, warn=warn, interval=interval, name=name)
+    except MemwatchdError as e:
+        raise fail(e)
+    except OSError as e:
+        typer.echo(f"memwatchd record: {out}: {e.strerror}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"recorded {done.targets} target(s) for {done.seconds:.1f} s to {out} "
+               f"({done.size / 1024:.1f} KiB)", err=True)
+    if done.exit_status is not None:
+        raise typer.Exit(128 - done.exit_status if done.exit_status < 0 else done.exit_status)
+
+
+@app.command()
+def replay(
+    trace: Path = typer.Argument(..., help="A trace file (record --out) or the daemon's trace directory."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The config to try (default: the one recorded in the trace)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per decision, then a summary."),
+    t_from: Optional[str] = typer.Option(None, "--from", help="Start here: seconds into the trace (90s, 5m) or a UTC time (08:40:00)."),
+    t_to: Optional[str] = typer.Option(None, "--to", help="Stop here (same forms as --from)."),
+) -> None:
+    """Run the policy of a config over a trace: every decision it would take, next to what happened.
+
+    The same Policy code as the daemon, on a virtual clock. After an action the trace no longer
+    says what would have happened: later decisions on that target are marked as after a
+    divergence, a killed target's later readings are ignored, and freed memory is added back to
+    the host's figures (an approximation, listed under "note").
+
+    Example: memwatchd replay /var/lib/memwatchd/trace --config new.toml --from 08:00:00
+    """
+    import json
+    from memwatchd import replay as rp
+    try:
+        cfg = _load_readonly(config) if config else None
+        result = rp.replay_file(str(trace), cfg, t_from, t_to)
+    except MemwatchdError as e:
+        raise fail(e)
+    for line in result.damage:
+        typer.echo(f"memwatchd: damaged trace: {line}", err=True)
+    if json_out:
+        for obj in rp.to_json(result):
+            typer.echo(json.dumps(obj, sort_keys=True))
+    else:
+        typer.echo(rp.format_text(result))
+
+
+@app.command()
+def suggest(
+    traces: List[Path] = typer.Argument(..., help="Trace files or trace directories (all runs are pooled per watch)."),
+    events: Optional[Path] = typer.Option(None, "--events", help="An events file: runs memwatchd stopped are censored, not complete."),
+    percentile: float = typer.Option(95.0, "--percentile", help="Percentile of the complete runs' peaks to cover."),
+    margin: float = typer.Option(20.0, "--margin", help="Headroom above that percentile, in percent."),
+    half_life: str = typer.Option("7d", "--half-life", help="A run this much older than the newest counts half (d, h, m, s)."),
+    json_out: bool = typer.Option(False, "--json", help="The analysis as one JSON object."),
+) -> None:
+    """Recommend a limit and warn level per watch from recorded runs, then replay them.
+
+    Per watch: each run's peak; the limit is a high percentile of the peaks of runs that
+    finished on their own (weighted by age) plus a margin, and never below the largest of
+    those peaks. Runs that were stopped (or still running when the trace ended) only say
+    "at least this much": they are listed as censored, never counted as complete.
+
+    Example: memwatchd suggest /var/lib/memwatchd/trace build-*.trace.gz
+    """
+    import json
+    from memwatchd import suggest as sg
+    try:
+        report_ = sg.suggest([str(t) for t in traces], str(events) if events else None,
+                             percentile=percentile, margin=margin / 100.0,
+                             half_life=sg.parse_half_life(half_life))
+    except MemwatchdError as e:
+        raise fail(e)
+    for line in report_.damage:
+        typer.echo(f"memwatchd: damaged trace: {line}", err=True)
+    typer.echo(json.dumps(report_.to_json(), sort_keys=True, indent=2) if json_out else report_.text())
 
 
 def main() -> None:

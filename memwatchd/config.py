@@ -44,7 +44,8 @@ MAX_DURATION = 30 * 86400.0
 # checks that examples/memwatchd.toml shows every one of them.
 KEYS: Dict[str, Tuple[str, ...]] = {
     "": ("daemon", "guard", "protect", "metrics", "watch"),
-    "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state"),
+    "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state",
+               "trace", "trace_size"),
     "guard": ("enabled", "min_available", "kill_available", "count_swap", "psi_full", "psi_full_kill",
               "psi_some", "psi_window", "psi_available", "grace"),
     "protect": ("names", "cgroups"),
@@ -101,6 +102,8 @@ _DAEMON_DEFAULTS = {
     "dry_run": False,
     "events": "/var/lib/memwatchd/events.jsonl",
     "state": "/run/memwatchd/state.json",
+    "trace": "",                     # a directory for the trace ring (memwatchd/trace.py); "" = off
+    "trace_size": 64 * 2**20,        # the ring's cap in bytes, oldest segment dropped first
 }
 
 
@@ -510,7 +513,16 @@ def _parse_daemon(data: Any, source: str) -> DaemonConfig:
         dry_run=t.get("dry_run", d.dry_run, bool, "true or false"),
         events=t.abspath("events", d.events, optional=True),
         state=t.abspath("state", d.state, optional=True),
+        trace=t.abspath("trace", d.trace, optional=True),
+        trace_size=_trace_size(t, d.trace_size),
     )
+
+
+def _trace_size(t: _Table, default: int) -> int:
+    size = t.size("trace_size", Size(bytes=default))
+    if size.bytes is None or size.bytes < 2**20:
+        raise t.fail("trace_size", "expected an absolute size of at least 1M, like 64M")
+    return size.bytes
 
 
 def _parse_guard(data: Any, source: str) -> GuardConfig:

@@ -102,6 +102,8 @@ class Daemon:
         self.host: Optional[HostSample] = None
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
         self.swaps = SwapWatcher(self.opts.proc_root)   # which swap is zram, for the guard
+        self.trace = None                  # trace.Recorder when [daemon] trace is set
+        self._open_trace(config)
 
     # ---------------------------------------------------------------- setup
 
@@ -156,6 +158,9 @@ class Daemon:
             self.runner.close()
         self.events.close()
         self.publisher.close()
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -198,9 +203,14 @@ class Daemon:
         if self.opts.command_pidfd >= 0:
             return actions.is_dead(self.opts.command_pidfd)
         if self.opts.exit_when_idle:
-            if self.ticks == 1 and not self.seen_target:
+            if not self.seen_target:
+                if self.targets.busy:  # a cmdline pass may span ticks: not judged yet
+                    return False
+                off = self.targets.off
                 raise TargetGone("nothing to watch: " + "; ".join(
-                    f"{w.name} ({w.kind} {w.selector}) matched nothing" for w in self.config.watches))
+                    f"{w.name} ({w.kind} {w.selector}) "
+                    + (f"is off ({off[w.name]})" if w.name in off else "matched nothing")
+                    for w in self.config.watches))
             return not self.targets.targets
         return False
 
@@ -223,6 +233,8 @@ class Daemon:
         if self.policy.guard_wants_victim(now, host):
             candidates = self.targets.guard_candidates()
         decisions += self.policy.guard_evaluate(now, host, candidates, self.never)
+        if self.trace is not None:  # trace hook 1: what the policy consumed and decided
+            self.trace.tick(now, readings, gone, host, candidates, decisions)
         for decision in decisions:
             try:
                 self.execute(decision, candidates)
@@ -255,7 +267,7 @@ class Daemon:
         due = [t.next_due for t in self.targets.targets.values()]
         if self.host is not None:
             due.append(now + self.policy.guard_interval(self.host))
-        if self.victims:
+        if self.victims or self.targets.busy:   # busy: a cmdline pass resumes (targets)
             due.append(now + self.config.daemon.min_interval)
         due.append(now + self.config.daemon.interval)
         if self.publisher.every:
@@ -315,6 +327,23 @@ class Daemon:
         if (config.daemon.events or None) != self.events.path:
             self.events.close()
             self.events = report.EventLog(config.daemon.events or None)
+        self._open_trace(config)
+
+    def _open_trace(self, config: Config) -> None:
+        """Start, move, stop or re-head the trace for this config. memwatchd.trace is
+        imported only when [daemon] trace is set: without it, tracing costs nothing."""
+        path = config.daemon.trace
+        if self.trace is not None and (not path or self.trace.sink.path != path):
+            self.trace.close()
+            self.trace = None
+        if self.trace is not None:
+            self.trace.reconfigure(config)
+        elif path:
+            from memwatchd import trace
+            try:
+                self.trace = trace.open_ring(config, self)
+            except OSError as e:
+                log(ERR, f"cannot record a trace in {path}: {e.strerror}; not recording")
 
     def _prepare_on_action(self, config: Config) -> None:
         """Create the on_action runner once some watch has on_action, at start or reload:
@@ -375,10 +404,10 @@ class Daemon:
         self.last_action = f"{action} {decision.watch} ({decision.reason})"
         cgroup_dir = self.opts.cgroup_root + cgroup if cgroup else ""
         if decision.kind == "throttle":
-            actions.set_memory_high(cgroup_dir, decision.limit)
+            actions.set_memory_high(cgroup_dir, decision.limit, self.targets.cgroup_fd(decision.key))
             log(WARNING, f"{what}: memory.high set to {_mib(decision.limit)}")
         elif decision.kind == "freeze":
-            actions.set_frozen(cgroup_dir, True)
+            actions.set_frozen(cgroup_dir, True, self.targets.cgroup_fd(decision.key))
             log(WARNING, f"{what}: cgroup frozen")
         else:
             self._signal(decision, record, scope, pid, start, cgroup_dir, usage)
@@ -397,8 +426,8 @@ class Daemon:
         sig = decision.signal
         proc_root = self.opts.proc_root
         try:
-            if scope == "cgroup":
-                pidfds = actions.signal_cgroup(cgroup_dir, sig)
+            if scope == "cgroup":  # through the directory held since selection
+                pidfds = actions.signal_cgroup(cgroup_dir, sig, self.targets.cgroup_fd(decision.key))
             elif scope == "tree":
                 pidfds = actions.signal_tree(pid, start, sig, proc_root)
             else:
@@ -472,6 +501,8 @@ class Daemon:
         except (OSError, ValueError, TypeError) as e:
             log(ERR, f"could not write the event record to {self.events.path}: {e}")
         self.publisher.on_record(record)
+        if self.trace is not None:  # trace hook 2: decisions as recorded, and their outcomes
+            self.trace.event(record)
         if self.opts.on_record is not None:
             self.opts.on_record(record)
 

@@ -78,9 +78,12 @@ class GuardState:
         self.pressure: deque = deque()   # (time, some_total_us, full_total_us)
 
 
-def _quiet(r: Reading, state: Optional[TargetState]) -> bool:
+def is_quiet(r: Reading, state: Optional[TargetState]) -> bool:
     """True when _evaluate_one would neither decide nor change anything: usage below
-    the warn level (if any) and the limit, with no crossing, warning or action pending."""
+    the warn level (if any) and the limit, with no crossing, warning or action pending.
+
+    The trace recorder and replay rely on it too: a quiet target whose reading does not
+    change stays quiet, so neither needs to write or re-evaluate it."""
     if r.usage >= r.limit or (r.warn is not None and r.usage >= r.warn):
         return False
     return state is None or (state.stage == "idle" and state.over_since is None
@@ -166,9 +169,15 @@ def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRA
 
 def is_protected(candidate: Candidate, protect_names: Iterable[str],
                  protect_cgroups: Iterable[str]) -> bool:
-    """A protected comm name, or a process inside (or below) a protected cgroup."""
+    """A process inside (or below) a protected cgroup, or one with a protected comm name
+    that its owner could not have forged: a name counts only for a process running as
+    root (real uid 0; a setuid program run by a user keeps the user's) from a root-owned
+    executable that nobody else may write, or whose executable memwatchd may not
+    inspect (exe_root_owned None: uid 0 alone decides then). Any user can name a
+    process "sshd"; only root can start such a one."""
     import fnmatch
-    if candidate.comm in protect_names:
+    if (candidate.comm in protect_names and candidate.uid == 0
+            and candidate.exe_root_owned is not False):
         return True
     for pattern in protect_cgroups:
         if (candidate.cgroup == pattern or candidate.cgroup.startswith(pattern.rstrip("/") + "/")
@@ -230,7 +239,7 @@ class Policy:
         states = self.states
         for reading in readings:
             state = states.get(reading.key)
-            if _quiet(reading, state):
+            if is_quiet(reading, state):
                 continue  # most targets on most ticks: below every threshold, nothing pending
             watch = self.watches.get(reading.watch)
             if watch is None:

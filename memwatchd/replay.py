@@ -1,0 +1,529 @@
+"""Replay: the daemon's own Policy over a recorded trace, on a virtual clock.
+
+The loop mirrors the daemon's: at each recorded sample the targets it read are
+evaluated; between samples, every target the policy is not quiet on is
+evaluated again when its interval (``Policy.interval_for``) says it would have
+been sampled, with its last recorded value. A quiet target whose value does not
+change stays quiet (``policy.is_quiet``), so it needs no virtual ticks: that is
+what makes a day of 100 targets replay in seconds.
+
+After an action the trace no longer says what would have happened:
+- a target the replay SIGKILLs is dropped (its later readings are ignored);
+- after a SIGTERM the ladder goes on over the recorded readings (as if it ignored it);
+- memory a replay-only kill would have freed is added back to MemAvailable, and a
+  guard victim is assumed to exit on SIGTERM (both approximations, and said so);
+- every decision on a target after its first divergence (an action the live run did
+  not take, or a live action the replay did not take) is marked ``diverged``; for the
+  guard, after any divergence at all (any kill frees host memory).
+"""
+from __future__ import annotations
+
+import heapq
+import signal
+from typing import Dict, List, Optional, Sequence
+
+from memwatchd.config import Config, parse_config
+from memwatchd.policy import Policy, guard_level, is_quiet
+from memwatchd.trace import Trace, TraceError, read_trace
+from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, Reading
+
+SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
+
+
+class Decision:
+    """One decision of the replay (``live`` False) or of the recorded run (``live`` True)."""
+
+    __slots__ = ("t", "key", "watch", "kind", "reason", "usage", "limit", "signal", "live",
+                 "match", "diverged", "window")
+
+    def __init__(self, t, key, watch, kind, reason, usage, limit, sig, live):
+        self.t, self.key, self.watch, self.kind, self.reason = t, key, watch, kind, reason
+        self.usage, self.limit, self.signal, self.live = usage, limit, sig, live
+        self.match: Optional[Decision] = None
+        self.diverged = False
+        self.window: Optional[float] = None   # live: one sample (time since the one before)
+
+    @property
+    def action(self) -> str:
+        if self.kind != "signal":
+            return self.kind
+        return "kill" if self.signal == "SIGKILL" else "term"
+
+    def same_as(self, other: "Decision") -> bool:
+        return (self.key == other.key and self.kind == other.kind and self.signal == other.signal
+                and self.reason == other.reason)
+
+
+class Result:
+    """Everything a replay found: its decisions, the live ones, divergences, caveats."""
+
+    def __init__(self, trace: Trace, config: Config):
+        self.trace = trace
+        self.config = config
+        self.decisions: List[Decision] = []
+        self.live: List[Decision] = []
+        self.diverged_at: Dict[tuple, float] = {}
+        self.notes: List[str] = []
+        self.dropped: Dict[tuple, int] = {}       # key -> readings ignored after a replay kill
+        self.tolerance = 0.0
+        self.start = trace.start
+        self.end = trace.end
+        self.ticks = 0
+        self.readings = 0
+
+    @property
+    def damage(self) -> List[str]:
+        return self.trace.damage
+
+    def stopped(self) -> Dict[tuple, Decision]:
+        """Targets the replay signalled (first signal each): "would have stopped" these."""
+        out: Dict[tuple, Decision] = {}
+        for d in self.decisions:
+            if d.kind in ("signal", "freeze") and d.watch != "guard" and d.key not in out:
+                out[d.key] = d
+        return out
+
+
+def check_config(trace: Trace, config: Config) -> List[str]:
+    """Refuse a config whose watches the trace never recorded, or recorded measuring something
+    else (another scope); return notes for watches it lacks."""
+    recorded = {w.get("name"): w for w in trace.header.get("config", {}).get("watch", [])
+                if isinstance(w, dict)}
+    names = trace.watch_names()
+    notes = []
+    matched = [w for w in config.watches if w.name in names]
+    if config.watches and not matched:
+        raise ConfigError(f"{config.source}: its watches ({', '.join(w.name for w in config.watches)}) "
+                          f"match none recorded in {trace.path} ({', '.join(names) or 'none'}): replay "
+                          "pairs a [[watch]] with the trace's readings by its name")
+    for i, w in enumerate(config.watches):
+        if w.name not in names:
+            notes.append(f"watch {w.name}: not in the trace; nothing to replay for it")
+            continue
+        rec = recorded.get(w.name)
+        scope = rec.get("scope") if rec else next(
+            (r.kind for r in trace.runs.values() if r.watch == w.name), w.scope)
+        if scope != w.scope:
+            raise ConfigError(f"{config.source}: watch[{i}] ({w.name}) has scope {w.scope}, but "
+                              f"{trace.path} recorded it with scope {scope}: its readings measure "
+                              "something else")
+        if rec and rec.get("usage") not in (None, w.usage) and w.scope != "cgroup":
+            raise ConfigError(f"{config.source}: watch[{i}] ({w.name}) measures {w.usage}, but "
+                              f"{trace.path} recorded {rec.get('usage')}")
+    return notes
+
+
+def recorded_config(trace: Trace) -> Config:
+    """The config the trace was recorded with (from its first header)."""
+    try:
+        return parse_config(trace.header["config"], f"{trace.path} (recorded config)")
+    except (ConfigError, KeyError) as e:
+        raise TraceError(f"{trace.path}: the recorded config cannot be used: {e}") from None
+
+
+def replay(trace: Trace, config: Optional[Config] = None, start: Optional[float] = None,
+           end: Optional[float] = None) -> Result:
+    """Replay ``config`` (default: the recorded one) over ``trace`` between trace times
+    start and end (default: all of it)."""
+    config = config or recorded_config(trace)
+    result = Result(trace, config)
+    result.notes.extend(check_config(trace, config))
+    _Replayer(trace, config, result, trace.start if start is None else start,
+              trace.end if end is None else end).run()
+    _match(result)
+    return result
+
+
+class _Replayer:
+    def __init__(self, trace: Trace, config: Config, result: Result, start: float, end: float):
+        self.trace, self.config, self.result = trace, config, result
+        self.start, self.end = start, end
+        result.start, result.end = start, end
+        self.policy = Policy(config)
+        self.watches = {w.name: w for w in config.watches}
+        self.mem_total = trace.mem_total
+        self.swap_total = trace.swap_total
+        self.held: Dict[int, Reading] = {}
+        self.rid_of: Dict[tuple, int] = {}
+        self.killed: Dict[int, float] = {}
+        self.freed: Dict[tuple, int] = {}
+        self.due_at: Dict[int, float] = {}
+        self.heap: list = []
+        self.host_raw = None
+        self.host: Optional[HostSample] = None
+        self.candidates: List[tuple] = []
+        self.started = False
+        self.seen_at: Dict[int, float] = {}
+        self.fixed: Dict[int, tuple] = {}    # process run id -> (key, watch, limit, warn); () = no watch
+        self.guard_on = config.guard.enabled
+        self.noted = set()
+        rec = trace.header.get("config", {}).get("daemon", {})
+        self.live_dry_run = bool(rec.get("dry_run")) if isinstance(rec, dict) else False
+
+    def note(self, text: str) -> None:
+        if text not in self.noted:
+            self.noted.add(text)
+            self.result.notes.append(text)
+
+    # -- readings
+
+    def reading(self, rid: int, usage: int, limit: int, warn, stat) -> Optional[Reading]:
+        fixed = self.fixed.get(rid)
+        if fixed is not None:   # a process: its limit and warn do not change (a % of MemTotal)
+            return Reading(fixed[0], fixed[1], usage, fixed[2], fixed[3]) if fixed else None
+        run = self.trace.runs[rid]
+        w = self.watches.get(run.watch)
+        if w is None:
+            if run.kind != "cgroup":
+                self.fixed[rid] = ()
+            return None
+        base = self.mem_total
+        if run.kind == "cgroup":
+            if stat is not None:
+                current, anon, inactive = stat[0] or 0, stat[1] or 0, stat[3] or 0
+                usage = anon if w.usage == "anon" else current - max(inactive, 0) \
+                    if w.usage == "current-inactive_file" else current
+                if stat[6] is not None and stat[6] > 0:
+                    base = stat[6]
+            else:
+                self.note("some cgroup readings carry no memory.stat: their recorded usage is used as is")
+        lim = w.limit.resolve(base)
+        wrn = w.warn.resolve(base) if w.warn is not None else None
+        if run.kind != "cgroup":
+            self.fixed[rid] = (run.key, run.watch, lim, wrn)
+        return Reading(run.key, run.watch, usage, lim, wrn)
+
+    def set_host(self) -> None:
+        h = self.host_raw
+        if h is None:
+            return
+        freed = sum(self.freed.values())
+        if freed:
+            self.note("memory a replay-only kill would have freed is added back to MemAvailable "
+                      "(an approximation: the kernel may not return all of it at once)")
+        pressure = None if h[2] is None and h[3] is None else \
+            Pressure(some_avg10=h[2] or 0.0, full_avg10=h[3] or 0.0)
+        self.host = HostSample(self.mem_total, min(self.mem_total, h[0] + freed), self.swap_total,
+                               h[1], pressure)
+
+    # -- the loop
+
+    def run(self) -> None:
+        for s in self.trace.samples:
+            if s.t > self.end:
+                break
+            self.advance(s.t)
+            changed = self.apply(s)
+            if s.t < self.start:
+                continue
+            if not self.started:
+                self.started = True
+                changed = list(self.held)
+            # a quiet reading changes nothing (policy.is_quiet): tick only for the others, or
+            # for the host when the guard may act
+            states = self.policy.states
+            held = self.held
+            active = [rid for rid in changed if rid in held     # (gone in the same line)
+                      and not is_quiet(held[rid], states.get(held[rid].key))]
+            if active or (self.host is not None and (self.guard_on or self.policy.guard.victim)
+                          and (s.host is not None or s.gone or s.decisions)):
+                self.tick(s.t, active)
+        self.advance(self.end + 1e-9)
+
+    def apply(self, s) -> List[int]:
+        changed = []
+        seen = self.seen_at
+        if s.decisions:
+            self.live_decisions(s)
+        for rid, usage, limit, warn, stat in s.rows:
+            seen[rid] = s.t
+            if rid in self.killed:
+                key = self.trace.runs[rid].key
+                self.result.dropped[key] = self.result.dropped.get(key, 0) + 1
+                continue
+            r = self.reading(rid, usage, limit, warn, stat)
+            if r is not None:
+                self.held[rid] = r
+                self.rid_of[r.key] = rid
+                changed.append(rid)
+        for rid in s.gone:
+            key = self.trace.runs[rid].key
+            self.held.pop(rid, None)
+            self.due_at.pop(rid, None)
+            self.policy.forget(key)
+            self.freed.pop(key, None)   # the live run freed it too from here on
+        if s.candidates is not None:
+            self.candidates.append((s.t, s.candidates))
+        if s.host is not None or s.gone or s.decisions:
+            if s.host is not None:
+                self.host_raw = s.host
+            self.set_host()
+        return changed
+
+    def live_decisions(self, s) -> None:
+        """The live policy's decisions in this sample, each with its one-sample window
+        (the time since that target's sample before this one)."""
+        for d in s.decisions:
+            key = tuple(d["key"])
+            live = Decision(s.t, key, d.get("watch"), d.get("kind"), d.get("reason"),
+                            d.get("usage"), d.get("limit"), d.get("signal"), True)
+            rid = self.rid_of.get(key)
+            if rid is None:
+                rid = next((r for r, u, *_ in s.rows if self.trace.runs[r].key == key), None)
+            prev = self.seen_at.get(rid)
+            live.window = None if prev is None else s.t - prev
+            self.result.live.append(live)
+            if d.get("watch") == "guard" and d.get("kind") == "signal" and not self.live_dry_run:
+                self.freed.pop(key, None)
+
+    def advance(self, until: float) -> None:
+        """The virtual ticks before ``until``: targets not quiet, at their own intervals."""
+        heap = self.heap
+        while heap and heap[0][0] < until:
+            due = heap[0][0]
+            rids = []
+            while heap and heap[0][0] == due:
+                _, rid = heapq.heappop(heap)
+                if self.due_at.get(rid) == due:
+                    rids.append(rid)
+            if rids and due >= self.start:
+                self.tick(due, [r for r in rids if r != 0])
+
+    def tick(self, t: float, rids: Sequence[int]) -> None:
+        result = self.result
+        result.ticks += 1
+        held = self.held
+        readings = [held[rid] for rid in dict.fromkeys(rids) if rid in held]
+        result.readings += len(readings)
+        policy = self.policy
+        decisions = policy.evaluate(t, readings, self.host)
+        host = self.host
+        if host is not None and (self.guard_on or policy.guard.victim is not None):
+            candidates = ()
+            if policy.guard_wants_victim(t, host):
+                candidates = self.guard_candidates(t)
+            decisions += policy.guard_evaluate(t, host, candidates, ())
+        for d in decisions:
+            self.simulate(t, d)
+        for r in readings:
+            rid = self.rid_of[r.key]
+            if rid not in held:
+                continue
+            if is_quiet(r, policy.states.get(r.key)):
+                self.due_at.pop(rid, None)
+            else:
+                due = t + policy.interval_for(r)
+                self.due_at[rid] = due
+                heapq.heappush(self.heap, (due, rid))
+        if host is not None and (policy.guard.victim is not None
+                                 or guard_level(self.config.guard, host)[0] is not None):
+            due = t + policy.guard_interval(host)
+            if self.due_at.get(0, -1.0) <= t:
+                self.due_at[0] = due
+                heapq.heappush(self.heap, (due, 0))
+
+    def guard_candidates(self, t: float) -> List[Candidate]:
+        gone = set(self.freed)
+        if self.candidates:
+            before = [c for c in self.candidates if c[0] <= t]
+            at, cands = before[-1] if before else self.candidates[0]
+            if abs(at - t) > 1.0:
+                self.note("the guard fired at a time the trace has no process list for: it chose "
+                          "from the nearest one recorded")
+            return [Candidate(("process", pid, start), pid, comm, cgroup, rss)
+                    for pid, start, comm, cgroup, rss in cands if ("process", pid, start) not in gone]
+        self.note("the trace has no process list (the guard never fired while recording): the "
+                  "replayed guard chose among the watched processes only")
+        out = []
+        for rid, r in self.held.items():
+            run = self.trace.runs[rid]
+            if r.key[0] == "process" and r.key not in gone:
+                out.append(Candidate(r.key, r.key[1], run.comm, run.cgroup, r.usage))
+        return out
+
+    def simulate(self, t: float, d) -> None:
+        sig = None if d.signal is None else signal.Signals(d.signal).name
+        out = Decision(t, d.key, d.watch, d.kind, d.reason, d.usage, d.limit, sig, False)
+        self.result.decisions.append(out)
+        if d.kind != "signal":
+            return
+        rid = self.rid_of.get(d.key)
+        if d.watch == "guard":
+            if sig == "SIGTERM":
+                self.note("a process the replayed guard sent SIGTERM is assumed to exit at once")
+            self.freed[d.key] = d.usage or 0
+            self.policy.forget(d.key)
+            if rid is not None and rid in self.held:
+                self.kill(t, rid)
+            self.set_host()
+        elif sig == "SIGKILL" and rid is not None:
+            self.freed[d.key] = self.held[rid].usage if rid in self.held else d.usage or 0
+            self.kill(t, rid)
+            self.policy.forget(d.key)
+            self.set_host()
+
+    def kill(self, t: float, rid: int) -> None:
+        self.killed[rid] = t
+        self.held.pop(rid, None)
+        self.due_at.pop(rid, None)
+
+
+def _match(result: Result) -> None:
+    """Pair replay decisions with live ones (same target, kind, signal, reason, within one
+    sample: the time since the sample before the live decision's, at most the slowest
+    interval), then mark what comes after each target's first divergence."""
+    daemon = result.config.daemon
+    rec = result.trace.header.get("config", {}).get("daemon", {})
+    from memwatchd.config import parse_duration
+    try:
+        rec_interval = parse_duration(rec.get("interval", "1s"), "interval")
+    except ConfigError:
+        rec_interval = daemon.interval
+    result.tolerance = max(daemon.interval, rec_interval)
+    live = [d for d in result.live if result.start <= d.t <= result.end]
+    result.live = live
+    for d in result.decisions:
+        for l in live:
+            window = result.tolerance if l.window is None else min(l.window, result.tolerance)
+            if l.match is None and l.same_as(d) and abs(l.t - d.t) <= max(window, 1e-3):
+                d.match, l.match = l, d
+                break
+    first: Dict[tuple, float] = {}
+    for d in result.decisions + live:
+        if d.match is None and d.kind != "warn":
+            if d.t < first.get(d.key, float("inf")):
+                first[d.key] = d.t
+    result.diverged_at = first
+    anywhere = min(first.values(), default=float("inf"))
+    for d in result.decisions:
+        since = anywhere if d.watch == "guard" else first.get(d.key, float("inf"))
+        d.diverged = d.t > since
+
+
+# ------------------------------------------------------------------ output
+
+def _mib(n) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def label(trace: Trace, key: tuple) -> str:
+    """ "pid 123 (comm)" or "cgroup /x" (raw: escape before printing). A guard victim that was
+    not a target is named from the candidate lists."""
+    if key[0] == "cgroup":
+        return f"cgroup {key[1]}"
+    run = next((r for r in trace.runs.values() if r.key == key), None)
+    comm = run.comm if run else next((c[2] for s in trace.samples if s.candidates
+                                      for c in s.candidates if (c[0], c[1]) == key[1:]), "")
+    return f"pid {key[1]}" + (f" ({comm})" if comm else "")
+
+
+def _clock(trace: Trace, t: float) -> str:
+    import time
+    w = trace.wall(t)
+    return time.strftime("%H:%M:%S", time.gmtime(w)) + f".{int((w % 1) * 1000):03d}"
+
+
+def to_json(result: Result) -> List[dict]:
+    """One object per replay decision, per live decision not reproduced, then a summary."""
+    from memwatchd.report import escape
+    trace = result.trace
+    out = []
+    for d in result.decisions:
+        out.append({"type": "replay", "t": round(d.t - trace.start, 4),
+                    "wall": round(trace.wall(d.t), 3), "watch": d.watch, "key": list(d.key),
+                    "target": escape(label(trace, d.key)), "reason": d.reason, "usage_bytes": d.usage,
+                    "limit_bytes": d.limit, "action": d.action, "signal": d.signal,
+                    "live": None if d.match is None else {
+                        "t": round(d.match.t - trace.start, 4), "delta_s": round(d.t - d.match.t, 4)},
+                    "diverged": d.diverged})
+    for l in result.live:
+        if l.match is None:
+            out.append({"type": "live-only", "t": round(l.t - trace.start, 4),
+                        "wall": round(trace.wall(l.t), 3), "watch": l.watch, "key": list(l.key),
+                        "target": escape(label(trace, l.key)), "reason": l.reason,
+                        "usage_bytes": l.usage, "limit_bytes": l.limit, "action": l.action,
+                        "signal": l.signal})
+    out.append(summary(result))
+    return out
+
+
+def summary(result: Result) -> dict:
+    same = sum(1 for d in result.decisions if d.match is not None)
+    return {"type": "summary", "trace": result.trace.path, "config": result.config.source,
+            "seconds": round(result.end - result.start, 3), "targets": len(result.trace.runs),
+            "decisions": len(result.decisions), "reproduced": same,
+            "new": len(result.decisions) - same,
+            "live_not_taken": sum(1 for l in result.live if l.match is None),
+            "diverged": {label(result.trace, k): round(t - result.trace.start, 4)
+                         for k, t in result.diverged_at.items()},
+            "dropped_readings": sum(result.dropped.values()),
+            "tolerance_s": result.tolerance, "notes": list(result.notes),
+            "damage": list(result.damage)}
+
+
+def format_text(result: Result) -> str:
+    from memwatchd.report import escape
+    trace = result.trace
+    lines = [f"replay of {trace.path} ({len(trace.runs)} target(s), "
+             f"{result.end - result.start:.1f} s from {_clock(trace, result.start)} UTC) "
+             f"with {result.config.source}"]
+    if result.decisions:
+        lines.append(f"{'time':<12} {'+s':>8}  {'target':<30} {'usage':>10} {'limit':>10}  "
+                     f"{'action':<6} {'reason':<22} live")
+    for d in result.decisions:
+        if d.match is not None:
+            live = f"same ({d.t - d.match.t:+.3f}s)"
+        else:
+            live = "not taken live"
+        if d.diverged:
+            live += ", after a divergence"
+        target = escape(f"{d.watch}: {label(trace, d.key)}")
+        lines.append(f"{_clock(trace, d.t):<12} {d.t - trace.start:>8.3f}  {target[:30]:<30} "
+                     f"{_mib(d.usage):>10} {_mib(d.limit):>10}  {d.action:<6} {d.reason:<22} {live}")
+    missed = [l for l in result.live if l.match is None]
+    if missed:
+        lines.append("live decisions the replay did not take:")
+        for l in missed:
+            lines.append(f"{_clock(trace, l.t):<12} {l.t - trace.start:>8.3f}  "
+                         f"{escape(f'{l.watch}: {label(trace, l.key)}')[:30]:<30} {_mib(l.usage):>10} "
+                         f"{_mib(l.limit):>10}  {l.action:<6} {l.reason}")
+    s = summary(result)
+    lines.append(f"{s['decisions']} decision(s): {s['reproduced']} as live, {s['new']} not taken live; "
+                 f"{s['live_not_taken']} live decision(s) not taken by the replay")
+    for key, t in sorted(result.diverged_at.items(), key=lambda kv: kv[1]):
+        dropped = result.dropped.get(key, 0)
+        lines.append(f"diverged: {escape(label(trace, key))} from +{t - trace.start:.3f}s"
+                     + (f" ({dropped} later reading(s) ignored: the replay killed it)" if dropped else ""))
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def parse_time(value: str, trace: Trace, where: str) -> float:
+    """--from/--to: seconds into the trace ("90s", "5m", "0") or a UTC time
+    ("2026-12-01T08:40:00" or "08:40:00" on the trace's first day)."""
+    from memwatchd.config import parse_duration
+    text = value.strip()
+    if ":" in text:
+        import datetime
+        try:
+            if "T" in text or "-" in text:
+                when = datetime.datetime.fromisoformat(text.rstrip("Z"))
+            else:
+                day = datetime.datetime.fromtimestamp(trace.wall0, datetime.timezone.utc).date()
+                when = datetime.datetime.combine(day, datetime.time.fromisoformat(text))
+        except ValueError:
+            raise ConfigError(f"{where}: expected seconds into the trace (90s, 5m) or a UTC time "
+                              f"(2026-12-01T08:40:00, 08:40:00), got {value!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return trace.start + (when.timestamp() - trace.wall0)
+    return trace.start + parse_duration(text, where)
+
+
+def replay_file(path: str, config: Optional[Config] = None, t_from: Optional[str] = None,
+                t_to: Optional[str] = None) -> Result:
+    trace = read_trace(path)
+    start = parse_time(t_from, trace, "--from") if t_from else None
+    end = parse_time(t_to, trace, "--to") if t_to else None
+    return replay(trace, config, start, end)

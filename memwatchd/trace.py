@@ -1,0 +1,769 @@
+"""Traces: what the policy consumed, written as it happens and read back for replay.
+
+A trace is NDJSON, one compact JSON object per line (docs/trace.md lists every
+field). The daemon writes one when ``[daemon] trace`` is set (a ring of segment
+files in a directory, oldest dropped first, capped at ``trace_size``);
+``memwatchd record`` writes one file. ``memwatchd replay`` and ``suggest`` read
+them with ``read_trace``, which never raises on damage after the first header:
+torn, garbled, reordered or orphaned lines are skipped and listed in ``damage``.
+
+Why NDJSON: a torn write loses one line, not the file; ``jq``/``grep`` read it;
+it is documented in a page. Its cost is kept down by what is written, not by
+the encoding: a reading is written only when it moved by more than 1/256 of its
+value, crossed a level the policy compares against, or while a policy timer runs
+(``_held_will_do``), so an idle target costs nothing, and a row is a bare array.
+
+This module is imported by the daemon only when tracing is on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Tuple
+
+from memwatchd import __version__
+from memwatchd.policy import WARN_REARM
+from memwatchd.report import ERR, log
+from memwatchd.types import MemwatchdError
+
+FORMAT = 1
+DEFAULT_SIZE = 64 * 2**20      # the ring's cap, [daemon] trace_size
+SEGMENTS = 8                   # the ring is this many segment files: dropping one frees 1/8
+MIN_SEGMENT = 64 * 1024
+CLOCK_EVERY = 300.0            # a wall-clock line at most this often (wall = w + (m - m0))
+NEAR_FLOOR = 4                 # within this multiple of the guard's floor, every host sample is written
+CMDLINE_MAX = 1024             # cmdlines are attacker-sized: cut in the trace
+SEGMENT_PREFIX = "trace-"
+SEGMENT_SUFFIX = ".ndjson"
+
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False, ensure_ascii=True).encode
+_decode = json.JSONDecoder().decode
+
+
+class TraceError(MemwatchdError):
+    """A trace that cannot be read at all (no header, a newer format): names the file."""
+
+
+# ------------------------------------------------------------------ config
+
+def _seconds(x: float) -> str:
+    return f"{x!r}s"
+
+
+def config_dict(config) -> dict:
+    """The config as TOML-shaped data that config.parse_config accepts again (the header
+    keeps it so a trace replays with its own config). on_action is left out: replay never runs it."""
+    d, g, p = config.daemon, config.guard, config.protect
+    watches = []
+    for w in config.watches:
+        item = {"name": w.name, w.kind: w.selector, "limit": str(w.limit),
+                "sustain": _seconds(w.sustain), "action": w.action, "grace": _seconds(w.grace),
+                "scope": w.scope, "usage": w.usage}
+        if w.warn is not None:
+            item["warn"] = str(w.warn)
+        watches.append(item)
+    return {
+        "daemon": {"interval": _seconds(d.interval), "min_interval": _seconds(d.min_interval),
+                   "fill_rate": d.fill_rate, "cooldown": _seconds(d.cooldown), "dry_run": d.dry_run},
+        "guard": {"enabled": g.enabled, "min_available": str(g.min_available),
+                  "kill_available": str(g.kill_available), "count_swap": g.count_swap,
+                  "psi_full": g.psi_full, "psi_full_kill": g.psi_full_kill, "psi_some": g.psi_some,
+                  "psi_window": _seconds(g.psi_window), "psi_available": str(g.psi_available),
+                  "grace": _seconds(g.grace)},
+        "protect": {"names": list(p.names), "cgroups": list(p.cgroups)},
+        "watch": watches,
+    }
+
+
+def _kernel() -> str:
+    return os.uname().release
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------- sinks
+
+class FileSink:
+    """One trace file (``memwatchd record --out``); a name ending in .gz is gzip'ed."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path.endswith(".gz"):
+            import gzip
+            self._file = gzip.open(path, "wb", compresslevel=6)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._file = os.fdopen(fd, "wb", buffering=0)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def full(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class RingSink:
+    """A directory of segment files capped at ``size`` bytes, oldest dropped first.
+
+    A restart opens a new segment after the last one, so what the previous run
+    wrote is kept (until the cap drops it). Each segment begins with a header and
+    a keyframe, so any suffix of the ring replays on its own.
+    """
+
+    def __init__(self, directory: str, size: int = DEFAULT_SIZE):
+        self.path = directory
+        self.size = size
+        self.segment_size = max(MIN_SEGMENT, size // SEGMENTS)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        existing = segment_files(directory)
+        self.seq = _segment_seq(existing[-1]) + 1 if existing else 1
+        self.fd = -1
+        self.written = 0
+        self._open()
+
+    def _open(self) -> None:
+        name = os.path.join(self.path, f"{SEGMENT_PREFIX}{self.seq:08d}{SEGMENT_SUFFIX}")
+        self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                          | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.written = 0
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest segments until the ring (with the open one full) fits the cap."""
+        files = segment_files(self.path)
+        sizes = {}
+        for f in files:
+            try:
+                sizes[f] = os.stat(f).st_size
+            except OSError:
+                sizes[f] = 0
+        total = sum(sizes.values()) - sizes.get(files[-1], 0) + self.segment_size if files else 0
+        for f in files[:-1]:
+            if total <= self.size:
+                break
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
+            total -= sizes[f]
+
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+        self.written += len(data)
+
+    def full(self) -> bool:
+        return self.written >= self.segment_size
+
+    def rotate(self) -> None:
+        os.close(self.fd)
+        self.seq += 1
+        self._open()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def segment_files(directory: str) -> List[str]:
+    """The ring's segment files, oldest first."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    segs = [n for n in names if n.startswith(SEGMENT_PREFIX) and n.endswith(SEGMENT_SUFFIX)
+            and n[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)].isdigit()]
+    return [os.path.join(directory, n) for n in sorted(segs, key=_segment_seq)]
+
+
+def _segment_seq(name: str) -> int:
+    return int(os.path.basename(name)[len(SEGMENT_PREFIX):-len(SEGMENT_SUFFIX)])
+
+
+# ---------------------------------------------------------------- recorder
+
+def _stat_row(s) -> list:
+    p = s.pressure
+    return [s.current, s.anon, s.file, s.inactive_file, s.shmem, s.swap_current, s.max, s.high,
+            s.events_oom_kill, None if p is None else p.some_avg10, None if p is None else p.full_avg10]
+
+
+STAT_FIELDS = ("current", "anon", "file", "inactive_file", "shmem", "swap_current", "max", "high",
+               "oom_kill", "psi_some_avg10", "psi_full_avg10")
+
+
+class Recorder:
+    """Writes what the daemon's policy consumes. Three calls from the loop: ``tick`` after
+    the policy decided, ``event`` for each decision/outcome record, ``reconfigure`` on reload.
+
+    Never raises into the loop: a write error is logged once and recording stops.
+    """
+
+    def __init__(self, sink, config, daemon):
+        self.sink = sink
+        self.daemon = daemon          # for its targets (names, cgroup stats) and policy state
+        self.config = config
+        self.broken = False
+        self.ids: Dict[tuple, int] = {}
+        self.info: Dict[tuple, list] = {}          # key -> target line fields
+        self.last: Dict[tuple, list] = {}          # key -> last written reading row
+        self.event_keys: Dict[str, tuple] = {}     # decision id -> target key
+        self.next_id = 1
+        self.host_last = None
+        self._near = (None, 0, 0)   # (mem_total, 4x the guard's floor, MemTotal/1024)
+        self.clock_at = 0.0
+        self._safely(self._header, daemon.clock(), False)
+
+    # -- the loop's calls
+
+    def tick(self, now: float, readings, gone, host, candidates, decisions) -> None:
+        if not self.broken:
+            self._safely(self._tick, now, readings, gone, host, candidates, decisions)
+
+    def event(self, record: dict) -> None:
+        if not self.broken:
+            self._safely(self._event, self.daemon.clock(), record)
+
+    def reconfigure(self, config) -> None:
+        """A reload: a new header with the new config (target ids start again)."""
+        self.config = config
+        self._near = (None, 0, 0)
+        self.ids.clear()
+        self.info.clear()
+        self.last.clear()
+        self.host_last = None
+        if not self.broken:
+            self._safely(self._header, self.daemon.clock(), False)
+
+    def close(self) -> None:
+        if not self.broken:
+            now = round(self.daemon.clock(), 4)
+            ended = [tid for key, tid in self.ids.items() if not _still_there(key, self.daemon.targets)]
+            if ended:  # e.g. `record -- COMMAND`: the loop stopped when the command exited
+                self._safely(self._write, {"t": "s", "m": now, "g": ended})
+            self._safely(self._write, {"t": "end", "m": now})
+        try:
+            self.sink.close()
+        except OSError:
+            pass
+
+    # -- internals
+
+    def _safely(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except (OSError, ValueError, TypeError) as e:
+            self.broken = True
+            log(ERR, f"trace {self.sink.path}: {e}; recording stopped")
+
+    def _write(self, obj: dict) -> None:
+        self.sink.write(_encode(obj).encode() + b"\n")
+
+    def _header(self, now: float, continues: bool) -> None:
+        host = self.daemon.targets.host.read()
+        self._write({"t": "header", "format": FORMAT, "memwatchd": __version__, "kernel": _kernel(),
+                     "boot_id": _boot_id(), "mem_total": host.mem_total, "swap_total": host.swap_total,
+                     "m": round(now, 4), "w": round(time.time(), 4), "continues": continues,
+                     "source": self.config.source, "config": config_dict(self.config)})
+        self.clock_at = now
+
+    def _rotate(self, now: float) -> None:
+        """A new ring segment: header, then every known target and its last reading (a keyframe)."""
+        self.sink.rotate()
+        self._header(now, True)
+        for key, fields in self.info.items():
+            self._write(dict(fields, m=round(now, 4)))
+        rows = list(self.last.values())
+        line = {"t": "s", "m": round(now, 4), "k": True}
+        if rows:
+            line["r"] = rows
+        if self.host_last is not None:
+            line["h"] = self.host_last
+        self._write(line)
+
+    def _target(self, now: float, key: tuple) -> int:
+        tid = self.ids[key] = self.next_id
+        self.next_id += 1
+        t = self.daemon.targets.targets.get(key)
+        fields = {"t": "target", "id": tid, "key": list(key)}
+        if t is not None:
+            fields.update(watch=t.watch.name, kind="cgroup" if t.is_cgroup else t.watch.scope,
+                          comm=t.comm, cmdline=t.cmdline[:CMDLINE_MAX], cgroup=t.cgroup)
+        self.info[key] = fields
+        self._write(dict(fields, m=round(now, 4)))
+        return tid
+
+    def _tick(self, now, readings, gone, host, candidates, decisions) -> None:
+        if self.sink.full():
+            self._rotate(now)
+        states = self.daemon.policy.states
+        rows = None
+        last = self.last
+        for r in readings:  # at idle this loop is the whole cost: keep it to tuple reads
+            key, _watch, usage, limit, warn = r
+            prev = last.get(key)
+            if prev is not None and prev[2] == limit and prev[3] == warn:
+                held = prev[1]
+                band = (held >> 8) + 4096
+                if held - band <= usage <= held + band and _held_will_do(
+                        held, usage, limit, warn, states.get(key)):
+                    continue  # moved less than 1/256 and no threshold or timer in play
+            tid = self.ids.get(r.key) or self._target(now, r.key)
+            row = [tid, r.usage, r.limit, r.warn]
+            if r.key[0] == "cgroup":
+                t = self.daemon.targets.targets.get(r.key)
+                if t is not None:
+                    row.append(_stat_row(self.daemon.targets.cgroups.get(t.slot)))
+            last[r.key] = row
+            if rows is None:
+                rows = []
+            # limit and warn as the target's last row: [id, usage] is enough
+            rows.append(row[:2] if prev is not None and len(row) == 4 and prev[2] == r.limit
+                        and prev[3] == r.warn else row)
+        line = None
+        if rows:
+            line = {"t": "s", "m": round(now, 4), "r": rows}
+        h = self._host_row(host)
+        if h is not None:
+            line = line or {"t": "s", "m": round(now, 4)}
+            line["h"] = h
+        gone_ids = [self.ids[t.key] for t in gone if t.key in self.ids] if gone else None
+        if gone_ids:
+            line = line or {"t": "s", "m": round(now, 4)}
+            line["g"] = gone_ids
+            for t in gone:
+                self._forget(t.key)
+        if candidates:
+            line = line or {"t": "s", "m": round(now, 4)}
+            line["c"] = [[c.pid, c.key[2], c.comm, c.cgroup, c.rss] for c in candidates]
+        if decisions:
+            line = line or {"t": "s", "m": round(now, 4)}
+            line["d"] = [decision_dict(d) for d in decisions]
+        if line is not None:
+            if now - self.clock_at >= CLOCK_EVERY:
+                self._write({"t": "clock", "m": round(now, 4), "w": round(time.time(), 4)})
+                self.clock_at = now
+            self._write(line)
+
+    def _forget(self, key: tuple) -> None:
+        self.ids.pop(key, None)
+        self.info.pop(key, None)
+        self.last.pop(key, None)
+
+    def _host_row(self, host) -> Optional[list]:
+        """The host, when it moved: MemAvailable or swap by more than MemTotal/1024, a PSI avg10
+        by a point, or on every tick while MemAvailable is within 4x the guard's floor."""
+        if host is None:
+            return None
+        p = host.pressure
+        prev = self.host_last
+        if prev is not None:
+            if self._near[0] != host.mem_total:
+                guard = self.config.guard
+                floor = guard.thresholds(host.mem_total)[0] if guard.enabled else -1
+                self._near = (host.mem_total, NEAR_FLOOR * floor, host.mem_total >> 10)
+            _, near, band = self._near
+            avail = host.mem_available
+            if (avail >= near and -band <= avail - prev[0] <= band
+                    and -band <= host.swap_free - prev[1] <= band
+                    and (p is None if prev[2] is None else
+                         p is not None and _close(p.some_avg10, prev[2]) and _close(p.full_avg10, prev[3]))):
+                return None
+        row = [host.mem_available, host.swap_free, None if p is None else p.some_avg10,
+               None if p is None else p.full_avg10]
+        self.host_last = row
+        return row
+
+    def _event(self, now: float, record: dict) -> None:
+        if record.get("type") == "decision":
+            key = ("cgroup", record.get("cgroup")) if record.get("scope") == "cgroup" else \
+                ("process", record.get("pid"), record.get("start_time"))
+            self.event_keys[record.get("id")] = key
+        self._write({"t": "event", "m": round(now, 4), "e": record})
+        if record.get("type") == "outcome" and record.get("exited"):
+            key = self.event_keys.pop(record.get("id"), None)
+            if key is not None and key[0] == "process" and key in self.ids:
+                # the daemon drops a dead victim without a "gone": say it here
+                self._write({"t": "s", "m": round(now, 4), "g": [self.ids[key]]})
+                self._forget(key)
+
+
+def _held_will_do(held: int, usage: int, limit: int, warn, state) -> bool:
+    """True when the policy, fed the last written value instead of this one, decides and
+    changes exactly as with this one: same side of every threshold it compares against
+    (limit, warn, warn's re-arm level), and no timer running (sustain, grace). Replay holds
+    the last written value, so nothing it needs is lost."""
+    if state is None:
+        return usage < limit and (warn is None or usage < warn)   # quiet, and stays so
+    if state.stage == "terminating" or (state.stage == "idle" and state.over_since is not None):
+        return False   # the grace, or the sustain / cooldown clock, runs: every sample counts
+    if (usage >= limit) != (held >= limit):
+        return False
+    return warn is None or ((usage >= warn) == (held >= warn)
+                            and (usage < warn * WARN_REARM) == (held < warn * WARN_REARM))
+
+
+def _still_there(key: tuple, targets) -> bool:
+    """At the end of a recording: is this target still alive (same process, same cgroup)?"""
+    if key[0] == "cgroup":
+        return os.path.isdir(targets.cgroup_root + key[1])
+    from memwatchd.sampler import parse_stat_start_time
+    try:
+        with open(os.path.join(targets.proc, str(key[1]), "stat"), "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    state = data[data.rfind(b")") + 2:][:1]
+    try:
+        return state not in (b"Z", b"X") and parse_stat_start_time(data) == key[2]
+    except (OSError, ValueError):
+        return False
+
+
+def _close(a, b) -> bool:
+    return a is not None and b is not None and -1.0 < a - b < 1.0
+
+
+def decision_dict(d) -> dict:
+    return {"key": list(d.key), "watch": d.watch, "kind": d.kind, "reason": d.reason,
+            "usage": d.usage, "limit": d.limit,
+            "signal": None if d.signal is None else signal.Signals(d.signal).name}
+
+
+def open_ring(config, daemon) -> Recorder:
+    """The daemon's recorder for ``[daemon] trace`` (a directory)."""
+    return Recorder(RingSink(config.daemon.trace, config.daemon.trace_size), config, daemon)
+
+
+# ------------------------------------------------------------------ reader
+
+class Run:
+    """One target's life in a trace: from its first reading until it was gone (or the trace ended)."""
+
+    __slots__ = ("rid", "key", "watch", "kind", "comm", "cmdline", "cgroup", "first", "last",
+                 "gone", "peak", "samples")
+
+    def __init__(self, rid: int, key: tuple, fields: dict, t: float):
+        self.rid = rid
+        self.key = key
+        self.watch = _text(fields.get("watch"))
+        self.kind = _text(fields.get("kind")) or ("cgroup" if key[0] == "cgroup" else "process")
+        self.comm = _text(fields.get("comm"))
+        self.cmdline = _text(fields.get("cmdline"))
+        self.cgroup = _text(fields.get("cgroup"))
+        self.first = self.last = t
+        self.gone: Optional[float] = None   # time the trace says it was gone; None: alive at the end
+        self.peak = 0
+        self.samples = 0
+
+
+class Sample:
+    """One line of readings as the daemon's policy saw them at time ``t`` (trace time)."""
+
+    __slots__ = ("t", "rows", "host", "gone", "candidates", "decisions", "keyframe")
+
+    def __init__(self, t, rows, host, gone, candidates, decisions, keyframe):
+        self.t = t
+        self.rows = rows            # [(run id, usage, limit, warn, stat list or None)]
+        self.host = host            # (mem_available, swap_free, psi_some_avg10, psi_full_avg10) or None
+        self.gone = gone            # [run id]
+        self.candidates = candidates  # [(pid, start_time, comm, cgroup, rss)] or None
+        self.decisions = decisions  # [dict] the live policy's output
+        self.keyframe = keyframe
+
+
+class Trace:
+    """A trace read back: its first header, the runs, the samples and events in time order,
+    and the damage found (never raised: each entry says file, line and what was wrong)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header: dict = {}
+        self.headers: List[dict] = []
+        self.runs: Dict[int, Run] = {}
+        self.samples: List[Sample] = []
+        self.events: List[Tuple[float, dict]] = []
+        self.damage: List[str] = []
+        self.start = self.end = 0.0
+        self.clean_end = False
+        self.wall0 = 0.0
+
+    @property
+    def mem_total(self) -> int:
+        return _int(self.header.get("mem_total"))
+
+    @property
+    def swap_total(self) -> int:
+        return _int(self.header.get("swap_total"))
+
+    def wall(self, t: float) -> float:
+        """Wall-clock seconds for trace time t."""
+        return self.wall0 + (t - self.start)
+
+    def watch_names(self) -> List[str]:
+        names = [w.get("name") for w in self.header.get("config", {}).get("watch", [])
+                 if isinstance(w, dict)]
+        names += [r.watch for r in self.runs.values()]
+        return list(dict.fromkeys(n for n in names if n))
+
+
+def _text(v) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _int(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _key(v) -> Optional[tuple]:
+    if isinstance(v, list) and len(v) == 3 and v[0] == "process" and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v[1:]):
+        return tuple(v)
+    if isinstance(v, list) and len(v) == 2 and v[0] == "cgroup" and isinstance(v[1], str):
+        return tuple(v)
+    return None
+
+
+def trace_files(path: str) -> List[str]:
+    """A trace file, or a ring directory's segments oldest first."""
+    if os.path.isdir(path):
+        files = segment_files(path)
+        if not files:
+            raise TraceError(f"{path}: no trace segments ({SEGMENT_PREFIX}*{SEGMENT_SUFFIX}) in this directory")
+        return files
+    return [path]
+
+
+def _lines(path: str, damage: List[str]):
+    """(line number, bytes) of a file, gzip'ed or not; a truncated gzip stream is damage."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read: {e.strerror}") from None
+    with f:
+        magic = f.read(2)
+        f.seek(0)
+        stream = f
+        if magic == b"\x1f\x8b":
+            import gzip
+            stream = gzip.GzipFile(fileobj=f)
+        n = 0
+        try:
+            for n, line in enumerate(stream, 1):
+                yield n, line
+        except (EOFError, OSError) as e:
+            import zlib
+            if not isinstance(e, (EOFError, zlib.error, OSError)):
+                raise
+            damage.append(f"{path}: compressed data ends early or is corrupt after line {n} ({e}): "
+                          "read what came before (truncated file?)")
+
+
+def read_trace(path: str) -> Trace:
+    """Read a trace file or ring directory. Raises TraceError only when nothing can be read
+    (missing, not a trace, no header, a newer format); anything else is listed in .damage."""
+    trace = Trace(path)
+    opened: Dict[tuple, int] = {}        # key -> run id of its open run
+    items = []                           # (t, order, kind, payload)
+    ids: Dict[int, int] = {}             # this header's target id -> run id
+    limits: Dict[int, tuple] = {}        # run id -> its last (limit, warn)
+    offset = 0.0                         # trace time = m + offset (a new boot restarts m)
+    first_m = first_w = None
+    boot = None
+    last_t = None
+    out_of_order = 0
+    order = 0
+    for fname in trace_files(path):
+        seen_header = False
+        n = 0
+
+        def at() -> str:   # where, for a damage message (formatted only then)
+            return f"{fname} line {n}"
+        for n, raw in _lines(fname, trace.damage):
+            if not raw.endswith(b"\n"):
+                trace.damage.append(f"{at()}: truncated line (a torn write?), skipped")
+                continue
+            try:
+                obj = _decode(raw.decode("utf-8"))
+            except ValueError:   # UnicodeDecodeError is one too
+                if not seen_header and n == 1:
+                    raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not JSON)") from None
+                trace.damage.append(f"{at()}: not JSON, skipped")
+                continue
+            if type(obj) is not dict or type(obj.get("m")) not in (float, int):
+                trace.damage.append(f"{at()}: not a trace record (no \"t\"/\"m\"), skipped")
+                continue
+            kind = obj.get("t")
+            if kind == "header":
+                fmt = obj.get("format")
+                if not isinstance(fmt, int) or isinstance(fmt, bool):
+                    raise TraceError(f"{at()}: header without a format version")
+                if fmt > FORMAT:
+                    raise TraceError(f"{fname}: trace format {fmt} is newer than this memwatchd "
+                                     f"({__version__}) reads (format {FORMAT}): upgrade memwatchd "
+                                     f"to replay it (it was written by memwatchd {obj.get('memwatchd')})")
+                cfg = obj.get("config")
+                if not (isinstance(cfg, dict) and isinstance(cfg.get("watch", []), list)
+                        and all(isinstance(cfg.get(k, {}), dict) for k in ("daemon", "guard"))):
+                    trace.damage.append(f"{at()}: header without a well-formed config, skipped")
+                    continue
+                seen_header = True
+                m, w = obj["m"], _num(obj.get("w")) or 0.0
+                if first_m is None:
+                    first_m, first_w, boot = m, w, obj.get("boot_id")
+                    trace.header = obj
+                    trace.wall0 = w
+                elif obj.get("boot_id") != boot:
+                    boot = obj.get("boot_id")
+                    offset = first_m + (w - first_w) - m  # another boot: place it by the wall clock
+                trace.headers.append(obj)
+                ids = {}
+                continue
+            if not seen_header:
+                if first_m is None and n == 1 and fname == trace_files(path)[0]:
+                    raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not a header)")
+                trace.damage.append(f"{at()}: record before any header, skipped")
+                continue
+            t = obj["m"] + offset
+            if last_t is not None and t < last_t - 1e-9:
+                out_of_order += 1
+            last_t = t if last_t is None else max(last_t, t)
+            order += 1
+            if kind == "target":
+                key, tid = _key(obj.get("key")), obj.get("id")
+                if key is None or not isinstance(tid, int):
+                    trace.damage.append(f"{at()}: target record without a valid key and id, skipped")
+                    continue
+                rid = opened.get(key)
+                if rid is None:
+                    rid = len(trace.runs) + 1
+                    trace.runs[rid] = Run(rid, key, obj, t)
+                    opened[key] = rid
+                ids[tid] = rid
+            elif kind == "s":
+                sample = _sample(obj, t, ids, limits, at, trace.damage)
+                if sample is not None:
+                    items.append(sample)
+                    for rid in sample.gone:   # the key's next target record starts a new run
+                        if opened.get(trace.runs[rid].key) == rid:
+                            del opened[trace.runs[rid].key]
+            elif kind == "event":
+                if isinstance(obj.get("e"), dict):
+                    trace.events.append((t, obj["e"]))
+                else:
+                    trace.damage.append(f"{at()}: event without a record, skipped")
+            elif kind == "end":
+                trace.clean_end = True
+            elif kind == "clock":
+                pass
+            else:
+                trace.damage.append(f"{at()}: unknown record type {str(kind)[:20]!r}, skipped")
+        if not seen_header:
+            if first_m is None:
+                raise TraceError(f"{fname}: empty or truncated before its header: no trace to read")
+    if first_m is None:
+        raise TraceError(f"{path}: no header: not a memwatchd trace")
+    if out_of_order:
+        trace.damage.append(f"{path}: {out_of_order} record(s) out of time order (reordered or "
+                            "concatenated?); replayed in time order")
+    if out_of_order:
+        items.sort(key=lambda x: x.t)   # stable: lines of the same time keep their order
+    trace.samples = items
+    trace.events.sort(key=lambda e: e[0])
+    trace.start = first_m
+    trace.end = max([trace.start] + [s.t for s in trace.samples] + [e[0] for e in trace.events])
+    _finish_runs(trace)
+    return trace
+
+
+def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], at,
+            damage: List[str]) -> Optional[Sample]:
+    """One "s" line; ``limits`` (run id -> (limit, warn)) fills in the short [id, usage] rows;
+    ``at()`` names the file and line for a damage message."""
+    rows = []
+    unknown = 0
+    r = obj.get("r")
+    for row in r if type(r) is list else ():
+        # the common row, [id, usage] with ints, is checked first and cheaply
+        if type(row) is list and len(row) == 2 and type(row[0]) is int and type(row[1]) is int:
+            rid = ids.get(row[0])
+            prev = limits.get(rid)
+            if prev is None:
+                unknown += 1
+                continue
+            rows.append((rid, row[1], prev[0], prev[1], None))
+            continue
+        if not (isinstance(row, list) and len(row) >= 4 and isinstance(row[0], int)
+                and _int(row[1]) == row[1] and _int(row[2]) == row[2]
+                and (row[3] is None or _int(row[3]) == row[3])):
+            damage.append(f"{at()}: malformed reading {str(row)[:60]}, skipped")
+            continue
+        rid = ids.get(row[0])
+        if rid is None:
+            unknown += 1
+            continue
+        stat = row[4] if len(row) > 4 and isinstance(row[4], list) and len(row[4]) == len(STAT_FIELDS) \
+            and all(_num(x) is not None or x is None for x in row[4]) else None
+        limits[rid] = (row[2], row[3])
+        rows.append((rid, row[1], row[2], row[3], stat))
+    if unknown:
+        damage.append(f"{at()}: {unknown} reading(s) for a target whose record was lost, skipped")
+    host = obj.get("h")
+    if host is not None:
+        if not (isinstance(host, list) and len(host) == 4 and _int(host[0]) == host[0]
+                and _int(host[1]) == host[1]):
+            damage.append(f"{at()}: malformed host sample, skipped")
+            host = None
+        else:
+            host = (host[0], host[1], _num(host[2]), _num(host[3]))
+    g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
+    gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if isinstance(g, list) else ()
+    cands = None
+    if c is not None:
+        cands = [tuple(x) for x in c if isinstance(x, list) and len(x) == 5
+                 and _int(x[0]) == x[0] and _int(x[1]) == x[1] and isinstance(x[2], str)
+                 and isinstance(x[3], str) and _int(x[4]) == x[4]] if isinstance(c, list) else []
+    decisions = [x for x in d if isinstance(x, dict) and _key(x.get("key"))] \
+        if isinstance(d, list) else ()
+    if not (rows or host or gone or cands or decisions):
+        return None
+    return Sample(t, rows, host, gone, cands, decisions, bool(obj.get("k")))
+
+
+def _finish_runs(trace: Trace) -> None:
+    """Peaks, sample counts and ends of every run; a gone ends a run (a new target line
+    for the same key then starts another)."""
+    runs = trace.runs
+    peak = {rid: 0 for rid in runs}
+    count = dict.fromkeys(runs, 0)
+    last = {}
+    for s in trace.samples:
+        t = s.t
+        for rid, usage, _limit, _warn, _stat in s.rows:
+            count[rid] += 1
+            last[rid] = t
+            if usage > peak[rid]:
+                peak[rid] = usage
+        for rid in s.gone:
+            if runs[rid].gone is None:
+                runs[rid].gone = t
+    for rid, run in runs.items():
+        run.peak, run.samples = peak[rid], count[rid]
+        run.last = max(run.last, last.get(rid, run.last))

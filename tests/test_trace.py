@@ -1,0 +1,317 @@
+"""The trace format: ring, reader, damage, bad input, the daemon's hook, the config keys."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memwatchd import trace
+from memwatchd.config import parse_config
+from memwatchd.replay import replay
+from memwatchd.types import ConfigError
+
+from .trace_lib import SyntheticDaemon, config_for
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+GOLDEN = sorted(f for f in os.listdir(DATA) if f.endswith(".trace.gz"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def golden_lines(name: str) -> list:
+    with gzip.open(os.path.join(DATA, name), "rb") as f:
+        return f.read().splitlines(keepends=True)
+
+
+def write(path, lines) -> str:
+    with open(path, "wb") as f:
+        f.write(b"".join(lines))
+    return str(path)
+
+
+def synthetic(sink, n=5, seconds=60.0, **kw):
+    config = config_for(n, **kw)
+    daemon = SyntheticDaemon(config)
+    daemon.trace = trace.Recorder(sink, config, daemon)
+    daemon.run(seconds)
+    return daemon
+
+
+# ------------------------------------------------------------------ format
+
+def test_every_golden_trace_reads_without_damage_and_has_header_fields():
+    assert len(GOLDEN) >= 6
+    for name in GOLDEN:
+        t = trace.read_trace(os.path.join(DATA, name))
+        assert t.damage == [], name
+        h = t.header
+        assert h["format"] == trace.FORMAT and h["memwatchd"] and h["kernel"]
+        assert h["mem_total"] > 0 and "swap_total" in h and h["config"]["watch"]
+        assert t.clean_end and t.runs and t.samples
+        run = next(iter(t.runs.values()))
+        assert run.gone is not None and run.peak > 20 << 20, name   # they really allocated
+
+
+def test_idle_target_is_not_rewritten_and_a_move_of_more_than_1_in_256_is(tmp_path):
+    """Record on change: a target whose usage stays within 1/256 writes nothing after its
+    first reading; a bigger move is written; the short row form carries no limit."""
+    config = config_for(1)
+    daemon = SyntheticDaemon(config)
+    path = tmp_path / "t.ndjson"
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    base = 400 << 20
+    daemon.run(30, usage=lambda i, t: base + (4096 if int(t) % 2 else 0))   # jitter: 1 page
+    daemon.run(1, usage=lambda i, t: base + (base >> 7))                   # a real move
+    daemon.trace.close()
+    rows = [r for line in path.read_text().splitlines() for r in json.loads(line).get("r", [])]
+    assert len(rows) == 2, rows
+    assert len(rows[0]) == 4 and rows[1] == [1, base + (base >> 7)]
+    t = trace.read_trace(str(path))
+    assert [s.rows[0][1:4] for s in t.samples if s.rows] == [(base, 1 << 30, None),
+                                                            (base + (base >> 7), 1 << 30, None)]
+
+
+def test_a_target_parked_above_warn_is_written_at_its_crossings_and_replays_the_same(tmp_path):
+    """Above its warn level (warned, nothing else pending) a steady target writes nothing more;
+    the crossing up, the fall below the re-arm level and the next crossing are written, and
+    replay reproduces both warnings and the SIGTERM at the limit at the same times."""
+    config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": False},
+                           "watch": [{"name": "job-0", "pid": 1000, "limit": "1G", "warn": "800M",
+                                      "sustain": "2s"}]}, "synthetic")
+    daemon = SyntheticDaemon(config)
+    path = tmp_path / "t.ndjson"
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    mib = 1 << 20
+
+    def usage(i, t):
+        if t < 5:
+            return 500 * mib
+        if t < 60:
+            return 850 * mib + (4096 if int(t * 10) % 2 else 0)    # parked above warn
+        if t < 65:
+            return 600 * mib                                      # below warn * 0.9: re-armed
+        if t < 70:
+            return 850 * mib
+        return 1100 * mib                                         # over the limit, sustained
+    daemon.run(80, usage=usage)
+    daemon.trace.close()
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    t0 = lines[0]["m"]
+    parked = sum(len(l.get("r", [])) for l in lines if t0 + 5.5 < l["m"] < t0 + 59.5)
+    rearmed = sum(len(l.get("r", [])) for l in lines if t0 + 60.5 < l["m"] < t0 + 64.5)
+    live = [d for l in lines for d in l.get("d", [])]
+    assert [(d["kind"], d["reason"]) for d in live] == [
+        ("warn", "warn-level"), ("warn", "warn-level"), ("signal", "over-limit")]
+    # parked above warn for 54 s the daemon samples ~27 times a second (150 MiB of headroom at
+    # the 4G/s fill rate): none of those ~1500 readings is written, nor below the re-arm level
+    assert parked == 0 and rearmed == 0, (parked, rearmed)
+    result = replay(trace.read_trace(str(path)))
+    assert [(d.kind, d.reason) for d in result.decisions] == [(d["kind"], d["reason"]) for d in live]
+    # within one sample (times are written to 0.1 ms, so a timer may fire one 10 ms tick apart)
+    assert all(d.match is not None and abs(d.match.t - d.t) <= 0.0101 for d in result.decisions)
+
+
+def test_ring_drops_oldest_segments_keeps_its_cap_and_survives_a_restart(tmp_path):
+    ring = tmp_path / "ring"
+    d = synthetic(trace.RingSink(str(ring), 2**20), n=20, seconds=900)
+    d.trace.close()
+    files = trace.segment_files(str(ring))
+    sizes = [os.path.getsize(f) for f in files]
+    assert 2 <= len(files) <= trace.SEGMENTS + 1
+    assert sum(sizes) <= 2**20 + 2**20 // trace.SEGMENTS + 4096
+    assert trace._segment_seq(files[0]) > 1            # the first ones were dropped
+    first_seq = [trace._segment_seq(f) for f in files]
+    t1 = trace.read_trace(str(ring))
+    assert t1.damage == [] and len(t1.runs) == 20      # segments continue the same runs
+    # a restart: a new segment after the last, what came before is kept
+    d2 = SyntheticDaemon(config_for(20), clock_start=d.now + 5)
+    d2.trace = trace.Recorder(trace.RingSink(str(ring), 2**20), d2.config, d2)
+    d2.run(5)
+    d2.trace.close()
+    files2 = trace.segment_files(str(ring))
+    assert trace._segment_seq(files2[-1]) == first_seq[-1] + 1
+    t2 = trace.read_trace(str(ring))
+    assert t2.start == t1.start and t2.end >= d.now + 5 and t2.damage == []
+
+
+def test_each_ring_segment_replays_on_its_own(tmp_path):
+    ring = tmp_path / "ring"
+    d = synthetic(trace.RingSink(str(ring), 2**20), n=20, seconds=400, limit="600M")
+    d.trace.close()
+    last = trace.segment_files(str(ring))[-1]
+    t = trace.read_trace(last)
+    assert t.header["continues"] and t.damage == [] and len(t.runs) == 20
+    assert all(run.samples for run in t.runs.values())   # the keyframe gives every target a value
+
+
+# --------------------------------------------------------------- bad input
+
+def test_a_newer_format_is_refused_naming_file_and_versions(tmp_path):
+    lines = golden_lines("leak.trace.gz")
+    header = json.loads(lines[0])
+    header["format"] = trace.FORMAT + 1
+    path = write(tmp_path / "new.trace", [json.dumps(header).encode() + b"\n"] + lines[1:])
+    with pytest.raises(trace.TraceError) as e:
+        trace.read_trace(path)
+    assert path in str(e.value) and f"format {trace.FORMAT + 1} is newer" in str(e.value)
+    assert "upgrade memwatchd" in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty or truncated before its header"),
+    (b'{"t":"head', "empty or truncated before its header"),
+    (b"hello\n", "not a memwatchd trace (line 1 is not JSON)"),
+    (b'{"t":"s","m":1}\n', "line 1 is not a header"),
+])
+def test_files_that_are_not_traces_are_refused_naming_the_file(tmp_path, content, message):
+    path = write(tmp_path / "x.trace", [content])
+    with pytest.raises(trace.TraceError) as e:
+        trace.read_trace(path)
+    assert path in str(e.value) and message in str(e.value)
+
+
+def test_a_torn_last_line_and_a_truncated_gzip_are_reported_not_raised(tmp_path):
+    lines = golden_lines("leak.trace.gz")
+    torn = write(tmp_path / "torn.trace", lines[:40] + [lines[40][:25]])
+    t = trace.read_trace(torn)
+    assert any("line 41: truncated line" in d and torn in d for d in t.damage)
+    assert len(t.samples) > 10
+    raw = open(os.path.join(DATA, "leak.trace.gz"), "rb").read()
+    cut = tmp_path / "cut.trace.gz"
+    cut.write_bytes(raw[:len(raw) // 2])
+    t = trace.read_trace(str(cut))
+    assert any("compressed data ends early" in d and str(cut) in d for d in t.damage)
+    replay(t)   # what was read still replays
+
+
+def test_missing_file_and_empty_ring_directory_are_clear_errors(tmp_path):
+    with pytest.raises(trace.TraceError, match="nope.trace: cannot read"):
+        trace.read_trace(str(tmp_path / "nope.trace"))
+    with pytest.raises(trace.TraceError, match="no trace segments"):
+        trace.read_trace(str(tmp_path))
+
+
+def _m(line: bytes):
+    try:
+        return json.loads(line)["m"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+DAMAGE = st.lists(st.tuples(st.sampled_from(["cut", "swap", "drop", "garbage", "dup"]),
+                            st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(GOLDEN), ops=DAMAGE, cut_at=st.integers(0, 10**6))
+def test_replay_never_raises_on_damaged_traces_and_reports_the_damage(tmp_path, name, ops, cut_at):
+    lines = golden_lines(name)
+    for op, a, b in ops:
+        if len(lines) < 3:
+            break
+        i, j = 1 + a % (len(lines) - 1), 1 + b % (len(lines) - 1)
+        if op == "cut":                      # a line torn in the middle
+            lines[i] = lines[i][:max(1, len(lines[i]) // 2)]
+        elif op == "swap" and i != j:
+            lines[i], lines[j] = lines[j], lines[i]
+        elif op == "drop":
+            del lines[i]
+        elif op == "garbage":
+            lines.insert(i, b"\x00\xff{not json\n")
+        elif op == "dup":
+            lines.insert(i, lines[j])
+    ms = [_m(line) if line.endswith(b"\n") else None for line in lines]
+    detectable = None in ms or any(b < a for a, b in zip(ms, ms[1:]))
+    path = write(tmp_path / "damaged.trace", lines)
+    try:
+        t = trace.read_trace(path)
+    except trace.TraceError as e:
+        assert path in str(e)
+        return
+    result = replay(t)
+    if detectable:
+        assert result.damage, ops
+    for d in result.decisions:
+        assert d.t >= t.start and d.key[0] in ("process", "cgroup")
+
+
+# ------------------------------------------------------- config, daemon hook
+
+def test_trace_keys_are_validated_like_every_key():
+    ok = parse_config({"daemon": {"trace": "/var/lib/memwatchd/trace", "trace_size": "16M"}}, "f")
+    assert ok.daemon.trace == "/var/lib/memwatchd/trace" and ok.daemon.trace_size == 16 << 20
+    assert parse_config({}, "f").daemon.trace == ""
+    assert parse_config({}, "f").daemon.trace_size == trace.DEFAULT_SIZE
+    for table, message in [({"trace": "relative/dir"}, "daemon.trace: expected an absolute path"),
+                           ({"trace": 3}, "daemon.trace: expected a path string"),
+                           ({"trace_size": "100K"}, "daemon.trace_size: expected an absolute size of at least 1M"),
+                           ({"trace_size": "10%"}, "daemon.trace_size: expected an absolute size"),
+                           ({"trace_sise": "1G"}, "did you mean 'trace_size'")]:
+        with pytest.raises(ConfigError) as e:
+            parse_config({"daemon": table}, "f.toml")
+        assert message in str(e.value) and "f.toml" in str(e.value)
+
+
+HOOK_PY = r"""
+import sys, json
+from memwatchd.config import parse_config
+from memwatchd.daemon import Daemon, Options
+cfg = parse_config({"daemon": {"events": "", "state": "", "trace": sys.argv[1]},
+                    "guard": {"enabled": False}}, "t")
+d = Daemon(cfg, Options(lock_memory=False, psi_trigger=False))
+loaded = "memwatchd.trace" in sys.modules
+d.tick()
+d.apply_config(cfg)                                  # a reload: a new header
+d.tick()
+d.apply_config(cfg._replace(daemon=cfg.daemon._replace(trace="")))   # tracing turned off
+off = d.trace is None
+d.close()
+print(json.dumps({"loaded": loaded, "off": off}))
+"""
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_the_daemon_imports_trace_only_when_tracing_is_on(tmp_path, traced):
+    ring = str(tmp_path / "ring") if traced else ""
+    out = subprocess.run([sys.executable, "-c", HOOK_PY, ring], capture_output=True, text=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+    got = json.loads(out.stdout)
+    assert got["loaded"] is traced and got["off"]
+    if traced:
+        t = trace.read_trace(ring)
+        assert t.clean_end and t.header["config"]["guard"]["enabled"] is False
+        assert len(t.headers) == 2 and not t.headers[1]["continues"]
+        assert t.samples and t.samples[0].host is not None   # the host sample of the one tick
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
+                           | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+                               st.text(max_size=3), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(GOLDEN), edits=st.lists(st.tuples(
+    st.integers(0, 10**6), st.sampled_from(["t", "m", "r", "h", "g", "c", "d", "k", "id", "key",
+                                            "watch", "kind", "config", "format", "e"]),
+    JSON_VALUES), min_size=1, max_size=4))
+def test_replay_never_raises_on_hostile_field_values(tmp_path, name, edits):
+    """Any field of any line replaced by any JSON value: a clear TraceError naming the file,
+    or a replay (with the damage listed); never another exception."""
+    lines = golden_lines(name)
+    for i, key, value in edits:
+        i %= len(lines)
+        obj = json.loads(lines[i])
+        obj[key] = value
+        lines[i] = json.dumps(obj).encode() + b"\n"
+    path = write(tmp_path / "hostile.trace", lines)
+    try:
+        t = trace.read_trace(path)
+        replay(t)
+    except (trace.TraceError, ConfigError) as e:
+        assert path in str(e)
