@@ -205,7 +205,7 @@ def test_guard_pressure_and_swap_keys():
     g = parse_config({"guard": {"psi_full_avg10": 70}}, SRC).guard
     assert g.psi_full == 70 and g.psi_full_kill == 70
     d = parse_config({}, SRC).guard
-    assert (d.count_swap, d.psi_full, d.psi_full_kill, d.psi_some, d.psi_window) == (True, 20, 50, 0, 2)
+    assert (d.count_swap, d.psi_full, d.psi_full_kill, d.psi_some, d.psi_window) == (True, 10, 50, 0, 2)
 
 
 def test_accepted_edge_values():

@@ -233,8 +233,8 @@ def stalls(some_s, full_s):
 
 @pytest.mark.parametrize("avail_gib, share, expected", [
     (1.0, (90.0, 60.0), ("kill", P.REASON_GUARD_PSI_CRITICAL)),  # >= psi_full_kill 50
-    (1.0, (40.0, 25.0), ("term", P.REASON_GUARD_PSI)),           # >= psi_full 20
-    (1.0, (40.0, 10.0), (None, "")),                             # some alone: off by default
+    (1.0, (40.0, 12.0), ("term", P.REASON_GUARD_PSI)),           # >= psi_full 10
+    (1.0, (40.0, 8.0), (None, "")),                              # some alone: off by default
     (5.0, (90.0, 60.0), (None, "")),   # MemAvailable above psi_available (20% = 3.2 GiB)
     (1.0, None, (None, "")),           # not enough history (just started, or just acted)
 ])
@@ -244,7 +244,7 @@ def test_guard_pressure_levels(avail_gib, share, expected):
 
 def test_guard_pressure_some_and_off():
     g = GuardConfig()._replace(psi_some=30.0)
-    assert P.guard_level(g, host(1), share=(40.0, 10.0)) == ("term", P.REASON_GUARD_PSI_SOME)
+    assert P.guard_level(g, host(1), share=(40.0, 8.0)) == ("term", P.REASON_GUARD_PSI_SOME)
     off = GuardConfig()._replace(psi_full=0.0, psi_full_kill=0.0)
     assert P.guard_level(off, host(1), share=(99.0, 99.0)) == (None, "")
 
@@ -260,7 +260,7 @@ def test_guard_pressure_table():
     needs the pressure measured high again after it, with MemAvailable still low (the
     same cause); pressure that lingers (the kernel's avg10 decays over ~10 s, the
     survivors fault their pages back in) once the kill freed memory fires nothing."""
-    cfg = default_config()._replace(guard=GuardConfig()._replace(grace=1.0, psi_window=2.0))
+    cfg = default_config()._replace(guard=GuardConfig()._replace(grace=1.0, psi_window=2.0, psi_full=20.0))
     pol = P.Policy(cfg)
     cands = [cand(60, 500), cand(61, 900)]
     some = full = prev = 0.0
@@ -274,7 +274,7 @@ def test_guard_pressure_table():
         (6.5, 8.0, 0.6, []),           # cooldown over, stalls high, but RAM is free again
         (7.0, 1.0, 0.0, []),           # memory low again: history starts afresh
         (8.0, 1.0, 0.0, []),
-        (9.0, 1.0, 0.3, []),           # 15% over the 2 s window: under psi_full
+        (9.0, 1.0, 0.3, []),           # 15% over the 2 s window: under psi_full (20 here)
         (9.5, 1.0, 0.3, []),           # 20% over 2.5 s... window trimmed to the last 2 s
         (10.0, 1.0, 0.3, [("signal", signal.SIGTERM, P.REASON_GUARD_PSI)]),  # same cause again
     ]
