@@ -25,6 +25,7 @@ PSI_MIN_SPAN = 1.0       # seconds of pressure history needed before pressure ca
 PSI_STEP = 0.05          # pressure history keeps at most one sample per this many seconds
 PSI_INTERVAL = 0.25      # sampling period while pressure builds with memory low
 GUARD_FASTER = 5         # near its floor the guard samples this many times per min_interval
+RESTING_MAX = 4096       # cooldowns kept for forgotten targets (the daemon's memory is locked)
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
 REASON_WARN = "warn-level"
@@ -39,12 +40,18 @@ REASON_GUARD_PSI_CRITICAL = "psi-full-critical"
 PSI_REASONS = (REASON_GUARD_PSI, REASON_GUARD_PSI_SOME, REASON_GUARD_PSI_CRITICAL)
 
 
-class Decision(namedtuple("Decision", "kind key watch reason usage limit signal", defaults=(None,))):
+GUARD = "guard"  # the ``watch`` of the host guard's decisions (its records' "target")
+
+
+class Decision(namedtuple("Decision", "kind key watch reason usage limit signal by_guard",
+                          defaults=(None, False))):
     """Something the daemon should do now.
 
     kind: "warn", "signal", "throttle" or "freeze". For "signal", ``signal`` is
     SIGTERM or SIGKILL. ``key`` is the target's key (for the guard, the key of
-    the victim it chose); usage and limit in bytes.
+    the victim it chose); usage and limit in bytes. ``by_guard`` says that the
+    host guard decided it: the guard is known by this field, never by a name,
+    since a [[watch]] chooses its own name.
     """
 
     __slots__ = ()
@@ -204,6 +211,8 @@ class Policy:
         self.config = config
         self.watches: Dict[str, WatchConfig] = {w.name: w for w in config.watches}
         self.states: Dict[tuple, TargetState] = {}
+        self.resting: Dict[tuple, float] = {}   # key -> cooldown_until, kept across forget()
+        self.failed: List[tuple] = []   # (watch name, exception) from a bug: the daemon quarantines
         self.guard = GuardState()
         self.zram = NO_ZRAM   # the daemon hands in the latest swapinfo reading
 
@@ -213,21 +222,49 @@ class Policy:
         self.watches = {w.name: w for w in config.watches}
 
     def forget(self, key: tuple) -> None:
-        """The target is gone: drop its state (a new match starts fresh)."""
-        self.states.pop(key, None)
+        """The target is gone: drop its state (a new match starts fresh), but not its
+        cooldown: a cgroup emptied by a kill and re-created, or re-matched, under the same
+        key must not be acted on again before the cooldown says so."""
+        state = self.states.pop(key, None)
+        if state is not None and state.cooldown_until > 0:
+            self.resting[key] = state.cooldown_until
         if self.guard.victim is not None and self.guard.victim.key == key:
             self.guard.victim = None
             self.guard.killed = False
 
-    def back_off(self, key: tuple, watch: str) -> None:
-        """The re-check before acting found the situation recovered: undo the step."""
-        if watch == "guard":
+    def _state(self, key: tuple, now: float) -> TargetState:
+        state = self.states[key] = TargetState()
+        until = self.resting.pop(key, 0.0)
+        if until > now:
+            state.cooldown_until = until
+        if len(self.resting) > RESTING_MAX:   # bounded: drop what has expired, then the oldest
+            self.resting = {k: t for k, t in self.resting.items() if t > now}
+            while len(self.resting) > RESTING_MAX:
+                del self.resting[next(iter(self.resting))]
+        return state
+
+    def back_off(self, key: tuple, by_guard: bool = False) -> None:
+        """The re-check before acting found the situation recovered: undo the step
+        (of the guard if by_guard, else of the watched target ``key``)."""
+        if by_guard:
             self.guard.victim = None
             self.guard.killed = False
             return
         state = self.states.get(key)
         if state is not None:
             state.stage, state.over_since, state.cooldown_until = "idle", None, 0.0
+
+    def settle(self, key: tuple) -> None:
+        """What was done to this target is over (its victims died, memwatchd gave up
+        waiting, an operator thawed it or reset memory.high, or there was nothing to
+        stop): the ladder starts again from idle; the cooldown runs on."""
+        state = self.states.get(key)
+        if state is not None:
+            state.stage, state.over_since = "idle", None
+
+    def stage(self, key: tuple) -> str:
+        state = self.states.get(key)
+        return "idle" if state is None else state.stage
 
     # ---------------------------------------------------------------- watches
 
@@ -245,8 +282,11 @@ class Policy:
             if watch is None:
                 continue
             if state is None:
-                state = states[reading.key] = TargetState()
-            decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
+                state = self._state(reading.key, now)
+            try:
+                decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
+            except Exception as e:   # a bug: contained to this watch, never the whole tick
+                self.failed.append((reading.watch, e))
         return decisions
 
     def _evaluate_one(self, now: float, r: Reading, watch: WatchConfig, state: TargetState,
@@ -276,8 +316,9 @@ class Policy:
                     state.over_since = None
             return out
         if state.stage in ("killed", "throttled", "freezing"):
-            if r.usage < r.limit and state.stage == "throttled":
-                state.stage = "idle"  # memory.high stays; a new crossing acts again
+            if r.usage < r.limit and state.stage != "killed":
+                # memory.high stays, a frozen cgroup stays frozen: a new crossing acts again
+                state.stage, state.over_since = "idle", None
             return out
 
         if r.usage < r.limit:
@@ -388,7 +429,7 @@ class Policy:
                 st.killed = True
                 st.pressure.clear()
                 why = reason if level == "kill" else REASON_GRACE
-                return [Decision("signal", v.key, "guard", why, v.rss, term_below, signal.SIGKILL)]
+                return [Decision("signal", v.key, GUARD, why, v.rss, term_below, signal.SIGKILL, True)]
             if level is None and now - st.term_at >= g.grace:
                 st.victim = None  # the host recovered and the victim lives: leave it be
             return []
@@ -402,7 +443,7 @@ class Policy:
         st.pressure.clear()   # pressure must be measured high again, after this action
         st.cooldown_until = now + self.config.daemon.cooldown
         sig = signal.SIGKILL if level == "kill" else signal.SIGTERM
-        return [Decision("signal", victim.key, "guard", reason, victim.rss, term_below, sig)]
+        return [Decision("signal", victim.key, GUARD, reason, victim.rss, term_below, sig, True)]
 
 
 def still_needed(decision: Decision, fresh_usage: Optional[int],
@@ -418,7 +459,7 @@ def still_needed(decision: Decision, fresh_usage: Optional[int],
     """
     if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
         return True
-    if decision.watch == "guard":
+    if decision.by_guard:
         if fresh_host is None:
             return True
         if decision.reason in PSI_REASONS:
