@@ -65,34 +65,28 @@ def run_memwatchd(hog: str, rate: float, delay: float, workdir: str) -> dict:
     config = os.path.join(workdir, "guard.toml")
     with open(config, "w") as f:
         f.write(f'[daemon]\nevents = ""\nstate = ""\n'
-                f'[guard]\nmin_available = {threshold}\nkill_available = {threshold // 2}\n')
+                f'[guard]\nmin_available = "{threshold}B"\nkill_available = "{threshold // 2}B"\n')
     os.chmod(config, 0o600)
-    watcher = subprocess.Popen(_benchlib.memwatchd_command() + ["run", "--config", config],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out = reaction.Lines(watcher.stdout)
-        banner = reaction.wait_for_line(out, "memwatchd started", 20)
-        time.sleep(0.3)   # past start-up: mlockall, first ticks
-        rec = follow(hog_argv(hog, rate, delay, threshold))
-        time.sleep(0.05)
-        rec["log"] = [line for line in banner + out.read() if line.strip()][-2:]
-    finally:
-        _benchlib.stop(watcher)
-    rec["threshold"] = threshold
-    return rec
+    return watched(_benchlib.memwatchd_command() + ["run", "--config", config], "memwatchd started",
+                   hog_argv(hog, rate, delay, threshold), threshold)
 
 
 def run_earlyoom(hog: str, rate: float, delay: float, workdir: str) -> dict:
     threshold, total = threshold_now()
     percent = threshold * 100.0 / total
-    watcher = subprocess.Popen(["earlyoom", "-m", f"{percent:.6f}", "-s", "100", "-r", "0",
-                                "--prefer", f"^{reaction.HOG_NAME}$"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return watched(["earlyoom", "-m", f"{percent:.6f}", "-s", "100", "-r", "0",
+                    "--prefer", f"^{reaction.HOG_NAME}$"], "SIGKILL when",
+                   hog_argv(hog, rate, delay, threshold), threshold)
+
+
+def watched(watcher_argv: list, ready_line: str, hog: list, threshold: int) -> dict:
+    """Start the watcher, wait for its ready line, run the hog under it, stop it by PID."""
+    watcher = subprocess.Popen(watcher_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         out = reaction.Lines(watcher.stdout)
-        banner = reaction.wait_for_line(out, "SIGKILL when", 10)
-        time.sleep(0.3)
-        rec = follow(hog_argv(hog, rate, delay, threshold))
+        banner = reaction.wait_for_line(out, ready_line, 20)
+        time.sleep(0.3)   # past start-up: mlockall, first ticks
+        rec = follow(hog)
         time.sleep(0.05)
         rec["log"] = [line for line in banner + out.read() if line.strip()][-2:]
     finally:

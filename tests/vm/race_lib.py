@@ -25,7 +25,7 @@ exec /usr/bin/python3 /usr/local/lib/mwtest/race.py {guardian} "$VM_SHARE/race.j
 
 def guest_files():
     files = {"/usr/local/lib/mwtest/%s" % name: SCENARIO / name
-             for name in ("race.py", "work.py", "hog.py", "heartbeat.py")}
+             for name in ("race.py", "driver.py", "work.py", "hog.py", "heartbeat.py")}
     for unit in ("heartbeat.service", "bystander.service"):
         files["/etc/systemd/system/" + unit] = SCENARIO / "units" / unit
     return files

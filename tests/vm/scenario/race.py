@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from driver import meminfo, vmstat_oom_kills as oom_kills   # the same directory in the guest
+
 LIB = "/usr/local/lib/mwtest"
 RUN = "/run/mwtest"
 HEARTBEAT_LOG = RUN + "/heartbeat.log"
@@ -51,23 +53,6 @@ def mono():
 def run(*args, timeout=120):
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
-
-
-def meminfo():
-    out = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def oom_kills():
-    with open("/proc/vmstat") as f:
-        for line in f:
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    return -1
 
 
 def write(path, text):
