@@ -19,7 +19,10 @@ import race_lib
 pytestmark = pytest.mark.vm
 
 MAX_PAUSE_S = 3.0    # the goal is 1.0 s under TCG: the benchmark reports it
-MAX_LOGIN_S = 10.0   # goal 2 s, same
+# goal 2 s, but an idle login takes 1-4 s in the TCG guest and its worst is CPU noise on a
+# loaded host (15.6 s in the benign steady control, PSI "full" 1.6%); without a guardian it
+# took 30-78 s in the stall scenarios
+MAX_LOGIN_S = 30.0
 
 
 @pytest.fixture(scope="module")
