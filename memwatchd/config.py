@@ -46,7 +46,8 @@ KEYS: Dict[str, Tuple[str, ...]] = {
     "": ("daemon", "guard", "protect", "metrics", "watch"),
     "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state",
                "trace", "trace_size"),
-    "guard": ("enabled", "min_available", "kill_available", "psi_full_avg10", "grace"),
+    "guard": ("enabled", "min_available", "kill_available", "count_swap", "psi_full", "psi_full_kill",
+              "psi_some", "psi_window", "psi_available", "grace"),
     "protect": ("names", "cgroups"),
     "metrics": ("listen", "textfile"),
     "watch": ("name",) + SELECTOR_KINDS + (
@@ -116,9 +117,15 @@ _GUARD_DEFAULTS = {
     "enabled": True,
     "min_available": Size(percent=5.0),
     "kill_available": Size(percent=2.0),
-    "psi_full_avg10": 0.0,           # 0 = off
+    "count_swap": True,              # headroom = MemAvailable + free swap (zram at its net worth)
+    "psi_full": 10.0,                # % of psi_window all tasks stalled: SIGTERM (0 = off)
+    "psi_full_kill": 50.0,           # ... SIGKILL at once (0 = off)
+    "psi_some": 0.0,                 # % of psi_window some task stalled: SIGTERM (0 = off)
+    "psi_window": 2.0,               # seconds of pressure history, measured since the last action
+    "psi_available": Size(percent=20.0),  # pressure counts only with MemAvailable below this
     "grace": 5.0,
 }
+PSI_FULL_AVG10 = "psi_full_avg10"    # the older name of psi_full, still accepted
 
 
 class GuardConfig(namedtuple("GuardConfig", _GUARD_DEFAULTS, defaults=_GUARD_DEFAULTS.values())):
@@ -636,21 +643,41 @@ def _trace_size(t: _Table, default: int) -> int:
 
 
 def _parse_guard(data: Any, source: str, errors: list) -> GuardConfig:
-    t = _Table(data, source, "guard", KEYS["guard"], errors)
+    t = _Table(data, source, "guard", KEYS["guard"] + (PSI_FULL_AVG10,), errors)
     g = GuardConfig()
     min_available = t.attempt(t.size, "min_available", g.min_available)
     kill_available = t.attempt(t.size, "kill_available", g.kill_available)
     if min_available and kill_available and _compare(kill_available, min_available) == 1:
         t.errors.append(t.fail("kill_available",
                                f"kill_available must not exceed min_available ({min_available})"))
-    psi = t.attempt(t.get, "psi_full_avg10", g.psi_full_avg10, (int, float), "a number from 0 to 100",
-                    fallback=0.0)
-    if not 0 <= psi <= 100:  # also refuses nan
-        t.errors.append(t.fail("psi_full_avg10", "expected a number from 0 to 100 (0 = off)"))
+
+    def percent(key: str, default: float) -> float:
+        value = t.attempt(t.get, key, default, (int, float), "a number from 0 to 100", fallback=default)
+        if not 0 <= value <= 100:  # also refuses nan
+            t.errors.append(t.fail(key, "expected a number from 0 to 100 (0 = off)"))
+            return default
+        return float(value)
+
+    if t.has(PSI_FULL_AVG10) and t.has("psi_full"):
+        t.errors.append(t.fail(PSI_FULL_AVG10, "is the older name of psi_full: set only psi_full"))
+    psi_full = percent(PSI_FULL_AVG10 if t.has(PSI_FULL_AVG10) else "psi_full", g.psi_full)
+    psi_full_kill = percent("psi_full_kill", g.psi_full_kill)
+    if psi_full_kill and psi_full and psi_full_kill < psi_full:
+        if t.has("psi_full_kill"):
+            t.errors.append(t.fail("psi_full_kill",
+                                   f"psi_full_kill must not be below psi_full ({psi_full:g})"))
+        psi_full_kill = psi_full   # a psi_full above the default kill level raises it
+    psi_window = t.attempt(t.duration, "psi_window", g.psi_window, fallback=g.psi_window)
+    if not 1.0 <= psi_window <= 60.0:
+        t.errors.append(t.fail("psi_window", "expected a duration from 1s to 60s"))
+    psi_available = t.attempt(t.size, "psi_available", g.psi_available, fallback=g.psi_available)
     return GuardConfig(
         enabled=t.attempt(t.get, "enabled", g.enabled, bool, "true or false"),
         min_available=min_available, kill_available=kill_available,
-        psi_full_avg10=float(psi), grace=t.attempt(t.duration, "grace", g.grace),
+        count_swap=t.attempt(t.get, "count_swap", g.count_swap, bool, "true or false"),
+        psi_full=psi_full, psi_full_kill=psi_full_kill, psi_some=percent("psi_some", g.psi_some),
+        psi_window=psi_window, psi_available=psi_available,
+        grace=t.attempt(t.duration, "grace", g.grace),
     )
 
 

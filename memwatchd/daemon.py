@@ -24,6 +24,7 @@ from memwatchd.config import CGROUP_ROOT, Config, load_config
 from memwatchd.policy import REASON_GRACE, Decision, Policy, still_needed
 from memwatchd.report import DEBUG, ERR, INFO, NOTICE, WARNING, escape, log
 from memwatchd.sampler import parse_stat_start_time
+from memwatchd.swapinfo import SwapWatcher
 from memwatchd.systemd import Notifier
 from memwatchd.targets import TargetSet, ancestors, read_cgroup, read_cmdline, read_comm, read_small
 from memwatchd.types import Candidate, ConfigError, HostSample, MemwatchdError, TargetGone
@@ -133,6 +134,7 @@ class Daemon:
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
+        self.swaps = SwapWatcher(self.opts.proc_root)   # which swap is zram, for the guard
         self.trace = None                  # trace.Recorder when [daemon] trace is set
         self._open_trace(config)
 
@@ -276,6 +278,7 @@ class Daemon:
             log(INFO, f"{target.watch.name}: {self._describe(target.key, target)} is gone")
         self._quarantine_failed()
         self.host = host = self.targets.host.read()
+        self.policy.zram = self.swaps.update(now, host.swap_total)
         decisions = self.policy.evaluate(now, readings, host)
         self._quarantine_failed()
         candidates: List[Candidate] = []
@@ -478,7 +481,7 @@ class Daemon:
         fresh_host = self.targets.host.read() if by_guard else self.host
         if not by_guard and fresh_usage is None:
             return  # it exited on its own meanwhile
-        if not still_needed(decision, fresh_usage, fresh_host, self.config.guard):
+        if not still_needed(decision, fresh_usage, fresh_host, self.config.guard, self.policy.zram):
             self.policy.back_off(decision.key, by_guard)
             log(NOTICE, f"{decision.watch}: {self._describe(decision.key, target)} recovered "
                         f"before {decision.kind}; backing off")

@@ -227,8 +227,13 @@ def first_stops(config: Any) -> List[tuple]:
     if config.guard.enabled:
         keys += [("guard", "term", policy.REASON_GUARD_LOW, "SIGTERM"),
                  ("guard", "kill", policy.REASON_GUARD_CRITICAL, "SIGKILL")]
-        if config.guard.psi_full_avg10 > 0:
+        g = config.guard
+        if g.psi_full > 0:
             keys.append(("guard", "term", policy.REASON_GUARD_PSI, "SIGTERM"))
+        if g.psi_some > 0:
+            keys.append(("guard", "term", policy.REASON_GUARD_PSI_SOME, "SIGTERM"))
+        if g.psi_full_kill > 0:
+            keys.append(("guard", "kill", policy.REASON_GUARD_PSI_CRITICAL, "SIGKILL"))
     return keys
 
 

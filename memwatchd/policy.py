@@ -9,17 +9,22 @@ records. The daemon executes what comes out, after a fresh re-read
 from __future__ import annotations
 
 import signal
-from collections import namedtuple
+from collections import deque, namedtuple
 TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from memwatchd.config import Config, GuardConfig, WatchConfig
-from memwatchd.types import Candidate, HostSample, Reading
+from memwatchd.types import NO_ZRAM, Candidate, HostSample, Reading, SwapDevices
 
 ESCALATE_FACTOR = 1.25   # during the grace period, SIGKILL at once past limit * this
 WARN_REARM = 0.9         # a warning re-arms once usage falls below warn * this
 UNKILLABLE_AFTER = 10.0  # seconds after SIGKILL before the guard gives up on a victim
+ZRAM_COST_EMPTY = 0.5    # RAM a page swapped to an empty zram device is assumed to cost (2:1)
+PSI_MIN_SPAN = 1.0       # seconds of pressure history needed before pressure can fire
+PSI_STEP = 0.05          # pressure history keeps at most one sample per this many seconds
+PSI_INTERVAL = 0.25      # sampling period while pressure builds with memory low
+GUARD_FASTER = 5         # near its floor the guard samples this many times per min_interval
 RESTING_MAX = 4096       # cooldowns kept for forgotten targets (the daemon's memory is locked)
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
@@ -30,6 +35,9 @@ REASON_GRACE = "grace-expired"
 REASON_GUARD_LOW = "mem-available-low"
 REASON_GUARD_CRITICAL = "mem-available-critical"
 REASON_GUARD_PSI = "psi-full-high"
+REASON_GUARD_PSI_SOME = "psi-some-high"
+REASON_GUARD_PSI_CRITICAL = "psi-full-critical"
+PSI_REASONS = (REASON_GUARD_PSI, REASON_GUARD_PSI_SOME, REASON_GUARD_PSI_CRITICAL)
 
 
 GUARD = "guard"  # the ``watch`` of the host guard's decisions (its records' "target")
@@ -63,15 +71,18 @@ class TargetState:
 
 
 class GuardState:
-    """What the policy remembers about the host guard: its current victim and timers."""
+    """What the policy remembers about the host guard: its current victim and timers,
+    and the pressure totals of the last psi_window seconds (emptied at every action,
+    so pressure fires again only if it is measured high after the last one)."""
 
-    __slots__ = ("victim", "term_at", "killed", "cooldown_until")
+    __slots__ = ("victim", "term_at", "killed", "cooldown_until", "pressure")
 
     def __init__(self) -> None:
         self.victim: Optional[Candidate] = None
         self.term_at = 0.0
         self.killed = False
         self.cooldown_until = 0.0
+        self.pressure: deque = deque()   # (time, some_total_us, full_total_us)
 
 
 def is_quiet(r: Reading, state: Optional[TargetState]) -> bool:
@@ -97,18 +108,69 @@ def next_interval(headroom: int, fill_rate: int, min_interval: float, max_interv
     return max(min_interval, min(max_interval, headroom / fill_rate))
 
 
-def guard_level(guard: GuardConfig, host: HostSample) -> Tuple[Optional[str], str]:
-    """("term" | "kill" | None, reason) for the host as sampled."""
+def swap_headroom(swap_free: int, zram: SwapDevices = NO_ZRAM) -> int:
+    """Free swap at its worth in RAM. Disk swap counts in full; a page swapped to zram
+    frees a page but costs its compressed size (mm_stat mem_used_total over
+    orig_data_size; 2:1 while the device is empty), so zram counts the difference."""
+    on_zram = min(max(0, zram.zram_free), max(0, swap_free))
+    cost = zram.zram_ram / zram.zram_orig if zram.zram_orig > 0 else ZRAM_COST_EMPTY
+    return max(0, swap_free) - on_zram + int(on_zram * max(0.0, 1.0 - min(cost, 1.0)))
+
+
+def headroom(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRAM) -> int:
+    """What can still be allocated before the OOM killer: MemAvailable plus, with
+    count_swap, free swap at its worth (read from every sample: swapon and swapoff
+    at run time count at once)."""
+    room = host.mem_available
+    if guard.count_swap and host.swap_total > 0 and host.swap_free > 0:
+        room += swap_headroom(host.swap_free, zram)
+    return room
+
+
+def pressure_gate(guard: GuardConfig, host: HostSample) -> bool:
+    """Pressure counts only while MemAvailable is under psi_available: a stall with
+    RAM to spare is not the host running out (a cgroup at its own memory.max stalls
+    the host's PSI too), and a kill that freed memory closes the gate."""
+    return 0 <= host.mem_available < guard.psi_available.resolve(host.mem_total)
+
+
+def pressure_share(history: Sequence[tuple]) -> Optional[Tuple[float, float]]:
+    """(some %, full %) of the time stalled over the history kept, None while it spans
+    less than PSI_MIN_SPAN (just started, or just acted)."""
+    if len(history) < 2:
+        return None
+    (t0, some0, full0), (t1, some1, full1) = history[0], history[-1]
+    span = t1 - t0
+    if span < PSI_MIN_SPAN:
+        return None
+    return (max(0.0, (some1 - some0) / (span * 1e4)), max(0.0, (full1 - full0) / (span * 1e4)))
+
+
+def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRAM,
+                share: Optional[Tuple[float, float]] = None) -> Tuple[Optional[str], str]:
+    """("term" | "kill" | None, reason) for the host as sampled.
+
+    Headroom (MemAvailable plus free swap at its worth) under kill_available or
+    min_available; else, with MemAvailable under psi_available, the stall share
+    measured since the last action (``share``, see pressure_share) at psi_full_kill,
+    psi_full or psi_some.
+    """
     if not guard.enabled or host.mem_total <= 0 or host.mem_available < 0:
         return None, ""
     term_below, kill_below = guard.thresholds(host.mem_total)
-    if host.mem_available < kill_below:
+    room = headroom(guard, host, zram)
+    if room < kill_below:
         return "kill", REASON_GUARD_CRITICAL
-    if host.mem_available < term_below:
+    if room < term_below:
         return "term", REASON_GUARD_LOW
-    if (guard.psi_full_avg10 > 0 and host.pressure is not None
-            and host.pressure.full_avg10 >= guard.psi_full_avg10):
-        return "term", REASON_GUARD_PSI
+    if share is not None and pressure_gate(guard, host):
+        some, full = share
+        if guard.psi_full_kill > 0 and full >= guard.psi_full_kill:
+            return "kill", REASON_GUARD_PSI_CRITICAL
+        if guard.psi_full > 0 and full >= guard.psi_full:
+            return "term", REASON_GUARD_PSI
+        if guard.psi_some > 0 and some >= guard.psi_some:
+            return "term", REASON_GUARD_PSI_SOME
     return None, ""
 
 
@@ -152,6 +214,7 @@ class Policy:
         self.resting: Dict[tuple, float] = {}   # key -> cooldown_until, kept across forget()
         self.failed: List[tuple] = []   # (watch name, exception) from a bug: the daemon quarantines
         self.guard = GuardState()
+        self.zram = NO_ZRAM   # the daemon hands in the latest swapinfo reading
 
     def reconfigure(self, config: Config) -> None:
         """A reload keeps each surviving target's state (a pending SIGTERM stays pending)."""
@@ -305,12 +368,39 @@ class Policy:
         if self.guard.victim is not None:
             return d.min_interval
         term_below, _ = g.thresholds(host.mem_total)
-        return next_interval(host.mem_available - term_below, d.fill_rate, d.min_interval, d.interval)
+        # One host read is a pread of /proc/meminfo: near the floor the guard samples
+        # GUARD_FASTER times as often as min_interval (only within fill_rate x
+        # min_interval of it: 40 MiB with the defaults).
+        wait = next_interval(headroom(g, host, self.zram) - term_below, d.fill_rate,
+                             max(0.001, d.min_interval / GUARD_FASTER), d.interval)
+        share = pressure_share(self.guard.pressure)
+        if share is not None and share[0] > 0 and pressure_gate(g, host):
+            wait = min(wait, max(d.min_interval, PSI_INTERVAL))  # pressure building: look closer
+        return wait
+
+    def guard_observe(self, now: float, host: HostSample) -> Optional[Tuple[float, float]]:
+        """Add this sample's PSI totals to the pressure history (at most one per
+        PSI_STEP, psi_window seconds kept); return the stall share over it. The
+        history is kept only while the pressure gate is open (MemAvailable under
+        psi_available): stalls with RAM to spare never add up to a kill later."""
+        hist, p = self.guard.pressure, host.pressure
+        if p is None or not pressure_gate(self.config.guard, host):
+            hist.clear()
+            return None
+        if not hist or now - hist[-1][0] >= PSI_STEP:
+            hist.append((now, p.some_total_us, p.full_total_us))
+        window = self.config.guard.psi_window
+        while len(hist) > 2 and now - hist[1][0] >= window:
+            hist.popleft()
+        return pressure_share(hist)
+
+    def guard_level_now(self, now: float, host: HostSample) -> Tuple[Optional[str], str]:
+        return guard_level(self.config.guard, host, self.zram, self.guard_observe(now, host))
 
     def guard_wants_victim(self, now: float, host: HostSample) -> bool:
         """True when the guard fires and has no victim in flight: the daemon should
         list candidates and call ``guard_evaluate``."""
-        level, _ = guard_level(self.config.guard, host)
+        level, _ = self.guard_level_now(now, host)
         if level is None or self.guard.victim is not None:
             return False
         return level == "kill" or now >= self.guard.cooldown_until
@@ -325,8 +415,8 @@ class Policy:
         after the guard's grace, or at once if the host falls to the kill level;
         back off if the host recovered.
         """
-        g, level_reason = self.config.guard, guard_level(self.config.guard, host)
-        level, reason = level_reason
+        g = self.config.guard
+        level, reason = self.guard_level_now(now, host)
         st = self.guard
         term_below, _ = g.thresholds(host.mem_total) if host.mem_total > 0 else (0, 0)
         if st.victim is not None:
@@ -337,6 +427,7 @@ class Policy:
             v = st.victim
             if level == "kill" or (level is not None and now - st.term_at >= g.grace):
                 st.killed = True
+                st.pressure.clear()
                 why = reason if level == "kill" else REASON_GRACE
                 return [Decision("signal", v.key, GUARD, why, v.rss, term_below, signal.SIGKILL, True)]
             if level is None and now - st.term_at >= g.grace:
@@ -349,22 +440,29 @@ class Policy:
             return []
         st.victim, st.term_at = victim, now
         st.killed = level == "kill"
+        st.pressure.clear()   # pressure must be measured high again, after this action
         st.cooldown_until = now + self.config.daemon.cooldown
         sig = signal.SIGKILL if level == "kill" else signal.SIGTERM
         return [Decision("signal", victim.key, GUARD, reason, victim.rss, term_below, sig, True)]
 
 
 def still_needed(decision: Decision, fresh_usage: Optional[int],
-                 fresh_host: Optional[HostSample], guard: GuardConfig) -> bool:
+                 fresh_host: Optional[HostSample], guard: GuardConfig,
+                 zram: SwapDevices = NO_ZRAM) -> bool:
     """Re-check right before acting: False if the situation recovered meanwhile.
 
     A SIGKILL for an escalation or an expired grace is not re-checked (the
     ladder already re-read usage this tick); a first action backs off if the
-    fresh usage is back under the limit, a guard action if MemAvailable is back
-    above its floor.
+    fresh usage is back under the limit, a guard action if the headroom is back
+    above its floor (one for pressure if MemAvailable is back above psi_available:
+    the stall share needs a window, the fresh read is one instant).
     """
     if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
         return True
     if decision.by_guard:
-        return fresh_host is None or guard_level(guard, fresh_host)[0] is not None
+        if fresh_host is None:
+            return True
+        if decision.reason in PSI_REASONS:
+            return pressure_gate(guard, fresh_host)
+        return guard_level(guard, fresh_host, zram)[0] is not None
     return fresh_usage is None or fresh_usage >= decision.limit

@@ -225,8 +225,13 @@ def count(n: int, one: str, many: str = "") -> str:
 
 
 _GUARD_MEASURES = {
-    "mem-available-critical": "MemAvailable {avail} is below the kill floor {kill}",
-    "psi-full-high": "memory pressure (full avg10) {psi} is at or above {psi_limit}",
+    "mem-available-critical": "MemAvailable {avail}{swap} is below the kill floor {kill}",
+    "psi-full-high": "all tasks stalled on memory {psi_limit} or more of the last {window} "
+                     "(full avg10 {psi}), MemAvailable {avail}",
+    "psi-full-critical": "all tasks stalled on memory {psi_kill} or more of the last {window} "
+                         "(full avg10 {psi}), MemAvailable {avail}",
+    "psi-some-high": "some task stalled on memory {psi_some} or more of the last {window} "
+                     "(some avg10 {psi_s}), MemAvailable {avail}",
     "grace-expired": "still running after the guard's grace; MemAvailable {avail}, floor {term}",
 }
 
@@ -247,10 +252,17 @@ def decision_text(watch: str, usage: Optional[int], limit: Optional[int], reason
     if guard is not None and getattr(host, "mem_total", 0) > 0:
         term, kill = guard.thresholds(host.mem_total)
     pressure = getattr(host, "pressure", None)
-    measured = _GUARD_MEASURES.get(reason, "MemAvailable {avail} is below the floor {term}").format(
-        avail=format_size(avail), term=format_size(term), kill=format_size(kill),
+    swap = ""
+    if getattr(guard, "count_swap", False) and getattr(host, "swap_total", 0) > 0:
+        swap = f" plus free swap (SwapFree {format_size(host.swap_free)}, zram at its worth)"
+    measured = _GUARD_MEASURES.get(reason, "MemAvailable {avail}{swap} is below the floor {term}").format(
+        avail=format_size(avail), term=format_size(term), kill=format_size(kill), swap=swap,
         psi="-" if pressure is None else f"{pressure.full_avg10:.1f}%",
-        psi_limit=f"{getattr(guard, 'psi_full_avg10', 0):g}%")
+        psi_s="-" if pressure is None else f"{pressure.some_avg10:.1f}%",
+        psi_limit=f"{getattr(guard, 'psi_full', 0):g}%",
+        psi_kill=f"{getattr(guard, 'psi_full_kill', 0):g}%",
+        psi_some=f"{getattr(guard, 'psi_some', 0):g}%",
+        window=f"{getattr(guard, 'psi_window', 0):g} s")
     return f"at {format_size(usage)}, the largest it may stop: {measured} ({reason})"
 
 

@@ -145,7 +145,9 @@ def host_view(host: Any) -> Optional[Dict[str, Any]]:
 def guard_view(guard: Any, mem_total: Optional[int]) -> Dict[str, Any]:
     term, kill = guard.thresholds(mem_total) if mem_total else (None, None)
     return {"enabled": guard.enabled, "term_below_bytes": term, "kill_below_bytes": kill,
-            "psi_full_avg10": guard.psi_full_avg10 or None}
+            "count_swap": guard.count_swap, "psi_full": guard.psi_full or None,
+            "psi_full_kill": guard.psi_full_kill or None, "psi_some": guard.psi_some or None,
+            "psi_window_seconds": guard.psi_window}
 
 
 def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,

@@ -104,6 +104,21 @@ class HostSample(namedtuple("HostSample", "mem_total mem_available swap_total sw
     __slots__ = ()
 
 
+class SwapDevices(namedtuple("SwapDevices", "zram_total zram_free zram_orig zram_ram")):
+    """The zram part of swap (/proc/swaps and /sys/block/zram*/mm_stat), in bytes.
+
+    zram_total/zram_free: swap space on zram devices; zram_orig: the data they
+    hold, uncompressed; zram_ram: the RAM that costs (mm_stat mem_used_total).
+    A page swapped to zram frees a page of RAM but costs its compressed size,
+    so zram swap is worth less headroom than disk swap (policy.swap_headroom).
+    """
+
+    __slots__ = ()
+
+
+NO_ZRAM = SwapDevices(0, 0, 0, 0)
+
+
 class CgroupSample(namedtuple("CgroupSample", "current max high swap_current "
                                               "events_high events_max events_oom events_oom_kill "
                                               "events_oom_group_kill anon file inactive_file shmem "

@@ -201,6 +201,18 @@ def test_unit_names_get_service_suffix_like_systemctl(given_unit, stored):
     assert parse_config({"watch": [watch(unit=given_unit)]}, SRC).watches[0].selector == stored
 
 
+def test_guard_pressure_and_swap_keys():
+    g = parse_config({"guard": {"count_swap": False, "psi_full": 0, "psi_full_kill": 0,
+                                "psi_some": 35, "psi_window": "5s", "psi_available": "2G"}}, SRC).guard
+    assert (g.count_swap, g.psi_full, g.psi_full_kill, g.psi_some, g.psi_window) == (False, 0, 0, 35, 5)
+    assert g.psi_available == Size(bytes=2 * 2**30)
+    # the older name still works; a psi_full above the default kill level raises it
+    g = parse_config({"guard": {"psi_full_avg10": 70}}, SRC).guard
+    assert g.psi_full == 70 and g.psi_full_kill == 70
+    d = parse_config({}, SRC).guard
+    assert (d.count_swap, d.psi_full, d.psi_full_kill, d.psi_some, d.psi_window) == (True, 10, 50, 0, 2)
+
+
 def test_accepted_edge_values():
     c = parse_config({
         "guard": {"min_available": "1G", "kill_available": "1G", "psi_full_avg10": 12.5},
@@ -209,7 +221,7 @@ def test_accepted_edge_values():
         "watch": [watch(limit="50%", warn="4G"),                 # mixed units: checked at run time
                   watch(name="t", unit=None, cmdline="x", scope="tree", on_action=["/bin/true"])],
     }, SRC)
-    assert c.guard.kill_available == c.guard.min_available and c.guard.psi_full_avg10 == 12.5
+    assert c.guard.kill_available == c.guard.min_available and c.guard.psi_full == 12.5
     assert c.protect.names == ("systemd-journal", "kworker/0:1")   # comm keeps 15 bytes
     assert c.metrics.listen == "127.0.0.1:9577"                     # [metrics] present: loopback
     assert c.watches[1].scope == "tree" and c.watches[1].on_action == ("/bin/true",)
@@ -291,6 +303,16 @@ BAD = [
     ({"guard": {"psi_full_avg10": "10"}}, "guard.psi_full_avg10", "10"),
     ({"guard": {"psi_full_avg10": float("nan")}}, "guard.psi_full_avg10", float("nan")),
     ({"guard": {"psi_full_avg10": True}}, "guard.psi_full_avg10", True),
+    ({"guard": {"psi_full": 100.5}}, "guard.psi_full", 100.5),
+    ({"guard": {"psi_full": "20%"}}, "guard.psi_full", "20%"),
+    ({"guard": {"psi_full": 20, "psi_full_avg10": 20}}, "guard.psi_full_avg10", 20),
+    ({"guard": {"psi_full_kill": -3}}, "guard.psi_full_kill", -3),
+    ({"guard": {"psi_full": 30, "psi_full_kill": 25}}, "guard.psi_full_kill", 25),
+    ({"guard": {"psi_some": float("inf")}}, "guard.psi_some", float("inf")),
+    ({"guard": {"psi_window": "0.5s"}}, "guard.psi_window", "0.5s"),
+    ({"guard": {"psi_window": "2m"}}, "guard.psi_window", "2m"),
+    ({"guard": {"psi_available": "lots"}}, "guard.psi_available", "lots"),
+    ({"guard": {"count_swap": "yes"}}, "guard.count_swap", "yes"),
     ({"guard": {"enabled": "yes"}}, "guard.enabled", "yes"),
     ({"guard": {"grace": "1x"}}, "guard.grace", "1x"),
     ({"protect": {"names": "sshd"}}, "protect.names", "sshd"),

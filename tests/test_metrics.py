@@ -408,7 +408,7 @@ def test_each_watch_and_the_guard_export_their_first_stop_at_zero_from_the_start
     def config(*watches, psi=0):
         return parse_config({"daemon": {"state": ""},
                              "metrics": {"listen": "", "textfile": str(tmp_path / "m.prom")},
-                             "guard": {"psi_full_avg10": psi},
+                             "guard": {"psi_full": psi, "psi_full_kill": 0},
                              "watch": [dict(w, limit="1G") for w in watches]}, "t")
     pub = state.Publisher(config({"name": "sim", "cmdline": "sim"},
                                  {"name": "fast", "cmdline": "x", "action": "kill"},
@@ -430,6 +430,7 @@ def test_each_watch_and_the_guard_export_their_first_stop_at_zero_from_the_start
         assert acts[("sim", "term", "over-limit", "SIGTERM")] == 1      # a reload keeps counts
         assert acts[("new", "term", "over-limit", "SIGTERM")] == 0
         assert acts[("guard", "term", "psi-full-high", "SIGTERM")] == 0
+        assert ("guard", "kill", "psi-full-critical", "SIGKILL") not in acts     # psi_full_kill 0
         pub.metrics.publish(state.build_view([], None, time.time(), pub.config))
         fams = parse(metrics.render(pub.metrics.exporter.snapshot).decode())
         samples = {(s.labels["target"], s.labels["action"]): s.value

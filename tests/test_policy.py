@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from memwatchd import policy as P
 from memwatchd.config import (Config, DaemonConfig, GuardConfig, MetricsConfig, ProtectConfig, Size,
                               WatchConfig, default_config)
-from memwatchd.types import Candidate, HostSample, Pressure, Reading
+from memwatchd.types import NO_ZRAM, Candidate, HostSample, Pressure, Reading, SwapDevices
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -222,10 +222,163 @@ def test_guard_levels():
     assert P.guard_level(g, host(4)) == (None, "")
     assert P.guard_level(g, host(0.5)) == ("term", P.REASON_GUARD_LOW)
     assert P.guard_level(g, host(0.2)) == ("kill", P.REASON_GUARD_CRITICAL)
-    psi = g._replace(psi_full_avg10=20.0)
-    assert P.guard_level(psi, host(4, full_avg10=25)) == ("term", P.REASON_GUARD_PSI)
-    assert P.guard_level(psi, host(4, full_avg10=5)) == (None, "")
     assert P.guard_level(g._replace(enabled=False), host(0.1)) == (None, "")
+
+
+def swapped(avail_gib, swap_total_gib, swap_free_gib, total_gib=16, pressure=None):
+    return HostSample(int(total_gib * GiB), int(avail_gib * GiB), int(swap_total_gib * GiB),
+                      int(swap_free_gib * GiB), pressure or Pressure())
+
+
+ZRAM_3TO1 = SwapDevices(zram_total=8 * GiB, zram_free=6 * GiB, zram_orig=2 * GiB, zram_ram=GiB * 2 // 3)
+
+
+@pytest.mark.parametrize("sample, zram, count_swap, expected", [
+    # no swap: MemAvailable alone (5% / 2% of 16 GiB = 0.8 / 0.32 GiB)
+    (swapped(0.5, 0, 0), NO_ZRAM, True, ("term", P.REASON_GUARD_LOW)),
+    # RAM full, disk swap free: the cold pages have somewhere to go; not a stall
+    (swapped(0.1, 8, 6), NO_ZRAM, True, (None, "")),
+    # ...unless told to look at MemAvailable alone (the old behaviour)
+    (swapped(0.1, 8, 6), NO_ZRAM, False, ("kill", P.REASON_GUARD_CRITICAL)),
+    # swap almost used up as well: 0.3 + 0.4 GiB < 0.8
+    (swapped(0.3, 8, 0.4), NO_ZRAM, True, ("term", P.REASON_GUARD_LOW)),
+    (swapped(0.05, 8, 0.2), NO_ZRAM, True, ("kill", P.REASON_GUARD_CRITICAL)),
+    # swap removed at run time (swapoff): SwapTotal 0 from this sample on
+    (swapped(0.5, 0, 0), NO_ZRAM, True, ("term", P.REASON_GUARD_LOW)),
+    # zram at 3:1: 1 GiB free on it is worth 2/3 GiB of RAM: 0.1 + 0.67 < 0.8
+    (swapped(0.1, 8, 1), ZRAM_3TO1._replace(zram_free=GiB), True, ("term", P.REASON_GUARD_LOW)),
+    # ...while 1 GiB of disk swap is worth 1 GiB
+    (swapped(0.1, 8, 1), NO_ZRAM, True, (None, "")),
+    # an empty zram device is assumed to compress 2:1: 1.2 GiB free on it is worth 0.6
+    (swapped(0.1, 8, 1.2), SwapDevices(8 * GiB, int(1.2 * GiB), 0, 0), True, ("term", P.REASON_GUARD_LOW)),
+    (swapped(0.1, 8, 3), SwapDevices(8 * GiB, 3 * GiB, 0, 0), True, (None, "")),
+    # zram and a disk swapfile together: 0.5 GiB disk + 1 GiB zram at 3:1
+    (swapped(0.1, 9, 1.5), ZRAM_3TO1._replace(zram_free=GiB), True, (None, "")),
+])
+def test_guard_headroom_counts_swap_at_its_worth(sample, zram, count_swap, expected):
+    g = GuardConfig()._replace(count_swap=count_swap)
+    assert P.guard_level(g, sample, zram) == expected
+
+
+def test_swap_headroom_values():
+    assert P.swap_headroom(GiB) == GiB
+    assert abs(P.swap_headroom(3 * GiB, ZRAM_3TO1) - 2 * GiB) <= 2
+    assert P.swap_headroom(2 * GiB, SwapDevices(4 * GiB, GiB, 0, 0)) == GiB + GiB // 2
+    # a device that does not compress at all (cost >= 1) is worth nothing
+    assert P.swap_headroom(GiB, SwapDevices(4 * GiB, GiB, GiB, 2 * GiB)) == 0
+    assert P.swap_headroom(-5) == 0
+
+
+def stalls(some_s, full_s):
+    return Pressure(some_total_us=int(some_s * 1e6), full_total_us=int(full_s * 1e6))
+
+
+@pytest.mark.parametrize("avail_gib, share, expected", [
+    (1.0, (90.0, 60.0), ("kill", P.REASON_GUARD_PSI_CRITICAL)),  # >= psi_full_kill 50
+    (1.0, (40.0, 12.0), ("term", P.REASON_GUARD_PSI)),           # >= psi_full 10
+    (1.0, (40.0, 8.0), (None, "")),                              # some alone: off by default
+    (5.0, (90.0, 60.0), (None, "")),   # MemAvailable above psi_available (20% = 3.2 GiB)
+    (1.0, None, (None, "")),           # not enough history (just started, or just acted)
+])
+def test_guard_pressure_levels(avail_gib, share, expected):
+    assert P.guard_level(GuardConfig(), host(avail_gib), share=share) == expected
+
+
+def test_guard_pressure_some_and_off():
+    g = GuardConfig()._replace(psi_some=30.0)
+    assert P.guard_level(g, host(1), share=(40.0, 8.0)) == ("term", P.REASON_GUARD_PSI_SOME)
+    off = GuardConfig()._replace(psi_full=0.0, psi_full_kill=0.0)
+    assert P.guard_level(off, host(1), share=(99.0, 99.0)) == (None, "")
+
+
+def test_pressure_share_from_totals():
+    assert P.pressure_share([(0.0, 0, 0)]) is None
+    assert P.pressure_share([(0.0, 0, 0), (0.5, 400_000, 0)]) is None     # < PSI_MIN_SPAN
+    assert P.pressure_share([(0.0, 0, 0), (1.0, 300_000, 0), (2.0, 1_000_000, 500_000)]) == (50.0, 25.0)
+
+
+def test_guard_pressure_table():
+    """Pressure after a kill: the history restarts at every action, and a second kill
+    needs the pressure measured high again after it, with MemAvailable still low (the
+    same cause); pressure that lingers (the kernel's avg10 decays over ~10 s, the
+    survivors fault their pages back in) once the kill freed memory fires nothing."""
+    cfg = default_config()._replace(guard=GuardConfig()._replace(grace=1.0, psi_window=2.0, psi_full=20.0))
+    pol = P.Policy(cfg)
+    cands = [cand(60, 500), cand(61, 900)]
+    some = full = prev = 0.0
+    table = [
+        # time, MemAvailable GiB, full stall share of the step, decisions
+        (0.0, 1.0, 0.0, []),
+        (0.5, 1.0, 0.3, []),           # 0.5 s of history: too short to judge
+        (1.0, 1.0, 0.3, [("signal", signal.SIGTERM, P.REASON_GUARD_PSI)]),  # 30% over 1 s
+        (1.5, 1.0, 0.3, []),           # victim in flight, history restarted
+        (2.2, 8.0, 0.6, []),           # 61 died, memory freed; stalls go on (faulting back)
+        (6.5, 8.0, 0.6, []),           # cooldown over, stalls high, but RAM is free again
+        (7.0, 1.0, 0.0, []),           # memory low again: history starts afresh
+        (8.0, 1.0, 0.0, []),
+        (9.0, 1.0, 0.3, []),           # 15% over the 2 s window: under psi_full (20 here)
+        (9.5, 1.0, 0.3, []),           # 20% over 2.5 s... window trimmed to the last 2 s
+        (10.0, 1.0, 0.3, [("signal", signal.SIGTERM, P.REASON_GUARD_PSI)]),  # same cause again
+    ]
+    for now, avail, share, expected in table:
+        some += min(1.0, share * 1.5) * (now - prev)
+        full += share * (now - prev)
+        prev = now
+        sample = host(avail)._replace(pressure=stalls(some, full))
+        got = []
+        if pol.guard_wants_victim(now, sample):
+            got = pol.guard_evaluate(now, sample, cands)
+        elif pol.guard.victim is not None:
+            got = pol.guard_evaluate(now, sample)
+        assert kinds(got) == expected, (now, avail, share, got)
+        if now == 2.2:
+            pol.forget(("process", 61, 1061))
+            cands = [cand(60, 500)]
+    assert pol.guard.victim.pid == 60
+
+
+def test_guard_pressure_kill_level_goes_straight_to_sigkill():
+    pol = P.Policy(default_config())
+    pol.guard_observe(0.0, host(1)._replace(pressure=stalls(0, 0)))
+    hot = host(1)._replace(pressure=stalls(1.0, 0.8))
+    assert pol.guard_wants_victim(1.0, hot)
+    assert kinds(pol.guard_evaluate(1.0, hot, [cand(60, 500)])) == [
+        ("signal", signal.SIGKILL, P.REASON_GUARD_PSI_CRITICAL)]
+
+
+def test_benign_swap_use_is_not_a_stall():
+    """Cold pages going to swap while the job works in RAM: RAM is full, swap is free
+    and nothing stalls: the guard does nothing, tick after tick."""
+    pol = P.Policy(default_config())
+    for i in range(40):
+        now = i * 0.25
+        sample = swapped(0.05, 4, 4 - i * 0.05, pressure=stalls(i * 0.01, i * 0.001))
+        assert not pol.guard_wants_victim(now, sample), now
+
+
+def test_pressure_needs_no_psi_and_forgets_history_without_it():
+    pol = P.Policy(default_config())
+    pol.guard_observe(0.0, host(1)._replace(pressure=stalls(0, 0)))
+    assert pol.guard_observe(1.0, HostSample(16 * GiB, GiB, 0, 0, None)) is None
+    assert not pol.guard.pressure
+
+
+def test_recheck_of_a_pressure_decision_looks_at_memory_only():
+    g = GuardConfig()
+    d = P.Decision("signal", KEY, "guard", P.REASON_GUARD_PSI, 1, 1, signal.SIGTERM, True)
+    assert P.still_needed(d, None, host(1), g)          # MemAvailable still under 3.2 GiB
+    assert not P.still_needed(d, None, host(8), g)      # the memory came back: back off
+    low = P.Decision("signal", KEY, "guard", P.REASON_GUARD_LOW, 1, 1, signal.SIGTERM, True)
+    assert not P.still_needed(low, None, swapped(0.1, 8, 6), g)   # swap was added meanwhile
+
+
+def test_guard_interval_looks_closer_while_pressure_builds():
+    pol = P.Policy(default_config())
+    assert pol.guard_interval(host(8)) == 1.0
+    pol.guard_observe(0.0, host(2)._replace(pressure=stalls(0, 0)))
+    pol.guard_observe(1.0, host(2)._replace(pressure=stalls(0.05, 0)))
+    assert pol.guard_interval(host(2)) == P.PSI_INTERVAL
+    assert pol.guard_interval(host(8)) == 1.0           # RAM to spare: pressure is not ours
 
 
 def test_choose_victim_skips_protected_pid1_self_and_kernel_threads():

@@ -477,7 +477,7 @@ def test_guard_lines_say_what_the_guard_measured():
     from memwatchd.config import GuardConfig, Size
     from memwatchd.types import HostSample, Pressure
     guard = GuardConfig(min_available=Size(bytes=48 << 20), kill_available=Size(bytes=16 << 20),
-                        psi_full_avg10=20.0)
+                        psi_full=20.0)
     host = HostSample(mem_total=1 << 30, mem_available=40 << 20, swap_total=0, swap_free=0,
                       pressure=Pressure(full_avg10=31.5))
     low = report.decision_text("guard", 766 << 20, 48 << 20, "mem-available-low", host=host, guard=guard)
@@ -488,7 +488,11 @@ def test_guard_lines_say_what_the_guard_measured():
                                 host=host._replace(mem_available=10 << 20), guard=guard)
     assert "MemAvailable 10 MiB is below the kill floor 16 MiB" in crit
     psi = report.decision_text("guard", 766 << 20, 48 << 20, "psi-full-high", host=host, guard=guard)
-    assert "memory pressure (full avg10) 31.5% is at or above 20%" in psi
+    assert psi.startswith("at 766 MiB, the largest it may stop: all tasks stalled on memory 20% or "
+                          "more of the last 2 s (full avg10 31.5%), MemAvailable 40 MiB")
+    swapped = report.decision_text("guard", 766 << 20, 48 << 20, "mem-available-low", guard=guard,
+                                   host=host._replace(swap_total=1 << 30, swap_free=4 << 20))
+    assert "MemAvailable 40 MiB plus free swap (SwapFree 4 MiB, zram at its worth) is below" in swapped
     watch = report.decision_text("sim", 302 << 20, 300 << 20, "over-limit")
     assert watch == "using 302 MiB, over its limit 300 MiB (over-limit)"
     warn = report.decision_text("sim", 260 << 20, 300 << 20, "warn-level", warn=250 << 20)

@@ -84,6 +84,9 @@ in_root systemctl enable vm-runner.service
 # Periodic maintenance only adds noise to a short-lived test guest.
 in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
     e2scrub_all.timer fstrim.timer
+# The peers of the race (benchmarks/vm_race.py) are installed but never start on
+# their own: the race starts the one it measures, every other test runs without.
+in_root systemctl disable earlyoom.service systemd-oomd.service systemd-oomd.socket
 
 step "trim"
 apt_in_root clean

@@ -1,0 +1,66 @@
+"""Issue 19's race: the same scenarios in the same Debian 12 guest under each guardian.
+
+One boot per guardian (none; earlyoom with Debian's shipped config; systemd-oomd
+configured as its man pages recommend, see tests/vm/scenario/race.py
+OOMD_DROPINS; memwatchd as installed, guard only), each running every scenario of
+tests/vm/scenario/race.py: fast hog without swap; a leak (25 MB/s) with its whole
+working set hot, on a swapfile of half the RAM and on zram of half the RAM;
+page-cache thrash without swap (a reader of a file of 40% of RAM, a slow hog);
+the benign controls (85% of MemAvailable held; cold pages to a swapfile at
+30 MB/s). Heartbeat every 100 ms, a bystander, a login probe every 2 s.
+
+Prints one row per scenario and guardian (longest heartbeat pause, worst login
+probe, stall = first pause over 0.5 s to the last, who was killed, wrong kills,
+kernel OOM kills, bystander alive), then the last line:
+memwatchd_worst_pause_s=X earlyoom_worst_pause_s=X oomd_worst_pause_s=X none_worst_pause_s=X
+memwatchd_worst_login_s=X none_worst_login_s=X memwatchd_wrong_kills=N memwatchd_benign_kills=N scenarios=N
+(worst = the longest over the stall scenarios).
+
+Run: sudo .venv/bin/python benchmarks/vm_race.py [--guardians none,memwatchd] [--scenarios a,b]
+(qemu, the VM tier's image; about 6 minutes per guardian under TCG).
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
+import harness  # noqa: E402
+import race_lib  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--guardians", default=",".join(race_lib.GUARDIANS))
+    p.add_argument("--scenarios", default="")
+    p.add_argument("--keep", default="", help="directory for each guardian's race JSON")
+    args = p.parse_args()
+    image = harness.ensure_image()
+    scenarios = tuple(s for s in args.scenarios.split(",") if s)
+    races = {}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="memwatchd-race-") as tmp:
+        wheels = Path(tmp) / "wheels"
+        harness.build_wheels(race_lib.REPO, wheels)
+        for guardian in args.guardians.split(","):
+            _, race = race_lib.boot(guardian, image, wheels, Path(tmp) / guardian, scenarios)
+            races[guardian] = race
+            print("%s: boot %.0f s, %s, errors %s" % (guardian, race["boot_seconds"], race.get("accel"),
+                                                      race.get("errors") or "none"), flush=True)
+            if args.keep:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                (Path(args.keep) / ("%s.json" % guardian)).write_text(json.dumps(race, indent=1))
+    facts = next(iter(races.values())).get("facts", {}) if races else {}
+    print("\nguest: Debian 12, kernel %s, %d MiB, 2 vCPUs, %s; %s; total %.0f s" % (
+        facts.get("kernel"), (facts.get("mem_total") or 0) >> 20,
+        next(iter(races.values())).get("accel") if races else "?",
+        time.strftime("%Y-%m-%d"), time.monotonic() - t0))
+    print(race_lib.table(races))
+    print(race_lib.last_line(races))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+#!/usr/bin/python3
+"""Guest side: issue 19's race, under one guardian per boot.
+
+    race.py GUARDIAN RESULTS.json [SCENARIO,...]
+
+GUARDIAN is none, earlyoom (Debian's package, its shipped /etc/default/earlyoom),
+oomd (systemd-oomd, configured as systemd-oomd.service(8) and
+systemd.resource-control(5) recommend, see OOMD_DROPINS) or memwatchd (installed
+by `memwatchd install-units`, its shipped config: the host guard alone).
+
+Every scenario runs with heartbeat.service (a stamp every 100 ms), an unrelated
+bystander.service, and a login probe run by this driver: every 2 s a fresh
+python3 that imports a few standard modules and exits, timed. The workloads
+(work.py, hog.py) are transient units (systemd-run --remain-after-exit, so how
+each ended stays readable), all capped in bytes and in seconds. Recorded per
+scenario: the longest heartbeat pause, the worst login probe, the stall (first
+pause over 0.5 s to the last one), how every unit ended (killed by a signal, or
+ran out its time), kernel OOM kills, the bystander alive. Standard library only.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from driver import meminfo, vmstat_oom_kills as oom_kills   # the same directory in the guest
+
+LIB = "/usr/local/lib/mwtest"
+RUN = "/run/mwtest"
+HEARTBEAT_LOG = RUN + "/heartbeat.log"
+MIB = 1 << 20
+PROBE = "import json, decimal, email.parser, http.client, argparse, logging, csv, sqlite3"
+SWAPFILE = "/swapfile"
+DATA_FILE = "/var/tmp/race-working-set"
+
+# systemd-oomd as its man pages recommend: ManagedOOMSwap=kill on the root slice
+# (oomd then kills the largest swap user when swap use passes SwapUsedLimit, 90%),
+# ManagedOOMMemoryPressure=kill on the slice the services run in (oomd kills the
+# descendant cgroup with the most reclaim when its pressure stays over
+# DefaultMemoryPressureLimit, 60%, for DefaultMemoryPressureDurationSec, 30 s).
+# oomd.conf is left at Debian's defaults.
+OOMD_DROPINS = {
+    "/etc/systemd/system/-.slice.d/oomd.conf": "[Slice]\nManagedOOMSwap=kill\n",
+    "/etc/systemd/system/system.slice.d/oomd.conf": "[Slice]\nManagedOOMMemoryPressure=kill\n",
+}
+
+
+def mono():
+    return time.monotonic()
+
+
+def run(*args, timeout=120):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def show(unit, *props):
+    out = run("systemctl", "show", unit, *("-p" + p for p in props)).stdout
+    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return {p: values.get(p, "") for p in props}
+
+
+# ------------------------------------------------------------------ swap
+
+def swap_off():
+    run("swapoff", "-a")
+    if os.path.exists("/sys/block/zram0"):
+        run("zramctl", "--reset", "/dev/zram0")
+    if os.path.exists(SWAPFILE):
+        os.unlink(SWAPFILE)
+
+
+def swap_file(size):
+    run("fallocate", "-l", str(size), SWAPFILE)
+    os.chmod(SWAPFILE, 0o600)
+    run("mkswap", SWAPFILE)
+    return run("swapon", SWAPFILE).returncode == 0
+
+
+def swap_zram(size):
+    run("modprobe", "zram")
+    dev = run("zramctl", "--find", "--size", str(size), "--algorithm", "lz4").stdout.strip() \
+        or run("zramctl", "--find", "--size", str(size)).stdout.strip()
+    if not dev:
+        return False
+    run("mkswap", dev)
+    return run("swapon", "-p", "100", dev).returncode == 0
+
+
+# ------------------------------------------------------------ guardians
+
+def start_guardian(name):
+    if name == "earlyoom":
+        return run("systemctl", "start", "earlyoom.service").returncode == 0
+    if name == "oomd":
+        for path, text in OOMD_DROPINS.items():
+            write(path, text)
+        run("systemctl", "daemon-reload")
+        return run("systemctl", "start", "systemd-oomd.service").returncode == 0
+    if name == "memwatchd":
+        if run("memwatchd", "install-units", timeout=300).returncode != 0:
+            return False
+        return run("systemctl", "enable", "--now", "memwatchd", timeout=300).returncode == 0
+    return name == "none"
+
+
+def guardian_log(name, since):
+    unit = {"earlyoom": "earlyoom.service", "oomd": "systemd-oomd.service",
+            "memwatchd": "memwatchd.service"}.get(name)
+    if unit is None:
+        return []
+    out = run("journalctl", "-b", "--no-pager", "-o", "short-monotonic", "-u", unit).stdout
+    lines = []
+    for line in out.splitlines():
+        try:
+            t = float(line[1:line.index("]")])
+        except ValueError:
+            continue
+        if t >= since:
+            lines.append(line[:300])
+    return lines[-30:]
+
+
+# ------------------------------------------------------------- probes
+
+class LoginProbe(threading.Thread):
+    """Every 2 s: exec python3, import a few modules, exit; the wall time of each."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.times = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            t = mono()
+            try:
+                subprocess.run(["/usr/bin/python3", "-c", PROBE], timeout=120,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                pass
+            self.times.append((t, mono() - t))
+            self.stop.wait(max(0.0, t + 2.0 - mono()))
+
+
+class PressureLog(threading.Thread):
+    """/proc/pressure/memory totals every 0.25 s: the stall share over 2 s windows
+    (what the guard's psi_window measures by default), for choosing its defaults."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.rows = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with open("/proc/pressure/memory") as f:
+                    totals = [int(line.rsplit("total=", 1)[1]) for line in f]
+            except (OSError, ValueError, IndexError):
+                return
+            self.rows.append((mono(), totals[0], totals[1] if len(totals) > 1 else 0))
+            self.stop.wait(0.25)
+
+    def shares(self, window=2.0):
+        """[(t, some %, full %)] over the window ending at each row."""
+        out, j = [], 0
+        for t, some, full in self.rows:
+            while self.rows[j][0] < t - window:
+                j += 1
+            t0, some0, full0 = self.rows[j]
+            if t - t0 >= window * 0.9:
+                out.append((round(t, 2), round((some - some0) / (t - t0) / 1e4, 1),
+                            round((full - full0) / (t - t0) / 1e4, 1)))
+        return out
+
+
+def heartbeat(start, end):
+    try:
+        with open(HEARTBEAT_LOG) as f:
+            rows = [line.split() for line in f]
+    except FileNotFoundError:
+        return {"max_gap_s": None}
+    ticks = [(float(r[0]), float(r[1])) for r in rows if len(r) == 3]
+    ticks = [t for t in ticks if start <= t[0] <= end + 2.0]
+    if not ticks:
+        return {"max_gap_s": None}
+    long = [t for t in ticks if t[1] > 0.5]
+    return {"max_gap_s": round(max(t[1] for t in ticks), 3),
+            "pauses_over_0_5": len(long),
+            # from the start of the first pause over 0.5 s to the end of the last one
+            "stall_s": round(long[-1][0] - (long[0][0] - long[0][1]), 2) if long else 0.0}
+
+
+# ------------------------------------------------------------ scenarios
+
+def scenarios(mem_total, avail):
+    """name -> (swap kind, [(unit, argv)], the unit that is the right victim or None)."""
+    py, work, hog = "/usr/bin/python3", LIB + "/work.py", LIB + "/hog.py"
+    ram_mb = mem_total // MIB
+    big = int(ram_mb * 1.3)   # every hog heads well past RAM (+ swap), but caps
+    return {
+        "fast_hog": ("none", [("race-hog", [py, hog, "--rate-mb", "200", "--max-mb", str(big),
+                                            "--max-seconds", "40"])], "race-hog"),
+        "leak_swap": ("file", [("race-hog", [py, work, "leak", "--rate-mb", "25", "--max-mb",
+                                             str(big), "--max-seconds", "75"])], "race-hog"),
+        "leak_zram": ("zram", [("race-hog", [py, work, "leak", "--rate-mb", "25", "--max-mb",
+                                             str(big), "--max-seconds", "75"])], "race-hog"),
+        "cache_thrash": ("none", [
+            ("race-reader", [py, work, "reread", "--file", DATA_FILE, "--max-seconds", "80"]),
+            ("race-hog", [py, hog, "--rate-mb", "15", "--step-mb", "2", "--max-mb", str(big),
+                          "--max-seconds", "75"])], "race-hog"),
+        "benign_steady": ("none", [("race-job", [py, work, "hold", "--mb",
+                                                 str(int(avail * 0.85 / MIB)), "--max-seconds", "25"])],
+                          None),
+        # 0.9 of RAM: past what is available, so the cold pages go to swap, with swap still
+        # free. At 1.1 of RAM (measured) this TCG guest stalls as badly as a leak: full PSI
+        # 30-80% for 25 s, a 2.7 s heartbeat pause and 20 s logins with no guardian at all.
+        "benign_cold": ("file", [("race-job", [py, work, "cold", "--rate-mb", "30", "--max-mb",
+                                               str(int(ram_mb * 0.9)), "--max-seconds", "45"])],
+                        None),
+    }
+
+
+def run_scenario(name, spec, guardian):
+    swap, units, right = spec
+    swap_off()
+    if swap == "file":
+        ok = swap_file(meminfo()["MemTotal"] // 2)
+    elif swap == "zram":
+        ok = swap_zram(meminfo()["MemTotal"] // 2)
+    else:
+        ok = True
+    if name == "cache_thrash" and not os.path.exists(DATA_FILE):
+        # the reader's working set: 40% of RAM, from /dev/urandom (no zero-page tricks)
+        run("dd", "if=/dev/urandom", "of=" + DATA_FILE, "bs=1M",
+            "count=%d" % (meminfo()["MemTotal"] * 4 // 10 // MIB), timeout=300)
+    run("sync")
+    write("/proc/sys/vm/drop_caches", "3")
+    time.sleep(2)
+    out = {"swap": swap, "swap_ok": ok, "swap_total": meminfo()["SwapTotal"]}
+    oom_before = oom_kills()
+    idle = []
+    for _ in range(2):   # what a login costs here before the scenario (TCG: seconds)
+        t = mono()
+        run("/usr/bin/python3", "-c", PROBE)
+        idle.append(mono() - t)
+    out["login_idle_s"] = round(min(idle), 2)
+    probe, pressure = LoginProbe(), PressureLog()
+    probe.start()
+    pressure.start()
+    start = mono()
+    for unit, argv in units:
+        run("systemctl", "reset-failed", unit + ".service")
+        r = run("systemd-run", "--unit", unit, "--remain-after-exit", "--collect",
+                "-p", "MemorySwapMax=infinity", *argv)
+        out.setdefault("start_errors", []).append(r.stderr.strip()) if r.returncode else None
+    cap = max(float(a[a.index("--max-seconds") + 1]) for _, a in units) + 15
+    deadline = start + cap
+
+    def running(unit):
+        return show(unit + ".service", "SubState")["SubState"] == "running"
+    while mono() < deadline and any(running(u) for u, _ in units):
+        time.sleep(0.5)
+    end = mono()
+    probe.stop.set()
+    pressure.stop.set()
+    probe.join(130)
+    shares = pressure.shares()
+    out["psi_max_some_2s"] = max((x[1] for x in shares), default=None)
+    out["psi_max_full_2s"] = max((x[2] for x in shares), default=None)
+    # the stall shares at each login probe's start, to see which share a slow login comes with
+    out["probes"] = [(round(t - start, 1), round(d, 2),
+                      next(((x[1], x[2]) for x in shares if x[0] >= t + d), None)) for t, d in probe.times]
+    out["psi_2s"] = [(round(t - start, 1), some, full) for t, some, full in shares[::4]]
+    out["seconds"] = round(end - start, 1)
+    out["heartbeat"] = heartbeat(start, end)
+    out["login_worst_s"] = round(max((t for _, t in probe.times), default=0.0), 2)
+    out["login_median_s"] = round(sorted(t for _, t in probe.times)[len(probe.times) // 2], 2) \
+        if probe.times else None
+    out["oom_kills"] = oom_kills() - oom_before
+    ends = {}
+    for unit, _ in units:
+        props = show(unit + ".service", "Result", "ExecMainCode", "ExecMainStatus",
+                     "ExecMainStartTimestampMonotonic", "ExecMainExitTimestampMonotonic")
+        killed = props["ExecMainCode"] == "2" or props["Result"] in ("oom-kill", "signal")
+        ends[unit] = {"killed": killed, "result": props["Result"], "signal": props["ExecMainStatus"]
+                      if props["ExecMainCode"] == "2" else "", "code": props["ExecMainCode"]}
+        run("systemctl", "stop", unit + ".service")
+        run("systemctl", "reset-failed", unit + ".service")
+    out["units"] = ends
+    for svc in ("heartbeat.service", "bystander.service"):
+        out[svc.split(".")[0] + "_alive"] = show(svc, "ActiveState")["ActiveState"] == "active"
+    killed = [u for u, e in ends.items() if e["killed"]]
+    out["killed"] = killed
+    out["right_kill"] = right in killed if right else None
+    out["wrong_kills"] = [u for u in killed if u != right] + \
+        [s for s in ("heartbeat", "bystander") if not out[s + "_alive"]]
+    out["guardian_log"] = guardian_log(guardian, start)
+    swap_off()
+    return out
+
+
+def main():
+    guardian, results_path = sys.argv[1], sys.argv[2]
+    wanted = sys.argv[3].split(",") if len(sys.argv) > 3 and sys.argv[3] else None
+    os.makedirs(RUN, exist_ok=True)
+    results = {"guardian": guardian, "scenarios": {}, "errors": []}
+    m = meminfo()
+    results["facts"] = {"mem_total": m["MemTotal"], "kernel": os.uname().release,
+                        "psi": os.path.exists("/proc/pressure/memory")}
+    results["guardian_started"] = start_guardian(guardian)
+    run("systemctl", "start", "heartbeat.service", "bystander.service")
+    time.sleep(3)
+    specs = scenarios(m["MemTotal"], meminfo()["MemAvailable"])
+    for name, spec in specs.items():
+        if wanted and name not in wanted:
+            continue
+        print("[%8.1f] %s under %s" % (mono(), name, guardian), flush=True)
+        try:
+            results["scenarios"][name] = run_scenario(name, spec, guardian)
+        except Exception as e:   # recorded; the host side reports it
+            import traceback
+            results["errors"].append("%s: %s" % (name, traceback.format_exc()))
+        print(json.dumps(results["scenarios"].get(name, {}))[:600], flush=True)
+        for svc in ("heartbeat.service", "bystander.service"):   # back for the next one
+            if show(svc, "ActiveState")["ActiveState"] != "active":
+                run("systemctl", "restart", svc)
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
