@@ -50,7 +50,7 @@ KEYS: Dict[str, Tuple[str, ...]] = {
     "protect": ("names", "cgroups"),
     "metrics": ("listen", "textfile"),
     "watch": ("name",) + SELECTOR_KINDS + (
-        "limit", "warn", "sustain", "action", "grace", "scope", "usage", "on_action"),
+        "limit", "warn", "sustain", "action", "grace", "scope", "usage", "on_action", "predict"),
 }
 
 DEFAULT_PROTECT_NAMES = ("systemd", "systemd-journal", "sshd")
@@ -167,6 +167,7 @@ _WATCH_DEFAULTS = {
     "scope": "process",
     "usage": "rss",                  # "rss" for process/tree, one of CGROUP_USAGES for cgroup
     "on_action": (),
+    "predict": 0.0,                  # horizon of the predictive trigger (memwatchd/predict.py); 0 = off
 }
 
 
@@ -468,10 +469,14 @@ def _parse_watch(data: Any, source: str, index: int) -> WatchConfig:
     if t.has("on_action") and (not on_action or not on_action[0].startswith("/")):
         raise t.fail("on_action", "expected a command as a list whose first item is an absolute path")
 
+    predict = t.duration("predict", 0.0)
+    if 0 < predict < 1.0:
+        raise t.fail("predict", "a horizon under 1s leaves the trend no time to act before "
+                                "the limit does; use at least 1s, or 0 for off")
     return WatchConfig(
         name=name, kind=kind, selector=selector, limit=limit, warn=warn,
         sustain=t.duration("sustain", 0.0), action=action, grace=t.duration("grace", 10.0),
-        scope=scope, usage=usage, on_action=on_action,
+        scope=scope, usage=usage, on_action=on_action, predict=predict,
     )
 
 

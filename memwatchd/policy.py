@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from memwatchd.config import Config, GuardConfig, WatchConfig
+from memwatchd.predict import ALL_GATES, Trend
 from memwatchd.types import Candidate, HostSample, Reading
 
 ESCALATE_FACTOR = 1.25   # during the grace period, SIGKILL at once past limit * this
@@ -29,6 +30,7 @@ REASON_GRACE = "grace-expired"
 REASON_GUARD_LOW = "mem-available-low"
 REASON_GUARD_CRITICAL = "mem-available-critical"
 REASON_GUARD_PSI = "psi-full-high"
+REASON_PREDICT = "predicted-exhaustion"
 
 
 class Decision(namedtuple("Decision", "kind key watch reason usage limit signal", defaults=(None,))):
@@ -137,15 +139,20 @@ class Policy:
         self.watches: Dict[str, WatchConfig] = {w.name: w for w in config.watches}
         self.states: Dict[tuple, TargetState] = {}
         self.guard = GuardState()
+        self.trends: Dict[tuple, Trend] = {}      # key -> Trend, for watches with predict
+        self.predict_gates = ALL_GATES            # the benchmark switches gates off one by one
+        self.predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
 
     def reconfigure(self, config: Config) -> None:
         """A reload keeps each surviving target's state (a pending SIGTERM stays pending)."""
         self.config = config
         self.watches = {w.name: w for w in config.watches}
+        self.predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
 
     def forget(self, key: tuple) -> None:
         """The target is gone: drop its state (a new match starts fresh)."""
         self.states.pop(key, None)
+        self.trends.pop(key, None)
         if self.guard.victim is not None and self.guard.victim.key == key:
             self.guard.victim = None
             self.guard.killed = False
@@ -168,8 +175,15 @@ class Policy:
         critical = host is not None and guard_level(self.config.guard, host)[0] == "kill"
         decisions: List[Decision] = []
         states = self.states
+        predicting = self.predicting
         for reading in readings:
             state = states.get(reading.key)
+            if predicting and reading.watch in predicting:   # -- predictive trigger (issue 15)
+                decision = self._predict(now, reading, state, predicting[reading.watch])
+                if decision is not None:
+                    decisions.append(decision)
+                    continue
+                state = states.get(reading.key)            # -- end of the predictive trigger
             if is_quiet(reading, state):
                 continue  # most targets on most ticks: below every threshold, nothing pending
             watch = self.watches.get(reading.watch)
@@ -240,6 +254,49 @@ class Policy:
             state.stage = "freezing"
             decide("freeze", REASON_LIMIT)
         return out
+
+    def _predict(self, now: float, r: Reading, state: Optional[TargetState],
+                 horizon: float) -> Optional[Decision]:
+        """The predictive trigger: feed the target's trend; when its gates say so (see
+        memwatchd/predict.py) and nothing else is under way (below the limit: the hard
+        path has it above; no action in flight, no cooldown), take the gentle rung of
+        the watch's action: SIGTERM for term, memory.high for throttle, a warning for
+        warn, kill and freeze."""
+        trend = self.trends.get(r.key)
+        if trend is None:
+            trend = self.trends[r.key] = Trend()
+        value = r.usage if r.unreclaimable is None else r.unreclaimable
+        if not trend.update(now, value, r.limit, horizon, r.ceiling, self.predict_gates):
+            return None
+        if r.usage >= r.limit or (state is not None and (state.stage != "idle"
+                                                          or now < state.cooldown_until)):
+            return None
+        if state is None:
+            state = self.states[r.key] = TargetState()
+        action = self.watches[r.watch].action
+        state.cooldown_until = now + self.config.daemon.cooldown
+        if action == "term":
+            state.stage, state.term_at = "terminating", now
+            return Decision("signal", r.key, r.watch, REASON_PREDICT, r.usage, r.limit, signal.SIGTERM)
+        if action == "throttle":
+            state.stage = "throttled"
+            return Decision("throttle", r.key, r.watch, REASON_PREDICT, r.usage, r.limit)
+        return Decision("warn", r.key, r.watch, REASON_PREDICT, r.usage, r.limit)
+
+    def quiet(self, r: Reading) -> bool:
+        """is_quiet, and no trend to feed: replay and the recorder may skip this reading."""
+        return is_quiet(r, self.states.get(r.key)) and not (self.predicting
+                                                            and r.watch in self.predicting)
+
+    def estimate(self, key: tuple) -> Optional[dict]:
+        """The target's last time-to-exhaustion estimate for records, status and metrics
+        (None without predict or before three readings)."""
+        trend = self.trends.get(key)
+        e = trend.estimate if trend is not None else None
+        if e is None:
+            return None
+        return {"seconds_left": None if e[0] == float("inf") else round(e[0], 3),
+                "slope_bytes_per_s": int(e[1]), "slope_upper_bytes_per_s": int(e[2])}
 
     def interval_for(self, reading: Reading) -> float:
         """When this target should next be sampled (seconds from now)."""
@@ -318,6 +375,8 @@ def still_needed(decision: Decision, fresh_usage: Optional[int],
     """
     if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
         return True
+    if decision.reason == REASON_PREDICT:   # below the limit by design: recovered if it shrank
+        return fresh_usage is None or fresh_usage >= decision.usage * WARN_REARM
     if decision.watch == "guard":
         return fresh_host is None or guard_level(guard, fresh_host)[0] is not None
     return fresh_usage is None or fresh_usage >= decision.limit

@@ -1,0 +1,271 @@
+"""The predictive trigger (issue 15): the estimator, each gate, and its place in the ladder."""
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+
+from memwatchd import predict
+from memwatchd.config import ConfigError, parse_config
+from memwatchd.policy import (REASON_LIMIT, REASON_PREDICT, REASON_GRACE, Decision, Policy,
+                              still_needed)
+from memwatchd.predict import ALL_GATES, Fit, Trend, time_left
+from memwatchd.types import Reading
+
+MiB = 2**20
+LIMIT = 1000 * MiB
+DT = 0.05   # 20 samples a second, as the daemon samples a target approaching its limit
+
+
+def test_fit_of_a_line_is_exact_and_forgets_what_left_the_window():
+    fit = Fit(10.0)
+    for i in range(400):                      # 20 s at 3 MiB/s ...
+        fit.add(i * DT, 100 * MiB + i * DT * 3 * MiB)
+    slope, se = fit.slope()
+    assert slope == pytest.approx(3 * MiB, rel=1e-9) and se == pytest.approx(0, abs=1.0)
+    assert fit.covered() <= 10.0 and len(fit.points) <= 10.0 / DT + 1
+    t0, x0 = 400 * DT, 100 * MiB + 400 * DT * 3 * MiB
+    for i in range(201):                      # ... then 10 s flat: the old climb is gone
+        fit.add(t0 + i * DT, x0)
+    assert fit.slope()[0] == pytest.approx(0, abs=1.0)
+
+
+def test_fit_stays_exact_over_a_long_run_of_large_values():
+    """The running sums are re-based on the oldest reading: no cancellation after days."""
+    fit = Fit(10.0)
+    start = 3 * 86400.0
+    for i in range(100000):
+        t = start + i * 0.1
+        fit.add(t, 50 * 2**30 + int(7 * MiB * (t - start)) + (i % 7) * 4096)
+    slope, se = fit.slope()
+    pts = list(fit.points)   # the textbook formula over the window, from scratch
+    n = len(pts)
+    mt, mx = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+    b = sum((p[0] - mt) * (p[1] - mx) for p in pts) / sum((p[0] - mt) ** 2 for p in pts)
+    assert slope == pytest.approx(b, rel=1e-6)
+    assert 0 < se < 0.01 * slope
+
+
+def test_fit_needs_three_readings_spread_in_time():
+    fit = Fit(10.0)
+    assert fit.slope() is None
+    fit.add(1.0, 5)
+    fit.add(1.0, 9)
+    fit.add(1.0, 7)
+    assert fit.slope() is None   # no spread in time: no slope
+
+
+@pytest.mark.parametrize("headroom, slope_hi, expected", [
+    (100, 10, 10.0), (0, 10, 0.0), (-5, 10, 0.0), (100, 0, math.inf), (100, -3, math.inf)])
+def test_time_left(headroom, slope_hi, expected):
+    assert time_left(headroom, slope_hi) == expected
+
+
+def test_the_upper_bound_of_a_noisy_climb_is_steeper_than_its_slope():
+    trend = Trend()
+    for i in range(100):
+        noise = (1 if i % 2 else -1) * 20 * MiB
+        trend.update(i * DT, 500 * MiB + int(i * DT * 10 * MiB) + noise, LIMIT, 30.0)
+    left, slope, hi = trend.estimate
+    assert slope == pytest.approx(10 * MiB, rel=0.5)
+    assert hi > slope + 1 * MiB
+    assert left == pytest.approx((LIMIT - (500 * MiB + 99 * DT * 10 * MiB + 20 * MiB)) / hi, rel=0.01)
+
+
+# ------------------------------------------------------------- gates, one by one
+
+def series(rate, start, seconds=12.0, curve=None):
+    """(t, bytes) every DT: a straight climb at ``rate`` bytes/s from ``start``, or ``curve(t)``."""
+    n = int(seconds / DT)
+    return [(i * DT, int(curve(i * DT)) if curve else int(start + rate * i * DT)) for i in range(n)]
+
+
+def first_fire(points, horizon=30.0, ceiling=None, gates=ALL_GATES, limit=LIMIT):
+    trend = Trend()
+    for t, x in points:
+        if trend.update(t, x, limit, horizon, ceiling, gates):
+            return t
+    return None
+
+
+def plateau_curve(top, tau, start=0):
+    """Growth that levels off: start + (top - start) (1 - e^(-t / tau))."""
+    return lambda t: start + (top - start) * (1 - math.exp(-t / tau))
+
+
+LEAK = series(40 * MiB, 520 * MiB)                 # above the floor, 12 s from the limit
+CASES = [
+    # name,        points,                                 kwargs,                 fires, fires without gate
+    ("leak",       LEAK,                                    {},                     True,  None),
+    ("horizon",    series(2 * MiB, 600 * MiB),              {},                     False, "horizon"),
+    ("floor",      series(40 * MiB, 50 * MiB, seconds=8),   {},                     False, "floor"),
+    ("plateau",    series(0, 0, curve=plateau_curve(800 * MiB, 1.5, 400 * MiB)), {}, False, "plateau"),
+    ("ceiling",    LEAK,                                    {"ceiling": 900 * MiB}, False, "ceiling"),
+    ("no-ceiling", LEAK,                                    {"ceiling": 2 * LIMIT}, True,  None),
+    ("shrinking",  series(-20 * MiB, 900 * MiB),            {},                     False, None),
+]
+
+
+@pytest.mark.parametrize("name, points, kwargs, fires, gate", CASES, ids=[c[0] for c in CASES])
+def test_each_gate_vetoes_its_case_and_only_its_own_removal_lets_it_through(name, points, kwargs,
+                                                                            fires, gate):
+    assert (first_fire(points, **kwargs) is not None) == fires
+    if gate is not None:
+        assert first_fire(points, gates=ALL_GATES - {gate}, **kwargs) is not None
+        for other in ALL_GATES - {gate, "persist"}:   # no other gate is what stopped it
+            assert first_fire(points, gates=ALL_GATES - {other}, **kwargs) is None
+
+
+def test_persist_waits_for_consecutive_samples_and_a_minimum_span():
+    with_persist = first_fire(LEAK)
+    without = first_fire(LEAK, gates=ALL_GATES - {"persist"})
+    assert without == pytest.approx(predict.MIN_SPAN, abs=DT + 1e-9)   # no fit counts before
+    assert with_persist == pytest.approx(without + (predict.PERSIST - 1) * DT, abs=1e-9)
+    # an interruption (a sample out of the floor) starts the count again
+    broken = list(LEAK)
+    i = int(with_persist / DT) - 1
+    broken[i] = (broken[i][0], 100 * MiB)
+    later = first_fire(broken, gates=ALL_GATES - {"plateau"})
+    assert later is not None and later > with_persist
+
+
+def test_a_fired_trend_fires_once_and_rearms_only_when_the_danger_has_passed():
+    trend = Trend()
+    fired = [t for t, x in LEAK if trend.update(t, x, LIMIT, 30.0)]
+    assert len(fired) == 1
+    # it levels off far below the floor: re-armed, and a new climb fires again
+    t = LEAK[-1][0]
+    for i in range(1, 300):
+        trend.update(t + i * DT, 300 * MiB, LIMIT, 30.0)
+    assert not trend.fired
+    again = [u for u, x in series(40 * MiB, 520 * MiB) if trend.update(t + 20 + u, x, LIMIT, 30.0)]
+    assert len(again) == 1
+
+
+def test_trend_arms_the_recorder_below_the_floor():
+    trend = Trend()
+    trend.update(0.0, int(LIMIT * predict.ARM) - 1, LIMIT, 30.0)
+    assert not trend.armed
+    trend.update(0.1, int(LIMIT * predict.ARM) + 1, LIMIT, 30.0)
+    assert trend.armed and predict.ARM < predict.SOFT_FLOOR
+
+
+# ------------------------------------------------------------- in the policy
+
+def config(action="term", predict_="30s", **watch):
+    w = {"name": "job", "pid": 4242, "limit": "1000M", "action": action, **watch}
+    if action in ("throttle", "freeze"):
+        w = {"name": "job", "cgroup": "/job", "limit": "1000M", "action": action, **watch}
+    if predict_ is not None:
+        w["predict"] = predict_
+    return parse_config({"daemon": {"cooldown": "5s"}, "watch": [w]}, "test")
+
+
+KEY = ("process", 4242, 1)
+
+
+def run(policy, points, limit=LIMIT, stop=False):
+    out = []
+    for t, x in points:
+        for d in policy.evaluate(t, [Reading(KEY, "job", x, limit, None)]):
+            out.append((t, d))
+        if stop and out:
+            break
+    return out
+
+
+@pytest.mark.parametrize("action, kind, sig", [
+    ("term", "signal", signal.SIGTERM), ("throttle", "throttle", None),
+    ("warn", "warn", None), ("kill", "warn", None), ("freeze", "warn", None)])
+def test_prediction_takes_only_the_gentle_rung_of_each_action(action, kind, sig):
+    policy = Policy(config(action))
+    decisions = run(policy, LEAK[:60])
+    assert len(decisions) == 1
+    t, d = decisions[0]
+    assert (d.kind, d.reason, d.signal) == (kind, REASON_PREDICT, sig)
+    assert d.usage < d.limit == LIMIT
+    assert policy.estimate(KEY)["seconds_left"] < 30
+
+
+def test_after_a_predicted_sigterm_the_grace_ends_in_sigkill_only_past_the_limit():
+    policy = Policy(config("term", grace="2s"))
+    (t, d), = run(policy, LEAK, stop=True)
+    # it stopped growing below the limit: the grace ends with a back-off, no SIGKILL
+    assert run(policy, [(t + 2.5, 800 * MiB)]) == []
+    assert policy.states[KEY].stage == "idle"
+    policy = Policy(config("term", grace="2s"))
+    (t, d), = run(policy, LEAK, stop=True)
+    (_, k), = run(policy, [(t + 2.5, LIMIT + MiB)])
+    assert (k.signal, k.reason) == (signal.SIGKILL, REASON_GRACE)
+
+
+def test_a_fast_hog_meets_the_hard_limit_at_the_same_tick_with_or_without_predict():
+    hog = [(i * 0.01, int(i * 0.01 * 4 * 2**30)) for i in range(40)]   # 4 GiB/s
+    on, off = run(Policy(config("term")), hog), run(Policy(config("term", None)), hog)
+    assert [(t, d.reason, d.signal) for t, d in on] == [(t, d.reason, d.signal) for t, d in off]
+    assert on[0][1].reason == REASON_LIMIT
+
+
+def test_a_watch_without_predict_keeps_no_trend_and_records_no_estimate():
+    policy = Policy(config("term", None))
+    run(policy, LEAK)
+    assert policy.trends == {} and policy.estimate(KEY) is None
+    assert policy.quiet(Reading(KEY, "job", MiB, LIMIT, None))
+    assert not Policy(config("term")).quiet(Reading(KEY, "job", MiB, LIMIT, None))
+
+
+def test_no_prediction_in_cooldown_or_while_an_action_runs():
+    policy = Policy(config("term"))
+    (t, _), = run(policy, LEAK[:60])
+    policy.states[KEY].stage = "idle"
+    policy.trends[KEY].fired = False   # would fire again at once: the cooldown holds it
+    assert run(policy, [(t + DT * i, LEAK[60 + i][1]) for i in range(1, 5)]) == []
+
+
+def test_forget_drops_the_trend():
+    policy = Policy(config("term"))
+    run(policy, LEAK[:10])
+    policy.forget(KEY)
+    assert KEY not in policy.trends
+
+
+def test_a_cgroup_is_predicted_on_anon_plus_shmem_and_its_ceiling_vetoes():
+    key = ("cgroup", "/job")
+
+    def predicted(readings):
+        policy = Policy(config("throttle"))
+        return [d for (t, _), r in zip(LEAK, readings) for d in policy.evaluate(t, [r])
+                if d.reason == REASON_PREDICT]
+
+    growth = [600 * MiB + int(t * 30 * MiB) for t, _ in LEAK]   # memory.current climbing
+    assert len(predicted([Reading(key, "job", x, LIMIT, None, x, None) for x in growth])) == 1
+    # the same climb in page cache, anon + shmem flat: nothing predicted
+    assert predicted([Reading(key, "job", x, LIMIT, None, 200 * MiB, None) for x in growth]) == []
+    # anon climbing, but memory.max (900M) below the limit: the job cannot reach it
+    assert predicted([Reading(key, "job", x, LIMIT, None, x, 900 * MiB) for x in growth]) == []
+    assert len(predicted([Reading(key, "job", x, LIMIT, None, x, LIMIT) for x in growth])) == 1
+
+
+def test_still_needed_for_a_prediction_backs_off_only_if_it_shrank():
+    d = Decision("signal", KEY, "job", REASON_PREDICT, 600 * MiB, LIMIT, signal.SIGTERM)
+    cfg = config().guard
+    assert still_needed(d, 610 * MiB, None, cfg)
+    assert still_needed(d, 560 * MiB, None, cfg)
+    assert not still_needed(d, 500 * MiB, None, cfg)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("10ms", "under 1s"), (30, "bare number"), ("soon", "duration"), ("-5s", "negative"),
+    (True, "duration")])
+def test_predict_is_validated_like_every_key(value, problem):
+    with pytest.raises(ConfigError) as e:
+        config("term", value)
+    assert "watch[0].predict" in str(e.value) or "predict" in str(e.value)
+    assert problem in str(e.value)
+
+
+def test_predict_is_off_by_default_and_parsed_as_a_horizon():
+    assert config("term", None).watches[0].predict == 0.0
+    assert config("term", "0").watches[0].predict == 0.0
+    assert config("term", "1m").watches[0].predict == 60.0
