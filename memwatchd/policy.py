@@ -21,6 +21,7 @@ from memwatchd.types import Candidate, HostSample, Reading
 ESCALATE_FACTOR = 1.25   # during the grace period, SIGKILL at once past limit * this
 WARN_REARM = 0.9         # a warning re-arms once usage falls below warn * this
 UNKILLABLE_AFTER = 10.0  # seconds after SIGKILL before the guard gives up on a victim
+PREDICT_SAMPLES = 50     # a predicted exhaustion is sampled at least this often before it
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
 REASON_WARN = "warn-level"
@@ -304,7 +305,11 @@ class Policy:
         state = self.states.get(reading.key)
         if state is not None and state.stage == "terminating":
             return d.min_interval  # watch closely during the grace period
-        return next_interval(reading.limit - reading.usage, d.fill_rate, d.min_interval, d.interval)
+        wait = next_interval(reading.limit - reading.usage, d.fill_rate, d.min_interval, d.interval)
+        trend = self.trends.get(reading.key) if self.trends else None
+        if trend is not None and trend.estimate is not None:   # predictive trigger: resolve
+            wait = max(d.min_interval, min(wait, trend.estimate[0] / PREDICT_SAMPLES))  # its fall
+        return wait
 
     # ------------------------------------------------------------------ guard
 

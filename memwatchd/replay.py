@@ -23,7 +23,7 @@ import signal
 from typing import Dict, List, Optional, Sequence
 
 from memwatchd.config import Config, parse_config
-from memwatchd.policy import Policy, guard_level
+from memwatchd.policy import Policy, guard_level, is_quiet
 from memwatchd.trace import Trace, TraceError, read_trace
 from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, Reading
 
@@ -312,7 +312,7 @@ class _Replayer:
             rid = self.rid_of[r.key]
             if rid not in held:
                 continue
-            if policy.quiet(r):
+            if is_quiet(r, policy.states.get(r.key)):   # (a trend is fed recorded values only)
                 self.due_at.pop(rid, None)
             else:
                 due = t + policy.interval_for(r)

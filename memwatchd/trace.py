@@ -65,6 +65,8 @@ def config_dict(config) -> dict:
                 "scope": w.scope, "usage": w.usage}
         if w.warn is not None:
             item["warn"] = str(w.warn)
+        if w.predict > 0:
+            item["predict"] = _seconds(w.predict)
         watches.append(item)
     return {
         "daemon": {"interval": _seconds(d.interval), "min_interval": _seconds(d.min_interval),
