@@ -52,6 +52,11 @@ METRICS: Tuple[Tuple[str, str, Tuple[str, ...], str], ...] = (
     ("memwatchd_target_usage_bytes", "gauge", ("target", "id"),
      "Memory a target uses as its watch measures it (id: pid or cgroup path)."),
     ("memwatchd_target_limit_bytes", "gauge", ("target", "id"), "The target's limit, resolved to bytes."),
+    ("memwatchd_target_exhaustion_seconds", "gauge", ("target", "id"),
+     "Predicted time until the target reaches its limit at the upper bound of its growth "
+     "(watches with predict; absent while it does not grow)."),
+    ("memwatchd_target_growth_bytes_per_second", "gauge", ("target", "id", "bound"),
+     "The target's growth over the predictive trigger's window (bound: estimate or upper)."),
     ("memwatchd_host_memory_available_bytes", "gauge", (), "MemAvailable of /proc/meminfo."),
     ("memwatchd_host_memory_total_bytes", "gauge", (), "MemTotal of /proc/meminfo."),
     ("memwatchd_host_memory_pressure_ratio", "gauge", ("kind", "window"),
@@ -117,15 +122,23 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
     count = gauge("memwatchd_targets", ("target",))
     usage = gauge("memwatchd_target_usage_bytes", ("target", "id"))
     limit = gauge("memwatchd_target_limit_bytes", ("target", "id"))
+    left = gauge("memwatchd_target_exhaustion_seconds", ("target", "id"))
+    growth = gauge("memwatchd_target_growth_bytes_per_second", ("target", "id", "bound"))
     per_watch = {name: 0 for name in view.get("watches", ())}
     for row in view["targets"]:
         per_watch[row["target"]] = per_watch.get(row["target"], 0) + 1
         if row["usage_bytes"] is not None:
             usage.add_metric([row["target"], row["id"]], row["usage_bytes"])
             limit.add_metric([row["target"], row["id"]], row["limit_bytes"])
+        p = row.get("predict")
+        if p:
+            if p["seconds_left"] is not None:
+                left.add_metric([row["target"], row["id"]], p["seconds_left"])
+            growth.add_metric([row["target"], row["id"], "estimate"], p["slope_bytes_per_s"])
+            growth.add_metric([row["target"], row["id"], "upper"], p["slope_upper_bytes_per_s"])
     for name, n in sorted(per_watch.items()):
         count.add_metric([name], n)
-    out += [count, usage, limit]
+    out += [count, usage, limit, left, growth]
 
     host = view.get("host")
     if host:

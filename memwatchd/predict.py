@@ -12,6 +12,10 @@ Gates against false alarms, each switchable for the benchmark (``ALL_GATES``):
   horizon  the time left at the upper bound is under the watch's ``predict`` horizon
   floor    the memory is already above SOFT_FLOOR of the limit (the hard threshold)
   persist  both held for PERSIST samples in a row over at least MIN_SPAN seconds
+  history  the window covers at least HISTORY seconds: the first climb of a job (a
+           sawtooth's first cycle, a build's first children) is not yet a trend
+  falls    veto: the memory fell by FALL of its peak within the last WINDOW seconds (a
+           sawtooth, a build's children exiting): what is freed again is not a leak
   plateau  veto: a parabola through the window (negative curvature) tops out below
            the limit, or no longer climbs (growth levelling off)
   ceiling  veto: a cgroup whose memory.max is below the limit cannot reach it (the
@@ -30,10 +34,12 @@ SOFT_FLOOR = 0.5      # predict only with the memory above this share of the lim
 ARM = 0.375           # from here on the trace recorder writes every reading (SOFT_FLOOR * 0.75)
 PERSIST = 3           # consecutive samples the condition must hold
 MIN_SPAN = 0.5        # seconds of readings in the window before any prediction counts
+HISTORY = 5.0         # seconds of the target's readings before a prediction may act
+FALL = 0.25           # a drop of this share from the last peak: memory that was freed
 MIN_POINTS = 4
 REARM = 2.0           # a fired prediction re-arms once the time left exceeds horizon * this
 
-ALL_GATES = frozenset(("horizon", "floor", "persist", "plateau", "ceiling"))
+ALL_GATES = frozenset(("horizon", "floor", "persist", "history", "falls", "plateau", "ceiling"))
 INF = float("inf")
 
 
@@ -144,10 +150,12 @@ def time_left(headroom: float, slope_hi: float) -> float:
 class Trend:
     """One target's fit, the gates' memory (streak, fired) and its last estimate."""
 
-    __slots__ = ("fit", "streak", "fired", "armed", "estimate")
+    __slots__ = ("fit", "streak", "fired", "armed", "estimate", "peak", "fell_at")
 
     def __init__(self) -> None:
         self.fit = Fit(WINDOW)
+        self.peak = 0             # the highest reading since the last fall
+        self.fell_at = -INF       # when the memory last fell by FALL of its peak
         self.streak = 0
         self.fired = False
         self.armed = False
@@ -157,6 +165,10 @@ class Trend:
                ceiling=None, gates=ALL_GATES) -> bool:
         """Add one reading; True when the gates say: act now (once per crossing)."""
         self.fit.add(now, value)
+        if value < self.peak * (1 - FALL):
+            self.fell_at, self.peak = now, value
+        elif value > self.peak:
+            self.peak = value
         self.armed = value >= limit * ARM
         fit = self.fit.slope()
         if fit is None:
@@ -174,8 +186,11 @@ class Trend:
         ok = ("horizon" not in gates or left < horizon) and \
              ("floor" not in gates or value >= limit * SOFT_FLOOR) and \
              not ("ceiling" in gates and ceiling is not None and 0 < ceiling < limit) and \
+             not ("falls" in gates and now - self.fell_at < WINDOW) and \
              not ("plateau" in gates and self.levelling_off(slope, limit))
-        if not ok or self.fit.covered() < MIN_SPAN or self.fit.n < MIN_POINTS:
+        covered = self.fit.covered()
+        if not ok or covered < MIN_SPAN or self.fit.n < MIN_POINTS or \
+                ("history" in gates and covered < HISTORY):
             self.streak = 0
             return False
         self.streak += 1

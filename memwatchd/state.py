@@ -129,8 +129,9 @@ def target_labels(t: Any) -> tuple:
 
 
 def target_view(t: Any, now: float, last_action: Optional[dict] = None,
-                labels: Optional[tuple] = None) -> Dict[str, Any]:
-    """One targets.Target as plain JSON data; labels as target_labels(t) returns them."""
+                labels: Optional[tuple] = None, estimate: Optional[dict] = None) -> Dict[str, Any]:
+    """One targets.Target as plain JSON data; labels as target_labels(t) returns them;
+    estimate as Policy.estimate returns it (None without predict)."""
     sampled = t.sampled_at > 0
     usage = t.usage if sampled else None
     limit = t.limit if sampled else None
@@ -151,6 +152,7 @@ def target_view(t: Any, now: float, last_action: Optional[dict] = None,
         "interval_seconds": round(t.interval, 6) if t.interval else None,
         "sample_age_seconds": round(max(0.0, now - t.sampled_at), 6) if sampled else None,
         "last_action": last_action,
+        "predict": estimate,
     }
 
 
@@ -182,10 +184,12 @@ def guard_view(guard: Any, mem_total: Optional[int]) -> Dict[str, Any]:
 def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
                daemon: Optional[dict] = None, recent: Iterable[dict] = (),
                last_by_target: Optional[Dict[tuple, dict]] = None,
-               labels: Optional[Dict[tuple, tuple]] = None) -> Dict[str, Any]:
+               labels: Optional[Dict[tuple, tuple]] = None,
+               estimate: Optional[Any] = None) -> Dict[str, Any]:
     """What `status` shows and the state file holds. daemon=None: sampled by `status` itself.
     last_by_target maps action_key() to the last action on that target; labels caches
-    target_labels() by target key across calls (the caller prunes it)."""
+    target_labels() by target key across calls (the caller prunes it); estimate is the
+    policy's key -> time-to-exhaustion estimate (Policy.estimate), None outside the daemon."""
     last_by_target = last_by_target or {}
     labels = {} if labels is None else labels
     rows = []
@@ -193,7 +197,8 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
         shown = labels.get(t.key)
         if shown is None:
             shown = labels[t.key] = target_labels(t)
-        rows.append(target_view(t, now, last_by_target.get((t.watch.name, shown[0])), shown))
+        rows.append(target_view(t, now, last_by_target.get((t.watch.name, shown[0])), shown,
+                                estimate(t.key) if estimate is not None else None))
     rows.sort(key=lambda r: (r["target"], r["id"]))
     return {
         "format": FORMAT,
@@ -350,7 +355,8 @@ class Publisher:
         if len(self.labels) > 2 * len(targets) + 64:   # forget the targets that are gone
             self.labels = {key: shown for key, shown in self.labels.items() if key in targets}
         return build_view(targets.values(), daemon.host, now, self.config,
-                          info, self.recent, self.last_by_target, self.labels)
+                          info, self.recent, self.last_by_target, self.labels,
+                          daemon.policy.estimate if daemon.policy.trends else None)
 
     def _write_state(self, view: Dict[str, Any]) -> None:
         path = self.config.daemon.state

@@ -94,6 +94,11 @@ def plateau_curve(top, tau, start=0):
     return lambda t: start + (top - start) * (1 - math.exp(-t / tau))
 
 
+def sawtooth(low, high, period):
+    return lambda t: low + (high - low) * ((t % period) / (period * 0.8) if t % period < period * 0.8
+                                           else 0)
+
+
 LEAK = series(40 * MiB, 520 * MiB)                 # above the floor, 12 s from the limit
 CASES = [
     # name,        points,                                 kwargs,                 fires, fires without gate
@@ -101,6 +106,7 @@ CASES = [
     ("horizon",    series(2 * MiB, 600 * MiB),              {},                     False, "horizon"),
     ("floor",      series(40 * MiB, 50 * MiB, seconds=8),   {},                     False, "floor"),
     ("plateau",    series(0, 0, curve=plateau_curve(800 * MiB, 1.5, 400 * MiB)), {}, False, "plateau"),
+    ("history",    series(80 * MiB, 520 * MiB, seconds=4.5), {},                   False, "history"),
     ("ceiling",    LEAK,                                    {"ceiling": 900 * MiB}, False, "ceiling"),
     ("no-ceiling", LEAK,                                    {"ceiling": 2 * LIMIT}, True,  None),
     ("shrinking",  series(-20 * MiB, 900 * MiB),            {},                     False, None),
@@ -117,16 +123,28 @@ def test_each_gate_vetoes_its_case_and_only_its_own_removal_lets_it_through(name
             assert first_fire(points, gates=ALL_GATES - {other}, **kwargs) is None
 
 
+def test_history_vetoes_a_sawtooths_first_climb_and_falls_its_later_ones():
+    saw = series(0, 0, curve=sawtooth(350 * MiB, 750 * MiB, 2.0), seconds=11.5)
+    assert first_fire(saw) is None
+    without_falls = first_fire(saw, gates=ALL_GATES - {"falls"})
+    assert without_falls is not None and without_falls >= predict.HISTORY
+    without_history = first_fire(saw, gates=ALL_GATES - {"history"})
+    assert without_history is not None and without_history < 2.0   # the first climb only
+    # a fall is a share of the peak: GC-sized dips (10 %) do not veto a leak
+    dips = [(t, x - (x // 10 if int(t * 4) % 4 == 0 else 0)) for t, x in LEAK]
+    assert first_fire(dips) is not None
+
+
 def test_persist_waits_for_consecutive_samples_and_a_minimum_span():
     with_persist = first_fire(LEAK)
     without = first_fire(LEAK, gates=ALL_GATES - {"persist"})
-    assert without == pytest.approx(predict.MIN_SPAN, abs=DT + 1e-9)   # no fit counts before
+    assert without == pytest.approx(predict.HISTORY, abs=DT + 1e-9)   # no fit counts before
     assert with_persist == pytest.approx(without + (predict.PERSIST - 1) * DT, abs=1e-9)
     # an interruption (a sample out of the floor) starts the count again
     broken = list(LEAK)
     i = int(with_persist / DT) - 1
     broken[i] = (broken[i][0], 100 * MiB)
-    later = first_fire(broken, gates=ALL_GATES - {"plateau"})
+    later = first_fire(broken, gates=ALL_GATES - {"plateau", "falls"})
     assert later is not None and later > with_persist
 
 
@@ -180,7 +198,7 @@ def run(policy, points, limit=LIMIT, stop=False):
     ("warn", "warn", None), ("kill", "warn", None), ("freeze", "warn", None)])
 def test_prediction_takes_only_the_gentle_rung_of_each_action(action, kind, sig):
     policy = Policy(config(action))
-    decisions = run(policy, LEAK[:60])
+    decisions = run(policy, LEAK, stop=True)
     assert len(decisions) == 1
     t, d = decisions[0]
     assert (d.kind, d.reason, d.signal) == (kind, REASON_PREDICT, sig)
@@ -217,10 +235,11 @@ def test_a_watch_without_predict_keeps_no_trend_and_records_no_estimate():
 
 def test_no_prediction_in_cooldown_or_while_an_action_runs():
     policy = Policy(config("term"))
-    (t, _), = run(policy, LEAK[:60])
+    (t, _), = run(policy, LEAK, stop=True)
     policy.states[KEY].stage = "idle"
     policy.trends[KEY].fired = False   # would fire again at once: the cooldown holds it
-    assert run(policy, [(t + DT * i, LEAK[60 + i][1]) for i in range(1, 5)]) == []
+    i = int(round(t / DT))
+    assert run(policy, LEAK[i + 1:i + 5]) == []
 
 
 def test_forget_drops_the_trend():
