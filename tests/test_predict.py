@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 
 import pytest
@@ -288,3 +289,50 @@ def test_predict_is_off_by_default_and_parsed_as_a_horizon():
     assert config("term", None).watches[0].predict == 0.0
     assert config("term", "0").watches[0].predict == 0.0
     assert config("term", "1m").watches[0].predict == 60.0
+
+
+# ------------------------------------------------- replay over the recorded corpus
+
+CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "predict")
+
+
+def corpus_case(name):
+    from memwatchd.replay import recorded_config, replay
+    from memwatchd.trace import read_trace
+    trace = read_trace(os.path.join(CORPUS_DIR, f"{name}.trace.gz"))
+    assert trace.damage == []
+    cfg = recorded_config(trace)
+
+    def run_with(horizon):
+        c = cfg._replace(watches=tuple(w._replace(predict=horizon) for w in cfg.watches))
+        return replay(trace, c).decisions
+    return trace, run_with(30.0), run_with(0.0)
+
+
+@pytest.mark.parametrize("name", ["leak-10", "leak-30", "leak-100", "leak-300", "leak-1000"])
+def test_replayed_leaks_are_caught_before_the_threshold_would_fire(name):
+    trace, on, off = corpus_case(name)
+    hard = next(d.t for d in off if d.reason == REASON_LIMIT)
+    predicted = [d for d in on if d.reason == REASON_PREDICT]
+    assert predicted and predicted[0].t < hard
+    assert predicted[0].usage < predicted[0].limit
+    assert predicted[0].kind == "signal" and predicted[0].signal == "SIGTERM"
+
+
+@pytest.mark.parametrize("name", ["plateau-50", "plateau-70", "plateau-90", "sawtooth-60",
+                                  "sawtooth-85", "build", "pagecache", "ramp-60"])
+def test_replayed_benign_jobs_get_no_predicted_action(name):
+    trace, on, off = corpus_case(name)
+    assert [d for d in off if d.reason == REASON_LIMIT] == []   # never reaches its limit
+    assert [d for d in on if d.reason == REASON_PREDICT] == []
+
+
+def test_the_corpus_recorded_its_live_predictions_and_replay_reproduces_them():
+    """Recorded with --predict: the live dry-run decisions are in the trace; replaying the
+    recorded config gives the same ones (same reason, within one sample)."""
+    from memwatchd.replay import replay
+    from memwatchd.trace import read_trace
+    trace = read_trace(os.path.join(CORPUS_DIR, "leak-30.trace.gz"))
+    result = replay(trace)
+    live = [d for d in result.live if d.reason == REASON_PREDICT]
+    assert live and all(d.match is not None for d in live)

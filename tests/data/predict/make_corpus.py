@@ -10,7 +10,9 @@ exactly what the live daemon saw there (below it: the usual on-change readings, 
 are true readings at their true times, only fewer).
 
 Classes (``CORPUS``: name -> class, limit, workload arguments):
-  leak-N      grows at N MB/s (1 to 1000) past its limit (to 1.15x), then exits
+  leak-N      a running job (50 MiB steady for 3 s) that starts to leak at N MB/s (1 to
+              1000), past its limit (to 1.15x), then exits
+  fromstart-N a leak from the process's first moment (no history: reported apart)
   plateau-P   grows towards P% of its limit with an exponential approach (levels off), holds
   ramp-P      grows in a straight line at 4 MB/s to P% of its limit and stops there: a
               leak of that rate until it stops (the benchmark reports it apart)
@@ -34,12 +36,13 @@ MB = 10**6
 
 # name: (class, limit, workload argv)
 CORPUS = {
-    "leak-1": ("leak", "40M", ["leak", 1 * MB, 46 * MB]),
-    "leak-10": ("leak", "200M", ["leak", 10 * MB, 230 * MB]),
-    "leak-30": ("leak", "400M", ["leak", 30 * MB, 460 * MB]),
-    "leak-100": ("leak", "1G", ["leak", 100 * MB, 1180 * MB]),
-    "leak-300": ("leak", "2G", ["leak", 300 * MB, 2350 * MB]),
-    "leak-1000": ("leak", "3G", ["leak", 1000 * MB, 3500 * MB]),
+    "leak-1": ("leak", "80M", ["leak", 1 * MB, 90 * MB, 3]),
+    "leak-10": ("leak", "200M", ["leak", 10 * MB, 230 * MB, 3]),
+    "leak-30": ("leak", "400M", ["leak", 30 * MB, 460 * MB, 3]),
+    "leak-100": ("leak", "1G", ["leak", 100 * MB, 1180 * MB, 3]),
+    "leak-300": ("leak", "2G", ["leak", 300 * MB, 2350 * MB, 3]),
+    "leak-1000": ("leak", "3G", ["leak", 1000 * MB, 3500 * MB, 3]),
+    "fromstart-1000": ("fromstart", "3G", ["leak", 1000 * MB, 3500 * MB, 0]),
     "plateau-50": ("plateau", "512M", ["plateau", 268 * MB, 1.5, 6]),
     "plateau-70": ("plateau", "512M", ["plateau", 376 * MB, 1.5, 6]),
     "plateau-90": ("plateau", "512M", ["plateau", 483 * MB, 2.0, 6]),
@@ -54,8 +57,9 @@ CORPUS = {
 WORKLOAD = r'''
 import math, os, resource, signal, subprocess, sys, time
 signal.alarm(120)
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 CHUNK = 1 << 20
+ONES = b"\x01" * (CHUNK // 4096)
 held = []
 
 def rss():
@@ -65,16 +69,16 @@ def rss():
 def grow_to(nbytes):
     while len(held) * CHUNK < nbytes:
         b = bytearray(CHUNK)
-        for i in range(0, CHUNK, 4096):
-            b[i] = 1
+        b[::4096] = ONES          # touch every page (at C speed: the fast leaks need it)
         held.append(b)
 
-def follow(target, seconds):
-    """Hold the allocation at target(t) (bytes above the start) for this long."""
+def follow(target, seconds, until=None):
+    """Hold the allocation at target(t) (bytes above the start) for this long (and, with
+    until, at least until that much is allocated)."""
     start = time.monotonic()
     while True:
         t = time.monotonic() - start
-        if t >= seconds:
+        if t >= seconds and (until is None or len(held) * CHUNK >= until):
             return
         grow_to(target(t))
         time.sleep(0.005)
@@ -82,8 +86,13 @@ def follow(target, seconds):
 mode = sys.argv[1]
 base = rss()
 if mode == "leak":
-    rate, cap = int(sys.argv[2]), int(sys.argv[3])
-    follow(lambda t: min(rate * t, cap - base), (cap - base) / rate + 0.5)
+    rate, cap, warm = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    grow_to(50 << 20)             # a running job: its working set, steady for `warm` seconds
+    time.sleep(warm)
+    base = rss()
+    top = (50 << 20) + cap - base
+    follow(lambda t: min((50 << 20) + rate * t, top), (cap - base) / rate + 0.5,
+           until=top)   # a loaded machine may allocate slower than asked: go on to the cap
 elif mode == "plateau":
     top, tau, hold = int(sys.argv[2]) - base, float(sys.argv[3]), float(sys.argv[4])
     follow(lambda t: top * (1 - math.exp(-t / tau)), 5 * tau + hold)
