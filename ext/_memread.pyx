@@ -17,6 +17,7 @@ from posix.fcntl cimport O_RDONLY, O_CLOEXEC, O_DIRECTORY
 import os
 
 from memwatchd import types as _types
+from memwatchd.threadgroup import open_live_statm
 from memwatchd.types import CgroupSample, HostSample, Pressure
 
 cdef extern from "unistd.h" nogil:
@@ -303,8 +304,14 @@ cdef class ProcessTable:
     and returns a slot. sample() re-reads every live slot's statm with one
     pread each; rss(slot)/vms(slot)/status(slot) read the results. A process
     that exited, or a zombie (statm all zeros), turns GONE; its fd is closed.
+    A statm of zeros is first checked off the hot path (memwatchd.threadgroup):
+    if the main thread exited while others live, the slot reads a live thread's
+    statm from then on; only a whole thread group that exited is GONE.
     """
     cdef int *fds
+    cdef signed char *via_thread   # the slot reads /proc/<pid>/task/<tid>/statm
+    cdef Py_ssize_t *pending       # slots whose statm read zeros this pass
+    cdef Py_ssize_t npending
     cdef int64_t *rss_bytes
     cdef int64_t *vms_bytes
     cdef int64_t *start_times
@@ -331,8 +338,13 @@ cdef class ProcessTable:
                     close(self.fds[i])
         free(self.fds); free(self.rss_bytes); free(self.vms_bytes)
         free(self.start_times); free(self.pids); free(self.statuses)
+        free(self.via_thread); free(self.pending)
 
     cdef _grow(self, Py_ssize_t newcap):
+        self.via_thread = <signed char *>realloc(self.via_thread, newcap)
+        self.pending = <Py_ssize_t *>realloc(self.pending, newcap * sizeof(Py_ssize_t))
+        if self.via_thread == NULL or self.pending == NULL:
+            raise MemoryError()
         self.fds = <int *>realloc(self.fds, newcap * sizeof(int))
         self.rss_bytes = <int64_t *>realloc(self.rss_bytes, newcap * sizeof(int64_t))
         self.vms_bytes = <int64_t *>realloc(self.vms_bytes, newcap * sizeof(int64_t))
@@ -384,6 +396,7 @@ cdef class ProcessTable:
         self.rss_bytes[slot] = 0
         self.vms_bytes[slot] = 0
         self.statuses[slot] = _types.OK
+        self.via_thread[slot] = 0
         return slot
 
     def remove(self, Py_ssize_t slot):
@@ -397,7 +410,8 @@ cdef class ProcessTable:
         self.free_slots.append(slot)
 
     cdef inline bint _sample_one(self, Py_ssize_t i) noexcept nogil:
-        """pread + parse one slot; True if it is still live."""
+        """pread + parse one slot; True if it is still live. A read of zeros (or a
+        failing thread fd) queues the slot in pending for _rehome, outside nogil."""
         cdef ssize_t n
         cdef int64_t vms, rss
         cdef int fd = self.fds[i]
@@ -407,20 +421,50 @@ cdef class ProcessTable:
         if n < 0:
             self.statuses[i] = status_of(errno)
             if self.statuses[i] == S_GONE:
+                if self.via_thread[i] and self.npending < self.capacity:
+                    self.pending[self.npending] = i  # that thread exited: another may live
+                    self.npending += 1
+                    return False
                 close(fd)
                 self.fds[i] = -1
             return False
         if parse_statm_c(self.buf, n, &vms, &rss) != 0 or (vms == 0 and rss == 0):
-            # A zombie reads all zeros: it has released its memory already.
+            # A zombie reads all zeros, and so does a live process whose main thread exited.
             self.statuses[i] = S_GONE
             self.rss_bytes[i] = 0
-            close(fd)
-            self.fds[i] = -1
+            if self.npending < self.capacity:
+                self.pending[self.npending] = i
+                self.npending += 1
+            else:
+                close(fd)
+                self.fds[i] = -1
             return False
         self.rss_bytes[i] = rss * PAGE_SIZE
         self.vms_bytes[i] = vms * PAGE_SIZE
         self.statuses[i] = S_OK
         return True
+
+    cdef Py_ssize_t _rehome_pending(self):
+        """Settle the slots that read zeros: a live thread's statm, or GONE. Returns the
+        number that turned out live."""
+        cdef Py_ssize_t k, i, live = 0
+        cdef Py_ssize_t count = self.npending
+        self.npending = 0
+        for k in range(count):
+            i = self.pending[k]
+            found = open_live_statm(os.fsdecode(self.proc_root), self.pids[i], self.start_times[i])
+            close(self.fds[i])
+            if found is None:
+                self.fds[i] = -1
+                self.statuses[i] = S_GONE
+                continue
+            self.fds[i], vms, rss = found
+            self.via_thread[i] = 1
+            self.rss_bytes[i] = rss * PAGE_SIZE
+            self.vms_bytes[i] = vms * PAGE_SIZE
+            self.statuses[i] = S_OK
+            live += 1
+        return live
 
     def sample(self):
         """Re-read every live slot; return how many are still live."""
@@ -429,6 +473,8 @@ cdef class ProcessTable:
             for i in range(self.used):
                 if self._sample_one(i):
                     live += 1
+        if self.npending:
+            live += self._rehome_pending()
         return live
 
     def sample_slots(self, slots):
@@ -448,6 +494,8 @@ cdef class ProcessTable:
                         live += 1
         finally:
             free(idx)
+        if self.npending:
+            live += self._rehome_pending()
         return live
 
     cdef inline _check(self, Py_ssize_t slot):
@@ -501,14 +549,36 @@ EVENT_KEYS = [b"high", b"max", b"oom", b"oom_kill", b"oom_group_kill"]
 STAT_KEYS = [b"anon", b"file", b"inactive_file", b"shmem"]
 
 
+cdef inline void _forget_file(int64_t *v, int k) noexcept nogil:
+    """The values an unreadable optional file k would have given: UNKNOWN (no PSI)."""
+    cdef int j
+    if k == F_MAX:
+        v[1] = C_UNKNOWN
+    elif k == F_HIGH:
+        v[2] = C_UNKNOWN
+    elif k == F_SWAP:
+        v[3] = C_UNKNOWN
+    elif k == F_EVENTS:
+        for j in range(5):
+            v[V_EVENTS + j] = C_UNKNOWN
+    elif k == F_STAT:
+        for j in range(4):
+            v[V_STAT + j] = C_UNKNOWN
+    elif k == F_PRESSURE:
+        v[V_HAS_PSI] = 0
+
+
 cdef class CgroupTable:
     """A set of cgroup v2 directories whose memory files are sampled together.
 
-    add(path) opens memory.current (required; its absence means the cgroup is
-    gone or has no memory controller) and whichever optional files exist.
-    A removed cgroup's files fail with ENODEV/ENOENT, which turns the slot GONE.
+    add(path) opens the directory (kept: dirfd(slot)), memory.current (required;
+    its absence means the cgroup is gone or has no memory controller) and
+    whichever optional files exist.
+    A removed cgroup's memory.current fails with ENODEV/ENOENT, which turns the
+    slot GONE; an optional file that fails to read only reads as UNKNOWN.
     """
     cdef int *fds            # capacity * NFILES
+    cdef int *dirfds         # the cgroup directory itself, held from selection to action
     cdef int64_t *values     # capacity * NVALUES
     cdef signed char *statuses
     cdef Py_ssize_t capacity
@@ -534,13 +604,17 @@ cdef class CgroupTable:
             for i in range(self.used * NFILES):
                 if self.fds[i] >= 0:
                     close(self.fds[i])
-        free(self.fds); free(self.values); free(self.statuses)
+            for i in range(self.used):
+                if self.dirfds[i] >= 0:
+                    close(self.dirfds[i])
+        free(self.fds); free(self.dirfds); free(self.values); free(self.statuses)
 
     cdef _grow(self, Py_ssize_t newcap):
         self.fds = <int *>realloc(self.fds, newcap * NFILES * sizeof(int))
+        self.dirfds = <int *>realloc(self.dirfds, newcap * sizeof(int))
         self.values = <int64_t *>realloc(self.values, newcap * NVALUES * sizeof(int64_t))
         self.statuses = <signed char *>realloc(self.statuses, newcap)
-        if self.fds == NULL or self.values == NULL or self.statuses == NULL:
+        if self.fds == NULL or self.dirfds == NULL or self.values == NULL or self.statuses == NULL:
             raise MemoryError()
         self.capacity = newcap
 
@@ -552,14 +626,12 @@ cdef class CgroupTable:
         cdef int opened[NFILES]
         if dirfd < 0:
             _types.raise_for_status(status_of(errno), f"cgroup {path}")
-        try:
-            for k in range(NFILES):
-                opened[k] = openat(dirfd, os.fsencode(CGROUP_FILES[k]), O_RDONLY | O_CLOEXEC)
-                if opened[k] < 0 and k == F_CURRENT:
-                    err = errno
-                    _types.raise_for_status(status_of(err), f"cgroup {path}: memory.current")
-        finally:
-            close(dirfd)
+        for k in range(NFILES):
+            opened[k] = openat(dirfd, os.fsencode(CGROUP_FILES[k]), O_RDONLY | O_CLOEXEC)
+            if opened[k] < 0 and k == F_CURRENT:   # the first one: nothing else to close
+                err = errno
+                close(dirfd)
+                _types.raise_for_status(status_of(err), f"cgroup {path}: memory.current")
         cdef Py_ssize_t slot
         if self.free_slots:
             slot = self.free_slots.pop()
@@ -572,6 +644,7 @@ cdef class CgroupTable:
             self.paths.append(path)
         for k in range(NFILES):
             self.fds[slot * NFILES + k] = opened[k]
+        self.dirfds[slot] = dirfd
         for k in range(NVALUES):
             self.values[slot * NVALUES + k] = _types.UNKNOWN
         self.statuses[slot] = _types.OK
@@ -579,6 +652,9 @@ cdef class CgroupTable:
 
     cdef _close_slot(self, Py_ssize_t slot):
         cdef int k
+        if self.dirfds[slot] >= 0:
+            close(self.dirfds[slot])
+            self.dirfds[slot] = -1
         for k in range(NFILES):
             if self.fds[slot * NFILES + k] >= 0:
                 close(self.fds[slot * NFILES + k])
@@ -625,8 +701,11 @@ cdef class CgroupTable:
                 continue
             n = pread_retry(fd, self.buf, BUFSIZE - 1)
             if n < 0:
-                st = status_of(errno)
-                break
+                if k == F_CURRENT:  # only memory.current decides that a cgroup is gone
+                    st = status_of(errno)
+                    break
+                _forget_file(v, k)  # an optional file failing (ENODEV after
+                continue            # cgroup.pressure=0, EACCES, ...) is just unknown
             if k == F_CURRENT:
                 v[0] = parse_max_c(self.buf, n)
             elif k == F_MAX:
@@ -663,6 +742,13 @@ cdef class CgroupTable:
     def path(self, Py_ssize_t slot):
         self._check(slot)
         return self.paths[slot]
+
+    def dirfd(self, Py_ssize_t slot):
+        """The cgroup directory opened by add() (-1 once GONE or removed): actions open
+        cgroup.kill/cgroup.procs relative to it, so a cgroup removed and re-created at
+        the same path is never mistaken for the one that was selected."""
+        self._check(slot)
+        return self.dirfds[slot]
 
     def get(self, Py_ssize_t slot):
         """The last sample of a slot as a CgroupSample."""

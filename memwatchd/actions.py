@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from memwatchd.sampler import parse_stat_start_time, process_mrelease
-from memwatchd.targets import descendants
+from memwatchd.targets import ancestors, descendants
 from memwatchd.types import (
     DENIED,
     GONE,
@@ -59,28 +59,6 @@ def _raise_os(err: OSError, what: str):
     if status == DENIED:
         raise AccessDenied(f"{what}: permission denied") from err
     raise MemwatchdError(f"{what}: {err.strerror or err}") from err
-
-
-def _read(path: str, size: int = 65536) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, size)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-
-
-def _write(path: str, text: str) -> None:
-    """One write(2) of the whole value: cgroup control files act on each write call."""
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 def _proc(proc_root: str) -> str:
@@ -238,38 +216,105 @@ def _signal_quietly(fd: int, sig: int) -> None:
 
 
 # ------------------------------------------------------------------ cgroups
+# Every cgroup function takes the cgroup's path (for messages, and to open it when no
+# fd is given) and, from the daemon, dir_fd: the directory the sampler opened when the
+# cgroup was selected. Control files are opened relative to it, so a cgroup removed and
+# re-created at the same path between the re-read and the action is never hit: the old
+# directory's files are gone (TargetGone), as a pidfd names one process.
 
-def cgroup_procs(cgroup_dir: str) -> List[int]:
-    """The PIDs listed in cgroup_dir/cgroup.procs (TargetGone if the cgroup was removed)."""
+def _read(path: str, size: int = 65536, dir_fd: Optional[int] = None) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        data = _read(os.path.join(cgroup_dir, "cgroup.procs"))
+        chunks = []
+        while True:
+            chunk = os.read(fd, size)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, text: str, dir_fd: Optional[int] = None) -> None:
+    """One write(2) of the whole value: cgroup control files act on each write call."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+class _CgroupDir:
+    """The cgroup's directory fd for one action: the caller's (held since selection) or,
+    given only a path, opened now. Closed on exit only if opened here."""
+
+    __slots__ = ("path", "fd", "owned")
+
+    def __init__(self, path: str, dir_fd: Optional[int]):
+        self.path, self.fd, self.owned = path, dir_fd, dir_fd is None
+        if dir_fd is not None and dir_fd < 0:
+            raise TargetGone(f"cgroup {path}: gone (removed since it was selected)")
+
+    def __enter__(self) -> int:
+        if self.owned:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                _raise_os(e, f"cgroup {self.path}")
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            os.close(self.fd)
+
+
+def cgroup_procs(cgroup_dir: str, dir_fd: Optional[int] = None) -> List[int]:
+    """The PIDs listed in cgroup.procs (TargetGone if the cgroup was removed). With
+    dir_fd, cgroup_dir is only a name for messages and the file is read relative to it."""
+    try:
+        data = _read("cgroup.procs" if dir_fd is not None else
+                     os.path.join(cgroup_dir, "cgroup.procs"), dir_fd=dir_fd)
     except OSError as e:
         _raise_os(e, f"cgroup {cgroup_dir}")
     return [int(x) for x in data.split()]
 
 
-def _subtree_procs(cgroup_dir: str) -> List[int]:
-    """cgroup.procs of cgroup_dir and every child cgroup below it (children vanish silently)."""
-    pids = cgroup_procs(cgroup_dir)
-    for dirpath, dirnames, _files in os.walk(cgroup_dir):
+def _subtree_procs(cgroup_dir: str, dir_fd: int) -> List[int]:
+    """cgroup.procs of the cgroup and every child cgroup below it (children vanish silently),
+    all read relative to the directory fd."""
+    pids = cgroup_procs(cgroup_dir, dir_fd)
+    for _path, dirnames, _files, fd in os.fwalk(".", dir_fd=dir_fd):
         for name in dirnames:
             try:
-                pids.extend(cgroup_procs(os.path.join(dirpath, name)))
-            except MemwatchdError:
+                pids.extend(int(x) for x in _read(f"{name}/cgroup.procs", dir_fd=fd).split())
+            except OSError:
                 continue
     return pids
 
 
-def _open_members(cgroup_dir: str, skip: Set[int]) -> Tuple[Dict[int, int], int]:
+def vital_pids(proc_root: str = "/") -> Set[int]:
+    """PID 1, memwatchd and its ancestors: a cgroup holding any of them (anywhere in its
+    subtree, i.e. the cgroup is theirs or an ancestor of theirs, /init.scope or a slice
+    memwatchd runs in) is never signalled, frozen or throttled."""
+    return {1} | ancestors(os.getpid(), _proc(proc_root))
+
+
+def _refuse_vital(cgroup_dir: str, listed: Iterable[int]) -> None:
+    vital = vital_pids() & set(listed)
+    if vital:
+        raise MemwatchdError(f"cgroup {cgroup_dir}: refusing, it holds init or memwatchd "
+                             f"(pid {min(vital)})")
+
+
+def _open_members(cgroup_dir: str, dir_fd: int, skip: Set[int]) -> Tuple[Dict[int, int], int]:
     """(pid -> pidfd, number not opened for lack of fds) for the subtree's processes.
 
     A PID read from cgroup.procs may be reused by an outsider before pidfd_open;
     re-reading the lists afterwards and keeping only PIDs still present means each
     pidfd names a member (or a process that has since exited: harmless).
     """
-    listed = [p for p in dict.fromkeys(_subtree_procs(cgroup_dir)) if p not in skip]
-    if os.getpid() in listed:  # cgroup.kill would take us with it: a configuration error
-        raise MemwatchdError(f"cgroup {cgroup_dir}: refusing to signal, memwatchd itself is in it")
+    listed = [p for p in dict.fromkeys(_subtree_procs(cgroup_dir, dir_fd)) if p not in skip]
+    _refuse_vital(cgroup_dir, listed)  # cgroup.kill would take init or us with it
     opened: Dict[int, int] = {}
     missed = 0
     for i, pid in enumerate(listed):
@@ -278,15 +323,16 @@ def _open_members(cgroup_dir: str, skip: Set[int]) -> Tuple[Dict[int, int], int]
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE):
                 continue  # exited (ESRCH) or not ours to open
-            # Out of fds: give one back so that the re-read below and a write to
-            # cgroup.kill can still open their files; the caller decides the rest.
+            # Out of fds: give two back so that the re-read below (a directory and a
+            # file at a time) and a write to cgroup.kill can still open their files;
+            # the caller decides the rest.
             missed = len(listed) - i
-            if opened:
+            for _ in range(min(2, len(opened))):
                 os.close(opened.pop(next(reversed(list(opened)))))
                 missed += 1
             break
     try:
-        still = set(_subtree_procs(cgroup_dir))
+        still = set(_subtree_procs(cgroup_dir, dir_fd))
     except BaseException:
         _close_all(opened.values())
         raise
@@ -295,7 +341,7 @@ def _open_members(cgroup_dir: str, skip: Set[int]) -> Tuple[Dict[int, int], int]
     return opened, missed
 
 
-def signal_cgroup(cgroup_dir: str, sig: int) -> List[int]:
+def signal_cgroup(cgroup_dir: str, sig: int, dir_fd: Optional[int] = None) -> List[int]:
     """Signal every process of a cgroup subtree; return their pidfds (the caller closes them).
 
     SIGKILL with a cgroup.kill file (Linux 5.14+): the pidfds are opened first,
@@ -306,17 +352,27 @@ def signal_cgroup(cgroup_dir: str, sig: int) -> List[int]:
     the daemon should raise its soft limit), cgroup.kill still kills everyone and
     the returned list is just shorter; the per-process path signals whom it can
     and then raises MemwatchdError, since it cannot signal the rest by PID.
-    Refuses (MemwatchdError, nothing signalled) if memwatchd itself is in the subtree.
+    Refuses (MemwatchdError, nothing signalled) if init, memwatchd or an ancestor
+    of memwatchd is in the subtree. With dir_fd (held since selection), a cgroup
+    removed meanwhile is TargetGone even if one was re-created at the same path.
     """
-    members, missed = _open_members(cgroup_dir, set())
+    with _CgroupDir(cgroup_dir, dir_fd) as fd:
+        return _signal_cgroup(cgroup_dir, fd, sig)
+
+
+def _signal_cgroup(cgroup_dir: str, dir_fd: int, sig: int) -> List[int]:
+    members, missed = _open_members(cgroup_dir, dir_fd, set())
     fds = list(members.values())
     signalled = set(members)
     try:
-        kill_file = os.path.join(cgroup_dir, "cgroup.kill")
-        if sig == signal.SIGKILL and os.path.exists(kill_file):
+        if sig == signal.SIGKILL:
             try:
-                _write(kill_file, "1")
+                _write("cgroup.kill", "1", dir_fd=dir_fd)
                 return fds
+            except FileNotFoundError:
+                if _gone(dir_fd):
+                    raise TargetGone(f"cgroup {cgroup_dir}: gone") from None
+                # no cgroup.kill (Linux < 5.14): per-process signals below
             except OSError as e:
                 if status_for_errno(e.errno or 0) == GONE:
                     _raise_os(e, f"cgroup {cgroup_dir}")
@@ -328,7 +384,7 @@ def signal_cgroup(cgroup_dir: str, sig: int) -> List[int]:
             if missed or round_no + 1 == rounds:
                 break
             try:
-                members, missed = _open_members(cgroup_dir, signalled)
+                members, missed = _open_members(cgroup_dir, dir_fd, signalled)
             except TargetGone:
                 break  # the cgroup went away with its last process
             if not members and not missed:
@@ -344,23 +400,38 @@ def signal_cgroup(cgroup_dir: str, sig: int) -> List[int]:
     return fds
 
 
-def set_memory_high(cgroup_dir: str, limit: Optional[int]) -> None:
+def _gone(dir_fd: int) -> bool:
+    """Is the cgroup behind dir_fd removed (its cgroup.procs gone too)?"""
+    try:
+        os.stat("cgroup.procs", dir_fd=dir_fd)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _write_control(cgroup_dir: str, dir_fd: Optional[int], name: str, value: str) -> None:
+    """Write a control file of a cgroup that holds neither init nor memwatchd: freezing or
+    throttling one that does would stall the very killer (or the whole system)."""
+    with _CgroupDir(cgroup_dir, dir_fd) as fd:
+        _refuse_vital(cgroup_dir, _subtree_procs(cgroup_dir, fd))
+        try:
+            _write(name, value, dir_fd=fd)
+        except OSError as e:
+            _raise_os(e, f"cgroup {cgroup_dir}: {name}")
+
+
+def set_memory_high(cgroup_dir: str, limit: Optional[int], dir_fd: Optional[int] = None) -> None:
     """Write memory.high: a byte count throttles the cgroup by reclaim; None writes "max"."""
     if limit is not None and (isinstance(limit, bool) or int(limit) < 0):
         raise ValueError(f"memory.high must be a non-negative byte count or None, not {limit!r}")
-    value = "max" if limit is None else str(int(limit))
-    try:
-        _write(os.path.join(cgroup_dir, "memory.high"), value)
-    except OSError as e:
-        _raise_os(e, f"cgroup {cgroup_dir}: memory.high")
+    _write_control(cgroup_dir, dir_fd, "memory.high", "max" if limit is None else str(int(limit)))
 
 
-def set_frozen(cgroup_dir: str, frozen: bool) -> None:
+def set_frozen(cgroup_dir: str, frozen: bool, dir_fd: Optional[int] = None) -> None:
     """Write cgroup.freeze ("1"/"0"): freeze a cgroup to stop it growing while we decide."""
-    try:
-        _write(os.path.join(cgroup_dir, "cgroup.freeze"), "1" if frozen else "0")
-    except OSError as e:
-        _raise_os(e, f"cgroup {cgroup_dir}: cgroup.freeze")
+    _write_control(cgroup_dir, dir_fd, "cgroup.freeze", "1" if frozen else "0")
 
 
 # ------------------------------------------------------------------ on_action programs

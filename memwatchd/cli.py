@@ -12,7 +12,7 @@ import typer
 
 from memwatchd import __version__
 from memwatchd.entry import exit_code_for, run_daemon
-from memwatchd.types import MemwatchdError
+from memwatchd.types import MemwatchdError, TargetGone
 
 EXIT_USAGE = 2
 # `watch -- COMMAND` exits with the command's own status, or with this one when memwatchd
@@ -171,6 +171,12 @@ def watch(
             watches = [dict(base, name=f"pid-{p}", pid=p, scope=scope or "process") for p in pid]
         else:
             kind, value = ("unit", unit) if unit else ("cgroup", cgroup)
+            from memwatchd.targets import host_support
+            why = host_support().get(kind)
+            if why:  # said plainly, not "matched nothing"
+                typer.echo(f"memwatchd watch: --{kind}{' ' if why.startswith('needs') else ': '}{why}",
+                           err=True)
+                raise typer.Exit(exit_code_for(TargetGone("")))
             watches = [dict(base, name=kind, **{kind: value})]
             if scope:
                 watches[0]["scope"] = scope

@@ -201,9 +201,14 @@ class Daemon:
         if self.opts.command_pidfd >= 0:
             return actions.is_dead(self.opts.command_pidfd)
         if self.opts.exit_when_idle:
-            if self.ticks == 1 and not self.seen_target:
+            if not self.seen_target:
+                if self.targets.busy:  # a cmdline pass may span ticks: not judged yet
+                    return False
+                off = self.targets.off
                 raise TargetGone("nothing to watch: " + "; ".join(
-                    f"{w.name} ({w.kind} {w.selector}) matched nothing" for w in self.config.watches))
+                    f"{w.name} ({w.kind} {w.selector}) "
+                    + (f"is off ({off[w.name]})" if w.name in off else "matched nothing")
+                    for w in self.config.watches))
             return not self.targets.targets
         return False
 
@@ -259,7 +264,7 @@ class Daemon:
         due = [t.next_due for t in self.targets.targets.values()]
         if self.host is not None:
             due.append(now + self.policy.guard_interval(self.host))
-        if self.victims:
+        if self.victims or self.targets.busy:   # busy: a cmdline pass resumes (targets)
             due.append(now + self.config.daemon.min_interval)
         due.append(now + self.config.daemon.interval)
         if self.publisher.every:
@@ -398,10 +403,10 @@ class Daemon:
         self.last_action = f"{action} {decision.watch} ({decision.reason})"
         cgroup_dir = self.opts.cgroup_root + cgroup if cgroup else ""
         if decision.kind == "throttle":
-            actions.set_memory_high(cgroup_dir, decision.limit)
+            actions.set_memory_high(cgroup_dir, decision.limit, self.targets.cgroup_fd(decision.key))
             log(WARNING, f"{what}: memory.high set to {_mib(decision.limit)}")
         elif decision.kind == "freeze":
-            actions.set_frozen(cgroup_dir, True)
+            actions.set_frozen(cgroup_dir, True, self.targets.cgroup_fd(decision.key))
             log(WARNING, f"{what}: cgroup frozen")
         else:
             self._signal(decision, record, scope, pid, start, cgroup_dir, usage)
@@ -420,8 +425,8 @@ class Daemon:
         sig = decision.signal
         proc_root = self.opts.proc_root
         try:
-            if scope == "cgroup":
-                pidfds = actions.signal_cgroup(cgroup_dir, sig)
+            if scope == "cgroup":  # through the directory held since selection
+                pidfds = actions.signal_cgroup(cgroup_dir, sig, self.targets.cgroup_fd(decision.key))
             elif scope == "tree":
                 pidfds = actions.signal_tree(pid, start, sig, proc_root)
             else:

@@ -110,9 +110,15 @@ def guard_level(guard: GuardConfig, host: HostSample) -> Tuple[Optional[str], st
 
 def is_protected(candidate: Candidate, protect_names: Iterable[str],
                  protect_cgroups: Iterable[str]) -> bool:
-    """A protected comm name, or a process inside (or below) a protected cgroup."""
+    """A process inside (or below) a protected cgroup, or one with a protected comm name
+    that its owner could not have forged: a name counts only for a process running as
+    root (real uid 0; a setuid program run by a user keeps the user's) from a root-owned
+    executable that nobody else may write, or whose executable memwatchd may not
+    inspect (exe_root_owned None: uid 0 alone decides then). Any user can name a
+    process "sshd"; only root can start such a one."""
     import fnmatch
-    if candidate.comm in protect_names:
+    if (candidate.comm in protect_names and candidate.uid == 0
+            and candidate.exe_root_owned is not False):
         return True
     for pattern in protect_cgroups:
         if (candidate.cgroup == pattern or candidate.cgroup.startswith(pattern.rstrip("/") + "/")

@@ -11,6 +11,7 @@ import os
 from typing import Iterable, List, Optional, Sequence
 
 from memwatchd import types as _types
+from memwatchd.threadgroup import open_live_statm
 from memwatchd.types import (
     GONE,
     OK,
@@ -177,6 +178,7 @@ class ProcessTable:
         self._status: List[int] = []
         self._pids: List[int] = []
         self._starts: List[int] = []
+        self._via_thread: List[bool] = []   # reads /proc/<pid>/task/<tid>/statm
         self._free: List[int] = []
 
     def __del__(self):
@@ -211,9 +213,11 @@ class ProcessTable:
             slot = self._free.pop()
         else:
             slot = len(self._fds)
-            for column in (self._fds, self._rss, self._vms, self._status, self._pids, self._starts):
+            for column in (self._fds, self._rss, self._vms, self._status, self._pids, self._starts,
+                           self._via_thread):
                 column.append(0)
         self._fds[slot], self._pids[slot], self._starts[slot] = fd, pid, start
+        self._via_thread[slot] = False
         self._rss[slot] = self._vms[slot] = 0
         self._status[slot] = OK
         return slot
@@ -238,17 +242,32 @@ class ProcessTable:
         except OSError as e:
             self._status[i] = status_for_errno(e.errno)
             if self._status[i] == GONE:
+                if self._via_thread[i]:  # that thread exited: another may live
+                    return self._rehome(i)
                 self._close(i)
             return False
         try:
             vms, rss = parse_statm(data)
         except ValueError:
             vms = rss = 0
-        if vms == 0 and rss == 0:  # a zombie has released its memory already
+        if vms == 0 and rss == 0:
+            # A zombie reads all zeros, and so does a live process whose main thread exited.
+            return self._rehome(i)
+        self._rss[i] = rss * PAGE_SIZE
+        self._vms[i] = vms * PAGE_SIZE
+        self._status[i] = OK
+        return True
+
+    def _rehome(self, i: int) -> bool:
+        """A live thread's statm from now on (memwatchd.threadgroup), or GONE."""
+        self._close(i)
+        found = open_live_statm(self._proc, self._pids[i], self._starts[i])
+        if found is None:
             self._status[i] = GONE
             self._rss[i] = 0
-            self._close(i)
             return False
+        self._fds[i], vms, rss = found
+        self._via_thread[i] = True
         self._rss[i] = rss * PAGE_SIZE
         self._vms[i] = vms * PAGE_SIZE
         self._status[i] = OK
@@ -312,6 +331,7 @@ class CgroupTable:
         self._values: List[Optional[CgroupSample]] = []
         self._status: List[int] = []
         self._paths: List[Optional[str]] = []
+        self._dirfds: List[int] = []      # the directory, held from selection to action
         self._free: List[int] = []
 
     def __del__(self):
@@ -319,6 +339,9 @@ class CgroupTable:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
+        for fd in getattr(self, "_dirfds", ()):
+            if fd is not None and fd >= 0:
+                os.close(fd)
 
     def add(self, path) -> int:
         """Open the memory files of a cgroup directory; return its slot."""
@@ -328,33 +351,33 @@ class CgroupTable:
         except OSError as e:
             raise_for_status(status_for_errno(e.errno), what)
         fds = []
-        try:
-            for name in CGROUP_FILES:
-                try:
-                    fds.append(_open_at(name, dirfd))
-                except OSError as e:
-                    if name == "memory.current":
-                        raise_for_status(status_for_errno(e.errno), f"{what}: memory.current")
-                    fds.append(-1)
-        finally:
-            os.close(dirfd)
+        for name in CGROUP_FILES:
+            try:
+                fds.append(_open_at(name, dirfd))
+            except OSError as e:
+                if name == "memory.current":   # the first one: nothing else to close
+                    os.close(dirfd)
+                    raise_for_status(status_for_errno(e.errno), f"{what}: memory.current")
+                fds.append(-1)
         if self._free:
             slot = self._free.pop()
         else:
             slot = len(self._fds)
-            for column in (self._fds, self._values, self._status, self._paths):
+            for column in (self._fds, self._values, self._status, self._paths, self._dirfds):
                 column.append(None)
         self._fds[slot] = fds
+        self._dirfds[slot] = dirfd
         self._paths[slot] = path
         self._status[slot] = OK
         self._values[slot] = _unknown_cgroup_sample()
         return slot
 
     def _close(self, slot: int) -> None:
-        for fd in self._fds[slot]:
+        for fd in self._fds[slot] + [self._dirfds[slot]]:
             if fd >= 0:
                 os.close(fd)
         self._fds[slot] = [-1] * len(CGROUP_FILES)
+        self._dirfds[slot] = -1
 
     def remove(self, slot: int) -> None:
         self._check(slot)
@@ -380,12 +403,13 @@ class CgroupTable:
         if fds[0] < 0:
             return False
         try:
-            texts = [_pread(fd) if fd >= 0 else None for fd in fds]
-        except OSError as e:
+            texts = [_pread(fds[0])]
+        except OSError as e:  # only memory.current decides that a cgroup is gone
             self._status[i] = status_for_errno(e.errno)
             if self._status[i] == GONE:
                 self._close(i)
             return False
+        texts.extend(_pread_optional(fd) for fd in fds[1:])
         self._values[i] = _cgroup_sample(*texts)
         self._status[i] = OK
         return True
@@ -406,12 +430,28 @@ class CgroupTable:
         self._check(slot)
         return self._paths[slot]
 
+    def dirfd(self, slot: int) -> int:
+        """The cgroup directory opened by add() (-1 once GONE or removed)."""
+        self._check(slot)
+        return self._dirfds[slot]
+
     def get(self, slot: int) -> CgroupSample:
         self._check(slot)
         return self._values[slot]
 
     def __len__(self) -> int:
         return len(self._fds) - len(self._free)
+
+
+def _pread_optional(fd: int) -> Optional[bytes]:
+    """An optional cgroup file: None (UNKNOWN) if absent or failing (ENODEV after
+    cgroup.pressure=0, EACCES, ...), never a reason to drop the cgroup."""
+    if fd < 0:
+        return None
+    try:
+        return _pread(fd)
+    except OSError:
+        return None
 
 
 def _unknown_cgroup_sample() -> CgroupSample:

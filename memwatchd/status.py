@@ -80,6 +80,9 @@ def sample_once(config: Config, proc_root: str = "/", cgroup_root: str = CGROUP_
     targets = TargetSet(config, proc_root, cgroup_root, never)
     now = time.monotonic()
     targets.refresh(now)
+    while targets.busy:   # a cmdline pass spans ticks in the daemon; here, finish it now
+        now = time.monotonic()
+        targets.refresh(now)
     targets.sample_due(now, force=True)
     recent = recent_from_events(config.daemon.events) if config.daemon.events else []
     last = {state.action_key(entry): entry for entry in recent}

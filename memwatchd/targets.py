@@ -11,19 +11,51 @@ from __future__ import annotations
 
 import glob
 import os
-import re
+import stat
+import time
 TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+    from memwatchd import cmdmatch, pidfile
+# memwatchd.pidfile and memwatchd.cmdmatch are imported by the first pidfile / cmdline
+# watch: the default config (the guard alone) does not carry them.
+
 from memwatchd import sampler
 from memwatchd.sampler import parse_stat_start_time
+from memwatchd.threadgroup import live_task_dir
 from memwatchd.config import CGROUP_ROOT, Config, WatchConfig
 from memwatchd.types import (GONE, OK, AccessDenied, Candidate, MemwatchdError, Reading,
                              TargetGone)
 
 RESCAN_INTERVAL = 2.0     # seconds between re-resolving globs, regexes, pidfiles and units
 SYSTEMCTL_TIMEOUT = 10.0
+SYSTEMD_RUNTIME_DIR = "/run/systemd/system"   # exists iff systemd is PID 1 (sd_booted(3))
+_WARNED_MAX = 1024        # distinct problems remembered (and so logged once) per config
+
+
+# ------------------------------------------------------------ what the host offers
+
+def cgroup_v2_memory(cgroup_root: str = CGROUP_ROOT) -> bool:
+    """Is cgroup_root a cgroup v2 hierarchy with the memory controller? Its root's
+    cgroup.controllers lists "memory" then; a v1 or hybrid /sys/fs/cgroup (a tmpfs of
+    v1 mounts) has no such file, and a v2 tree without the controller does not list it."""
+    try:
+        return b"memory" in read_small(os.path.join(cgroup_root, "cgroup.controllers")).split()
+    except OSError:
+        return False
+
+
+def host_support(cgroup_root: str = CGROUP_ROOT) -> Dict[str, str]:
+    """Why "unit" and "cgroup" watches cannot work here ({} when both can): checked once
+    at start and on reload, said once, so such watches are off instead of "gone" every
+    rescan; process watches and the guard need neither."""
+    off: Dict[str, str] = {}
+    if not cgroup_v2_memory(cgroup_root):
+        off["cgroup"] = off["unit"] = f"{cgroup_root} is not cgroup v2 with the memory controller"
+    if not os.path.isdir(SYSTEMD_RUNTIME_DIR):
+        off["unit"] = "needs systemd as PID 1"
+    return off
 
 
 # ------------------------------------------------------------ /proc helpers
@@ -42,12 +74,41 @@ def read_comm(pid: int, proc: str = "/proc") -> str:
 
 
 def read_cmdline(pid: int, proc: str = "/proc") -> str:
-    """Arguments joined by spaces (attacker-controlled: escape before logging)."""
+    """Arguments joined by spaces (attacker-controlled: escape before logging). A process
+    whose main thread exited reads an empty cmdline: a live thread's is read instead."""
     try:
         raw = read_small(f"{proc}/{pid}/cmdline")
+        if not raw:
+            raw = read_small(live_task_dir(proc, pid) + "/cmdline")
     except OSError:
         return ""
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "backslashreplace")
+
+
+def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, Optional[bool]]:
+    """(real uid, whether its executable is a root-owned regular file nobody else may write).
+
+    What the guard needs to trust a protected name. /proc/<pid>/exe is stat'ed through
+    the magic link, so an executable replaced by an upgrade (shown "(deleted)") still
+    answers for the very file that runs; a kernel thread has none (False: no name
+    protects it, and it has no memory of its own anyway). None when the kernel will not
+    let us look: exe needs ptrace access, which the hardened unit lacks for a root
+    process holding capabilities memwatchd's bounding set does not have.
+    """
+    task = live_task_dir(proc, pid)   # leader exited: its status and exe are empty
+    uid = -1
+    try:
+        for line in read_small(task + "/status").splitlines():
+            if line.startswith(b"Uid:"):
+                uid = int(line.split()[1])
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        st = os.stat(task + "/exe")
+    except (PermissionError, OSError) as e:
+        return uid, None if isinstance(e, PermissionError) else False
+    return uid, stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def read_cgroup(pid: int, proc: str = "/proc") -> str:
@@ -243,6 +304,11 @@ class TargetSet:
         self.mem_total = self.host.read().mem_total
         self.problems: List[str] = []     # resolution trouble, for the daemon to log
         self.vanished: List[Target] = []  # dropped by a rescan, reported with the next sample
+        self.warned: Set[str] = set()     # problems already logged under this config
+        self.scans: Dict[str, cmdmatch.CmdlineScan] = {}   # cmdline watch -> its matching
+        self._work_until: Optional[float] = None   # this tick's cmdline budget ends
+        self.off: Dict[str, str] = {}     # watch name -> why the host cannot serve it
+        self._check_host()
 
     # ---------------------------------------------------------- resolution
 
@@ -255,15 +321,39 @@ class TargetSet:
         for key in dropped:
             self.drop(key)
         self.pid_watches_done = {n for n in self.pid_watches_done if new.get(n) == old.get(n)}
+        self.scans = {n: s for n, s in self.scans.items() if new.get(n) == old.get(n)}
         self.unit_paths = {n: p for n, p in self.unit_paths.items() if new.get(n) == old.get(n)}
         self.config = config
         self.rescan_at.clear()
+        self.warned.clear()
+        self._check_host()
         return dropped
+
+    def _check_host(self) -> None:
+        """Turn off the unit/cgroup watches this host cannot serve, saying so once."""
+        support = host_support(self.cgroup_root)
+        self.off = {w.name: support[w.kind] for w in self.config.watches if w.kind in support}
+        for name, why in self.off.items():
+            watch = next(w for w in self.config.watches if w.name == name)
+            self.problems.append(f"watch {name} ({watch.kind} {watch.selector}) is off ({why}); "
+                                 f"process watches and the guard keep working")
+
+    def _problem(self, text: str) -> None:
+        """Log a resolution problem once per config, not every tick or rescan."""
+        if text in self.warned:
+            return
+        if len(self.warned) >= _WARNED_MAX:
+            self.warned.clear()
+        self.warned.add(text)
+        self.problems.append(text)
 
     def refresh(self, now: float) -> List[Target]:
         """Resolve every watch whose rescan is due; return the targets added."""
         added: List[Target] = []
+        self._work_until = None           # set by the first cmdline watch this tick
         for watch in self.config.watches:
+            if watch.name in self.off:
+                continue
             if now < self.rescan_at.get(watch.name, 0.0):
                 if watch.name in self.unit_paths:
                     added.extend(self._unit_restarted(watch, now))
@@ -272,7 +362,7 @@ class TargetSet:
             try:
                 added.extend(self._resolve(watch, now))
             except (OSError, MemwatchdError) as e:
-                self.problems.append(f"watch {watch.name}: {e}")
+                self._problem(f"watch {watch.name}: {e}")
         return added
 
     def _resolve(self, watch: WatchConfig, now: float) -> List[Target]:
@@ -282,22 +372,43 @@ class TargetSet:
             if watch.name in self.pid_watches_done:
                 return []
             self.pid_watches_done.add(watch.name)
-            return self._attach_pids(watch, [int(watch.selector)], now)
+            # After a restart or reboot the number may name another process: one that
+            # started after the config file was written is not the one it meant.
+            return self._attach_pids(watch, [int(watch.selector)], now,
+                                     not_after=self._config_written, why="the config file")
         if watch.kind == "pidfile":
+            from memwatchd import pidfile
+            path = str(watch.selector)
             try:
-                pid = int(read_small(str(watch.selector)).split()[0])
-            except (OSError, ValueError, IndexError):
-                return []
+                pid, writer, written = pidfile.read_pidfile(path)
+            except FileNotFoundError:
+                return []   # not written yet (or removed): nothing to watch, no complaint
             if any(t.pid == pid for t in have):
                 return []
             for t in have:  # the pidfile names another process now: follow it
                 self.vanished.append(self.drop(t.key))
-            return self._attach_pids(watch, [pid], now)
+            return self._attach_pids(watch, [pid], now, not_after=written,
+                                     why=f"pidfile {path}", owner=writer)
         if watch.kind == "cmdline":
-            pattern = re.compile(str(watch.selector))
-            taken = {t.pid for t in have}
-            matches = [pid for pid in list_pids(self.proc) if pid not in taken
-                       and pid not in self.never and pattern.search(read_cmdline(pid, self.proc))]
+            # Bounded work (memwatchd.cmdmatch): verdicts cached per command line, a budget
+            # per tick shared by all cmdline watches, a deadline per regex search.
+            from memwatchd import cmdmatch
+            if self._work_until is None:
+                self._work_until = time.perf_counter() + cmdmatch.BUDGET
+            scan = self.scans.get(watch.name)
+            if scan is None or scan.pattern.pattern != str(watch.selector):
+                scan = self.scans[watch.name] = cmdmatch.CmdlineScan(str(watch.selector))
+            slow: List[Tuple[int, int]] = []
+            with cmdmatch.Alarm() as alarm:
+                matches, complete = scan.step(
+                    lambda: list_pids(self.proc), lambda p: read_cmdline(p, self.proc),
+                    {t.pid for t in have} | self.never, self._work_until, alarm, slow)
+            for pid, length in slow:
+                self._problem(f"watch {watch.name}: the cmdline regex took over "
+                              f"{cmdmatch.MATCH_DEADLINE * 1000:.0f} ms on pid {pid} (a "
+                              f"{length}-character command line): not matched")
+            if not complete:
+                self.rescan_at[watch.name] = now   # the rest on the next tick
             return self._attach_pids(watch, matches, now)
         if watch.kind == "unit":
             if have:
@@ -331,23 +442,38 @@ class TargetSet:
             return []
         return self._attach_cgroups(watch, [path], now)
 
-    def _attach_pids(self, watch: WatchConfig, pids: List[int], now: float) -> List[Target]:
+    @property
+    def _config_written(self) -> Optional[float]:
+        """The config file's mtime; None for a config from flags (`watch --pid`: just typed)."""
+        try:
+            return os.stat(self.config.source).st_mtime
+        except (OSError, TypeError, ValueError):
+            return None
+
+    def _attach_pids(self, watch: WatchConfig, pids: List[int], now: float,
+                     not_after: Optional[float] = None, why: str = "",
+                     owner: Optional[int] = None) -> List[Target]:
+        """Targets for these pids. With not_after, a process that started after that time
+        (the file `why` was written) is refused; with owner, one of another user."""
         added = []
         for pid in pids:
-            if pid in self.never:
-                self.problems.append(f"watch {watch.name}: refusing to watch memwatchd itself "
-                                     f"or its ancestor (pid {pid})")
+            if pid in self.never or pid == 1:
+                self._problem(f"watch {watch.name}: refusing to watch init, memwatchd itself "
+                              f"or its ancestor (pid {pid})")
                 continue
             try:
                 slot = self.processes.add(pid)
             except TargetGone:
                 continue
             except AccessDenied as e:
-                self.problems.append(f"watch {watch.name}: {e}")
+                self._problem(f"watch {watch.name}: {e}")
                 continue
             start = self.processes.start_time(slot)
             key = ("process", pid, start)
-            if key in self.targets:
+            refused = self._refusal(pid, start, not_after, why, owner)
+            if key in self.targets or refused:
+                if refused:
+                    self._problem(f"watch {watch.name}: {refused}")
                 self.processes.remove(slot)
                 continue
             target = Target(key, watch, pid=pid, start_time=start, slot=slot,
@@ -359,22 +485,65 @@ class TargetSet:
             added.append(target)
         return added
 
+    def _refusal(self, pid: int, start: int, not_after: Optional[float], why: str,
+                 owner: Optional[int]) -> str:
+        """Why process (pid, start) may not be attached ("" if it may): see memwatchd.pidfile."""
+        if not_after is not None:
+            from memwatchd.pidfile import started_after
+            if started_after(start, not_after):
+                return (f"not watching pid {pid}: it started after {why} was written (stale, "
+                        f"and the PID now names another process?); rewrite {why} to attach it")
+        if owner is not None:
+            uid, _ = process_owner(pid, self.proc)
+            try:   # the uid was read by path: make sure it was still that very process
+                same = _stat_fields(read_small(f"{self.proc}/{pid}/stat"))[1] == start
+            except (OSError, ValueError):
+                same = False
+            if not same or uid != owner:
+                return (f"not watching pid {pid}: {why} is owned by uid {owner}, the process "
+                        f"by uid {uid}; only a root-written pidfile may name another user's "
+                        f"process")
+        return ""
+
+    def _vital_cgroups(self) -> Set[str]:
+        """The cgroups of init, memwatchd and its ancestors (as /proc/<pid>/cgroup says)."""
+        return {read_cgroup(pid, self.proc) for pid in self.never | {1}} - {""}
+
     def _attach_cgroups(self, watch: WatchConfig, paths: List[str], now: float) -> List[Target]:
         added = []
+        vital = self._vital_cgroups() if paths else set()
         for path in paths:
             key = ("cgroup", path)
             if key in self.targets:
                 continue
+            if any(v == path or v.startswith(path.rstrip("/") + "/") for v in vital):
+                # e.g. a glob matching /init.scope or the slice memwatchd runs in:
+                # never signalled, frozen or throttled (actions check again at action time)
+                self._problem(f"watch {watch.name}: not watching cgroup {path}: it holds init "
+                              f"or memwatchd, or is above one that does")
+                continue
             try:
                 slot = self.cgroups.add(self.cgroup_root + path)
             except (TargetGone, AccessDenied) as e:
-                self.problems.append(f"watch {watch.name}: {e}")
+                self._problem(f"watch {watch.name}: {e}")   # e.g. no memory.current
                 continue
             target = Target(key, watch, slot=slot, cgroup=path, comm=path.rsplit("/", 1)[-1],
                             next_due=now)
             self.targets[key] = target
             added.append(target)
         return added
+
+    @property
+    def busy(self) -> bool:
+        """A cmdline pass ran out of its tick's budget: come back at min_interval, not at
+        the next sample (which may be a second away)."""
+        return any(scan.busy for scan in self.scans.values())
+
+    def cgroup_fd(self, key: tuple) -> Optional[int]:
+        """The directory fd a cgroup target was selected by (-1 once gone); None for a
+        process target. Actions go through it, never through the path again."""
+        t = self.targets.get(key)
+        return self.cgroups.dirfd(t.slot) if t is not None and t.is_cgroup else None
 
     def drop(self, key: tuple) -> Optional[Target]:
         """Forget a target and close its fds."""
@@ -495,8 +664,12 @@ class TargetSet:
                 continue
             table.sample_slots([slot])
             if table.status(slot) == OK and table.rss(slot) > 0:
-                out.append(Candidate(("process", pid, table.start_time(slot)), pid,
-                                     read_comm(pid, self.proc), read_cgroup(pid, self.proc),
-                                     table.rss(slot)))
+                comm = read_comm(pid, self.proc)
+                # Only a protected name needs its owner checked (policy.is_protected).
+                uid, root_exe = process_owner(pid, self.proc) \
+                    if comm in self.config.protect.names else (-1, False)
+                out.append(Candidate(("process", pid, table.start_time(slot)), pid, comm,
+                                     read_cgroup(pid, self.proc), table.rss(slot), uid,
+                                     root_exe))
             table.remove(slot)
         return out

@@ -112,11 +112,16 @@ class Reading(namedtuple("Reading", "key watch usage limit warn unreclaimable ce
     __slots__ = ()
 
 
-class Candidate(namedtuple("Candidate", "key pid comm cgroup rss")):
+class Candidate(namedtuple("Candidate", "key pid comm cgroup rss uid exe_root_owned",
+                           defaults=(-1, False))):
     """A process the host guard may choose (listed only when the guard fires).
 
     key is ("process", pid, start_time); cgroup is below the cgroup root,
-    e.g. "/system.slice/x.service"; rss in bytes.
+    e.g. "/system.slice/x.service"; rss in bytes. uid (real uid, -1 unknown) and
+    exe_root_owned (its executable is a root-owned regular file that nobody else
+    may write; None when the kernel does not let memwatchd look) say whether its
+    name could have been forged: any user can call a process "sshd". targets
+    fills them for processes with a protected name.
     """
 
     __slots__ = ()

@@ -11,6 +11,8 @@ import pytest
 
 from memwatchd import procfs
 
+from .scenario_lib import LEADER_EXITS
+
 NO_EXTENSIONS = os.environ.get("MEMWATCHD_NO_EXTENSIONS", "") not in ("", "0")
 
 
@@ -82,3 +84,11 @@ def hog_factory():
     yield make
     for hog in hogs:
         hog.kill()
+
+
+def start_leader_exits(size: int, seconds: float = 30) -> subprocess.Popen:
+    """Start LEADER_EXITS and return once its leader has exited and `size` bytes are held."""
+    proc = subprocess.Popen([sys.executable, "-c", LEADER_EXITS, str(size), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc

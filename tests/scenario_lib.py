@@ -6,6 +6,7 @@ down every signal they receive.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 
 WORK = tempfile.mkdtemp(prefix="memwatchd-scenario-")
 MiB = 1 << 20
@@ -52,6 +54,28 @@ HOG = textwrap.dedent("""
         else:
             time.sleep(0.002)
 """)
+
+
+# A process whose main thread calls pthread_exit() while a worker thread holds memory:
+# the leader is a zombie (statm reads zeros) but the process lives. The worker prints
+# "ready" once its memory is touched and the leader has exited, then sleeps (capped).
+LEADER_EXITS = textwrap.dedent("""
+    import ctypes, os, sys, threading, time
+    size, seconds = int(sys.argv[1]), float(sys.argv[2])
+    def worker():
+        while open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)                  # wait until the leader is a zombie
+        block = bytearray(size)               # only then grow: all of it after the exit
+        for i in range(0, size, 4096):
+            block[i] = 1
+        print("ready", flush=True)
+        time.sleep(seconds)
+        os._exit(0)
+    threading.Thread(target=worker).start()
+    ctypes.CDLL(None).pthread_exit(None)
+""")
+
+
 
 
 def start_hog(name: str, rate_mib: int = 200, cap_mib: int = 1024, seconds: float = 20,
@@ -106,6 +130,27 @@ enabled = false
 ''', env=env)
 
 
+def guard_config(events: str, protect_names, extra: str = "") -> str:
+    """A config whose guard fires at once (its MemAvailable floor 300 MiB above what is
+    available now), with a 1 s grace and these protected names (no protected cgroups).
+    Needs psutil (the test environment has it)."""
+    import psutil
+    floor = psutil.virtual_memory().available + (300 << 20)
+    return f'''
+[daemon]
+events = "{events}"
+state = ""
+cooldown = "30s"
+[guard]
+min_available = "{floor}"
+kill_available = "1M"
+grace = "1s"
+[protect]
+names = {json.dumps(list(protect_names))}
+cgroups = []
+{extra}'''
+
+
 def daemon_log() -> str:
     with open(os.path.join(WORK, "daemon.log")) as f:
         return f.read()
@@ -145,3 +190,31 @@ def exited_by(proc: subprocess.Popen, timeout: float = 15):
 
 def result(**fields) -> None:
     print(json.dumps(fields), flush=True)
+
+
+@contextlib.contextmanager
+def cgroup2_sandbox():
+    """A fresh child cgroup of the real cgroup v2 hierarchy, mounted in this scenario's
+    private mount namespace (run_scenario makes one): real kernfs behaviour (ENODEV
+    after removal or cgroup.pressure=0, cgroup.kill, cgroup.procs) on hosts whose
+    /sys/fs/cgroup is v1 or lacks the memory controller. Yields its path; on exit its
+    processes are killed and the cgroup (and any child cgroup) removed."""
+    mnt = tempfile.mkdtemp(prefix="memwatchd-cg2-")
+    subprocess.run(["mount", "-t", "cgroup2", "none", mnt], check=True)
+    path = os.path.join(mnt, "memwatchd-test-" + uuid.uuid4().hex[:12])
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(dirpath, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                try:
+                    os.rmdir(dirpath)
+                    break
+                except OSError:
+                    time.sleep(0.02)
+        subprocess.run(["umount", mnt])

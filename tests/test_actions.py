@@ -456,7 +456,7 @@ def test_signal_cgroup_skips_a_pid_that_left_the_cgroup_before_it_was_opened(tmp
     # First read lists both; the re-read after pidfd_open lists only the member, as when
     # the listed PID exited and was reused by an outsider in between.
     reads = iter([[member.pid, outsider.pid], [member.pid]])
-    monkeypatch.setattr(actions, "_subtree_procs", lambda d: next(reads))
+    monkeypatch.setattr(actions, "_subtree_procs", lambda d, fd: next(reads))
     got = actions.signal_cgroup(str(cg), signal.SIGTERM)
     fds.extend(got)
     assert [pid_of_pidfd(fd) for fd in got] == [member.pid]
@@ -667,7 +667,8 @@ def test_signal_cgroup_when_pidfds_run_out(tmp_path):
                     return False
             used = {fd for fd in range(4096) if is_open(fd)}
             limit = 0
-            while limit - len([fd for fd in used if fd < limit]) < 2:   # room for 2 more fds
+            # room for 4 more fds: the cgroup directory, two given back, one pidfd kept
+            while limit - len([fd for fd in used if fd < limit]) < 4:
                 limit += 1
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
             fds = actions.signal_cgroup(cg, signal.SIGKILL)       # cgroup.kill needs no pidfds
@@ -704,9 +705,26 @@ def test_never_signals_init_or_itself(tmp_path):
     with pytest.raises(MemwatchdError, match="refusing"):
         actions.signal_tree(1, start_time_of(1), signal.SIGKILL)
     cg = _mock_cgroup(tmp_path, [os.getpid()], [], kill_file=True)
-    with pytest.raises(MemwatchdError, match="memwatchd itself"):
+    with pytest.raises(MemwatchdError, match="refusing, it holds init or memwatchd"):
         actions.signal_cgroup(str(cg), signal.SIGKILL)
     assert (cg / "cgroup.kill").read_text() == ""
+
+
+@pytest.mark.parametrize("who", ["init", "parent", "self-in-a-child-cgroup"])
+def test_a_cgroup_holding_init_memwatchd_or_an_ancestor_is_never_touched(tmp_path, who):
+    """/init.scope, the slice memwatchd runs in, or any cgroup above them: never signalled,
+    frozen or throttled (freezing memwatchd's own cgroup would stop the killer)."""
+    pid = {"init": 1, "parent": os.getppid(), "self-in-a-child-cgroup": os.getpid()}[who]
+    top, sub = ([pid], []) if who != "self-in-a-child-cgroup" else ([], [pid])
+    cg = _mock_cgroup(tmp_path, top, sub, kill_file=True)
+    for act in (lambda: actions.signal_cgroup(str(cg), signal.SIGKILL),
+                lambda: actions.signal_cgroup(str(cg), signal.SIGTERM),
+                lambda: actions.set_frozen(str(cg), True),
+                lambda: actions.set_memory_high(str(cg), 1 << 20)):
+        with pytest.raises(MemwatchdError, match="refusing"):
+            act()
+    assert [(cg / f).read_text() for f in ("cgroup.kill", "cgroup.freeze", "memory.high")] \
+        == ["", "", ""]
 
 
 @needs_pidns

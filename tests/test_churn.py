@@ -27,6 +27,7 @@ def make_cgroup(path):
 def test_ten_thousand_cycles_of_targets_coming_and_going(tmp_path):
     cgroups = tmp_path / "cgroup"
     cgroups.mkdir()
+    (cgroups / "cgroup.controllers").write_text("memory pids\n")   # a v2 root with memory
     pidfile = tmp_path / "job.pid"
     config = parse_config({
         "daemon": {"events": "", "state": ""},
@@ -57,7 +58,8 @@ def test_ten_thousand_cycles_of_targets_coming_and_going(tmp_path):
         if cycle % 20 == 0:
             child.wait()
     for leftover in cgroups.iterdir():
-        shutil.rmtree(leftover)
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
     pidfile.unlink()
     for _ in range(3):
         daemon.targets.rescan_at.clear()

@@ -88,6 +88,20 @@ def test_watch_pid_that_does_not_exist_exits_5():
     assert r.exit_code == 5 and "matched nothing" in r.output
 
 
+def test_watch_unit_or_cgroup_says_what_the_host_lacks(monkeypatch, tmp_path):
+    """Not "nothing matched": a host without systemd as PID 1, or whose /sys/fs/cgroup is
+    not cgroup v2 with the memory controller, is named as the reason."""
+    from memwatchd import targets as targets_mod
+    monkeypatch.setattr(targets_mod, "SYSTEMD_RUNTIME_DIR", str(tmp_path / "none"), raising=False)
+    r = invoke("watch", "--limit", "1G", "--unit", "sshd")
+    assert r.exit_code == 5 and "--unit needs systemd as PID 1" in r.output, r.output
+    monkeypatch.setattr(targets_mod, "cgroup_v2_memory", lambda root="": False, raising=False)
+    r = invoke("watch", "--limit", "1G", "--cgroup", "/machine.slice/*")
+    assert r.exit_code == 5, r.output
+    assert "/sys/fs/cgroup is not cgroup v2 with the memory controller" in r.output
+    assert "matched nothing" not in r.output
+
+
 def test_watch_pid_exits_when_the_process_is_gone():
     import subprocess
     child = subprocess.Popen(["sleep", "0.5"])

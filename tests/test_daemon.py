@@ -110,20 +110,7 @@ events = WORK + "/events.jsonl"
 keep = start_hog("keepme", rate_mib=400, cap_mib=700, seconds=25, events=events)
 small = start_hog("small", rate_mib=400, cap_mib=120, seconds=25, events=events)
 wait_for(lambda: psutil.Process(keep.pid).memory_info().rss > 650 << 20, 10)
-floor = psutil.virtual_memory().available + (300 << 20)   # already below: the guard fires
-d = start_daemon(f'''
-[daemon]
-events = "{events}"
-state = ""
-cooldown = "30s"
-[guard]
-min_available = "{floor}"
-kill_available = "1M"
-grace = "1s"
-[protect]
-names = ["keepme"]
-cgroups = []
-''')
+d = start_daemon(guard_config(events, ["keepme"]))
 fate_small = exited_by(small, 15)
 time.sleep(1.0)
 keep_alive = keep.poll() is None

@@ -170,8 +170,9 @@ def test_interval_for_reading_and_during_grace():
 
 # ------------------------------------------------------------------ guard
 
-def cand(pid, rss_mib, comm="job", cgroup="/user.slice"):
-    return Candidate(("process", pid, 1000 + pid), pid, comm, cgroup, rss_mib * MiB)
+def cand(pid, rss_mib, comm="job", cgroup="/user.slice", uid=0, root_exe=True):
+    return Candidate(("process", pid, 1000 + pid), pid, comm, cgroup, rss_mib * MiB, uid,
+                     root_exe)
 
 
 def test_guard_levels():
@@ -193,6 +194,26 @@ def test_choose_victim_skips_protected_pid1_self_and_kernel_threads():
     assert P.choose_victim(cands, cfg).pid == 60
     assert P.choose_victim(cands, cfg, never={60}).pid == 61
     assert P.choose_victim([cand(1, 5), cand(62, 0)], cfg) is None
+
+
+def test_a_protected_name_protects_only_what_its_owner_cannot_forge():
+    """Any user can call a process "sshd": the name counts only for a root process running
+    a root-owned executable nobody else may write. Protected cgroups protect anyone."""
+    cfg = default_config()
+    real = cand(50, 900, comm="sshd")
+    by_user = cand(51, 800, comm="sshd", uid=1000, root_exe=True)       # prctl/exec -a sshd
+    own_exe = cand(52, 700, comm="sshd", uid=0, root_exe=False)        # root runs a writable file
+    unknown = Candidate(("process", 53, 1), 53, "sshd", "/user.slice", 600 * MiB)
+    hidden_exe = cand(55, 650, comm="sshd", uid=0, root_exe=None)      # no ptrace access
+    hidden_user = cand(56, 640, comm="sshd", uid=1000, root_exe=None)
+    in_cgroup = cand(54, 950, comm="x", cgroup="/system.slice/ssh.service", uid=1000,
+                     root_exe=False)
+    assert P.choose_victim([real, by_user], cfg).pid == 51
+    assert P.choose_victim([real, own_exe], cfg).pid == 52
+    assert P.choose_victim([real, unknown], cfg).pid == 53     # unchecked: not trusted
+    assert P.choose_victim([real, hidden_exe], cfg) is None    # uid 0 decides then
+    assert P.choose_victim([real, hidden_exe, hidden_user], cfg).pid == 56
+    assert P.choose_victim([real, in_cgroup], cfg) is None
 
 
 def test_guard_ladder_term_then_kill_after_grace():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 from memwatchd import procfs, sampler, types
 from memwatchd.types import DENIED, FAILED, GONE, OK, UNKNOWN, UNLIMITED, TargetGone
 
-from .conftest import NO_EXTENSIONS
+from .conftest import NO_EXTENSIONS, start_leader_exits
+from .pidns import needs_pidns, run_scenario
 
 MiB = 1 << 20
 
@@ -114,6 +116,29 @@ def test_exit_zombie_and_reap_are_gone_never_raise(impl):
     child.wait()
     assert table.sample() == 0
     assert table.status(slot) == GONE
+
+
+def test_leader_thread_exited_is_read_through_a_live_thread(impl):
+    """pthread_exit() in main: statm of the pid reads zeros, but the process lives and holds
+    memory. It stays OK with its real rss, and is GONE only once the whole group exits."""
+    child = start_leader_exits(96 * MiB, seconds=30)
+    try:
+        with open(f"/proc/{child.pid}/statm") as f:
+            assert f.read().split()[:2] == ["0", "0"]   # the kernel state this test is about
+        table = impl.ProcessTable()
+        slot = table.add(child.pid)
+        for _ in range(3):          # the first pass moves to a thread; later ones stay there
+            assert table.sample() == 1
+            assert table.status(slot) == OK
+            assert table.rss(slot) >= 96 * MiB
+        assert table.sample_slots([slot]) == 1 and table.rss(slot) >= 96 * MiB
+        child.kill()
+        child.wait()
+        assert table.sample() == 0
+        assert table.status(slot) == GONE
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_reaped_pid_is_gone_even_if_reused(impl):
@@ -276,6 +301,45 @@ def test_fake_cgroup_without_optional_files(impl, tmp_path):
     s = table.get(slot)
     assert s.current == 1048576 and s.high == UNKNOWN and s.pressure is None
     assert s.anon == UNKNOWN and s.events_oom_kill == UNKNOWN
+
+
+@needs_pidns
+def test_a_failing_optional_cgroup_file_neither_blinds_nor_drops_the_cgroup():
+    """memory.pressure of a real cgroup v2 fails with ENODEV after cgroup.pressure=0, and
+    memory.stat fails with EISDIR: the cgroup stays OK with its memory.current, the
+    failing files read UNKNOWN, and the compiled sampler and the twin agree."""
+    r = run_scenario("""
+from memwatchd import procfs
+modules = [procfs]
+if os.environ.get("MEMWATCHD_NO_EXTENSIONS", "") in ("", "0"):
+    from memwatchd import _memread
+    modules.append(_memread)
+with cgroup2_sandbox() as cg:
+    fake = os.path.join(WORK, "fake.slice")
+    os.mkdir(fake)
+    for name, text in (("memory.current", "104857600\\n"), ("memory.max", "max\\n"),
+                       ("memory.events", "high 0\\nmax 3\\noom 0\\noom_kill 1\\n")):
+        with open(os.path.join(fake, name), "w") as f:
+            f.write(text)
+    os.mkdir(os.path.join(fake, "memory.stat"))                         # EISDIR on read
+    os.symlink(os.path.join(cg, "memory.pressure"), os.path.join(fake, "memory.pressure"))
+    tables = [(m, m.CgroupTable()) for m in modules]
+    slots = [t.add(fake) for m, t in tables]
+    before = [(t.sample(), t.get(s).pressure is not None) for (m, t), s in zip(tables, slots)]
+    with open(os.path.join(cg, "cgroup.pressure"), "w") as f:
+        f.write("0")                                                    # ENODEV from now on
+    after = []
+    for (m, t), s in zip(tables, slots):
+        live = t.sample()
+        after.append((m.IMPLEMENTATION, live, t.status(s), list(t.get(s))))
+result(before=before, after=after)
+""")
+    assert all(live == 1 and has_psi for live, has_psi in r["before"]), r
+    for impl_name, live, status, sample in r["after"]:
+        assert (live, status) == (1, OK), (impl_name, sample)
+        assert sample[0] == 100 * MiB and sample[1] == UNLIMITED and sample[5] == 3
+        assert sample[9] == UNKNOWN and sample[-1] is None     # memory.stat, memory.pressure
+    assert len({json.dumps(sample) for _, _, _, sample in r["after"]}) == 1   # they agree
 
 
 def test_cgroup_without_memory_controller_is_gone(impl, tmp_path):

@@ -9,6 +9,7 @@ stopped (from its Slice), and checked with one stat per tick in between.
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 from memwatchd import targets as targets_mod
@@ -16,6 +17,13 @@ from memwatchd.config import parse_config
 from memwatchd.targets import TargetSet
 
 UNIT_CGROUP = "/system.slice/job.service"
+
+
+def v2_root(root, monkeypatch):
+    """A fake cgroup v2 root with the memory controller, on a host with systemd as PID 1."""
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    monkeypatch.setattr(targets_mod, "SYSTEMD_RUNTIME_DIR", str(root), raising=False)
+    return str(root)
 
 
 def make_cgroup(root, rel):
@@ -42,7 +50,7 @@ def test_restarted_unit_is_found_between_rescans_without_systemctl(tmp_path, mon
         return UNIT_CGROUP   # running or not, systemd says where it goes
 
     monkeypatch.setattr(targets_mod, "unit_cgroup", fake_unit_cgroup)
-    ts = TargetSet(config(), cgroup_root=str(tmp_path))
+    ts = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
 
     assert ts.refresh(0.0) == [] and calls == ["job.service"]     # not running yet
     assert ts.problems == []                                        # and that is no problem
@@ -67,13 +75,57 @@ def test_restarted_unit_is_found_between_rescans_without_systemctl(tmp_path, mon
 def test_reconfigured_unit_watch_forgets_the_old_path(tmp_path, monkeypatch):
     monkeypatch.setattr(targets_mod, "unit_cgroup", lambda unit: UNIT_CGROUP)
     make_cgroup(tmp_path, UNIT_CGROUP)
-    ts = TargetSet(config(), cgroup_root=str(tmp_path))
+    ts = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
     ts.refresh(0.0)
     assert ts.unit_paths == {"job": UNIT_CGROUP}
     ts.reconfigure(config())            # unchanged watch: kept
     assert ts.unit_paths == {"job": UNIT_CGROUP}
     ts.reconfigure(config(limit="2G"))  # changed watch: re-resolved from scratch
     assert ts.unit_paths == {}
+
+
+def test_unit_cgroup_without_memory_current_is_said_once(tmp_path, monkeypatch):
+    """A unit running where the memory controller is not enabled for it: one warning,
+    not one per tick (the stopped-unit check looks every tick)."""
+    monkeypatch.setattr(targets_mod, "unit_cgroup", lambda unit: UNIT_CGROUP)
+    ts = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
+    (tmp_path / UNIT_CGROUP.lstrip("/")).mkdir(parents=True)        # no memory.current
+    said = []
+    for tick in range(50):
+        ts.refresh(tick * 0.1)
+        said += ts.problems
+        ts.problems.clear()
+    assert len(said) == 1 and "memory.current" in said[0], said
+
+
+def test_no_cgroup_v2_or_no_systemd_turns_those_watches_off_once(tmp_path, monkeypatch):
+    """A v1/hybrid host (or one without systemd as PID 1): unit and cgroup watches are off,
+    said once at start and once per reload, never "gone" every rescan; a process watch
+    of the same config works."""
+    calls = []
+    monkeypatch.setattr(targets_mod, "unit_cgroup", lambda unit: calls.append(unit) or UNIT_CGROUP)
+    make_cgroup(tmp_path, UNIT_CGROUP)                   # v1-like: no cgroup.controllers at root
+    monkeypatch.setattr(targets_mod, "SYSTEMD_RUNTIME_DIR", str(tmp_path / "no-systemd"),
+                        raising=False)
+    cfg = parse_config({
+        "daemon": {"events": "", "state": ""}, "guard": {"enabled": False},
+        "watch": [{"name": "job", "unit": "job.service", "limit": "1G"},
+                  {"name": "box", "cgroup": "/system.slice/*", "limit": "1G"},
+                  {"name": "me", "pid": os.getpid(), "limit": "100G"}]}, "v1-test")
+    ts = TargetSet(cfg, cgroup_root=str(tmp_path))
+    said = []
+    added = []
+    for tick in range(30):
+        added += ts.refresh(tick * 0.5)
+        said += ts.problems
+        ts.problems.clear()
+    assert [t.pid for t in added] == [os.getpid()] and calls == []
+    assert len(said) == 2, said
+    assert "job (unit job.service) is off (needs systemd as PID 1)" in said[0]
+    assert f"{tmp_path} is not cgroup v2 with the memory controller" in said[1]
+    ts.reconfigure(cfg)
+    assert len(ts.problems) == 2                           # said again on reload
+    assert set(ts.off) == {"job", "box"}
 
 
 def test_unit_cgroup_of_a_stopped_unit_comes_from_its_slice(monkeypatch):

@@ -15,6 +15,10 @@ scenario's checks from the results file the driver writes to the share:
                  with a lower limit applies
   watchdog       SIGSTOP memwatchd: systemd's watchdog restarts it; the new
                  instance is ready and stops the next hog (with SIGKILL escalation)
+  adversarial    issue 11: nobody runs a forged sshd (the largest process), a 64 KiB
+                 command line that makes the cmdline regex backtrack and a FIFO as a
+                 watched pidfile; nobody's hog whose main thread exited is stopped at
+                 its limit, the guard stops the forged sshd, the watchdog never fires
   global         a bystander survives, the heartbeat (every 100 ms) never pauses
                  over 1 s, no OOM kill anywhere
 
@@ -116,7 +120,9 @@ def summary(results):
         results.get("boot_seconds"), results["facts"].get("driver_seconds"))]
     for name, key in (("host_guard", "hog"), ("unit_budget", "hog"),
                       ("reload", "hog_old_limit"), ("reload", "hog_under_old_limit"),
-                      ("reload", "hog_new_limit"), ("watchdog", "hog"), ("baseline", "hog")):
+                      ("reload", "hog_new_limit"), ("watchdog", "hog"),
+                      ("adversarial", "leader_hog"),
+                      ("baseline", "hog")):
         hog = s.get(name, {}).get(key)
         if hog:
             lines.append(hog_line("%s/%s" % (name, hog["label"]), hog)
@@ -199,6 +205,15 @@ def test_watchdog_restart(protected):
     """Scenario 3."""
     _, results = protected
     assert_checks(results, "watchdog")
+
+
+def test_adversarial_user_neither_blinds_steers_nor_stalls(protected):
+    """Issue 11, in the same boot."""
+    _, results = protected
+    assert_checks(results, "adversarial")
+    hog = results["scenarios"]["adversarial"]["leader_hog"]
+    assert_fast(hog)
+    assert results["scenarios"]["adversarial"]["seconds"] < 60, results["scenarios"]["adversarial"]
 
 
 def test_no_stall_no_oom_bystander_survives(protected):

@@ -6,7 +6,7 @@ Runs as root inside the VM (from the harness script), on the guest's
 
     driver.py protected RESULTS.json    memwatchd installed by install-units:
                                         hardened unit, host guard, unit budget,
-                                        reload, watchdog
+                                        reload, watchdog, adversarial (issue 11)
     driver.py baseline RESULTS.json     no memwatchd: the same hog, for comparison
 
 Every check is recorded as {"name", "ok", "detail"} in the results file and
@@ -61,6 +61,27 @@ events = "/var/lib/memwatchd/events.jsonl"
 name = "hog"
 unit = "hog.service"
 limit = "100M"
+"""
+
+# Issue 11: a cmdline watch for the hog whose main thread exits, and a pidfile watch on a
+# FIFO an unprivileged user made (it must name nothing and hang nothing).
+CONFIG_ADVERSARIAL = """\
+[daemon]
+events = "{events}"
+state = "/run/memwatchd/state.json"
+
+[[watch]]
+name = "train"
+cmdline = "train.*--epochs.*gpu"
+limit = "{limit}"
+action = "term"
+grace = "2s"
+
+[[watch]]
+name = "fifo"
+pidfile = "{fifo}"
+limit = "1M"
+action = "kill"
 """
 
 OFFSET = time.time() - time.monotonic()   # wall - monotonic, for event records
@@ -625,6 +646,144 @@ class Driver:
         self.check("watchdog: escalated SIGTERM -> SIGKILL", signals[:2] == ["SIGTERM", "SIGKILL"],
                    json.dumps(signals))
 
+    def scenario_adversarial(self, out):
+        """Issue 11: while the unprivileged user nobody runs a forged "sshd" (the largest
+        process), a 64 KiB command line on which the cmdline regex backtracks, and a FIFO
+        where a watched pidfile should be, memwatchd stops nobody's hog whose main thread
+        exited in its usual time, the guard stops the forged sshd (not protected: its name
+        is all it has), and the watchdog never fires."""
+        before = self.memwatchd("MainPID", "NRestarts")
+        since = mono()
+        home = RUN + "/nobody"
+        os.makedirs(home, exist_ok=True)
+        os.chmod(home, 0o777)
+        for path in (LIB, LIB + "/hog.py"):
+            os.chmod(path, 0o755)
+        fifo = home + "/fifo.pid"
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo)
+        os.chown(fifo, 65534, 65534)
+        limit = 150 * MIB
+        reload = self.use_config(CONFIG_ADVERSARIAL.format(events=EVENTS, fifo=fifo,
+                                                           limit="150M"), "adversarial")
+        out["reload"] = reload
+        self.check("adversarial: config loaded", reload["journal"] and "reloaded" in
+                   reload["journal"][2], json.dumps(reload))
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setuid(65534)
+        crafted = ("train --epochs " * 4400)[:65536]   # backtracks: no "gpu" anywhere
+        long_cmdline = subprocess.Popen(["/bin/sh", "-c", "sleep 120; :", "x", crafted],
+                                        preexec_fn=as_nobody)
+        n_events = len(read_events())
+        log = home + "/leader.log"
+        leader = subprocess.Popen(
+            ["/usr/bin/python3", LIB + "/hog.py", "--leader-exits", "--delay", "3",
+             "--rate-mb", "200", "--max-mb", "500", "--max-seconds", "20", "--log", log,
+             "--label", "train --epochs 3 --gpu"], preexec_fn=as_nobody)
+        try:
+            rc = leader.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            leader.kill()
+            rc = leader.wait()
+        exited_mono = mono()
+        time.sleep(1.0)   # the outcome record follows the exit
+        events = read_events()[n_events:]
+        steps = []
+        with open(log) as f:
+            for line in f:
+                tag, t, total = line.split()[:3]
+                steps.append((tag, float(t), int(total)))
+        decisions = [e for e in events if e["type"] == "decision" and e["pid"] == leader.pid]
+        grown = [s for s in steps if s[0] == "step"]
+        crossed = next((s for s in grown if s[2] >= limit), grown[-1] if grown else None)
+        hog = {"label": "leader-exited", "pid": leader.pid, "rc": rc, "limit": limit,
+               "steps": len(grown), "peak_allocated": max((s[2] for s in grown), default=0),
+               "events": events, "heartbeat": Heartbeat.window(since, exited_mono)}
+        if decisions and crossed:
+            first = decisions[0]
+            hog["usage_at_decision"] = first["usage_bytes"]
+            hog["cross_to_decision_s"] = round(wall_to_mono(first["time"]) - crossed[1], 3)
+            hog["cross_to_exit_s"] = round(exited_mono - crossed[1], 3)
+            outcome = next((e for e in events if e["type"] == "outcome"
+                            and e["id"] == first["id"]), None)
+            hog["seconds_to_exit"] = outcome and outcome["seconds_to_exit"]
+        out["leader_hog"] = hog
+        self.check("adversarial: the hog whose main thread exited was stopped by SIGTERM",
+                   rc == -signal.SIGTERM, "rc %s" % rc)
+        self.check("adversarial: by the cmdline watch, at its limit",
+                   decisions and decisions[0]["target"] == "train"
+                   and decisions[0]["usage_bytes"] >= limit
+                   and decisions[0]["cmdline"].endswith("train --epochs 3 --gpu"),
+                   json.dumps(decisions)[:1500])
+        self.check("adversarial: the 64 KiB command line matched nothing and lives",
+                   long_cmdline.poll() is None
+                   and not [e for e in events if e.get("pid") == long_cmdline.pid], "")
+
+        # The guard: nobody's "sshd" is the largest process when MemAvailable runs low.
+        floor, _ = self.guard_floor()
+        avail = meminfo()["MemAvailable"]
+        hold = int((avail - floor) * 0.65 / MIB)
+        forged = subprocess.Popen(["/usr/bin/python3", LIB + "/hog.py", "--comm", "sshd",
+                                   "--hold-mb", str(hold), "--max-seconds", "60"],
+                                  preexec_fn=as_nobody)
+
+        def rss(pid):
+            with open("/proc/%d/status" % pid) as f:
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+        wait_for(lambda: rss(forged.pid) > hold * MIB * 0.95, 20)
+        out["forged_sshd"] = {"pid": forged.pid, "hold_mb": hold, "rss": rss(forged.pid)}
+        # hog.service grows until MemAvailable crosses the guard's floor (and fits once the
+        # forged sshd is gone); it is stopped as soon as the guard has acted.
+        cap = int((avail - floor) / MIB) - hold + 30
+        write_file(RUN + "/hog.env", 'HOG_ARGS="--rate-mb 200 --max-mb %d --max-seconds 40"\n'
+                   % cap)
+        run("systemctl", "reset-failed", "hog.service")
+        guard_started = mono()
+        run("systemctl", "start", "hog.service", check=True)
+        hog_pid = int(wait_for(lambda: show("hog.service", "MainPID")["MainPID"] not in ("", "0")
+                               and show("hog.service", "MainPID")["MainPID"], 10) or 0)
+        try:
+            forged_rc = forged.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            forged_rc = None
+        guard_acted = mono()
+        time.sleep(0.5)
+        hog_state = show("hog.service", "ActiveState", "MainPID")
+        run("systemctl", "stop", "hog.service")
+        guard = [e for e in read_events()[n_events:] if e["type"] == "decision"
+                 and e["target"] == "guard"]
+        out["guard"] = {"decisions": guard, "forged_rc": forged_rc, "hog_pid": hog_pid,
+                        "hog_after": hog_state, "cap_mb": cap,
+                        "seconds": round(guard_acted - guard_started, 1),
+                        "heartbeat": Heartbeat.window(guard_started, guard_acted)}
+        self.check("adversarial: the guard stopped the forged sshd (the largest, unprotected)",
+                   guard and guard[0]["pid"] == forged.pid and guard[0]["comm"] == "sshd"
+                   and forged_rc in (-signal.SIGTERM, -signal.SIGKILL),
+                   "rc %s, %s" % (forged_rc, json.dumps(guard)[:1200]))
+        self.check("adversarial: and left the hog.service hog alone",
+                   hog_state["ActiveState"] == "active" and hog_state["MainPID"] == str(hog_pid)
+                   and not [d for d in guard if d["pid"] == hog_pid], json.dumps(hog_state))
+        for p in (long_cmdline, forged):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+        after = self.memwatchd("MainPID", "NRestarts", "ActiveState")
+        lines = journal("memwatchd.service", since=since)
+        out["journal"] = [list(l) for l in lines[:60]]
+        self.check("adversarial: memwatchd never restarted, the watchdog never fired",
+                   after["MainPID"] == before["MainPID"] and after["NRestarts"] == before["NRestarts"]
+                   and not [l for l in lines if "Watchdog timeout" in l[2]],
+                   json.dumps(after))
+        said = [l[2] for l in lines if "fifo.pid" in l[2]]
+        self.check("adversarial: the FIFO pidfile is refused, said once",
+                   len(said) == 1 and "not a regular file" in said[0], json.dumps(said))
+        slow = [l[2] for l in lines if "cmdline regex took over" in l[2]]
+        self.check("adversarial: the backtracking line is said once, not matched",
+                   len(slow) == 1 and "65536-character" in slow[0], json.dumps(slow))
+
     # ------------------------------------------------------------ the whole run
 
     def global_checks(self, out, bystanders, oom_before):
@@ -668,6 +827,7 @@ class Driver:
         self.scenario("unit_budget", self.scenario_unit_budget)
         self.scenario("reload", self.scenario_reload)
         self.scenario("watchdog", self.scenario_watchdog)
+        self.scenario("adversarial", self.scenario_adversarial)
         self.scenario("hardened_unit_journal",
                       self.memwatchd_journal_problems)
         self.scenario("global", lambda out: self.global_checks(out, bystanders, oom_before))

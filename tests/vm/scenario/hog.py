@@ -9,6 +9,9 @@ once it reaches --max-mb, and exits 0 after --max-seconds in any case.
 --hold-mb allocates that much at once and then just sleeps (a bystander or
 a big protected service).
 --comm renames the process (prctl PR_SET_NAME), e.g. to "sshd".
+--leader-exits runs all of that in a second thread once the main thread has
+called pthread_exit() (its /proc/<pid>/statm then reads zeros); --delay waits
+that long before growing; --label is free text for a cmdline watch to match.
 Standard library only; runs on the guest's /usr/bin/python3.
 """
 import argparse
@@ -16,6 +19,7 @@ import ctypes
 import mmap
 import os
 import signal
+import threading
 import time
 
 
@@ -64,8 +68,27 @@ def main():
     p.add_argument("--log", default="")
     p.add_argument("--comm", default="")
     p.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (tests escalation)")
+    p.add_argument("--leader-exits", action="store_true",
+                   help="grow in a thread after the main thread has exited")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before growing")
+    p.add_argument("--label", default="", help="free text (for a cmdline watch to match)")
     args = p.parse_args()
+    if args.leader_exits:
+        def worker():
+            while leader_state() != "Z":
+                time.sleep(0.01)
+            os._exit(run(args))
+        threading.Thread(target=worker).start()
+        ctypes.CDLL(None).pthread_exit(None)
+    return run(args)
 
+
+def leader_state():
+    with open("/proc/%d/stat" % os.getpid()) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def run(args):
     if args.comm:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(15, args.comm.encode()[:15], 0, 0, 0)  # PR_SET_NAME
@@ -74,6 +97,7 @@ def main():
     log_fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644) \
         if args.log else -1
     current = cgroup_current_path()
+    time.sleep(args.delay)
     mib = 1 << 20
     chunks = []
     total = 0
