@@ -46,7 +46,7 @@ KEYS: Dict[str, Tuple[str, ...]] = {
     "": ("daemon", "guard", "protect", "metrics", "watch"),
     "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state",
                "trace", "trace_size"),
-    "guard": ("enabled", "min_available", "kill_available", "psi_full_avg10", "grace"),
+    "guard": ("enabled", "min_available", "kill_available", "psi_full_avg10", "grace", "predict"),
     "protect": ("names", "cgroups"),
     "metrics": ("listen", "textfile"),
     "watch": ("name",) + SELECTOR_KINDS + (
@@ -118,6 +118,7 @@ _GUARD_DEFAULTS = {
     "kill_available": Size(percent=2.0),
     "psi_full_avg10": 0.0,           # 0 = off
     "grace": 5.0,
+    "predict": 0.0,                  # horizon of the host's predictive trigger; 0 = off
 }
 
 
@@ -469,15 +470,21 @@ def _parse_watch(data: Any, source: str, index: int) -> WatchConfig:
     if t.has("on_action") and (not on_action or not on_action[0].startswith("/")):
         raise t.fail("on_action", "expected a command as a list whose first item is an absolute path")
 
-    predict = t.duration("predict", 0.0)
-    if 0 < predict < 1.0:
-        raise t.fail("predict", "a horizon under 1s leaves the trend no time to act before "
-                                "the limit does; use at least 1s, or 0 for off")
+    predict = _predict_horizon(t)
     return WatchConfig(
         name=name, kind=kind, selector=selector, limit=limit, warn=warn,
         sustain=t.duration("sustain", 0.0), action=action, grace=t.duration("grace", 10.0),
         scope=scope, usage=usage, on_action=on_action, predict=predict,
     )
+
+
+def _predict_horizon(t: "_Table") -> float:
+    """``predict``: the predictive trigger's horizon (memwatchd/predict.py), 0 = off."""
+    predict = t.duration("predict", 0.0)
+    if 0 < predict < 1.0:
+        raise t.fail("predict", "a horizon under 1s leaves the trend no time to act before "
+                                "the threshold does; use at least 1s, or 0 for off")
+    return predict
 
 
 def _compare(a: Size, b: Size) -> Optional[int]:
@@ -537,6 +544,7 @@ def _parse_guard(data: Any, source: str) -> GuardConfig:
         enabled=t.get("enabled", g.enabled, bool, "true or false"),
         min_available=min_available, kill_available=kill_available,
         psi_full_avg10=float(psi), grace=t.duration("grace", g.grace),
+        predict=_predict_horizon(t),
     )
 
 

@@ -389,7 +389,8 @@ class Daemon:
             **report.host_fields(fresh_host))
         record["scope"] = scope
         # the time-to-exhaustion estimate (issue 15), null without predict
-        record["predict"] = None if is_guard else self.policy.estimate(decision.key)
+        record["predict"] = self.policy.estimate_host() if is_guard else \
+            self.policy.estimate(decision.key)
         self._record(record)
         what = f"{decision.watch}: {self._describe(decision.key, target)} at " \
                f"{_mib(usage)} (limit {_mib(decision.limit)}, {decision.reason})"

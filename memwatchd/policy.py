@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from memwatchd.config import Config, GuardConfig, WatchConfig
-from memwatchd.predict import ALL_GATES, Trend
+from memwatchd.predict import ALL_GATES, HOST_FLOOR, Trend
 from memwatchd.types import Candidate, HostSample, Reading
 
 ESCALATE_FACTOR = 1.25   # during the grace period, SIGKILL at once past limit * this
@@ -147,6 +147,8 @@ class Policy:
         self.states: Dict[tuple, TargetState] = {}
         self.guard = GuardState()
         self.trends: Dict[tuple, Trend] = {}      # key -> Trend, for watches with predict
+        self.host_trend = Trend()                 # [guard] predict: the host's used memory
+        self.guard_predicted = None               # the time the host's trend last fired
         self.predict_gates = ALL_GATES            # the benchmark switches gates off one by one
         self.predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
 
@@ -299,11 +301,7 @@ class Policy:
         """The target's last time-to-exhaustion estimate for records, status and metrics
         (None without predict or before three readings)."""
         trend = self.trends.get(key)
-        e = trend.estimate if trend is not None else None
-        if e is None:
-            return None
-        return {"seconds_left": None if e[0] == float("inf") else round(e[0], 3),
-                "slope_bytes_per_s": int(e[1]), "slope_upper_bytes_per_s": int(e[2])}
+        return _estimate_dict(trend.estimate) if trend is not None else None
 
     def interval_for(self, reading: Reading) -> float:
         """When this target should next be sampled (seconds from now)."""
@@ -326,15 +324,40 @@ class Policy:
         if self.guard.victim is not None:
             return d.min_interval
         term_below, _ = g.thresholds(host.mem_total)
-        return next_interval(host.mem_available - term_below, d.fill_rate, d.min_interval, d.interval)
+        wait = next_interval(host.mem_available - term_below, d.fill_rate, d.min_interval, d.interval)
+        e = self.host_trend.estimate if g.predict > 0 else None
+        if e is not None:   # predictive trigger: resolve the predicted fall
+            wait = max(d.min_interval, min(wait, e[0] / PREDICT_SAMPLES))
+        return wait
 
     def guard_wants_victim(self, now: float, host: HostSample) -> bool:
         """True when the guard fires and has no victim in flight: the daemon should
         list candidates and call ``guard_evaluate``."""
         level, _ = guard_level(self.config.guard, host)
+        if level is None and self.config.guard.enabled and self.config.guard.predict > 0:  # issue 15
+            level = self._predict_host(now, host)
         if level is None or self.guard.victim is not None:
             return False
         return level == "kill" or now >= self.guard.cooldown_until
+
+    def _predict_host(self, now: float, host: HostSample) -> Optional[str]:
+        """Feed the host's trend (used = MemTotal - MemAvailable, towards the level where
+        the guard's min_available fires; soft floor: headroom under HOST_FLOOR times it).
+        "term" when it fires with no victim in flight: guard_evaluate then SIGTERMs the
+        largest eligible process (the gentle rung only; never a SIGKILL)."""
+        if host.mem_total <= 0 or host.mem_available < 0:
+            return None
+        term_below, _ = self.config.guard.thresholds(host.mem_total)
+        used = host.mem_total - host.mem_available
+        if self.host_trend.update(now, used, host.mem_total - term_below, self.config.guard.predict,
+                                  None, self.predict_gates, host.mem_total - HOST_FLOOR * term_below) \
+                and self.guard.victim is None and now >= self.guard.cooldown_until:
+            self.guard_predicted = now
+        return "term" if self.guard_predicted == now else None
+
+    def estimate_host(self) -> Optional[dict]:
+        """The host's time-to-exhaustion estimate ([guard] predict), as estimate() gives."""
+        return _estimate_dict(self.host_trend.estimate) if self.config.guard.predict > 0 else None
 
     def guard_evaluate(self, now: float, host: HostSample,
                        candidates: Sequence[Candidate] = (), never: Iterable[int] = ()
@@ -348,6 +371,8 @@ class Policy:
         """
         g, level_reason = self.config.guard, guard_level(self.config.guard, host)
         level, reason = level_reason
+        if level is None and self.guard_predicted == now and self.guard.victim is None:
+            level, reason = "term", REASON_PREDICT   # the host's trend fired (guard_wants_victim)
         st = self.guard
         term_below, _ = g.thresholds(host.mem_total) if host.mem_total > 0 else (0, 0)
         if st.victim is not None:
@@ -375,6 +400,13 @@ class Policy:
         return [Decision("signal", victim.key, "guard", reason, victim.rss, term_below, sig)]
 
 
+def _estimate_dict(e) -> Optional[dict]:
+    if e is None:
+        return None
+    return {"seconds_left": None if e[0] == float("inf") else round(e[0], 3),
+            "slope_bytes_per_s": int(e[1]), "slope_upper_bytes_per_s": int(e[2])}
+
+
 def still_needed(decision: Decision, fresh_usage: Optional[int],
                  fresh_host: Optional[HostSample], guard: GuardConfig) -> bool:
     """Re-check right before acting: False if the situation recovered meanwhile.
@@ -386,7 +418,10 @@ def still_needed(decision: Decision, fresh_usage: Optional[int],
     """
     if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
         return True
-    if decision.reason == REASON_PREDICT:   # below the limit by design: recovered if it shrank
+    if decision.reason == REASON_PREDICT:   # below the threshold by design
+        if decision.watch == "guard":        # recovered if back above the host's soft floor
+            return fresh_host is None or fresh_host.mem_total <= 0 or \
+                fresh_host.mem_available < HOST_FLOOR * guard.thresholds(fresh_host.mem_total)[0]
         return fresh_usage is None or fresh_usage >= decision.usage * WARN_REARM
     if decision.watch == "guard":
         return fresh_host is None or guard_level(guard, fresh_host)[0] is not None

@@ -31,6 +31,7 @@ from collections import deque
 WINDOW = 10.0         # seconds of readings the slope is fitted over
 Z = 2.0               # upper bound of the slope: slope + Z standard errors (~97.5 %)
 SOFT_FLOOR = 0.5      # predict only with the memory above this share of the limit
+HOST_FLOOR = 3        # the host: only with headroom under this many times the guard's floor
 ARM = 0.375           # from here on the trace recorder writes every reading (SOFT_FLOOR * 0.75)
 PERSIST = 3           # consecutive samples the condition must hold
 MIN_SPAN = 0.5        # seconds of readings in the window before any prediction counts
@@ -162,14 +163,18 @@ class Trend:
         self.estimate = None   # (seconds_left, slope, slope_hi) in s and bytes/s, or None
 
     def update(self, now: float, value: int, limit: int, horizon: float,
-               ceiling=None, gates=ALL_GATES) -> bool:
-        """Add one reading; True when the gates say: act now (once per crossing)."""
+               ceiling=None, gates=ALL_GATES, floor=None) -> bool:
+        """Add one reading; True when the gates say: act now (once per crossing).
+        ``floor``: the soft floor (default SOFT_FLOOR of the limit; the host guard
+        passes its own, a multiple of its threshold)."""
+        if floor is None:
+            floor = limit * SOFT_FLOOR
         self.fit.add(now, value)
         if value < self.peak * (1 - FALL):
             self.fell_at, self.peak = now, value
         elif value > self.peak:
             self.peak = value
-        self.armed = value >= limit * ARM
+        self.armed = value >= floor * (ARM / SOFT_FLOOR)
         fit = self.fit.slope()
         if fit is None:
             self.estimate = None
@@ -180,11 +185,11 @@ class Trend:
         left = time_left(limit - value, slope_hi)
         self.estimate = (left, slope, slope_hi)
         if self.fired:
-            if left > horizon * REARM or value < limit * SOFT_FLOOR * 0.9:
+            if left > horizon * REARM or value < floor * 0.9:
                 self.fired = False
             return False
         ok = ("horizon" not in gates or left < horizon) and \
-             ("floor" not in gates or value >= limit * SOFT_FLOOR) and \
+             ("floor" not in gates or value >= floor) and \
              not ("ceiling" in gates and ceiling is not None and 0 < ceiling < limit) and \
              not ("falls" in gates and now - self.fell_at < WINDOW) and \
              not ("plateau" in gates and self.levelling_off(slope, limit))

@@ -178,7 +178,7 @@ def host_view(host: Any) -> Optional[Dict[str, Any]]:
 def guard_view(guard: Any, mem_total: Optional[int]) -> Dict[str, Any]:
     term, kill = guard.thresholds(mem_total) if mem_total else (None, None)
     return {"enabled": guard.enabled, "term_below_bytes": term, "kill_below_bytes": kill,
-            "psi_full_avg10": guard.psi_full_avg10 or None}
+            "psi_full_avg10": guard.psi_full_avg10 or None, "predict": None}
 
 
 def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
@@ -354,9 +354,11 @@ class Publisher:
         targets = daemon.targets.targets
         if len(self.labels) > 2 * len(targets) + 64:   # forget the targets that are gone
             self.labels = {key: shown for key, shown in self.labels.items() if key in targets}
-        return build_view(targets.values(), daemon.host, now, self.config,
+        view = build_view(targets.values(), daemon.host, now, self.config,
                           info, self.recent, self.last_by_target, self.labels,
                           daemon.policy.estimate if daemon.policy.trends else None)
+        view["guard"]["predict"] = daemon.policy.estimate_host()   # [guard] predict
+        return view
 
     def _write_state(self, view: Dict[str, Any]) -> None:
         path = self.config.daemon.state

@@ -336,3 +336,83 @@ def test_the_corpus_recorded_its_live_predictions_and_replay_reproduces_them():
     result = replay(trace)
     live = [d for d in result.live if d.reason == REASON_PREDICT]
     assert live and all(d.match is not None for d in live)
+
+
+# ------------------------------------------------------------- the host guard
+
+from memwatchd.types import Candidate, HostSample  # noqa: E402
+
+GiB = 2**30
+TOTAL = 16 * GiB   # min_available 5 % = 0.8 GiB; the soft floor: headroom under 2.4 GiB
+
+
+def guard_config(predict_="30s"):
+    g = {"min_available": "5%", "kill_available": "2%", "grace": "2s"}
+    if predict_ is not None:
+        g["predict"] = predict_
+    return parse_config({"daemon": {"cooldown": "5s"}, "guard": g}, "test")
+
+
+CANDIDATES = [Candidate(("process", 77, 1), 77, "leaker", "/", 3 * GiB),
+              Candidate(("process", 78, 1), 78, "small", "/", GiB)]
+
+
+def guard_run(policy, avail):
+    """(t, decision) of the guard over MemAvailable readings avail(t), every DT for 12 s."""
+    out = []
+    for i in range(int(12 / DT)):
+        t = i * DT
+        host = HostSample(TOTAL, int(avail(t)), 0, 0, None)
+        cands = CANDIDATES if policy.guard_wants_victim(t, host) else ()
+        out += [(t, d) for d in policy.guard_evaluate(t, host, cands, ())]
+    return out
+
+
+def test_the_host_trend_sigterms_the_largest_process_before_min_available():
+    falling = lambda t: 3 * GiB - t * 150 * 2**20   # 150 MiB/s: min_available at ~14.7 s
+    (t, d), = guard_run(Policy(guard_config()), falling)
+    assert (d.reason, d.signal, d.key) == (REASON_PREDICT, signal.SIGTERM, ("process", 77, 1))
+    assert falling(t) > 0.8 * GiB and falling(t) < 2.4 * GiB   # above the threshold, below the floor
+    assert guard_run(Policy(guard_config(None)), falling) == []  # off: nothing before min_available
+    policy = Policy(guard_config())
+    guard_run(policy, falling)
+    assert 0 < policy.estimate_host()["seconds_left"] < 30
+
+
+@pytest.mark.parametrize("avail", [
+    lambda t: 2 * GiB,                                   # low but steady
+    lambda t: 6 * GiB - t * 150 * 2**20,                 # falling, still above the soft floor
+    lambda t: 1.2 * GiB + GiB * math.exp(-t / 1.5),      # falling, levelling off above the floor
+], ids=["steady", "above-floor", "levelling-off"])
+def test_the_host_trend_leaves_a_host_that_is_not_running_out(avail):
+    assert guard_run(Policy(guard_config()), avail) == []
+
+
+def test_a_predicted_guard_sigterm_is_never_followed_by_a_predicted_sigkill():
+    """After the grace, only the real thresholds may SIGKILL; a prediction never does."""
+    policy = Policy(guard_config())
+    falling = lambda t: 3 * GiB - t * 150 * 2**20 if t < 8 else 1.5 * GiB   # it stopped at 1.5 GiB
+    decisions = guard_run(policy, falling)
+    assert [(d.reason, d.signal) for _, d in decisions] == [(REASON_PREDICT, signal.SIGTERM)]
+    assert policy.guard.victim is None    # released after the grace: the host never fell further
+
+
+def test_still_needed_for_a_predicted_guard_action():
+    d = Decision("signal", ("process", 77, 1), "guard", REASON_PREDICT, 3 * GiB, 0.8 * GiB,
+                 signal.SIGTERM)
+    g = guard_config().guard
+    assert still_needed(d, None, HostSample(TOTAL, 2 * GiB, 0, 0, None), g)
+    assert not still_needed(d, None, HostSample(TOTAL, 5 * GiB, 0, 0, None), g)
+
+
+def test_guard_predict_is_validated_and_off_by_default():
+    assert guard_config(None).guard.predict == 0.0
+    assert guard_config("45s").guard.predict == 45.0
+    with pytest.raises(ConfigError, match="guard.predict"):
+        guard_config("500ms")
+
+
+def test_guard_predict_does_nothing_with_the_guard_off():
+    cfg = guard_config()
+    cfg = cfg._replace(guard=cfg.guard._replace(enabled=False))
+    assert guard_run(Policy(cfg), lambda t: 3 * GiB - t * 150 * 2**20) == []
