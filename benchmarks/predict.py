@@ -131,6 +131,27 @@ def summarise(corpus, horizon, gates=ALL_GATES, verbose=True):
             "slow_leaks": sum(1 for _, r, _ in leaks if r < FAST_LEAK)}
 
 
+def cost_per_reading(n_targets=100, ticks=2000):
+    """CPU µs per reading of Policy.evaluate for quiet targets, with and without predict:
+    the price a watch pays for its trend (O(1): running sums)."""
+    import time
+    from memwatchd.config import parse_config
+    from memwatchd.policy import Policy
+    from memwatchd.types import Reading
+    out = {}
+    for horizon in ("0", "30s"):
+        cfg = parse_config({"watch": [{"name": "w", "cmdline": "x", "limit": "1G",
+                                       "predict": horizon}]}, "bench")
+        policy = Policy(cfg)
+        keys = [("process", i, 1) for i in range(n_targets)]
+        start = time.process_time()
+        for tick in range(ticks):
+            policy.evaluate(tick * 0.01, [Reading(k, "w", (300 << 20) + tick * 4096 + i, 1 << 30, None)
+                                          for i, k in enumerate(keys)])
+        out[horizon] = (time.process_time() - start) / (ticks * n_targets) * 1e6
+    return out["0"], out["30s"]
+
+
 def line(s):
     return (f"leaks={s['leaks']} caught_early={s['caught_early']} "
             f"lead_s_median={s['lead_s_median']:.2f} benign={s['benign']} "
@@ -156,6 +177,8 @@ def main():
     for gate in sorted(ALL_GATES):
         s = summarise(corpus, horizon, ALL_GATES - {gate}, verbose=False)
         print(f"  without {gate:<8} {line(s)} ramps_predicted={s['ramps_predicted']}")
+    off, on = cost_per_reading()
+    print(f"cost: Policy.evaluate {off:.2f} us per quiet reading without predict, {on:.2f} us with it")
     print(line(full))
 
 
