@@ -416,3 +416,30 @@ def test_guard_predict_does_nothing_with_the_guard_off():
     cfg = guard_config()
     cfg = cfg._replace(guard=cfg.guard._replace(enabled=False))
     assert guard_run(Policy(cfg), lambda t: 3 * GiB - t * 150 * 2**20) == []
+
+
+# ------------------------------------------------------------- status and metrics
+
+def test_status_and_metrics_carry_the_estimate():
+    from types import SimpleNamespace
+    from prometheus_client.parser import text_string_to_metric_families
+    from memwatchd import metrics, state
+    policy = Policy(config("term"))
+    run(policy, LEAK[:120])
+    est = policy.estimate(KEY)
+    assert set(est) == {"seconds_left", "slope_bytes_per_s", "slope_upper_bytes_per_s"}
+    watch = policy.config.watches[0]
+    target = SimpleNamespace(key=KEY, watch=watch, is_cgroup=False, pid=4242, comm="job", cgroup="/",
+                             usage=700 * MiB, limit=LIMIT, warn=None, sampled_at=1.0, interval=0.05)
+    view = state.build_view([target], None, 2.0, policy.config, estimate=policy.estimate)
+    assert view["targets"][0]["predict"] == est
+    assert view["guard"]["predict"] is None
+    assert state.build_view([target], None, 2.0, policy.config)["targets"][0]["predict"] is None
+    view.update(written_at=0.0, daemon={})
+    text = metrics.render(metrics._Snapshot(view, {}, metrics.Histogram(metrics.TICK_BUCKETS),
+                                            metrics.Histogram(metrics.EXIT_BUCKETS))).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    left, = fams["memwatchd_target_exhaustion_seconds"].samples
+    assert left.value == pytest.approx(est["seconds_left"]) and left.labels == {"target": "job", "id": "4242"}
+    growth = {s.labels["bound"]: s.value for s in fams["memwatchd_target_growth_bytes_per_second"].samples}
+    assert growth == {"estimate": est["slope_bytes_per_s"], "upper": est["slope_upper_bytes_per_s"]}
