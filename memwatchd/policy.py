@@ -156,7 +156,10 @@ class Policy:
         """A reload keeps each surviving target's state (a pending SIGTERM stays pending)."""
         self.config = config
         self.watches = {w.name: w for w in config.watches}
-        self.predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
+        predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
+        if predicting != self.predicting:   # a horizon changed or went: trends start afresh
+            self.trends.clear()
+        self.predicting = predicting
 
     def forget(self, key: tuple) -> None:
         """The target is gone: drop its state (a new match starts fresh)."""

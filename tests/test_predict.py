@@ -450,3 +450,15 @@ def test_status_and_metrics_carry_the_estimate():
     assert left.value == pytest.approx(est["seconds_left"]) and left.labels == {"target": "job", "id": "4242"}
     growth = {s.labels["bound"]: s.value for s in fams["memwatchd_target_growth_bytes_per_second"].samples}
     assert growth == {"estimate": est["slope_bytes_per_s"], "upper": est["slope_upper_bytes_per_s"]}
+
+
+def test_a_reload_that_turns_predict_off_drops_the_trends():
+    policy = Policy(config("term"))
+    run(policy, LEAK[:20])
+    assert policy.estimate(KEY) is not None
+    policy.reconfigure(config("term"))            # same horizon: the trend goes on
+    assert policy.estimate(KEY) is not None
+    policy.reconfigure(config("term", None))
+    assert policy.trends == {} and policy.estimate(KEY) is None
+    assert [d.reason for _, d in run(policy, LEAK)] == []   # below the limit: nothing, no trend
+    assert policy.trends == {}
