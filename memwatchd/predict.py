@@ -33,8 +33,6 @@ Z = 2.0               # upper bound of the slope: slope + Z standard errors (~97
 SOFT_FLOOR = 0.5      # predict only with the memory above this share of the limit
 HOST_FLOOR = 3        # the host: only with headroom under this many times the guard's floor
 ARM = 0.375           # from here on the trace recorder writes every reading (SOFT_FLOOR * 0.75)
-ARM_HORIZONS = 4      # ... while the time left is under this many horizons (a flat target
-                      # parked above ARM is written on change only, as without predict)
 PERSIST = 3           # consecutive samples the condition must hold
 MIN_SPAN = 0.5        # seconds of readings in the window before any prediction counts
 HISTORY = 5.0         # seconds of the target's readings before a prediction may act
@@ -176,17 +174,16 @@ class Trend:
             self.fell_at, self.peak = now, value
         elif value > self.peak:
             self.peak = value
+        self.armed = value >= floor * (ARM / SOFT_FLOOR)
         fit = self.fit.slope()
         if fit is None:
             self.estimate = None
             self.streak = 0
-            self.armed = value >= floor * (ARM / SOFT_FLOOR)   # no estimate yet: by level
             return False
         slope, se = fit
         slope_hi = slope + Z * se
         left = time_left(limit - value, slope_hi)
         self.estimate = (left, slope, slope_hi)
-        self.armed = value >= floor * (ARM / SOFT_FLOOR) and left < horizon * ARM_HORIZONS
         if self.fired:
             if left > horizon * REARM or value < floor * 0.9:
                 self.fired = False
