@@ -2,7 +2,8 @@
 
 Inside a private PID namespace, starts `memwatchd run` (as systemd would: the console
 script, else `python -m memwatchd`) with a config of 10 [[watch]] entries, one per
-idle `sleep` process (limit 1G, action term) plus the host guard (defaults), and, side
+idle `sleep` process (limit 1G, action term) plus the host guard (defaults), with a
+NOTIFY_SOCKET and WATCHDOG_USEC as under the unit, and, side
 by side, a bare `python3 -c "import time; time.sleep(...)"` from the same interpreter.
 Samples both every 0.5 s for --seconds (default 60) and reports the steady-state VmRSS
 (median of the second half; RssAnon / RssFile split) and memwatchd's CPU time per
@@ -108,9 +109,33 @@ def mode_env(mode: str, cache_dir: str) -> dict:
     return env
 
 
+def notify_listener(workdir: str, env: dict):
+    """A datagram socket standing in for systemd's: the daemon sends READY=1, STATUS=
+    and WATCHDOG=1 to it as under the unit (WatchdogSec=10s), so its notify client's
+    memory is counted. Returns the socket; the sampling loop drains it."""
+    import socket
+    path = os.path.join(workdir, f"notify-{len(os.listdir(workdir))}.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="10000000")
+    return sock
+
+
+def drain(sock) -> int:
+    n = 0
+    while True:
+        try:
+            sock.recv(4096)
+            n += 1
+        except BlockingIOError:
+            return n
+
+
 def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
     cache_dir = tempfile.mkdtemp(prefix=f"pycache-{mode}-", dir=workdir)
     env = mode_env(mode, cache_dir)
+    notify = notify_listener(workdir, env)
     daemon_cmd = _benchlib.memwatchd_command() + ["run", "--config", config]
     bare_cmd = [sys.executable, "-c", f"import time; time.sleep({seconds + 30})"]
     if mode in ("cached", "traced"):  # warm the cache: one start of each, then stop
@@ -121,7 +146,7 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
         warm.wait(10)
     daemon = subprocess.Popen(daemon_cmd, env=env, stderr=subprocess.PIPE, text=True)
     bare = subprocess.Popen(bare_cmd, env=env)
-    samples = []
+    samples, notified = [], 0
     try:
         t0 = time.monotonic()
         cpu_at = None
@@ -132,11 +157,15 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
             if cpu_at is None and time.monotonic() - t0 >= min(5.0, seconds / 4):
                 cpu_at = (_benchlib.cpu_ns(daemon.pid), time.monotonic())
             samples.append((time.monotonic() - t0, status(daemon.pid), status(bare.pid)))
+            notified += drain(notify)
+        if not notified:
+            raise RuntimeError("memwatchd run sent nothing to NOTIFY_SOCKET")
         cpu_end = (_benchlib.cpu_ns(daemon.pid), time.monotonic())
         trace_bytes = (_dir_size(os.path.join(workdir, "trace")), time.monotonic() - t0)
     finally:
         for proc in (daemon, bare):
             _benchlib.stop(proc, 10)
+        notify.close()
     steady = samples[len(samples) // 2:]
     med = lambda i, key: statistics.median(s[i][key] for s in steady)
     return {

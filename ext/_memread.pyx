@@ -12,7 +12,6 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memset
 from libc.stdint cimport int64_t, INT64_MAX
 from posix.unistd cimport close, sysconf, _SC_PAGESIZE
-from posix.fcntl cimport O_RDONLY, O_CLOEXEC, O_DIRECTORY
 
 import os
 
@@ -25,6 +24,11 @@ cdef extern from "unistd.h" nogil:
     long syscall(long number, ...)
 
 cdef extern from "fcntl.h" nogil:
+    # Declared here, not cimported from posix.fcntl: Cython 0.29 (Debian 12's
+    # cython3) has no O_CLOEXEC or O_DIRECTORY there.
+    enum: O_RDONLY
+    enum: O_CLOEXEC
+    enum: O_DIRECTORY
     int openat(int dirfd, const char *path, int flags, ...)
     int open(const char *path, int flags, ...)
 

@@ -31,7 +31,8 @@ from memwatchd.types import (
 )
 
 __all__ = [
-    "open_process", "send_signal", "is_dead", "release_memory",
+    "open_process", "send_signal", "is_dead", "release_memory", "release_and_close", "pidfd_pid",
+    "cgroup_populated",
     "descendants", "signal_tree",
     "cgroup_procs", "signal_cgroup", "set_memory_high", "set_frozen",
     "victim_env", "OnActionRunner", "ON_ACTION_PATH",
@@ -128,19 +129,60 @@ _MRELEASE_OUTCOMES = {
 def release_memory(pidfd: int) -> str:
     """process_mrelease() a killed process so its memory returns now, not after its exit path.
 
-    Returns "released"; "not-dying" if it is not (yet) dying (EINVAL: not killed, or
-    its mm is shared with a live process); "gone" if it has already exited (ESRCH);
-    "unsupported" on kernels without the syscall (ENOSYS, < 5.15). These are
-    normal outcomes; anything else raises.
+    Advisory: it never raises. Returns "released"; "not-dying" if it is not (yet) dying
+    (EINVAL: not killed, or its mm is shared with a live process); "gone" if it has
+    already exited (ESRCH); "unsupported" on kernels without the syscall (ENOSYS,
+    < 5.15); for anything else (EAGAIN: the reap raced the exit path, EINTR, EPERM from
+    a seccomp filter, EBADF) "failed: <errno name>". The kill itself is already done
+    whatever this returns. It may block on the victim's mmap_lock: the daemon calls it
+    from a helper thread (memwatchd.offload).
     """
     try:
         process_mrelease(pidfd)
     except OSError as e:
         outcome = _MRELEASE_OUTCOMES.get(e.errno)
         if outcome is None:
-            _raise_os(e, f"pidfd {pidfd}: process_mrelease")
+            return f"failed: {errno.errorcode.get(e.errno or 0, e.errno)}"
         return outcome
     return "released"
+
+
+def release_and_close(pidfd: int) -> str:
+    """release_memory() on a pidfd of our own (a dup), then close it: a helper thread's
+    call, so that the loop closing its pidfd meanwhile cannot make this one name another file."""
+    try:
+        return release_memory(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def pidfd_pid(pidfd: int) -> int:
+    """The PID a pidfd names (its fdinfo "Pid:" line, Linux 5.3+); 0 if unknown or exited."""
+    try:
+        data = _read(f"/proc/self/fdinfo/{int(pidfd)}", 4096)
+    except OSError:
+        return 0
+    for line in data.splitlines():
+        if line.startswith(b"Pid:"):
+            try:
+                return max(0, int(line[4:]))
+            except ValueError:
+                return 0
+    return 0
+
+
+def cgroup_populated(cgroup_dir: str) -> Optional[bool]:
+    """Does any process live in this cgroup subtree (cgroup.events "populated")? None if
+    that cannot be read."""
+    try:
+        data = _read(os.path.join(cgroup_dir, "cgroup.events"), 4096)
+    except OSError:
+        return None
+    for line in data.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == b"populated":
+            return fields[1] == b"1"
+    return None
 
 
 def _close_all(fds: Iterable[int]) -> None:
@@ -481,6 +523,17 @@ class OnActionRunner:
         self._clock = clock
         self._running: List[_Running] = []
 
+    def _child_setup(self) -> None:
+        """In the forked child, before exec: the daemon is OOM-protected (-1000) and a child
+        inherits that; the program must be an ordinary OOM candidate from its first
+        instruction, so the score is reset here, not by the parent after the program runs.
+        Only os calls (no locks another thread could hold at fork time)."""
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(int(self.oom_score_adj)).encode())
+        finally:
+            os.close(fd)
+
     @property
     def running(self) -> int:
         """Programs started and not yet reaped (including killed ones not yet reaped)."""
@@ -507,16 +560,12 @@ class OnActionRunner:
             proc = subprocess.Popen(
                 argv, env=child_env, cwd="/", stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                close_fds=True, start_new_session=True, shell=False)
+                close_fds=True, start_new_session=True, shell=False,
+                preexec_fn=None if self.oom_score_adj is None else self._child_setup)
         except OSError as e:
             raise MemwatchdError(f"on_action {argv[0]}: {e.strerror or e}") from e
-        if self.oom_score_adj is not None:
-            # The daemon itself is usually OOM-protected (-1000); its helper must not be.
-            try:
-                with open(f"/proc/{proc.pid}/oom_score_adj", "w") as f:
-                    f.write(str(self.oom_score_adj))
-            except OSError:
-                pass
+        except subprocess.SubprocessError as e:   # the child's setup failed: nothing was exec'ed
+            raise MemwatchdError(f"on_action {argv[0]}: {e}") from e
         self._running.append(_Running(proc, argv[0], self._clock() + timeout))
         return proc.pid
 

@@ -1,24 +1,40 @@
 """The command line: the only module that imports Typer, prints, or exits.
 
-Every command is a thin shell over the core; entry.EXIT_CODES is the one table that
-maps the core's errors to exit codes.
+Every command is a thin shell over the core; types.EXIT_CODES is the one table that
+maps the core's errors to exit codes, EXIT_STATUS_HELP documents every status once.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from memwatchd import __version__
-from memwatchd.entry import exit_code_for, run_daemon
-from memwatchd.types import MemwatchdError, TargetGone
+from memwatchd.types import ConfigError, MemwatchdError, TargetGone, exit_code_for
 
 EXIT_USAGE = 2
-# `watch -- COMMAND` exits with the command's own status, or with this one when memwatchd
-# had to stop the command for memory (like timeout(1)'s 124). 120 is not a signal death
-# (those are 128+N) and not one of the shells' 126/127.
+# `status` when the daemon is not running, like `systemctl status` (LSB: "not running").
+EXIT_NOT_RUNNING = 3
+# `watch` exits with this when memwatchd had to stop its target for memory (like
+# timeout(1)'s 124). 120 is not a signal death (those are 128+N) and not one of the
+# shells' 126/127.
 EXIT_STOPPED_FOR_MEMORY = 120
+
+EXIT_STATUS_HELP = f"""\b
+Exit status:
+  0    success
+  1    an error not listed below (e.g. an events file that cannot be read)
+  2    bad options, or an invalid config file
+  3    a config file or on_action program writable by others (refused);
+       status: memwatchd is not running (the targets were sampled once)
+  4    permission denied (try as root)
+  5    watch: nothing matched what it was told to watch
+  {EXIT_STOPPED_FOR_MEMORY}  watch: memwatchd stopped its target for memory
+  126  watch -- COMMAND: the command cannot be run; 127: not found
+  128+N  watch -- COMMAND: a signal N ended the command;
+       otherwise watch -- COMMAND exits with the command's own status"""
 
 app = typer.Typer(
     name="memwatchd",
@@ -26,14 +42,37 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 
-def fail(error: MemwatchdError) -> "typer.Exit":
-    """Print the error on stderr and give the exit code for its class (entry.EXIT_CODES)."""
-    typer.echo(f"memwatchd: {error}", err=True)
+def _say_error(error: MemwatchdError, flags: bool = False) -> None:
+    """Each error on its own line (check-config reports all of them)."""
+    for line in getattr(error, "errors", None) or (str(error),):
+        typer.echo(f"memwatchd: {_flag_names(line) if flags else line}", err=True)
+
+
+def fail(error: MemwatchdError, flags: bool = False) -> "typer.Exit":
+    """Print the error on stderr and give the exit code for its class (types.EXIT_CODES).
+    With flags, the error came from `watch`'s options: name the flag, not the key."""
+    _say_error(error, flags)
     return typer.Exit(exit_code_for(error))
+
+
+def usage_error(message: str) -> "typer.Exit":
+    typer.echo(f"memwatchd watch: {message}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+_KEY_RE = re.compile(r"command line: (?:watch\[\d+\]|daemon)\.([a-z_]+)")
+
+
+def _flag_names(message: str) -> str:
+    """`watch`'s flags become a config internally; say "--limit", not "watch[0].limit",
+    and show a flag's value as typed, not as a TOML string."""
+    message = _KEY_RE.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return message.replace(", got a string ", ", got ")
 
 
 def _version(value: bool) -> None:
@@ -43,15 +82,16 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(epilog=EXIT_STATUS_HELP)
 def main_options(
     version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """memwatchd watches the memory of what you name and stops an offender before the host stalls.
 
     Start with `memwatchd watch --limit 2G -- COMMAND` for one job, or install the daemon with
-    `memwatchd install-units` and `systemctl enable --now memwatchd`.
+    `memwatchd install-units` and `systemctl enable --now memwatchd`. `memwatchd COMMAND --help`
+    shows each command's options and examples.
     """
 
 
@@ -60,14 +100,9 @@ INSECURE_HELP = ("Accept a config file (and on_action programs) not owned by roo
                  "others. For development only: whoever can edit the config decides what root kills.")
 
 
-def _load(config: Optional[Path], insecure: bool):
-    from memwatchd.config import load_config
-    return load_config(str(config) if config else None, insecure=insecure)
-
-
-@app.command()
+@app.command(short_help="Run the daemon in the foreground (what systemd starts).")
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=CONFIG_HELP),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Log every decision, send no signal."),
 ) -> None:
@@ -76,68 +111,122 @@ def run(
     Reads the config, watches its targets and the host, and acts: warn, SIGTERM, grace, SIGKILL.
     SIGHUP reloads the config (an invalid one is logged and the old one keeps running);
     SIGTERM stops. Records every action in the events file before sending anything.
+    A config other than the default gets its own state and events files.
 
-    Example: memwatchd run --config /etc/memwatchd/memwatchd.toml
+    \b
+    Examples:
+      memwatchd run --config /etc/memwatchd/memwatchd.toml
+      memwatchd run --config ./test.toml --insecure --dry-run
     """
+    from memwatchd.daemon import run_from_file
+    from memwatchd.report import fatal_line
     try:
-        code = run_daemon(str(config) if config else None, insecure, dry_run)
-    except MemwatchdError as e:
-        raise fail(e)
-    except OSError as e:
-        typer.echo(f"memwatchd: {e}", err=True)
-        raise typer.Exit(1)
+        code = run_from_file(str(config) if config else None, insecure, dry_run)
+    except (MemwatchdError, OSError) as e:
+        typer.echo(fatal_line(str(e)), err=True)
+        raise typer.Exit(exit_code_for(e))
     raise typer.Exit(code)
 
 
-@app.command("check-config")
+@app.command("check-config", short_help="Validate a config file; name every bad file, key and value.")
 def check_config(
-    path: Optional[Path] = typer.Argument(None, help="Config file to check (default: /etc/memwatchd/memwatchd.toml)."),
+    path: Optional[Path] = typer.Argument(None, metavar="[FILE]",
+                                          help="Config file to check (default: /etc/memwatchd/memwatchd.toml)."),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors; the exit status says the rest."),
 ) -> None:
-    """Validate a config file: exit 0 if the daemon would accept it, else name the file, key and value.
+    """Validate a config file: exit 0 if the daemon would accept it, else name the file, key and
+    value of every error (not only the first). Warnings (valid but probably not meant) are
+    printed and do not fail the check.
 
-    Example: memwatchd check-config /etc/memwatchd/memwatchd.toml
+    \b
+    Examples:
+      memwatchd check-config /etc/memwatchd/memwatchd.toml
+      memwatchd check-config ./new.toml && sudo install -m 600 new.toml /etc/memwatchd/memwatchd.toml
     """
+    from memwatchd import config as cfgmod
+    from memwatchd.install import events_path_problem
+    from memwatchd.report import count
     try:
-        cfg = _load(path, insecure)
+        cfg = cfgmod.load_config(str(path) if path else None, insecure=insecure)
+        problem = events_path_problem(cfg.daemon.events)
+        if problem:
+            raise ConfigError(f"{cfg.source}: daemon.events = {cfg.daemon.events!r}: {problem}")
     except MemwatchdError as e:
         raise fail(e)
-    typer.echo(f"{cfg.source}: OK ({len(cfg.watches)} watch(es), guard "
-               f"{'on' if cfg.guard.enabled else 'off'})")
+    for warning in cfg.warnings:
+        typer.echo(f"memwatchd: warning: {warning}", err=True)
+    if quiet:
+        return
+    summary = (f"{count(len(cfg.watches), 'watch', 'watches')}, guard "
+               f"{'on' if cfg.guard.enabled else 'off'}")
+    if cfg.source == cfgmod.BUILTIN_SOURCE:
+        typer.echo(f"no config file at {cfgmod.DEFAULT_CONFIG_PATH}: checked only the built-in "
+                   f"defaults ({summary}); name a file to check it")
+        return
+    typer.echo(f"{cfg.source}: OK ({summary})")
 
 
 WATCH_EPILOG = (
-    "Exit status: with -- COMMAND, the command's own (128+N if a signal N ended it), or "
-    f"{EXIT_STOPPED_FOR_MEMORY} if memwatchd stopped it for memory; otherwise 0 once every "
-    "target is gone; 2 for bad options, 5 if nothing matched.")
+    "\b\nSelectors: exactly one of -- COMMAND, --pid (repeatable), --pidfile, --cmdline, --unit "
+    "or --cgroup.\nDefaults are those of a [[watch]] in the config (grace 10s, sustain 0s, "
+    "action term).\n\b\nExit status: with -- COMMAND, the command's own (128+N if a signal N "
+    f"ended it), or {EXIT_STOPPED_FOR_MEMORY} if memwatchd\nstopped its target for memory "
+    "(also with --pid and the other selectors); 0 once every target is gone;\n"
+    "2 for bad options, 5 if nothing matched. `memwatchd --help` lists every exit status.")
+
+SELECTOR_FLAGS = ("-- COMMAND", "--pid", "--pidfile", "--cmdline", "--unit", "--cgroup")
 
 
-@app.command(epilog=WATCH_EPILOG, context_settings={"allow_interspersed_args": False})
+@app.command(epilog=WATCH_EPILOG, context_settings={"allow_interspersed_args": False},
+             short_help="Watch one command, process, unit or cgroup in the foreground.")
 def watch(
     command: Optional[List[str]] = typer.Argument(
-        None, metavar="[-- COMMAND [ARGS...]]", help="Start this command and watch it (and its children)."),
-    pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Watch this process (repeatable)."),
-    unit: Optional[str] = typer.Option(None, "--unit", "-u", help="Watch this systemd unit's cgroup."),
-    cgroup: Optional[str] = typer.Option(None, "--cgroup", help="Watch a cgroup v2 directory (path or glob)."),
-    limit: str = typer.Option(..., "--limit", "-l", help="Memory limit: 2G, 512M, 80% (of RAM, or of the cgroup's memory.max)."),
-    warn: Optional[str] = typer.Option(None, "--warn", help="Log a warning at this usage (below --limit)."),
-    action: str = typer.Option("term", "--action", help="term (SIGTERM, grace, SIGKILL), kill, warn, throttle or freeze (cgroups)."),
-    grace: str = typer.Option("5s", "--grace", help="After SIGTERM, how long before SIGKILL."),
-    scope: Optional[str] = typer.Option(None, "--scope", help="process, tree or cgroup. Default: tree for a command, process for --pid, cgroup for --unit/--cgroup."),
-    interval: str = typer.Option("1s", "--interval", help="Slowest sampling period (sampling speeds up near the limit)."),
+        None, metavar="-- COMMAND", show_default=False,
+        help="Start this command and watch it (and its children)."),
+    pid: Optional[List[str]] = typer.Option(None, "--pid", "-p", metavar="PID", help="Watch this process (repeatable)."),
+    pidfile: Optional[str] = typer.Option(None, "--pidfile", metavar="FILE",
+                                          help="Watch the process whose PID is in this file (re-read when it goes)."),
+    cmdline: Optional[str] = typer.Option(None, "--cmdline", metavar="REGEX",
+                                          help="Watch every process whose command line matches (Python re.search)."),
+    unit: Optional[str] = typer.Option(None, "--unit", "-u", metavar="UNIT", help="Watch this systemd unit's cgroup."),
+    cgroup: Optional[str] = typer.Option(None, "--cgroup", metavar="PATH", help="Watch a cgroup v2 directory (path or glob)."),
+    limit: str = typer.Option(..., "--limit", "-l", metavar="SIZE",
+                              help="Act above this: 2G, 512M, 80% (of RAM, or of the cgroup's memory.max). "
+                                   "A bare number is refused (write 4096B for bytes)."),
+    warn: Optional[str] = typer.Option(None, "--warn", metavar="SIZE", help="Log a warning at this usage (below --limit)."),
+    action: str = typer.Option("term", "--action", metavar="ACTION",
+                               help="term (SIGTERM, grace, SIGKILL), kill, warn, throttle or freeze (the last two: cgroups)."),
+    grace: Optional[str] = typer.Option(None, "--grace", metavar="DURATION",
+                                        help="With --action term: how long after SIGTERM before SIGKILL. Default 10s."),
+    sustain: Optional[str] = typer.Option(None, "--sustain", metavar="DURATION",
+                                          help="Act only once usage stays above --limit this long. Default 0s."),
+    scope: Optional[str] = typer.Option(None, "--scope", metavar="SCOPE",
+                                        help="process, tree or cgroup. Default: tree for a command, process for "
+                                             "--pid/--pidfile/--cmdline, cgroup for --unit/--cgroup."),
+    usage: Optional[str] = typer.Option(None, "--usage", metavar="HOW",
+                                        help="How a cgroup is measured: current (default), anon or current-inactive_file."),
+    interval: str = typer.Option("1s", "--interval", metavar="DURATION",
+                                 help="Slowest sampling period (sampling speeds up near the limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Decide and report, but send nothing."),
-    json_out: bool = typer.Option(False, "--json", help="Print every record (the daemon's event format) as one JSON line on stdout."),
-    events: Optional[Path] = typer.Option(None, "--events", help="Also append records to this events file."),
+    json_out: bool = typer.Option(False, "--json", help="Print every record (the events format) as a JSON line on stdout. "
+                                                        "Not with -- COMMAND, whose output stdout is: use --json-fd."),
+    json_fd: Optional[int] = typer.Option(None, "--json-fd", metavar="FD",
+                                          help="Write every record as a JSON line to this open file descriptor "
+                                               "(e.g. --json-fd 3 3>records.jsonl); the command does not inherit it."),
+    events: Optional[Path] = typer.Option(None, "--events", metavar="FILE", help="Also append records to this events file."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what is watched and when targets come and go."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only errors; no warnings, no summary line."),
 ) -> None:
     """Watch one command, processes, a unit or a cgroup in the foreground; no config file needed.
 
+    \b
     Examples:
-
       memwatchd watch --limit 2G -- make -j8
-
+      memwatchd watch --limit 4G --json-fd 3 -- ./simulate 3>records.jsonl
       memwatchd watch --pid 1234 --pid 5678 --limit 500M --action kill
-
+      memwatchd watch --pidfile /run/build.pid --limit 8G --scope tree --sustain 2s
+      memwatchd watch --cmdline '^python3 .*train' --limit 25% --action warn
       memwatchd watch --unit simulation.service --limit 80% --warn 70%
     """
     import json
@@ -145,52 +234,94 @@ def watch(
     import subprocess
 
     from memwatchd import report
-    from memwatchd.config import parse_config, parse_duration, parse_size
+    from memwatchd.config import PID_MAX, parse_config
     from memwatchd.daemon import Daemon, Options
 
-    report.set_level(report.INFO if verbose else report.NOTICE)
+    if quiet and verbose:
+        raise usage_error("--quiet and --verbose conflict: give one")
+    report.set_level(report.ERR if quiet else report.INFO if verbose else report.NOTICE)
 
     command = list(command or [])
-    selectors = bool(pid) + (unit is not None) + (cgroup is not None)
-    if bool(command) == bool(selectors) or (unit and cgroup):
-        typer.echo("memwatchd watch: give either -- COMMAND, or --pid (repeatable), or --unit, "
-                   "or --cgroup", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    base = {"limit": limit, "action": action, "grace": grace}
-    if warn is not None:
-        base["warn"] = warn
-    try:
-        parse_size(limit, "--limit")
-        if warn is not None:
-            parse_size(warn, "--warn")
-        parse_duration(grace, "--grace")
-        parse_duration(interval, "--interval")
-        if command:
-            watches = [dict(base, name="command", pid=1, scope=scope or "tree")]
-        elif pid:
-            watches = [dict(base, name=f"pid-{p}", pid=p, scope=scope or "process") for p in pid]
-        else:
-            kind, value = ("unit", unit) if unit else ("cgroup", cgroup)
+    given = [flag for flag, value in zip(SELECTOR_FLAGS, (command, pid, pidfile, cmdline, unit, cgroup))
+             if value]
+    if not given:
+        raise usage_error("say what to watch: -- COMMAND, --pid PID, --pidfile FILE, --cmdline REGEX, "
+                          "--unit UNIT or --cgroup PATH")
+    if len(given) > 1:
+        raise usage_error(f"{given[0]} and {given[1]} conflict: give only one of "
+                          f"{', '.join(SELECTOR_FLAGS)}")
+    selector = given[0]
+    cgroup_kind = selector in ("--unit", "--cgroup")
+    if scope == "cgroup" and not cgroup_kind:
+        raise usage_error(f"--scope cgroup conflicts with {selector}: a cgroup scope needs --unit or --cgroup")
+    if scope in ("process", "tree") and cgroup_kind:
+        raise usage_error(f"--scope {scope} conflicts with {selector}: a unit or cgroup is measured whole "
+                          "(--scope cgroup)")
+    if action in ("throttle", "freeze") and not cgroup_kind:
+        raise usage_error(f"--action {action} conflicts with {selector}: it works on a cgroup "
+                          "(--unit or --cgroup)")
+    if usage is not None and usage != "rss" and not cgroup_kind:
+        raise usage_error(f"--usage {usage} conflicts with {selector}: a process is measured by rss")
+    if grace is not None and action != "term":
+        raise usage_error(f"--grace conflicts with --action {action}: only term waits (SIGTERM, grace, "
+                          "SIGKILL)")
+    if json_out and command:
+        raise usage_error("--json conflicts with -- COMMAND: the command's output goes to stdout; "
+                          "use --json-fd 3 3>FILE, or --events FILE")
+    if json_out and json_fd is not None:
+        raise usage_error("--json and --json-fd conflict: give one")
+
+    pids = []
+    for text in pid or ():
+        if not text.strip().isdigit() or not 1 <= int(text) <= PID_MAX:
+            raise usage_error(f"--pid {text!r}: expected a process ID (a number from 1 to {PID_MAX})")
+        pids.append(int(text))
+
+    base = {"limit": limit, "action": action}
+    for key, value in (("warn", warn), ("grace", grace), ("sustain", sustain), ("usage", usage),
+                       ("scope", scope)):
+        if value is not None:
+            base[key] = value
+    if command:
+        watches = [dict(base, name="command", pid=1, scope=scope or "tree")]
+    elif pids:
+        watches = [dict(base, name=f"pid-{p}", pid=p) for p in pids]
+    else:
+        kind = selector[2:]
+        value = {"pidfile": pidfile, "cmdline": cmdline, "unit": unit, "cgroup": cgroup}[kind]
+        if kind in ("unit", "cgroup"):
             from memwatchd.targets import host_support
             why = host_support().get(kind)
             if why:  # said plainly, not "matched nothing"
                 typer.echo(f"memwatchd watch: --{kind}{' ' if why.startswith('needs') else ': '}{why}",
                            err=True)
                 raise typer.Exit(exit_code_for(TargetGone("")))
-            watches = [dict(base, name=kind, **{kind: value})]
-            if scope:
-                watches[0]["scope"] = scope
+        watches = [dict(base, name=kind, **{kind: value})]
+    try:
         cfg = parse_config({"daemon": {"interval": interval, "min_interval": "10ms",
-                                       "events": str(events) if events else "", "state": "",
+                                       "events": str(events.absolute()) if events else "", "state": "",
                                        "dry_run": dry_run},
                             "guard": {"enabled": False}, "watch": watches}, "command line")
     except MemwatchdError as e:
-        raise fail(e)
+        raise fail(e, flags=True)
+
+    out = None
+    if json_fd is not None:
+        try:
+            out = os.fdopen(os.dup(json_fd), "w", buffering=1)
+        except OSError as e:
+            raise usage_error(f"--json-fd {json_fd}: not an open file descriptor ({e.strerror})")
+    elif json_out:
+        out = typer.get_text_stream("stdout")
 
     def show(record: dict) -> None:
-        typer.echo(json.dumps(record, sort_keys=True))
+        try:
+            out.write(json.dumps(record, sort_keys=True) + "\n")
+            out.flush()
+        except (OSError, ValueError):
+            pass   # a closed reader must not stop the watch
 
-    opts = Options(exit_when_idle=True, on_record=show if json_out else None,
+    opts = Options(exit_when_idle=True, on_record=show if out is not None else None,
                    psi_trigger=False, lock_memory=False)
     child = None
     if command:
@@ -209,18 +340,40 @@ def watch(
             child.kill()
             child.wait()
         raise fail(e)
-    if child is None:
-        raise typer.Exit(0)
-    status = child.wait()
+    status = child.wait() if child is not None else 0
     stopped = [r for r in daemon.stopped_for_memory if not r["dry_run"]]
     if stopped:
-        first, last = stopped[0], stopped[-1]
-        sent = " then ".join(dict.fromkeys(r["signal"] for r in stopped))
-        typer.echo(f"memwatchd: stopped {command[0]} (pid {child.pid}) for memory: using "
-                   f"{last['usage_bytes'] / 2**20:.0f} MiB, over its limit of "
-                   f"{first['limit_bytes'] / 2**20:.0f} MiB; sent {sent}", err=True)
+        if not quiet:
+            for line in stopped_summary(stopped, command[0] if command else None):
+                typer.echo(f"memwatchd: {line}", err=True)
         raise typer.Exit(EXIT_STOPPED_FOR_MEMORY)
     raise typer.Exit(128 - status if status < 0 else status)
+
+
+def stopped_summary(records: List[dict], started_as: Optional[str] = None) -> List[str]:
+    """One line per target stopped for memory, from its decision records: the program
+    they name (read when memwatchd decided: a wrapper may have exec'ed another), its
+    highest usage, its limit, the signals sent. started_as: `watch -- COMMAND`'s argv[0],
+    said when the program stopped is not the one started."""
+    import os
+
+    from memwatchd.report import escape, format_size
+    by_target: dict = {}
+    for r in records:
+        by_target.setdefault((r.get("target"), r.get("pid"), r.get("cgroup")), []).append(r)
+    lines = []
+    for (_, pid, cgroup), rs in by_target.items():
+        first, last = rs[0], rs[-1]
+        name = last.get("comm") or "?"
+        also = ""
+        if started_as and name != os.path.basename(started_as)[:15]:
+            also = f", started as {escape(started_as)}"
+        who = f"{name} (pid {pid}{also})" if pid is not None else f"cgroup {cgroup}"
+        usage = max((r["usage_bytes"] for r in rs if r.get("usage_bytes") is not None), default=None)
+        sent = " then ".join(dict.fromkeys(r["signal"] for r in rs if r.get("signal")))
+        lines.append(f"stopped {who} for memory: using {format_size(usage)}, "
+                     f"over its limit of {format_size(first.get('limit_bytes'))}; sent {sent}")
+    return lines
 
 
 def _load_readonly(config: Optional[Path]):
@@ -230,24 +383,24 @@ def _load_readonly(config: Optional[Path]):
     return load_config(str(config) if config else None, insecure=True)
 
 
-@app.command()
+@app.command(short_help="Show what memwatchd sees: targets, usage, limits, the host.")
 def status(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=CONFIG_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the same data as JSON (one object; with --watch one line per refresh)."),
     watch_: bool = typer.Option(False, "--watch", "-w", help="Refresh in place every second, like top (Ctrl-C quits)."),
 ) -> None:
     """Show what memwatchd sees: every target's usage, limit, headroom and last action, the host.
 
     With the daemon running, reads its state file ([daemon] state); otherwise samples the
-    configured targets once and says the daemon is not running.
+    configured targets once, says the daemon is not running and exits 3 (like systemctl).
+    On a terminal the table fits its width; piped, it is full width and never wrapped.
 
+    \b
     Examples:
-
       sudo memwatchd status
-
       sudo memwatchd status --watch
-
       sudo memwatchd status --json | jq '.targets[] | {target, usage_bytes, limit_bytes}'
+      sudo memwatchd status -c /etc/memwatchd/other.toml
     """
     import json
     import time
@@ -258,11 +411,12 @@ def status(
         view = st.collect(cfg)
     except MemwatchdError as e:
         raise fail(e)
+    code = 0 if view.get("running") else EXIT_NOT_RUNNING
     if json_out:
         while True:
             typer.echo(json.dumps(view, sort_keys=True, indent=None if watch_ else 2))
             if not watch_:
-                return
+                raise typer.Exit(code)
             try:
                 time.sleep(1.0)
                 view = st.collect(cfg)
@@ -272,8 +426,8 @@ def status(
                 raise fail(e)
     console = st.console()
     if not watch_:
-        console.print(st.status_renderable(view))
-        return
+        st.show(console, st.status_renderable(view))
+        raise typer.Exit(code)
     from rich.live import Live
     try:
         with Live(st.status_renderable(view), console=console, auto_refresh=False) as live:
@@ -286,40 +440,54 @@ def status(
         raise fail(e)
 
 
-@app.command()
+@app.command(short_help="List what memwatchd did: each decision with its outcome.")
 def events(
-    since: Optional[str] = typer.Option(None, "--since", help="Only events newer than this: 90s, 30m, 1h, 24h."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Only this watch's events (its name; \"guard\" for the host guard)."),
+    since: Optional[str] = typer.Option(None, "--since", "-S", metavar="WHEN",
+                                        help="Only events at or after this: 90s, 30m, 1h, 1d (ago), today, "
+                                             "yesterday, \"2026-12-01 07:00\", 07:00 (as journalctl reads them)."),
+    until: Optional[str] = typer.Option(None, "--until", "-U", metavar="WHEN", help="Only events before this (same forms)."),
+    lines: Optional[int] = typer.Option(None, "--lines", "-n", metavar="N", help="Only the last N events."),
+    follow: bool = typer.Option(False, "--follow", "-F", help="Keep printing new records as they are written (Ctrl-C quits)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", metavar="NAME",
+                                         help="Only this watch's events (its name; \"guard\" for the host guard)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per event (decision with its outcome) per line."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Events file to read. Default: [daemon] events of the config."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", metavar="FILE", help="Events file to read. Default: [daemon] events of the config."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help=CONFIG_HELP),
 ) -> None:
     """List what memwatchd did: each decision paired with its outcome.
 
     When, which target, pid and name (or cgroup), usage against limit, why, what was sent,
     how long the process took to die and how much memory that freed. A torn last line (the
-    host died mid-write) is skipped and reported.
+    host died mid-write) is skipped and reported. With --follow, each new record is printed
+    as one line when it is written (with --json: the records as written, decisions and
+    outcomes apart). Piped, the table is full width and never wrapped.
 
+    \b
     Examples:
-
       sudo memwatchd events --since 1h
-
+      sudo memwatchd events --since yesterday --until today -n 20
+      sudo memwatchd events --since "2026-12-01 07:00" --target simulation
+      sudo memwatchd events --follow
       sudo memwatchd events --target simulation --json | jq .outcome.seconds_to_exit
     """
     import json
+    import os
 
     from memwatchd import status as st
-    from memwatchd.config import parse_duration
     from memwatchd.types import AccessDenied
+    if lines is not None and lines < 0:
+        raise _usage("events", f"-n {lines}: expected a number of events, 0 or more")
     try:
-        seconds = parse_duration(since, "--since") if since is not None else None
+        start = st.parse_when(since, "--since") if since is not None else None
+        end = st.parse_when(until, "--until") if until is not None else None
         path = str(file) if file else _load_readonly(config).daemon.events
         if not path:
-            typer.echo("memwatchd: the events file is off in the config ([daemon] events = \"\"); "
-                       "name one with --file", err=True)
-            raise typer.Exit(EXIT_USAGE)
+            raise _usage("events", "the events file is off in the config ([daemon] events = \"\"); "
+                                   "name one with --file")
+        if file is not None and not os.path.exists(path):
+            raise MemwatchdError(f"cannot read {path}: no such file")
         try:
-            found = st.select_events(path, seconds, target)
+            found = st.select_events(path, start, target, until=end)
         except PermissionError:
             raise AccessDenied(f"cannot read {path}: permission denied (it is root's: try sudo)")
         except OSError as e:
@@ -327,41 +495,79 @@ def events(
     except MemwatchdError as e:
         raise fail(e)
     if found.skipped:
-        typer.echo(f"memwatchd: skipped {found.skipped} unreadable line(s) in {path} "
+        typer.echo(f"memwatchd: skipped {found.skipped} unreadable "
+                   f"{'line' if found.skipped == 1 else 'lines'} in {path} "
                    "(a torn write: the host may have stopped mid-write)", err=True)
+    shown = found[-lines:] if lines else ([] if lines == 0 else found)
     if json_out:
-        for event in found:
+        for event in shown:
             typer.echo(json.dumps(event, sort_keys=True))
+    elif shown:
+        st.show(st.console(), st.events_table(shown))
+    elif not follow:
+        typer.echo(f"no events in {path}" + (f" since {since}" if since else "")
+                   + (f" until {until}" if until else "") + (f" for {target}" if target else ""))
+    if not follow:
         return
-    if not found:
-        typer.echo(f"no events in {path}" + (f" in the last {since}" if since else "")
-                   + (f" for {target}" if target else ""))
+    try:
+        for record in st.follow_records(path, found.size, target=target):
+            typer.echo(json.dumps(record, sort_keys=True) if json_out else st.record_line(record))
+    except KeyboardInterrupt:
         return
-    st.console().print(st.events_table(found))
 
 
-@app.command("install-units")
+def _usage(command: str, message: str) -> "typer.Exit":
+    typer.echo(f"memwatchd {command}: {message}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+@app.command("install-units", short_help="Install memwatchd.service and a starting config.")
 def install_units(
-    prefix: Optional[Path] = typer.Option(
-        None, "--prefix", help="Write unit files here instead of /etc/systemd/system (no daemon-reload)."),
     config_path: Path = typer.Option(
-        Path("/etc/memwatchd/memwatchd.toml"), "--config", help="Where the starting config goes (never overwritten)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be written; write nothing."),
+        Path("/etc/memwatchd/memwatchd.toml"), "--config", metavar="FILE",
+        help="The daemon's config: a starting one is written here if there is none, and a "
+             "path other than the default goes into ExecStart= as --config PATH."),
+    root: Optional[Path] = typer.Option(
+        None, "--root", metavar="DIR", help="Install into this image's /etc (like systemctl --root); no daemon-reload."),
+    prefix: Optional[Path] = typer.Option(
+        None, "--prefix", metavar="DIR", help="Write unit files here instead of /etc/systemd/system (no daemon-reload)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing unit or config that differs (the old one is kept as .old)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change, as a diff; write nothing."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Install even if the interpreter or memwatchd's files can be changed by "
+                                  "someone other than root (who could then run code as root)."),
 ) -> None:
     """Install memwatchd.service (ExecStart pointing at this installation) and a starting config.
 
-    Then `systemctl enable --now memwatchd` is all that is left. An existing config is kept.
+    Then `systemctl enable --now memwatchd` is all that is left. The unit is the shipped,
+    sandboxed one; for an installation (or config) under /home, /root or /tmp the one option
+    that would hide it is relaxed, and the output says which. Refuses when the code the unit
+    runs as root is writable by anyone but root, and never overwrites without --force.
 
-    Example: sudo memwatchd install-units && sudo systemctl enable --now memwatchd
+    \b
+    Examples:
+      sudo memwatchd install-units && sudo systemctl enable --now memwatchd
+      memwatchd install-units --dry-run
+      sudo /opt/memwatchd/bin/memwatchd install-units --config /etc/memwatchd/prod.toml
     """
     from memwatchd import install
-    plan = install.plan_install(str(prefix) if prefix else None, str(config_path))
-    for path, content, mode in plan.files:
-        typer.echo(f"{'would write' if dry_run else 'writing'} {path} (mode {mode:o})")
-        if dry_run:
-            typer.echo("".join(f"    {line}\n" for line in content.splitlines()), nl=False)
+    try:
+        plan = install.plan_install(str(prefix) if prefix else None, str(config_path),
+                                    root=str(root) if root else None, force=force, insecure=insecure)
+    except MemwatchdError as e:
+        raise fail(e)
+    for warning in plan.warnings:
+        typer.echo(f"memwatchd: WARNING: {warning}", err=True)
+    for f in plan.files:
+        verb = {"new": "write", "differs": "replace", "unchanged": "keep unchanged"}[f.state]
+        typer.echo(f"{'would ' if dry_run else ''}{verb} {f.path} (mode {f.mode:o})"
+                   + (f"; the old one {'would be ' if dry_run else ''}kept as {f.path}.old"
+                      if f.state == "differs" else ""))
+        if dry_run and f.state != "unchanged":
+            typer.echo(f.diff(), nl=False)
     for path in plan.kept:
-        typer.echo(f"keeping existing {path}")
+        typer.echo(f"keeping existing {path} (--force replaces it)")
     for note in plan.notes:
         typer.echo(f"note: {note}")
     if dry_run:
@@ -369,35 +575,39 @@ def install_units(
     try:
         install.install_units(plan)
     except PermissionError as e:
-        typer.echo(f"memwatchd: {e} (run as root, or use --prefix)", err=True)
+        typer.echo(f"memwatchd: {e} (run as root, or use --root/--prefix)", err=True)
         raise typer.Exit(4)
     except MemwatchdError as e:
         raise fail(e)
     if plan.reload_systemd:
         typer.echo("systemd reloaded; now: systemctl enable --now memwatchd")
-    else:
+    elif root is None:
         typer.echo("now (on a machine with systemd): systemctl daemon-reload && "
                    "systemctl enable --now memwatchd")
+    else:
+        typer.echo(f"now: systemctl --root {root} enable memwatchd")
 
 
 # ------------------------------------------------- record, replay, suggest (issue 14)
 # Thin wrappers: the work is in memwatchd/record.py, replay.py and suggest.py.
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command(context_settings={"allow_interspersed_args": False},
+             short_help="Record what the policy sees, acting on nothing.")
 def record(
     command: Optional[List[str]] = typer.Argument(
-        None, metavar="[-- COMMAND [ARGS...]]", help="Start this command and record it (and its children)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Trace file to write (NDJSON; gzip'ed if it ends in .gz)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Record the targets of this config file."),
-    pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", help="Record this process (repeatable)."),
-    unit: Optional[str] = typer.Option(None, "--unit", "-u", help="Record this systemd unit's cgroup."),
-    cgroup: Optional[str] = typer.Option(None, "--cgroup", help="Record a cgroup v2 directory (path or glob)."),
-    duration: Optional[str] = typer.Option(None, "--duration", "-d", help="Stop recording after this long (30s, 10m, 2h)."),
-    limit: str = typer.Option("100%", "--limit", "-l", help="The limit the dry-run policy applies (recorded as its decisions)."),
-    warn: Optional[str] = typer.Option(None, "--warn", help="A warn level for the dry-run policy."),
-    interval: str = typer.Option("1s", "--interval", help="Slowest sampling period (faster near the limit)."),
-    predict: Optional[str] = typer.Option(None, "--predict", help="The dry-run policy's predictive horizon (e.g. 30s); every reading of a target approaching its limit is then written, as the trend needs."),
-    name: Optional[str] = typer.Option(None, "--name", help="The watch name in the trace (default: the command's name)."),
+        None, metavar="-- COMMAND", show_default=False,
+        help="Start this command and record it (and its children)."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="Trace file to write (NDJSON; gzip'ed if it ends in .gz)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help="Record the targets of this config file."),
+    pid: Optional[List[int]] = typer.Option(None, "--pid", "-p", metavar="PID", help="Record this process (repeatable)."),
+    unit: Optional[str] = typer.Option(None, "--unit", "-u", metavar="UNIT", help="Record this systemd unit's cgroup."),
+    cgroup: Optional[str] = typer.Option(None, "--cgroup", metavar="PATH", help="Record a cgroup v2 directory (path or glob)."),
+    duration: Optional[str] = typer.Option(None, "--duration", "-d", metavar="DURATION", help="Stop recording after this long (30s, 10m, 2h)."),
+    limit: str = typer.Option("100%", "--limit", "-l", metavar="SIZE", help="The limit the dry-run policy applies (recorded as its decisions)."),
+    warn: Optional[str] = typer.Option(None, "--warn", metavar="SIZE", help="A warn level for the dry-run policy."),
+    interval: str = typer.Option("1s", "--interval", metavar="DURATION", help="Slowest sampling period (faster near the limit)."),
+    predict: Optional[str] = typer.Option(None, "--predict", metavar="DURATION", help="The dry-run policy's predictive horizon (e.g. 30s); every reading of a target approaching its limit is then written, as the trend needs."),
+    name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="The watch name in the trace (default: the command's name)."),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Sample like the daemon and act on nothing: write what its policy would see to a trace.
@@ -405,10 +615,9 @@ def record(
     The trace replays with `memwatchd replay` and feeds `memwatchd suggest`. Nothing is
     signalled, no events or state file is written, on_action programs never run.
 
+    \b
     Examples:
-
       memwatchd record --out build.trace.gz -- make -j8
-
       sudo memwatchd record --config /etc/memwatchd/memwatchd.toml --duration 1h --out night.trace
     """
     from memwatchd import record as rec
@@ -425,23 +634,24 @@ def record(
                           pids=pid or (), unit=unit, cgroup=cgroup, command=command, duration=seconds,
                           limit=limit, warn=warn, interval=interval, name=name, predict=predict)
     except MemwatchdError as e:
-        raise fail(e)
+        raise fail(e, flags=True)
     except OSError as e:
         typer.echo(f"memwatchd record: {out}: {e.strerror}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"recorded {done.targets} target(s) for {done.seconds:.1f} s to {out} "
-               f"({done.size / 1024:.1f} KiB)", err=True)
+    from memwatchd.report import count, format_duration, format_size
+    typer.echo(f"recorded {count(done.targets, 'target')} for {format_duration(done.seconds)} to {out} "
+               f"({format_size(done.size)})", err=True)
     if done.exit_status is not None:
         raise typer.Exit(128 - done.exit_status if done.exit_status < 0 else done.exit_status)
 
 
-@app.command()
+@app.command(short_help="Run a config's policy over a trace: what it would have done.")
 def replay(
-    trace: Path = typer.Argument(..., help="A trace file (record --out) or the daemon's trace directory."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The config to try (default: the one recorded in the trace)."),
+    trace: Path = typer.Argument(..., metavar="TRACE", help="A trace file (record --out) or the daemon's trace directory."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", help="The config to try (default: the one recorded in the trace)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per decision, then a summary."),
-    t_from: Optional[str] = typer.Option(None, "--from", help="Start here: seconds into the trace (90s, 5m) or a UTC time (08:40:00)."),
-    t_to: Optional[str] = typer.Option(None, "--to", help="Stop here (same forms as --from)."),
+    t_from: Optional[str] = typer.Option(None, "--from", metavar="WHEN", help="Start here: seconds into the trace (90s, 5m) or a UTC time (08:40:00)."),
+    t_to: Optional[str] = typer.Option(None, "--to", metavar="WHEN", help="Stop here (same forms as --from)."),
 ) -> None:
     """Run the policy of a config over a trace: every decision it would take, next to what happened.
 
@@ -450,7 +660,10 @@ def replay(
     divergence, a killed target's later readings are ignored, and freed memory is added back to
     the host's figures (an approximation, listed under "note").
 
-    Example: memwatchd replay /var/lib/memwatchd/trace --config new.toml --from 08:00:00
+    \b
+    Examples:
+      memwatchd replay build.trace.gz
+      memwatchd replay /var/lib/memwatchd/trace --config new.toml --from 08:00:00
     """
     import json
     from memwatchd import replay as rp
@@ -468,13 +681,13 @@ def replay(
         typer.echo(rp.format_text(result))
 
 
-@app.command()
+@app.command(short_help="Suggest a limit and warn level from recorded runs.")
 def suggest(
-    traces: List[Path] = typer.Argument(..., help="Trace files or trace directories (all runs are pooled per watch)."),
-    events: Optional[Path] = typer.Option(None, "--events", help="An events file: runs memwatchd stopped are censored, not complete."),
-    percentile: float = typer.Option(95.0, "--percentile", help="Percentile of the complete runs' peaks to cover."),
-    margin: float = typer.Option(20.0, "--margin", help="Headroom above that percentile, in percent."),
-    half_life: str = typer.Option("7d", "--half-life", help="A run this much older than the newest counts half (d, h, m, s)."),
+    traces: List[Path] = typer.Argument(..., metavar="TRACE...", help="Trace files or trace directories (all runs are pooled per watch)."),
+    events: Optional[Path] = typer.Option(None, "--events", metavar="FILE", help="An events file: runs memwatchd stopped are censored, not complete."),
+    percentile: float = typer.Option(95.0, "--percentile", metavar="P", help="Percentile of the complete runs' peaks to cover."),
+    margin: float = typer.Option(20.0, "--margin", metavar="PERCENT", help="Headroom above that percentile, in percent."),
+    half_life: str = typer.Option("7d", "--half-life", metavar="DURATION", help="A run this much older than the newest counts half (d, h, m, s)."),
     json_out: bool = typer.Option(False, "--json", help="The analysis as one JSON object."),
 ) -> None:
     """Recommend a limit and warn level per watch from recorded runs, then replay them.
@@ -484,7 +697,10 @@ def suggest(
     those peaks. Runs that were stopped (or still running when the trace ended) only say
     "at least this much": they are listed as censored, never counted as complete.
 
-    Example: memwatchd suggest /var/lib/memwatchd/trace build-*.trace.gz
+    \b
+    Examples:
+      memwatchd suggest /var/lib/memwatchd/trace build-*.trace.gz
+      memwatchd suggest night.trace --events /var/lib/memwatchd/events.jsonl --json
     """
     import json
     from memwatchd import suggest as sg

@@ -90,7 +90,7 @@ class Size(namedtuple("Size", "bytes percent")):
         for unit, mult in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
             if self.bytes >= mult and self.bytes % mult == 0:
                 return f"{self.bytes // mult}{unit}"
-        return str(self.bytes)
+        return f"{self.bytes}B"
 
 
 _DAEMON_DEFAULTS = {
@@ -180,9 +180,11 @@ class WatchConfig(namedtuple("WatchConfig", ("name", "kind", "selector", "limit"
     __slots__ = ()
 
 
-class Config(namedtuple("Config", "daemon guard protect metrics watches source")):
-    """The whole validated configuration; ``watches`` is a tuple of WatchConfig and
-    ``source`` the file it came from."""
+class Config(namedtuple("Config", "daemon guard protect metrics watches source warnings",
+                        defaults=((),))):
+    """The whole validated configuration; ``watches`` is a tuple of WatchConfig,
+    ``source`` the file it came from, ``warnings`` what is valid but probably not
+    meant (check-config prints them, the daemon logs them)."""
 
     __slots__ = ()
 
@@ -195,10 +197,49 @@ def default_config() -> Config:
 # ------------------------------------------------------- sizes, durations
 
 
-def _show(value: Any) -> str:
-    """repr() of a bad value, cut short so a fuzzed megabyte string stays readable."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _toml_type(value: Any) -> str:
+    """The TOML name of a parsed value's type, with its article: "a string", "an integer"."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time" if type(value).__module__ == "datetime" else "a value"
+
+
+def _toml_text(value: Any) -> str:
+    """A value as TOML writes it: "text" in double quotes, true/false, [..]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        out = value.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in out) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_text(v) for v in value[:8]) + (", ..." if len(value) > 8 else "") + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_text(v)}" for k, v in list(value.items())[:8]) + "}"
+    return str(value)
+
+
+def show_value(value: Any) -> str:
+    """A bad value with its TOML type, cut short so a fuzzed megabyte string stays
+    readable: 'a string "1234"', 'an integer 5', 'a boolean true'."""
+    if value is None:
+        return "nothing"
+    text = _toml_text(value[:200] if isinstance(value, str) else value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{_toml_type(value)} {text}"
+
+
+_show = show_value
 
 
 def _fail(where: str, problem: str, value: Any) -> ConfigError:
@@ -209,27 +250,42 @@ _NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _SIZE_RE = re.compile(_NUMBER + r"\s*([A-Za-z]*)")
 _PERCENT_RE = re.compile(_NUMBER + r"\s*%")
 _SIZE_UNITS = {
-    "": 1, "b": 1,
+    "": 1, "b": 1,           # "" only for 0: a bare number is refused above
     "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20,
     "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40,
 }
-_SIZE_HELP = "expected bytes (an integer) or a number with K, M, G or T (1024-based; MiB etc. too), or a percentage like 80%"
+_SIZE_HELP = "expected a number with a unit: B, K, M, G or T (1024-based; KiB, MiB etc. too), or a percentage like 80%"
+MIN_LIMIT = 2**20        # a limit or warn level under 1 MiB cannot be meant: no process fits in it
+
+
+def _bare_size(where: str, number: str, value: Any) -> ConfigError:
+    """A size without a unit: bytes, or did they mean M or G? Ask, like a bare duration,
+    and show what was probably meant."""
+    if number.isdigit() and int(number) >= MIN_LIMIT:
+        n = int(number)
+        human = f" (= {n / 2**30:.3g} GiB)" if n >= 2**30 else f" (= {n / 2**20:.3g} MiB)"
+        meant = f"{n}B for bytes{human}" if n <= MAX_SIZE else "a number with a unit"
+    else:
+        meant = f"{number}M or {number}G, or {number}B for bytes"
+    return _fail(where, f"a bare number is ambiguous (bytes? MiB?); write the unit: {meant}", value)
 
 
 def parse_size(value: Any, where: str) -> Size:
-    """Parse ``512M``, ``1.5G``, ``6GiB``, ``100k``, ``80%`` or integer bytes.
+    """Parse ``512M``, ``1.5G``, ``6GiB``, ``100k``, ``4096B``, ``80%`` (or 0).
 
-    Units are binary (M = MiB); KB/MB/GB/TB are refused as ambiguous. ``where``
-    prefixes errors: "file: key" from a config file, or a flag such as "--limit".
+    Units are binary (M = MiB); KB/MB/GB/TB are refused as ambiguous, and so is a
+    number without a unit (``limit = 5`` would otherwise mean 5 bytes and kill at
+    once): bytes need an explicit ``B``. ``where`` prefixes errors: "file: key"
+    from a config file, or a flag such as "--limit".
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise _fail(where, _SIZE_HELP, value)
     if isinstance(value, int):
+        if value == 0:
+            return Size(bytes=0)
         if value < 0:
             raise _fail(where, "a size cannot be negative", value)
-        if value > MAX_SIZE:
-            raise _fail(where, "size too large", value)
-        return Size(bytes=value)
+        raise _bare_size(where, str(value) if value < 10**30 else "N", value)
     text = value.strip()
     if text.startswith("-"):
         raise _fail(where, "a size cannot be negative", value)
@@ -243,6 +299,8 @@ def parse_size(value: Any, where: str) -> Size:
     if not m:
         raise _fail(where, _SIZE_HELP, value)
     number, unit = m.group(1), m.group(2).lower()
+    if unit == "" and number.strip("0.") != "":
+        raise _bare_size(where, number if len(number) <= 30 else "N", value)
     if unit in ("kb", "mb", "gb", "tb"):
         raise _fail(where, f"{m.group(2)} is ambiguous (1000- or 1024-based); write {unit[0].upper()} or {unit[0].upper()}iB (1024-based)", value)
     if unit not in _SIZE_UNITS:
@@ -298,17 +356,28 @@ def parse_duration(value: Any, where: str) -> float:
 class _Table:
     """One TOML table being read: rejects unknown keys at once, names the dotted key in errors."""
 
-    def __init__(self, data: Any, source: str, path: str, allowed: Iterable[str]):
+    def __init__(self, data: Any, source: str, path: str, allowed: Iterable[str],
+                 errors: Optional[list] = None):
         self.source, self.path = source, path
+        self.errors = [] if errors is None else errors   # shared: check-config shows them all
         if not isinstance(data, dict):
             raise _fail(f"{source}: {path or '(top level)'}", "expected a table", data)
         allowed = tuple(allowed)
-        for key in data:
-            if key not in allowed:
-                hint = _did_you_mean(key, allowed)
-                raise ConfigError(
-                    f"{self.where(str(key))}: unknown key{hint} (known keys: {', '.join(allowed)})")
-        self.data = data
+        unknown = [key for key in data if key not in allowed]
+        for key in unknown:
+            hint = _did_you_mean(key, allowed)
+            self.errors.append(ConfigError(
+                f"{self.where(str(key))}: unknown key{hint} (known keys: {', '.join(allowed)})"))
+        self.data = {k: v for k, v in data.items() if k not in unknown}
+
+    def attempt(self, parse: Any, *args: Any, fallback: Any = None) -> Any:
+        """parse(*args), or (on a ConfigError, which is kept) fallback: one bad key must
+        not hide the next one's error."""
+        try:
+            return parse(*args)
+        except ConfigError as e:
+            self.errors.append(e)
+            return fallback
 
     def where(self, key: str) -> str:
         return f"{self.source}: {self.path}.{key}" if self.path else f"{self.source}: {key}"
@@ -430,50 +499,71 @@ def _parse_selector(t: _Table, kind: str) -> Union[int, str]:
     return value
 
 
-def _parse_watch(data: Any, source: str, index: int) -> WatchConfig:
-    t = _Table(data, source, f"watch[{index}]", KEYS["watch"])
-    name = t.required("name")
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise t.fail("name", "expected a name of letters, digits and _.@:+- (at most 64, no spaces)")
+GRACE_ACTIONS = ("term",)   # the only action with a SIGTERM to wait after
+
+
+def _parse_watch(data: Any, source: str, errors: list, index: int) -> Optional[WatchConfig]:
+    """One [[watch]]; None when it has errors (all of them appended to ``errors``)."""
+    before = len(errors)
+    t = _Table(data, source, f"watch[{index}]", KEYS["watch"], errors)
+    name = t.attempt(t.required, "name")
+    if name is not None and (not isinstance(name, str) or not _NAME_RE.fullmatch(name)):
+        t.errors.append(t.fail("name", "expected a name of letters, digits and _.@:+- (at most 64, no spaces)"))
 
     kinds = [k for k in SELECTOR_KINDS if t.has(k)]
+    kind = selector = None
     if len(kinds) != 1:
         got = " and ".join(kinds) if kinds else "none"
-        raise ConfigError(f"{source}: watch[{index}]: needs exactly one selector of "
-                          f"{', '.join(SELECTOR_KINDS)}; got {got}")
-    kind = kinds[0]
-    selector = _parse_selector(t, kind)
-
-    t.required("limit")
-    limit = t.size("limit", None)
-    if limit.bytes == 0 or limit.percent == 0:
-        raise t.fail("limit", "a limit must be above zero")
-    warn = t.size("warn", None)
-    if warn is not None and _compare(warn, limit) in (0, 1):
-        raise t.fail("warn", f"warn must be below limit ({limit})")
-
-    default_scope = "cgroup" if kind in CGROUP_KINDS else "process"
-    scope = t.choice("scope", default_scope, SCOPES)
-    if kind in CGROUP_KINDS and scope != "cgroup":
-        raise t.fail("scope", f"a {kind} watch measures its whole cgroup; scope must be cgroup")
-    if kind not in CGROUP_KINDS and scope == "cgroup":
-        raise t.fail("scope", f"scope cgroup needs a unit or cgroup selector, not {kind}")
-    action = t.choice("action", "term", ACTIONS)
-    if action in ("throttle", "freeze") and scope != "cgroup":
-        raise t.fail("action", f"{action} works on a cgroup; it needs scope cgroup (a unit or cgroup selector)")
-    if scope == "cgroup":
-        usage = t.choice("usage", "current", CGROUP_USAGES)
+        t.errors.append(ConfigError(f"{source}: watch[{index}]: needs exactly one selector of "
+                                    f"{', '.join(SELECTOR_KINDS)}; got {got}"))
     else:
-        usage = t.choice("usage", "rss", PROCESS_USAGES)
+        kind = kinds[0]
+        selector = t.attempt(_parse_selector, t, kind)
 
-    on_action = t.strings("on_action", ())
-    if t.has("on_action") and (not on_action or not on_action[0].startswith("/")):
-        raise t.fail("on_action", "expected a command as a list whose first item is an absolute path")
+    limit = t.attempt(lambda: t.size("limit", None) if t.required("limit") is not None else None)
+    if limit is not None:
+        if limit.bytes == 0 or limit.percent == 0:
+            t.errors.append(t.fail("limit", "a limit must be above zero"))
+            limit = None
+        elif limit.bytes is not None and limit.bytes < MIN_LIMIT:
+            t.errors.append(t.fail("limit", f"{limit} is implausibly small for a limit (under 1 MiB); "
+                                   "did you mean M or G?"))
+            limit = None
+    warn = t.attempt(t.size, "warn", None)
+    if warn is not None and warn.bytes is not None and warn.bytes < MIN_LIMIT:
+        t.errors.append(t.fail("warn", f"{warn} is implausibly small for a warn level (under 1 MiB); "
+                               "did you mean M or G?"))
+    elif warn is not None and limit is not None and _compare(warn, limit) in (0, 1):
+        t.errors.append(t.fail("warn", f"warn must be below limit ({limit})"))
 
-    predict = _predict_horizon(t)
+    cgroup_kind = kind in CGROUP_KINDS
+    default_scope = "cgroup" if cgroup_kind else "process"
+    scope = t.attempt(t.choice, "scope", default_scope, SCOPES, fallback=default_scope)
+    if kind is not None and cgroup_kind and scope != "cgroup":
+        t.errors.append(t.fail("scope", f"a {kind} watch measures its whole cgroup; scope must be cgroup"))
+    if kind is not None and not cgroup_kind and scope == "cgroup":
+        t.errors.append(t.fail("scope", f"scope cgroup needs a unit or cgroup selector, not {kind}"))
+    action = t.attempt(t.choice, "action", "term", ACTIONS, fallback="term")
+    if action in ("throttle", "freeze") and scope != "cgroup":
+        t.errors.append(t.fail("action", f"{action} works on a cgroup; it needs scope cgroup "
+                                         "(a unit or cgroup selector)"))
+    usages = CGROUP_USAGES if scope == "cgroup" else PROCESS_USAGES
+    usage = t.attempt(t.choice, "usage", usages[0], usages, fallback=usages[0])
+
+    on_action = t.attempt(t.strings, "on_action", (), fallback=())
+    if t.has("on_action") and on_action is not None and (not on_action or not on_action[0].startswith("/")):
+        t.errors.append(t.fail("on_action", "expected a command as a list whose first item is an absolute path"))
+    sustain = t.attempt(t.duration, "sustain", 0.0)
+    grace = t.attempt(t.duration, "grace", _WATCH_DEFAULTS["grace"])
+    if t.has("grace") and action not in GRACE_ACTIONS:
+        t.errors.append(t.fail("grace", f"grace applies only to action term (SIGTERM, then SIGKILL "
+                                        f"after grace); action {action} has no grace: remove it"))
+    predict = t.attempt(_predict_horizon, t, fallback=0.0)
+    if len(errors) > before:
+        return None
     return WatchConfig(
         name=name, kind=kind, selector=selector, limit=limit, warn=warn,
-        sustain=t.duration("sustain", 0.0), action=action, grace=t.duration("grace", 10.0),
+        sustain=sustain, action=action, grace=grace,
         scope=scope, usage=usage, on_action=on_action, predict=predict,
     )
 
@@ -498,28 +588,55 @@ def _compare(a: Size, b: Size) -> Optional[int]:
     return (x > y) - (x < y)
 
 
-def _parse_daemon(data: Any, source: str) -> DaemonConfig:
-    t = _Table(data, source, "daemon", KEYS["daemon"])
+def _escape_path(path: str) -> str:
+    """A path as one file-name component, like systemd-escape --path: "/etc/x/a-b.toml"
+    -> "etc-x-a\\x2db.toml"."""
+    out = []
+    for ch in path.strip("/"):
+        if ch == "/":
+            out.append("-")
+        elif ch.isalnum() and ch.isascii() or ch in "_." and out:
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
+    return "".join(out)
+
+
+def default_paths(source: str) -> Tuple[str, str]:
+    """(events, state) for a config that names neither: the shared defaults for the
+    default config file, and files of their own for any other (`run -c other.toml`),
+    so that two daemons never overwrite each other's state or mix their events."""
     d = DaemonConfig()
-    interval = t.duration("interval", d.interval)
-    min_interval = t.duration("min_interval", d.min_interval)
+    if not source.startswith("/") or source == DEFAULT_CONFIG_PATH:
+        return d.events, d.state
+    tag = _escape_path(os.path.abspath(source))
+    events_dir, state_dir = os.path.dirname(d.events), os.path.dirname(d.state)
+    return f"{events_dir}/events@{tag}.jsonl", f"{state_dir}/state@{tag}.json"
+
+
+def _parse_daemon(data: Any, source: str, errors: list) -> DaemonConfig:
+    t = _Table(data, source, "daemon", KEYS["daemon"], errors)
+    d = DaemonConfig()
+    events, state = default_paths(source)
+    interval = t.attempt(t.duration, "interval", d.interval, fallback=d.interval)
+    min_interval = t.attempt(t.duration, "min_interval", d.min_interval, fallback=d.min_interval)
     if interval <= 0:
-        raise t.fail("interval", "the interval must be above zero")
-    if min_interval < 0.001:
-        raise t.fail("min_interval", "min_interval must be at least 1ms")
-    if min_interval > interval:
-        raise t.fail("min_interval", f"min_interval must not exceed interval ({interval:g}s)")
-    fill_rate = t.size("fill_rate", Size(bytes=d.fill_rate))
+        t.errors.append(t.fail("interval", "the interval must be above zero"))
+    elif min_interval < 0.001:
+        t.errors.append(t.fail("min_interval", "min_interval must be at least 1ms"))
+    elif min_interval > interval:
+        t.errors.append(t.fail("min_interval", f"min_interval must not exceed interval ({interval:g}s)"))
+    fill_rate = t.attempt(t.size, "fill_rate", Size(bytes=d.fill_rate), fallback=Size(bytes=d.fill_rate))
     if fill_rate.bytes is None or fill_rate.bytes == 0:
-        raise t.fail("fill_rate", "expected an absolute size per second above zero, like 4G")
+        t.errors.append(t.fail("fill_rate", "expected an absolute size per second above zero, like 4G"))
     return DaemonConfig(
         interval=interval, min_interval=min_interval, fill_rate=fill_rate.bytes,
-        cooldown=t.duration("cooldown", d.cooldown),
-        dry_run=t.get("dry_run", d.dry_run, bool, "true or false"),
-        events=t.abspath("events", d.events, optional=True),
-        state=t.abspath("state", d.state, optional=True),
-        trace=t.abspath("trace", d.trace, optional=True),
-        trace_size=_trace_size(t, d.trace_size),
+        cooldown=t.attempt(t.duration, "cooldown", d.cooldown),
+        dry_run=t.attempt(t.get, "dry_run", d.dry_run, bool, "true or false"),
+        events=t.attempt(t.abspath, "events", events, True),
+        state=t.attempt(t.abspath, "state", state, True),
+        trace=t.attempt(t.abspath, "trace", d.trace, True),
+        trace_size=t.attempt(_trace_size, t, d.trace_size, fallback=d.trace_size),
     )
 
 
@@ -530,72 +647,118 @@ def _trace_size(t: _Table, default: int) -> int:
     return size.bytes
 
 
-def _parse_guard(data: Any, source: str) -> GuardConfig:
-    t = _Table(data, source, "guard", KEYS["guard"])
+def _parse_guard(data: Any, source: str, errors: list) -> GuardConfig:
+    t = _Table(data, source, "guard", KEYS["guard"], errors)
     g = GuardConfig()
-    min_available = t.size("min_available", g.min_available)
-    kill_available = t.size("kill_available", g.kill_available)
-    if _compare(kill_available, min_available) == 1:
-        raise t.fail("kill_available", f"kill_available must not exceed min_available ({min_available})")
-    psi = t.get("psi_full_avg10", g.psi_full_avg10, (int, float), "a number from 0 to 100")
+    min_available = t.attempt(t.size, "min_available", g.min_available)
+    kill_available = t.attempt(t.size, "kill_available", g.kill_available)
+    if min_available and kill_available and _compare(kill_available, min_available) == 1:
+        t.errors.append(t.fail("kill_available",
+                               f"kill_available must not exceed min_available ({min_available})"))
+    psi = t.attempt(t.get, "psi_full_avg10", g.psi_full_avg10, (int, float), "a number from 0 to 100",
+                    fallback=0.0)
     if not 0 <= psi <= 100:  # also refuses nan
-        raise t.fail("psi_full_avg10", "expected a number from 0 to 100 (0 = off)")
+        t.errors.append(t.fail("psi_full_avg10", "expected a number from 0 to 100 (0 = off)"))
     return GuardConfig(
-        enabled=t.get("enabled", g.enabled, bool, "true or false"),
+        enabled=t.attempt(t.get, "enabled", g.enabled, bool, "true or false"),
         min_available=min_available, kill_available=kill_available,
-        psi_full_avg10=float(psi), grace=t.duration("grace", g.grace),
-        predict=_predict_horizon(t),
+        psi_full_avg10=float(psi), grace=t.attempt(t.duration, "grace", g.grace),
+        predict=t.attempt(_predict_horizon, t, fallback=0.0),
     )
 
 
-def _parse_protect(data: Any, source: str) -> ProtectConfig:
-    t = _Table(data, source, "protect", KEYS["protect"])
+def _parse_protect(data: Any, source: str, errors: list, warnings: list) -> ProtectConfig:
+    t = _Table(data, source, "protect", KEYS["protect"], errors)
     # comm is at most 15 bytes, so "systemd-journald" must be matched as "systemd-journal".
     names = tuple(n.encode()[:COMM_LEN].decode("utf-8", "ignore")
-                  for n in t.strings("names", DEFAULT_PROTECT_NAMES))
-    cgroups = t.get("cgroups", DEFAULT_PROTECT_CGROUPS, (list, tuple), "a list of cgroup paths")
-    cgroups = tuple(_cgroup_path(c, f"{t.where('cgroups')}[{i}]") for i, c in enumerate(cgroups))
+                  for n in t.attempt(t.strings, "names", DEFAULT_PROTECT_NAMES, fallback=()))
+    dropped = [n for n in DEFAULT_PROTECT_NAMES if n not in names]
+    if t.has("names") and dropped:
+        warnings.append(f"{t.where('names')}: replaces the default list and drops "
+                        f"{', '.join(dropped)}: the guard may now stop them; add them to keep "
+                        "them protected")
+    cgroups = t.attempt(t.get, "cgroups", DEFAULT_PROTECT_CGROUPS, (list, tuple), "a list of cgroup paths",
+                        fallback=())
+    cgroups = tuple(t.attempt(_cgroup_path, c, f"{t.where('cgroups')}[{i}]", fallback="/")
+                    for i, c in enumerate(cgroups))
     return ProtectConfig(names=names, cgroups=cgroups)
 
 
 _LISTEN_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 
-def _parse_metrics(data: Any, source: str) -> MetricsConfig:
-    t = _Table(data, source, "metrics", KEYS["metrics"])
-    listen = t.get("listen", DEFAULT_METRICS_LISTEN, str, "a host:port string")
+def _parse_metrics(data: Any, source: str, errors: list) -> MetricsConfig:
+    t = _Table(data, source, "metrics", KEYS["metrics"], errors)
+    listen = t.attempt(t.get, "listen", DEFAULT_METRICS_LISTEN, str, "a host:port string", fallback="")
     if listen:
         m = _LISTEN_RE.fullmatch(listen)
         if not m or not 1 <= int(m.group(2)) <= 65535:
-            raise t.fail("listen", 'expected host:port such as 127.0.0.1:9577 or [::1]:9577 ("" = off; '
-                                   "all interfaces must be explicit: 0.0.0.0:9577)")
-    textfile = t.abspath("textfile", "", optional=True)
+            t.errors.append(t.fail("listen", 'expected host:port such as 127.0.0.1:9577 or [::1]:9577 ("" = off; '
+                                             "all interfaces must be explicit: 0.0.0.0:9577)"))
+    textfile = t.attempt(t.abspath, "textfile", "", True, fallback="")
     if textfile and not textfile.endswith(".prom"):
-        raise t.fail("textfile", "node_exporter reads only files ending in .prom")
+        t.errors.append(t.fail("textfile", "node_exporter reads only files ending in .prom"))
     return MetricsConfig(listen=listen, textfile=textfile)
 
 
+def _section(parse: Any, data: Any, source: str, errors: list, *extra: Any) -> Any:
+    """A whole table, or None if it is not a table (the error kept)."""
+    try:
+        return parse(data, source, errors, *extra)
+    except ConfigError as e:
+        errors.append(e)
+        return None
+
+
+def raise_all(errors: list) -> None:
+    """Raise the one error, or one ConfigError carrying all of them (``.errors``; its
+    message joins them with "; " so the daemon's log line still names each file, key
+    and value)."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        insecure = any(isinstance(e, InsecureConfigError) for e in errors)
+        error = (InsecureConfigError if insecure else ConfigError)("; ".join(str(e) for e in errors))
+        error.errors = tuple(str(e) for e in errors)
+        raise error
+
+
 def parse_config(data: Any, source: str) -> Config:
-    """Validate already-parsed TOML into a Config. Pure: touches no files."""
-    top = _Table(data, source, "", KEYS[""])
+    """Validate already-parsed TOML into a Config. Pure: touches no files.
+
+    Every error is found, not only the first: a ConfigError with several has them
+    in ``.errors`` (see raise_all)."""
+    errors: list = []
+    warnings: list = []
+    top = _Table(data, source, "", KEYS[""], errors)
+    watch_list = []
     if isinstance(top.data.get("watch"), dict):
-        raise top.fail("watch", "write each watch as [[watch]], not [watch]")
-    watch_list = top.get("watch", [], list, "an array of tables ([[watch]])")
-    watches = tuple(_parse_watch(w, source, i) for i, w in enumerate(watch_list))
+        errors.append(top.fail("watch", "write each watch as [[watch]], not [watch]"))
+    else:
+        watch_list = top.attempt(top.get, "watch", [], list, "an array of tables ([[watch]])", fallback=[])
+    watches = []
+    for i, w in enumerate(watch_list):
+        watches.append(_section(_parse_watch, w, source, errors, i))
     seen: Dict[str, int] = {}
     for i, w in enumerate(watches):
+        if w is None:
+            continue
         if w.name in seen:
-            raise ConfigError(f"{source}: watch[{i}].name: the name is already used by "
-                              f"watch[{seen[w.name]}], got {_show(w.name)}")
+            errors.append(ConfigError(f"{source}: watch[{i}].name: the name is already used by "
+                                      f"watch[{seen[w.name]}], got {_show(w.name)}"))
         seen[w.name] = i
-    return Config(
-        daemon=_parse_daemon(top.data.get("daemon", {}), source),
-        guard=_parse_guard(top.data.get("guard", {}), source),
-        protect=_parse_protect(top.data.get("protect", {}), source),
-        metrics=_parse_metrics(top.data["metrics"], source) if top.has("metrics") else MetricsConfig(),
-        watches=watches,
+    config = Config(
+        daemon=_section(_parse_daemon, top.data.get("daemon", {}), source, errors),
+        guard=_section(_parse_guard, top.data.get("guard", {}), source, errors),
+        protect=_section(_parse_protect, top.data.get("protect", {}), source, errors, warnings),
+        metrics=_section(_parse_metrics, top.data["metrics"], source, errors) if top.has("metrics")
+        else MetricsConfig(),
+        watches=tuple(watches),
         source=source,
+        warnings=tuple(warnings),
     )
+    raise_all(errors)
+    return config
 
 
 # --------------------------------------------------------------- security
@@ -683,4 +846,17 @@ def load_config(path: Optional[str] = None, *, insecure: bool = False,
                 check_secure_file(w.on_action[0], where)
                 if not os.access(w.on_action[0], os.X_OK):
                     raise ConfigError(f"{where}: {w.on_action[0]}: not executable")
+                for j, arg in enumerate(w.on_action[1:], 1):
+                    if _names_a_file(arg):   # a script for an interpreter, a config it reads
+                        check_secure_file(os.path.join("/", arg), f"{where}[{j}]")
     return config
+
+
+def _names_a_file(arg: str) -> bool:
+    """Does an on_action argument name an existing file? Its program runs with cwd "/",
+    so a relative one counts from there. An option with a path inside (--conf=/x) is
+    not parsed: give files as separate arguments to have them checked."""
+    try:
+        return not arg.startswith("-") and os.path.isfile(os.path.join("/", arg))
+    except ValueError:   # an embedded NUL
+        return False

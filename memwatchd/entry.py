@@ -4,6 +4,7 @@
 its plain forms (`run [--config PATH] [--insecure] [--dry-run]`) start the
 daemon without importing Typer, Click or Rich (about 18 MiB of RSS). Every
 other command, `--help`, and anything unusual go to the Typer app in cli.py.
+Imports go one way: entry -> cli -> daemon; nothing imports entry.
 """
 from __future__ import annotations
 
@@ -12,33 +13,9 @@ TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never 
 if TYPE_CHECKING:
     from typing import List, Optional, Tuple
 
-from memwatchd.types import AccessDenied, ConfigError, InsecureConfigError, MemwatchdError, TargetGone
+from memwatchd.types import EXIT_CODES, MemwatchdError, exit_code_for
 
-# The core raises; the CLI exits. Most specific first. cli.py uses the same table.
-EXIT_CODES = (
-    (InsecureConfigError, 3),
-    (ConfigError, 2),
-    (AccessDenied, 4),
-    (TargetGone, 5),
-    (MemwatchdError, 1),
-)
-
-
-def exit_code_for(error: BaseException) -> int:
-    for cls, code in EXIT_CODES:
-        if isinstance(error, cls):
-            return code
-    return 1
-
-
-def run_daemon(config_path: Optional[str], insecure: bool, dry_run: bool) -> int:
-    """Load the config and run the loop until SIGTERM. Raises MemwatchdError / OSError."""
-    from memwatchd.config import load_config
-    from memwatchd.daemon import Daemon, Options
-    config = load_config(config_path, insecure=insecure, parse_in_child=True)
-    if dry_run:
-        config = config._replace(daemon=config.daemon._replace(dry_run=True))
-    return Daemon(config, Options(config_path=config_path, insecure=insecure)).run()
+__all__ = ["EXIT_CODES", "exit_code_for", "parse_plain_run", "main"]   # EXIT_CODES: its old home
 
 
 def parse_plain_run(args: List[str]) -> Optional[Tuple[Optional[str], bool, bool]]:
@@ -69,9 +46,12 @@ def main() -> None:
         from memwatchd.cli import app
         app()
         return
+    from memwatchd.daemon import run_from_file
+    from memwatchd.report import fatal_line
     try:
-        code = run_daemon(*plain)
+        code = run_from_file(*plain)
     except (MemwatchdError, OSError) as e:
-        print(f"memwatchd: {e}", file=sys.stderr)
+        # Under systemd this goes to the journal with the error priority ("<3>").
+        print(fatal_line(str(e)), file=sys.stderr)
         code = exit_code_for(e)
     sys.exit(code)

@@ -29,7 +29,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 from memwatchd import __version__, sampler
 from memwatchd.report import ERR, NOTICE, log
-from memwatchd.state import write_atomic
+from memwatchd.files import write_atomic
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 MAX_CONNECTIONS = 8          # served at once; more wait in the listen backlog
@@ -52,6 +52,9 @@ METRICS: Tuple[Tuple[str, str, Tuple[str, ...], str], ...] = (
     ("memwatchd_target_usage_bytes", "gauge", ("target", "id"),
      "Memory a target uses as its watch measures it (id: pid or cgroup path)."),
     ("memwatchd_target_limit_bytes", "gauge", ("target", "id"), "The target's limit, resolved to bytes."),
+    ("memwatchd_target_actions_last_hour", "gauge", ("target", "id"),
+     "Actions (warn, term, kill, throttle, freeze) on this target in the last hour: "
+     "more than one or two means it is acted on again and again."),
     ("memwatchd_target_exhaustion_seconds", "gauge", ("target", "id"),
      "Predicted time until the target reaches its limit at the upper bound of its growth "
      "(watches with predict; absent while it does not grow)."),
@@ -112,7 +115,7 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
     dry = gauge("memwatchd_dry_run")
     dry.add_metric([], 1 if view.get("dry_run") else 0)
     updated = gauge("memwatchd_last_update_timestamp_seconds")
-    updated.add_metric([], view["written_at"])
+    updated.add_metric([], view.get("written_at_unix", view.get("written_at")))
     out += [info, dry, updated]
     if daemon.get("rss_bytes") is not None:
         rss = gauge("memwatchd_resident_memory_bytes")
@@ -122,6 +125,7 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
     count = gauge("memwatchd_targets", ("target",))
     usage = gauge("memwatchd_target_usage_bytes", ("target", "id"))
     limit = gauge("memwatchd_target_limit_bytes", ("target", "id"))
+    acted = gauge("memwatchd_target_actions_last_hour", ("target", "id"))
     left = gauge("memwatchd_target_exhaustion_seconds", ("target", "id"))
     growth = gauge("memwatchd_target_growth_bytes_per_second", ("target", "id", "bound"))
     per_watch = {name: 0 for name in view.get("watches", ())}
@@ -130,6 +134,7 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
         if row["usage_bytes"] is not None:
             usage.add_metric([row["target"], row["id"]], row["usage_bytes"])
             limit.add_metric([row["target"], row["id"]], row["limit_bytes"])
+        acted.add_metric([row["target"], row["id"]], row.get("actions_last_hour") or 0)
         p = row.get("predict")
         if p:
             if p["seconds_left"] is not None:
@@ -138,7 +143,7 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
             growth.add_metric([row["target"], row["id"], "upper"], p["slope_upper_bytes_per_s"])
     for name, n in sorted(per_watch.items()):
         count.add_metric([name], n)
-    out += [count, usage, limit, left, growth]
+    out += [count, usage, limit, acted, left, growth]
 
     host = view.get("host")
     if host:
@@ -170,17 +175,24 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
 
 
 class _Snapshot:
-    """What the exporter renders: fixed when handed over, never touched by the daemon again."""
+    """What the exporter renders: fixed when handed over, never touched by the daemon again.
+    Rendered at most once (by the exporter thread, on the first request or textfile write
+    that needs it): at 1,000 targets a render takes milliseconds of the GIL the loop needs."""
 
     def __init__(self, view, actions, tick, exits):
         self.args = (view, actions, tick, exits)
+        self.text: Optional[bytes] = None
 
     def collect(self):
         return families(*self.args)
 
 
 def render(snapshot: Optional[_Snapshot]) -> bytes:
-    return b"" if snapshot is None else generate_latest(snapshot)
+    if snapshot is None:
+        return b""
+    if snapshot.text is None:
+        snapshot.text = generate_latest(snapshot)
+    return snapshot.text
 
 
 class Metrics:

@@ -21,6 +21,7 @@ from memwatchd.types import Candidate, HostSample, Reading
 ESCALATE_FACTOR = 1.25   # during the grace period, SIGKILL at once past limit * this
 WARN_REARM = 0.9         # a warning re-arms once usage falls below warn * this
 UNKILLABLE_AFTER = 10.0  # seconds after SIGKILL before the guard gives up on a victim
+RESTING_MAX = 4096       # cooldowns kept for forgotten targets (the daemon's memory is locked)
 PREDICT_SAMPLES = 50     # a predicted exhaustion is sampled at least this often before it
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
@@ -34,12 +35,18 @@ REASON_GUARD_PSI = "psi-full-high"
 REASON_PREDICT = "predicted-exhaustion"
 
 
-class Decision(namedtuple("Decision", "kind key watch reason usage limit signal", defaults=(None,))):
+GUARD = "guard"  # the ``watch`` of the host guard's decisions (its records' "target")
+
+
+class Decision(namedtuple("Decision", "kind key watch reason usage limit signal by_guard",
+                          defaults=(None, False))):
     """Something the daemon should do now.
 
     kind: "warn", "signal", "throttle" or "freeze". For "signal", ``signal`` is
     SIGTERM or SIGKILL. ``key`` is the target's key (for the guard, the key of
-    the victim it chose); usage and limit in bytes.
+    the victim it chose); usage and limit in bytes. ``by_guard`` says that the
+    host guard decided it: the guard is known by this field, never by a name,
+    since a [[watch]] chooses its own name.
     """
 
     __slots__ = ()
@@ -145,6 +152,8 @@ class Policy:
         self.config = config
         self.watches: Dict[str, WatchConfig] = {w.name: w for w in config.watches}
         self.states: Dict[tuple, TargetState] = {}
+        self.resting: Dict[tuple, float] = {}   # key -> cooldown_until, kept across forget()
+        self.failed: List[tuple] = []   # (watch name, exception) from a bug: the daemon quarantines
         self.guard = GuardState()
         self.trends: Dict[tuple, Trend] = {}      # key -> Trend, for watches with predict
         self.host_trend = Trend()                 # [guard] predict: the host's used memory
@@ -162,22 +171,50 @@ class Policy:
         self.predicting = predicting
 
     def forget(self, key: tuple) -> None:
-        """The target is gone: drop its state (a new match starts fresh)."""
-        self.states.pop(key, None)
+        """The target is gone: drop its state (a new match starts fresh), but not its
+        cooldown: a cgroup emptied by a kill and re-created, or re-matched, under the same
+        key must not be acted on again before the cooldown says so."""
+        state = self.states.pop(key, None)
         self.trends.pop(key, None)
+        if state is not None and state.cooldown_until > 0:
+            self.resting[key] = state.cooldown_until
         if self.guard.victim is not None and self.guard.victim.key == key:
             self.guard.victim = None
             self.guard.killed = False
 
-    def back_off(self, key: tuple, watch: str) -> None:
-        """The re-check before acting found the situation recovered: undo the step."""
-        if watch == "guard":
+    def _state(self, key: tuple, now: float) -> TargetState:
+        state = self.states[key] = TargetState()
+        until = self.resting.pop(key, 0.0)
+        if until > now:
+            state.cooldown_until = until
+        if len(self.resting) > RESTING_MAX:   # bounded: drop what has expired, then the oldest
+            self.resting = {k: t for k, t in self.resting.items() if t > now}
+            while len(self.resting) > RESTING_MAX:
+                del self.resting[next(iter(self.resting))]
+        return state
+
+    def back_off(self, key: tuple, by_guard: bool = False) -> None:
+        """The re-check before acting found the situation recovered: undo the step
+        (of the guard if by_guard, else of the watched target ``key``)."""
+        if by_guard:
             self.guard.victim = None
             self.guard.killed = False
             return
         state = self.states.get(key)
         if state is not None:
             state.stage, state.over_since, state.cooldown_until = "idle", None, 0.0
+
+    def settle(self, key: tuple) -> None:
+        """What was done to this target is over (its victims died, memwatchd gave up
+        waiting, an operator thawed it or reset memory.high, or there was nothing to
+        stop): the ladder starts again from idle; the cooldown runs on."""
+        state = self.states.get(key)
+        if state is not None:
+            state.stage, state.over_since = "idle", None
+
+    def stage(self, key: tuple) -> str:
+        state = self.states.get(key)
+        return "idle" if state is None else state.stage
 
     # ---------------------------------------------------------------- watches
 
@@ -191,7 +228,11 @@ class Policy:
         for reading in readings:
             state = states.get(reading.key)
             if predicting and reading.watch in predicting:   # -- predictive trigger (issue 15)
-                decision = self._predict(now, reading, state, predicting[reading.watch])
+                try:
+                    decision = self._predict(now, reading, state, predicting[reading.watch])
+                except Exception as e:   # a bug: contained to this watch, like the ladder's
+                    self.failed.append((reading.watch, e))
+                    decision = None
                 if decision is not None:
                     decisions.append(decision)
                     continue
@@ -202,8 +243,11 @@ class Policy:
             if watch is None:
                 continue
             if state is None:
-                state = states[reading.key] = TargetState()
-            decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
+                state = self._state(reading.key, now)
+            try:
+                decisions.extend(self._evaluate_one(now, reading, watch, state, critical))
+            except Exception as e:   # a bug: contained to this watch, never the whole tick
+                self.failed.append((reading.watch, e))
         return decisions
 
     def _evaluate_one(self, now: float, r: Reading, watch: WatchConfig, state: TargetState,
@@ -233,8 +277,9 @@ class Policy:
                     state.over_since = None
             return out
         if state.stage in ("killed", "throttled", "freezing"):
-            if r.usage < r.limit and state.stage == "throttled":
-                state.stage = "idle"  # memory.high stays; a new crossing acts again
+            if r.usage < r.limit and state.stage != "killed":
+                # memory.high stays, a frozen cgroup stays frozen: a new crossing acts again
+                state.stage, state.over_since = "idle", None
             return out
 
         if r.usage < r.limit:
@@ -280,11 +325,12 @@ class Policy:
         value = r.usage if r.unreclaimable is None else r.unreclaimable
         if not trend.update(now, value, r.limit, horizon, r.ceiling, self.predict_gates):
             return None
-        if r.usage >= r.limit or (state is not None and (state.stage != "idle"
-                                                          or now < state.cooldown_until)):
+        if r.usage >= r.limit or (state is not None and state.stage != "idle"):
             return None
         if state is None:
-            state = self.states[r.key] = TargetState()
+            state = self._state(r.key, now)   # (a cooldown kept across forget() applies)
+        if now < state.cooldown_until:
+            return None
         action = self.watches[r.watch].action
         state.cooldown_until = now + self.config.daemon.cooldown
         if action == "term":
@@ -387,7 +433,7 @@ class Policy:
             if level == "kill" or (level is not None and now - st.term_at >= g.grace):
                 st.killed = True
                 why = reason if level == "kill" else REASON_GRACE
-                return [Decision("signal", v.key, "guard", why, v.rss, term_below, signal.SIGKILL)]
+                return [Decision("signal", v.key, GUARD, why, v.rss, term_below, signal.SIGKILL, True)]
             if level is None and now - st.term_at >= g.grace:
                 st.victim = None  # the host recovered and the victim lives: leave it be
             return []
@@ -400,7 +446,7 @@ class Policy:
         st.killed = level == "kill"
         st.cooldown_until = now + self.config.daemon.cooldown
         sig = signal.SIGKILL if level == "kill" else signal.SIGTERM
-        return [Decision("signal", victim.key, "guard", reason, victim.rss, term_below, sig)]
+        return [Decision("signal", victim.key, GUARD, reason, victim.rss, term_below, sig, True)]
 
 
 def _estimate_dict(e) -> Optional[dict]:
@@ -422,10 +468,10 @@ def still_needed(decision: Decision, fresh_usage: Optional[int],
     if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
         return True
     if decision.reason == REASON_PREDICT:   # below the threshold by design
-        if decision.watch == "guard":        # recovered if back above the host's soft floor
+        if decision.by_guard:                # recovered if back above the host's soft floor
             return fresh_host is None or fresh_host.mem_total <= 0 or \
                 fresh_host.mem_available < HOST_FLOOR * guard.thresholds(fresh_host.mem_total)[0]
         return fresh_usage is None or fresh_usage >= decision.usage * WARN_REARM
-    if decision.watch == "guard":
+    if decision.by_guard:
         return fresh_host is None or guard_level(guard, fresh_host)[0] is not None
     return fresh_usage is None or fresh_usage >= decision.limit

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from memwatchd.config import Config, parse_config
 from memwatchd.policy import Policy, guard_level, is_quiet
-from memwatchd.trace import Trace, TraceError, read_trace
+from memwatchd.trace import Trace, TraceError, loadable_config, read_trace
 from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, Reading
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
@@ -34,11 +34,12 @@ class Decision:
     """One decision of the replay (``live`` False) or of the recorded run (``live`` True)."""
 
     __slots__ = ("t", "key", "watch", "kind", "reason", "usage", "limit", "signal", "live",
-                 "match", "diverged", "window")
+                 "by_guard", "match", "diverged", "window")
 
-    def __init__(self, t, key, watch, kind, reason, usage, limit, sig, live):
+    def __init__(self, t, key, watch, kind, reason, usage, limit, sig, live, by_guard=False):
         self.t, self.key, self.watch, self.kind, self.reason = t, key, watch, kind, reason
         self.usage, self.limit, self.signal, self.live = usage, limit, sig, live
+        self.by_guard = by_guard   # the host guard's (policy.Decision.by_guard), whatever the name
         self.match: Optional[Decision] = None
         self.diverged = False
         self.window: Optional[float] = None   # live: one sample (time since the one before)
@@ -79,7 +80,7 @@ class Result:
         """Targets the replay signalled (first signal each): "would have stopped" these."""
         out: Dict[tuple, Decision] = {}
         for d in self.decisions:
-            if d.kind in ("signal", "freeze") and d.watch != "guard" and d.key not in out:
+            if d.kind in ("signal", "freeze") and not d.by_guard and d.key not in out:
                 out[d.key] = d
         return out
 
@@ -116,7 +117,7 @@ def check_config(trace: Trace, config: Config) -> List[str]:
 def recorded_config(trace: Trace) -> Config:
     """The config the trace was recorded with (from its first header)."""
     try:
-        return parse_config(trace.header["config"], f"{trace.path} (recorded config)")
+        return parse_config(loadable_config(trace.header["config"]), f"{trace.path} (recorded config)")
     except (ConfigError, KeyError) as e:
         raise TraceError(f"{trace.path}: the recorded config cannot be used: {e}") from None
 
@@ -268,15 +269,17 @@ class _Replayer:
         (the time since that target's sample before this one)."""
         for d in s.decisions:
             key = tuple(d["key"])
+            # Traces recorded before "by_guard" existed name the guard only by its watch name.
+            by_guard = bool(d.get("by_guard", d.get("watch") == "guard"))
             live = Decision(s.t, key, d.get("watch"), d.get("kind"), d.get("reason"),
-                            d.get("usage"), d.get("limit"), d.get("signal"), True)
+                            d.get("usage"), d.get("limit"), d.get("signal"), True, by_guard)
             rid = self.rid_of.get(key)
             if rid is None:
                 rid = next((r for r, u, *_ in s.rows if self.trace.runs[r].key == key), None)
             prev = self.seen_at.get(rid)
             live.window = None if prev is None else s.t - prev
             self.result.live.append(live)
-            if d.get("watch") == "guard" and d.get("kind") == "signal" and not self.live_dry_run:
+            if by_guard and d.get("kind") == "signal" and not self.live_dry_run:
                 self.freed.pop(key, None)
 
     def advance(self, until: float) -> None:
@@ -346,12 +349,12 @@ class _Replayer:
 
     def simulate(self, t: float, d) -> None:
         sig = None if d.signal is None else signal.Signals(d.signal).name
-        out = Decision(t, d.key, d.watch, d.kind, d.reason, d.usage, d.limit, sig, False)
+        out = Decision(t, d.key, d.watch, d.kind, d.reason, d.usage, d.limit, sig, False, d.by_guard)
         self.result.decisions.append(out)
         if d.kind != "signal":
             return
         rid = self.rid_of.get(d.key)
-        if d.watch == "guard":
+        if d.by_guard:
             if sig == "SIGTERM":
                 self.note("a process the replayed guard sent SIGTERM is assumed to exit at once")
             self.freed[d.key] = d.usage or 0
@@ -399,7 +402,7 @@ def _match(result: Result) -> None:
     result.diverged_at = first
     anywhere = min(first.values(), default=float("inf"))
     for d in result.decisions:
-        since = anywhere if d.watch == "guard" else first.get(d.key, float("inf"))
+        since = anywhere if d.by_guard else first.get(d.key, float("inf"))
         d.diverged = d.t > since
 
 

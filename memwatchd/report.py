@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ERR", "WARNING", "NOTICE", "INFO", "DEBUG",
-    "escape", "format_cmdline", "log", "set_stream", "set_level",
+    "escape", "format_cmdline", "log", "set_stream", "set_level", "is_journal", "fatal_line",
     "EventLog", "Events", "read_events", "iter_events",
     "decision_record", "outcome_record", "host_fields", "format_time",
+    "format_size", "format_duration", "count", "decision_text", "EVENT_FORMAT", "upgrade_record",
 ]
 
 # ------------------------------------------------------------------ escaping
@@ -127,25 +128,38 @@ def set_level(max_priority: int) -> None:
     _max_priority = int(max_priority)
 
 
+def is_journal(stream: Optional[TextIO]) -> bool:
+    """Is stream connected to the journal? systemd's documented rule (systemd.exec(5),
+    $JOURNAL_STREAM): the variable holds "device:inode" of the journal stream, and a
+    program may use the sd-daemon "<N>" prefixes only when its stderr is that very
+    file. Anything else (a terminal, `| tee`, `2>>job.log`, cron mail, CI) gets words."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    if not value or stream is None:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+        dev, _, ino = value.partition(":")
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, ValueError, OSError):  # no fd (StringIO), closed, or a bad value
+        return False
+
+
 def _is_plain(stream: TextIO) -> bool:
     if _plain is not None:
         return _plain
     if os.environ.get("MEMWATCHD_LOG_PLAIN", "") not in ("", "0"):
         return True
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError, OSError):
-        return False
+    return not is_journal(stream)
 
 
 def log(priority: int, message: str) -> None:
     """Write one line: "<N>message" for journald (sd-daemon(3) prefix), or "level: message".
 
-    The "<N>" prefix is used unless the stream is a terminal or MEMWATCHD_LOG_PLAIN=1
-    (then "warning: ..."), since under systemd stderr is a journal stream that
-    parses it into PRIORITY=. Newlines and control characters in message become
-    \\xNN, so a call is exactly one line. Never raises: a lost stderr must not
-    stop the daemon.
+    The "<N>" prefix is used only when the stream is the journal (is_journal(): the
+    $JOURNAL_STREAM rule; journald turns it into PRIORITY=), otherwise the level is a
+    word ("warning: ..."). MEMWATCHD_LOG_PLAIN=1 forces words. Newlines and control
+    characters in message become \\xNN, so a call is exactly one line. Never raises:
+    a lost stderr must not stop the daemon.
     """
     if priority > _max_priority:
         return
@@ -162,6 +176,86 @@ def log(priority: int, message: str) -> None:
         stream.flush()
     except (OSError, ValueError):
         pass
+
+
+def fatal_line(message: str, stream: Optional[TextIO] = None) -> str:
+    """How a fatal start-up error of `run` is printed: with the error priority ("<3>")
+    when stderr is the journal, else "memwatchd: message" like every other command."""
+    text = str(message).translate(_LINE_TABLE)
+    if is_journal(sys.stderr if stream is None else stream):
+        return f"<{ERR}>{text}"
+    return f"memwatchd: {text}"
+
+
+# ------------------------------------------------------------- how we print numbers
+# One way everywhere (log lines, summaries, status, events): sizes 1024-based as the
+# config reads them (B, KiB, MiB, GiB, TiB; three significant digits), durations in
+# ms below a second and s above (min and h only past 2 min and 2 h).
+
+
+def format_size(n: Optional[float]) -> str:
+    """1536 -> "1.5 KiB", 766 * 2**20 -> "766 MiB", None -> "-"."""
+    if n is None:
+        return "-"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, mult in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= mult:
+            value = n / mult
+            text = f"{value:.1f}" if value < 100 else f"{value:.0f}"
+            return f"{sign}{text.replace('.0', '') if text.endswith('.0') else text} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """0.038 -> "38 ms", 2.9 -> "2.9 s", 300 -> "5 min", None -> "-"."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s".replace(".0 s", " s")
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h".replace(".0 h", " h")
+
+
+def count(n: int, one: str, many: str = "") -> str:
+    """count(1, "watch") -> "1 watch", count(3, "watch", "watches") -> "3 watches"."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+_GUARD_MEASURES = {
+    "mem-available-critical": "MemAvailable {avail} is below the kill floor {kill}",
+    "psi-full-high": "memory pressure (full avg10) {psi} is at or above {psi_limit}",
+    "grace-expired": "still running after the guard's grace; MemAvailable {avail}, floor {term}",
+    "predicted-exhaustion": "MemAvailable {avail} is predicted to reach the floor {term} soon",
+}
+
+
+def decision_text(watch: str, usage: Optional[int], limit: Optional[int], reason: str,
+                  warn: Optional[int] = None, host: Any = None, guard: Any = None) -> str:
+    """What a decision's log line says was measured, after "<who>": the target's usage
+    against its own limit (or warn level); for the host guard, what the guard measured
+    (MemAvailable against its floor, or pressure) and the victim's size, so that a guard
+    line never reads as if the process had a limit. Pure: replay can print the same."""
+    if watch != "guard":
+        if reason == "warn-level" and warn is not None:
+            return (f"using {format_size(usage)}, above its warn level {format_size(warn)} "
+                    f"(limit {format_size(limit)})")
+        if reason == "predicted-exhaustion":
+            return (f"using {format_size(usage)}, predicted to reach its limit "
+                    f"{format_size(limit)} soon ({reason})")
+        return f"using {format_size(usage)}, over its limit {format_size(limit)} ({reason})"
+    avail = getattr(host, "mem_available", None)
+    term = kill = limit
+    if guard is not None and getattr(host, "mem_total", 0) > 0:
+        term, kill = guard.thresholds(host.mem_total)
+    pressure = getattr(host, "pressure", None)
+    measured = _GUARD_MEASURES.get(reason, "MemAvailable {avail} is below the floor {term}").format(
+        avail=format_size(avail), term=format_size(term), kill=format_size(kill),
+        psi="-" if pressure is None else f"{pressure.full_avg10:.1f}%",
+        psi_limit=f"{getattr(guard, 'psi_full_avg10', 0):g}%")
+    return f"at {format_size(usage)}, the largest it may stop: {measured} ({reason})"
 
 
 # ------------------------------------------------------------------ event log
@@ -338,6 +432,24 @@ def read_events(path: str) -> Events:
 
 # ------------------------------------------------------------------ records
 
+# Version of the event records (docs/formats.md). Records without "format" are version 1,
+# whose host fields were "mem_available" and "mem_total"; upgrade_record() reads both.
+EVENT_FORMAT = 2
+_V1_HOST = {"mem_available": "mem_available_bytes", "mem_total": "mem_total_bytes"}
+
+
+def upgrade_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    """An event record as the current format names its fields, whichever version wrote it
+    (for `events`, the state file and replay: old files keep working)."""
+    if record.get("format", 1) >= EVENT_FORMAT:
+        return record
+    record = dict(record, format=EVENT_FORMAT)
+    host = record.get("host")
+    if isinstance(host, dict):
+        record["host"] = {_V1_HOST.get(k, k): v for k, v in host.items()}
+    return record
+
+
 def format_time(time_ns: int) -> str:
     """ISO 8601 UTC with milliseconds: 2024-05-01T12:00:00.123Z."""
     seconds, ns = divmod(int(time_ns), 1_000_000_000)
@@ -377,6 +489,7 @@ def decision_record(*, target: str, pid: Optional[int], start_time: Optional[int
     stored by name ("SIGKILL"), None for actions that send none (memory.high, freeze)."""
     now = time.time_ns() if time_ns is None else int(time_ns)
     return {
+        "format": EVENT_FORMAT,
         "type": "decision",
         "id": event_id if event_id is not None else f"{now}-{pid if pid is not None else 0}",
         "time": format_time(now),
@@ -393,8 +506,8 @@ def decision_record(*, target: str, pid: Optional[int], start_time: Optional[int
         "signal": _signal_name(signal),
         "dry_run": bool(dry_run),
         "host": {
-            "mem_available": mem_available,
-            "mem_total": mem_total,
+            "mem_available_bytes": mem_available,
+            "mem_total_bytes": mem_total,
             "psi_some_avg10": psi_some_avg10,
             "psi_full_avg10": psi_full_avg10,
         },
@@ -407,6 +520,7 @@ def outcome_record(*, event_id: str, exited: bool, seconds_to_exit: Optional[flo
     """What became of a decision (same id): did it exit, how fast, what it freed."""
     now = time.time_ns() if time_ns is None else int(time_ns)
     return {
+        "format": EVENT_FORMAT,
         "type": "outcome",
         "id": event_id,
         "time": format_time(now),

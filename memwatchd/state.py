@@ -21,13 +21,16 @@ if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, Optional
 
 from memwatchd import __version__, report, sampler
+from memwatchd.files import write_atomic
 from memwatchd.report import ERR, escape, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 1
+FORMAT = 2            # 2: times as RFC 3339 strings (*_at) with Unix twins (*_at_unix)
+READABLE_FORMATS = (1, 2)   # `status` still reads what an older, still running daemon wrote
 STATE_EVERY = 1.0     # at most one state write (and metrics snapshot) per second
 FRESH_FOR = 5.0       # `status`: a state written longer ago than this is stale
 RECENT = 10           # actions kept in the state file
+COUNTED_TARGETS = 256  # targets whose actions of the last hour are counted
 
 __all__ = ["FORMAT", "STATE_EVERY", "FRESH_FOR", "write_atomic", "read_state", "boottime",
            "proc_start_time", "liveness", "target_labels", "target_view", "host_view", "guard_view",
@@ -39,41 +42,6 @@ def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600, make_dirs: bool = True) -> None:
-    """Replace path with data: write a temp file beside it, then rename() over it.
-
-    The temp file is created fresh (O_EXCL, after unlinking any leftover, so a planted
-    link is never written through) and chmod'ed to mode whatever the umask. Missing
-    directories are made 0700 if make_dirs. No fsync: this is live state, and a flush
-    could stall the loop on a busy disk.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if make_dirs and not os.path.isdir(directory):
-        report._makedirs_private(directory)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def read_state(path: str) -> Optional[Dict[str, Any]]:
     """The state file as a dict; None if it does not exist. Raises OSError (e.g. EACCES)
     and ValueError for a file that is not a memwatchd state."""
@@ -82,7 +50,7 @@ def read_state(path: str) -> Optional[Dict[str, Any]]:
             data = json.loads(f.read())
     except FileNotFoundError:
         return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a memwatchd state file (format {FORMAT})")
     return data
 
@@ -129,7 +97,8 @@ def target_labels(t: Any) -> tuple:
 
 
 def target_view(t: Any, now: float, last_action: Optional[dict] = None,
-                labels: Optional[tuple] = None, estimate: Optional[dict] = None) -> Dict[str, Any]:
+                labels: Optional[tuple] = None, actions_last_hour: int = 0,
+                estimate: Optional[dict] = None) -> Dict[str, Any]:
     """One targets.Target as plain JSON data; labels as target_labels(t) returns them;
     estimate as Policy.estimate returns it (None without predict)."""
     sampled = t.sampled_at > 0
@@ -152,6 +121,7 @@ def target_view(t: Any, now: float, last_action: Optional[dict] = None,
         "interval_seconds": round(t.interval, 6) if t.interval else None,
         "sample_age_seconds": round(max(0.0, now - t.sampled_at), 6) if sampled else None,
         "last_action": last_action,
+        "actions_last_hour": actions_last_hour,
         "predict": estimate,
     }
 
@@ -185,24 +155,30 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
                daemon: Optional[dict] = None, recent: Iterable[dict] = (),
                last_by_target: Optional[Dict[tuple, dict]] = None,
                labels: Optional[Dict[tuple, tuple]] = None,
+               counts: Optional[Dict[tuple, int]] = None,
                estimate: Optional[Any] = None) -> Dict[str, Any]:
     """What `status` shows and the state file holds. daemon=None: sampled by `status` itself.
-    last_by_target maps action_key() to the last action on that target; labels caches
-    target_labels() by target key across calls (the caller prunes it); estimate is the
-    policy's key -> time-to-exhaustion estimate (Policy.estimate), None outside the daemon."""
+    last_by_target maps action_key() to the last action on that target, counts to the
+    number of actions on it in the last hour; labels caches target_labels() by target key
+    across calls (the caller prunes it); estimate is the policy's key -> time-to-exhaustion
+    estimate (Policy.estimate), None outside the daemon."""
     last_by_target = last_by_target or {}
+    counts = counts or {}
     labels = {} if labels is None else labels
     rows = []
     for t in targets:
         shown = labels.get(t.key)
         if shown is None:
             shown = labels[t.key] = target_labels(t)
-        rows.append(target_view(t, now, last_by_target.get((t.watch.name, shown[0])), shown,
+        key = (t.watch.name, shown[0])
+        rows.append(target_view(t, now, last_by_target.get(key), shown, counts.get(key, 0),
                                 estimate(t.key) if estimate is not None else None))
     rows.sort(key=lambda r: (r["target"], r["id"]))
+    written = time.time_ns()
     return {
         "format": FORMAT,
-        "written_at": time.time(),
+        "written_at": report.format_time(written),
+        "written_at_unix": written / 1e9,
         "written_boottime": boottime(),
         "config": config.source,
         "dry_run": config.daemon.dry_run,
@@ -246,6 +222,7 @@ class Publisher:
         self.recent: "collections.deque[dict]" = collections.deque(maxlen=RECENT)
         self.last_by_target: Dict[tuple, dict] = {}
         self.labels: Dict[tuple, tuple] = {}   # target key -> target_labels(), escaped once
+        self.actions_by_minute: Dict[tuple, collections.deque] = {}   # action_key -> [minute, n]
         self.metrics = None
         self._written = -STATE_EVERY
         self._failed = False
@@ -312,6 +289,7 @@ class Publisher:
             self.last_by_target[key] = summary
             if len(self.last_by_target) > 4 * RECENT:   # forget the oldest: no unbounded growth
                 del self.last_by_target[next(iter(self.last_by_target))]
+            self._count_action(key)
         elif record.get("type") == "outcome":
             for summary in self.recent:
                 if summary["id"] == record.get("id"):
@@ -319,6 +297,27 @@ class Publisher:
                                           ("exited", "seconds_to_exit", "freed_bytes", "escalated")}
         if self.metrics is not None:
             self.metrics.on_record(record)
+
+    def _count_action(self, key: tuple) -> None:
+        """One more action on this target: counted per minute, for an hour (60 entries at
+        most per target, COUNTED_TARGETS targets), so a target acted on again and again
+        shows in `status` and metrics (actions_last_hour) instead of hiding in the journal."""
+        minute = int(time.monotonic() // 60)
+        buckets = self.actions_by_minute.pop(key, None)
+        if buckets is None:
+            buckets = collections.deque(maxlen=60)
+            if len(self.actions_by_minute) >= COUNTED_TARGETS:
+                del self.actions_by_minute[next(iter(self.actions_by_minute))]
+        self.actions_by_minute[key] = buckets        # re-inserted: the dict stays oldest first
+        if buckets and buckets[-1][0] == minute:
+            buckets[-1][1] += 1
+        else:
+            buckets.append([minute, 1])
+
+    def actions_last_hour(self) -> Dict[tuple, int]:
+        since = int(time.monotonic() // 60) - 59
+        return {key: sum(n for minute, n in b if minute >= since)
+                for key, b in self.actions_by_minute.items()}
 
     def victim_exited(self, seconds: float) -> None:
         if self.metrics is not None:
@@ -342,13 +341,15 @@ class Publisher:
         info = {
             "pid": os.getpid(),
             "start_time": self.start_time,
-            "started_at": self.started_at,
+            "started_at": report.format_time(int(self.started_at * 1e9)),
+            "started_at_unix": self.started_at,
             "version": __version__,
             "sampler": sampler.IMPLEMENTATION,
             "rss_bytes": self.rss(),
             "ticks": daemon.ticks,
             "actions_taken": daemon.actions_taken,
             "victims": len(daemon.victims),
+            "quarantined": dict(getattr(daemon, "quarantined", {})),
             "state_every_seconds": STATE_EVERY,
         }
         targets = daemon.targets.targets
@@ -356,6 +357,7 @@ class Publisher:
             self.labels = {key: shown for key, shown in self.labels.items() if key in targets}
         view = build_view(targets.values(), daemon.host, now, self.config,
                           info, self.recent, self.last_by_target, self.labels,
+                          self.actions_last_hour(),
                           daemon.policy.estimate if daemon.policy.trends else None)
         view["guard"]["predict"] = daemon.policy.estimate_host()   # [guard] predict
         return view

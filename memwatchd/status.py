@@ -139,60 +139,177 @@ def parse_time(text: Any) -> Optional[float]:
 
 
 def select_events(path: str, since: Optional[float] = None, target: Optional[str] = None,
-                  now: Optional[float] = None) -> report.Events:
-    """The paired events of a file, newer than `since` seconds ago and of `target` if given.
-    The result's .skipped counts unreadable lines (a torn last line, after a crash)."""
-    records = report.read_events(path)
-    cutoff = None if since is None else (time.time() if now is None else now) - since
+                  until: Optional[float] = None) -> report.Events:
+    """The paired events of a file at or after `since` and before `until` (Unix times, as
+    parse_when() gives them), of `target` if given. The result's .skipped counts unreadable
+    lines (a torn last line, after a crash); .size is how many bytes were read, where
+    follow_records() goes on."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    read = {"whole": 0}
+    records = report.Events(_records(path, 0, size, read))
+    records.skipped = sum(1 for r in records if r is None)
     out = report.Events()
-    for e in pair_events(records):
+    for e in pair_events(r for r in records if r is not None):
         if target is not None and e.get("target") != target:
             continue
         when = parse_time(e.get("time"))
-        if cutoff is not None and (when is None or when < cutoff):
+        if since is not None and (when is None or when < since):
+            continue
+        if until is not None and (when is None or when >= until):
             continue
         out.append(e)
     out.skipped = records.skipped
+    out.size = read["whole"]     # after the last whole line: a record still being written is followed
     return out
+
+
+def _records(path: str, start: int, end: int,
+             read: Optional[Dict[str, int]] = None) -> Iterable[Optional[Dict[str, Any]]]:
+    """The records in bytes [start, end) of an events file; None for each unreadable line.
+    read["whole"] is set to the offset after the last line that ended in a newline."""
+    import json
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        f.seek(start)
+        pos = start
+        for raw in f:                  # line by line: a big events file is never read whole
+            pos += len(raw)
+            if pos > end:              # written after we looked: --follow reads it
+                break
+            if read is not None and raw.endswith(b"\n"):
+                read["whole"] = pos
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            yield report.upgrade_record(record) if isinstance(record, dict) else None
+
+
+def follow_records(path: str, offset: int = 0, target: Optional[str] = None,
+                   poll: float = 0.5) -> Iterable[Dict[str, Any]]:
+    """`events --follow`: every record appended after offset, as it is written (forever).
+
+    Only whole lines are read (a record being written waits for its newline); a file
+    that was replaced or truncated (log rotation) is read again from its start. Outcomes
+    are shown for the decisions of `target` (they carry no target of their own)."""
+    inode = None
+    ids: set = set()
+    while True:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if inode is not None and (st.st_dev, st.st_ino) != inode or st.st_size < offset:
+                offset = 0
+            inode = (st.st_dev, st.st_ino)
+            if st.st_size > offset:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(st.st_size - offset)
+                whole = chunk[:chunk.rfind(b"\n") + 1]
+                offset += len(whole)
+                for record in _records_of(whole):
+                    if target is not None:
+                        if record.get("type") == "decision" and record.get("target") == target:
+                            ids.add(record.get("id"))
+                        elif record.get("id") not in ids:
+                            continue
+                    yield record
+        time.sleep(poll)
+
+
+def _records_of(data: bytes) -> Iterable[Dict[str, Any]]:
+    import json
+    for raw in data.splitlines():
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield report.upgrade_record(record)
+
+
+def record_line(record: Dict[str, Any], now: Optional[float] = None) -> str:
+    """One followed record as one line: a decision, or the outcome of one."""
+    when = local_time(record.get("time"), time.time() if now is None else now)
+    if record.get("type") == "outcome":
+        fate = (f"exited after {duration(record.get('seconds_to_exit'))}, freed "
+                f"{size(record.get('freed_bytes'))}" if record.get("exited") else "did not exit")
+        return f"{when} outcome of {record.get('id')}: {fate}"
+    who = (f"pid {record.get('pid')} {record.get('comm') or ''}".rstrip()
+           if record.get("pid") is not None else f"cgroup {record.get('cgroup')}")
+    what = record.get("signal") or record.get("action")
+    return (f"{when} {record.get('target')} {what}{' (dry run)' if record.get('dry_run') else ''} "
+            f"{who} {size(record.get('usage_bytes'))}/{size(record.get('limit_bytes'))} "
+            f"{record.get('reason')} [{record.get('id')}]")
+
+
+_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1, "sec": 1, "second": 1,
+          "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60, "h": 3600, "hr": 3600,
+          "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400, "w": 604800,
+          "week": 604800, "weeks": 604800}
+
+
+def parse_when(text: str, where: str, now: Optional[float] = None) -> float:
+    """A point in time as journalctl --since/--until read it (local time), as a Unix time.
+
+    "now", "today", "yesterday", "tomorrow"; "2026-12-01", "2026-12-01 07:00[:05]",
+    "07:00[:05]" (today); "@1764572400"; a relative time "-1h", "+30m", "1h ago",
+    "2 days ago", and (memwatchd's own shorthand, as before) a bare "1d", "90s" = ago.
+    Raises ConfigError naming the flag."""
+    import re
+    from memwatchd.types import ConfigError
+    now = time.time() if now is None else now
+    raw = text
+    text = text.strip().lower()
+    today = datetime.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    days = {"today": 0, "yesterday": -1, "tomorrow": 1}
+    if text == "now":
+        return now
+    if text in days:
+        return (today + datetime.timedelta(days=days[text])).timestamp()
+    if text.startswith("@"):
+        try:
+            return float(text[1:])
+        except ValueError:
+            pass
+    m = re.fullmatch(r"([+-]?)\s*((?:[0-9.]+\s*[a-z]+\s*)+?)\s*(ago|left)?", text)
+    if m and not re.fullmatch(r"[0-9.]+", m.group(2).strip()):
+        seconds = 0.0
+        parts = re.findall(r"([0-9]+(?:\.[0-9]*)?)\s*([a-z]+)", m.group(2))
+        if parts and all(unit in _UNITS for _, unit in parts) and \
+                "".join(n + u for n, u in parts) == re.sub(r"\s+", "", m.group(2)):
+            seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+            forward = m.group(1) == "+" or m.group(3) == "left"
+            return now + seconds if forward else now - seconds
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y-%m-%dt%H:%M:%S",
+                "%Y-%m-%dt%H:%M"):
+        try:
+            return datetime.datetime.strptime(text, fmt).timestamp()
+        except ValueError:
+            pass
+    for fmt in ("%H:%M:%S", "%H:%M"):
+        try:
+            t = datetime.datetime.strptime(text, fmt).time()
+            return datetime.datetime.combine(today.date(), t).timestamp()
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a time as journalctl reads it: 1h, 30m, 1d (ago), "
+                      f'-2h, "2 days ago", today, yesterday, now, 2026-12-01, "2026-12-01 07:00", '
+                      f"07:00; got {raw!r}")
 
 
 # ------------------------------------------------------------------ rendering
 
-def size(n: Optional[float]) -> str:
-    """1536 -> "1.5 KiB"; None -> "-"."""
-    if n is None:
-        return "-"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit, mult in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= mult:
-            return f"{sign}{n / mult:.1f} {unit}"
-    return f"{sign}{int(n)} B"
-
-
-def short_size(n: Optional[float]) -> str:
-    """A table cell like top's: 1.8M, 1022M, 20.6G (binary units)."""
-    if n is None:
-        return "-"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit, mult in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
-        if n >= mult:
-            v = n / mult
-            return f"{sign}{v:.1f}{unit}" if v < 100 else f"{sign}{v:.0f}{unit}"
-    return f"{sign}{int(n)}B"
-
-
-def duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+size = report.format_size            # one way to print sizes and durations, everywhere
+short_size = report.format_size
+duration = report.format_duration
 
 
 def local_time(text: Any, now: Optional[float] = None) -> str:
@@ -203,6 +320,12 @@ def local_time(text: Any, now: Optional[float] = None) -> str:
     if now is not None and time.localtime(when)[:3] == time.localtime(now)[:3]:
         return time.strftime("%H:%M:%S", time.localtime(when))
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def _unix(data: Dict[str, Any], key: str, default: float) -> float:
+    """A state time as a Unix time: "<key>_unix" (format 2), or a number under key (format 1)."""
+    value = data.get(key + "_unix", data.get(key))
+    return value if isinstance(value, (int, float)) else default
 
 
 def _percent_style(usage: int, limit: int, warn: Optional[int]) -> str:
@@ -219,7 +342,7 @@ def _what(row: Dict[str, Any]) -> Text:
     return Text(f"{row['pid']} {row.get('comm') or ''}".rstrip())
 
 
-def _action_text(action: Optional[Dict[str, Any]], now: float) -> Text:
+def _action_text(action: Optional[Dict[str, Any]], now: float, last_hour: int = 0) -> Text:
     if not action:
         return Text("-", style="dim")
     warn = action.get("action") == "warn"
@@ -227,7 +350,8 @@ def _action_text(action: Optional[Dict[str, Any]], now: float) -> Text:
     when = parse_time(action.get("time"))
     ago = f" {duration(now - when)} ago" if when is not None else ""
     extra = " (dry run)" if action.get("dry_run") else ""
-    return Text(f"{what}{ago}{extra}", style="yellow" if warn else "red")
+    again = f", {last_hour} in the last hour" if last_hour > 1 else ""   # acted on again and again
+    return Text(f"{what}{ago}{extra}{again}", style="yellow" if warn else "red")
 
 
 def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Group:
@@ -238,9 +362,9 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
     if view.get("running"):
         head = Text("● ", style="bold green")
         head.append(f"memwatchd {daemon.get('version', '')} running: pid {daemon.get('pid')}, "
-                    f"up {duration(now - daemon.get('started_at', now))}, "
+                    f"up {duration(now - _unix(daemon, 'started_at', now))}, "
                     f"RSS {size(daemon.get('rss_bytes'))}, sampler {daemon.get('sampler')}, "
-                    f"{daemon.get('actions_taken', 0)} action(s)"
+                    f"{report.count(daemon.get('actions_taken', 0), 'action')}"
                     f"{', DRY RUN' if view.get('dry_run') else ''}; "
                     f"state {duration(view.get('age_seconds'))} old")
     else:
@@ -287,9 +411,9 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
                       Text(short_size(headroom),
                            style="bold red" if headroom is not None and headroom <= 0 else ""),
                       duration(row.get("sample_age_seconds")),
-                      _action_text(row.get("last_action"), now))
+                      _action_text(row.get("last_action"), now, row.get("actions_last_hour") or 0))
     if view.get("targets"):
-        parts.append(table)
+        parts.append(_fit(table))
     else:
         watches = view.get("watches") or []
         parts.append(Text("no targets: " + (f"{', '.join(watches)} matched nothing" if watches
@@ -315,15 +439,37 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
     return Group(*parts)
 
 
+FREE_COLUMNS = ("target", "pid/cgroup", "reason", "last action")
+
+
 def _table(*columns) -> Table:
-    """Columns: (name, justify); only the free-text ones (a name, a path, an action) wrap."""
+    """Columns: (name, justify). On a terminal the free-text ones are cut to fit its width
+    (see _fit), so every row stays one line; piped (console() gives an unlimited width)
+    nothing is cut or wrapped, like systemctl."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0,
                   header_style="bold")
     for name, justify in columns:
-        free = name in ("target", "pid/cgroup", "reason", "last action")
-        table.add_column(name, justify=justify, overflow="fold", no_wrap=not free,
-                         min_width=8 if free else None)
+        table.add_column(name, justify=justify, overflow="ellipsis", no_wrap=True,
+                         min_width=6 if name in FREE_COLUMNS else None)
     return table
+
+
+def _fit(table: Table) -> Table:
+    """On a narrow terminal only the free-text columns (a name, a path, an action) give
+    way, each cell cut with an ellipsis and kept on one line; a size, a time or a signal
+    is never cut. Rich shrinks only "wrappable" columns, so those are marked wrappable
+    while their cells refuse to wrap."""
+    for column in table.columns:
+        if column.header in FREE_COLUMNS:
+            column.no_wrap = False
+            column._cells = [_one_line(c) for c in column._cells]
+    return table
+
+
+def _one_line(cell: Any) -> Text:
+    text = cell.copy() if isinstance(cell, Text) else Text(str(cell))
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
 
 
 def events_table(events: List[Dict[str, Any]], now: Optional[float] = None) -> Table:
@@ -352,8 +498,29 @@ def events_table(events: List[Dict[str, Any]], now: Optional[float] = None) -> T
                       Text(str(e.get("reason"))), Text(action,
                                                        style="yellow" if e.get("action") == "warn" else "red"),
                       died, freed)
-    return table
+    return _fit(table)
+
+
+PIPE_WIDTH = 10_000   # "unlimited" when stdout is not a terminal: nothing is cut or wrapped
 
 
 def console(**kw) -> Console:
+    """A Rich console for stdout: a terminal's own width, or (piped: `status | cat`,
+    `events | grep`) an unlimited one with no colour, so lines are whole for tools."""
+    import sys
+    if "width" not in kw and not sys.stdout.isatty():
+        kw["width"] = PIPE_WIDTH
     return Console(highlight=False, **kw)
+
+
+def show(console: Console, renderable: Any) -> None:
+    """Print a table or the status screen; piped, without the padding Rich adds to the
+    last column (trailing blanks only trip up grep and awk)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    text = "\n".join(line.rstrip() for line in captured.get().split("\n"))
+    console.file.write(text)
+    console.file.flush()

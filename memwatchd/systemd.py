@@ -1,29 +1,37 @@
 """The only user of NOTIFY_SOCKET: readiness, reload, stop, status and watchdog pings.
 
-Datagrams are sent with a direct AF_UNIX/SOCK_DGRAM sendto() per message rather
-than through the sdnotify package: sdnotify reads os.environ itself (we want an
-injectable environment for tests), connect()s once (a socket systemd re-created
-after daemon-reexec would then be unreachable), and swallows every error
-silently (we count them and log the first). Sends never block (MSG_DONTWAIT): a
-plain AF_UNIX datagram send waits while the receiver's queue is full
-(net.unix.max_dgram_qlen), which would freeze the daemon whenever PID 1 is slow.
-Path and abstract ("@name") sockets are both supported, as in sd_notify(3).
+The datagrams go through sdnotify's SystemdNotifier.notify(), with four things
+sdnotify itself does not do, each needed by a watchdog daemon:
+  - the send never blocks: the socket is non-blocking. A plain AF_UNIX datagram
+    send waits while the receiver's queue is full (net.unix.max_dgram_qlen),
+    which would freeze the daemon whenever PID 1 is slow; here it costs one
+    dropped message (EAGAIN, counted).
+  - errors are counted and the first one is logged (sdnotify, without debug,
+    swallows them; with debug=True they reach us).
+  - a socket that PID 1 re-created (systemctl daemon-reexec) is reached again:
+    sdnotify connect()s once, so a refused send reconnects and retries once.
+  - the environment is injectable (tests) and parsed once: NOTIFY_SOCKET path or
+    "@abstract" as in sd_notify(3), WATCHDOG_USEC, WATCHDOG_PID.
 
 No threads or timers here: watchdog() is called from the daemon's main loop, so a
 stuck loop stops the pings and systemd restarts us - which is the point.
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
-    import socket
     from typing import Callable, Mapping, Optional
 
 from memwatchd import report
 
 __all__ = ["Notifier"]
+
+# errno values after which a fresh connect() may succeed: the socket was re-created
+# (ECONNREFUSED, ENOTCONN, ECONNRESET) or is being re-created (ENOENT).
+_RECONNECT = (errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET, errno.ENOENT)
 
 
 class Notifier:
@@ -41,7 +49,7 @@ class Notifier:
                  clock: Callable[[], float] = time.monotonic):
         env = os.environ if environ is None else environ
         self._clock = clock
-        self._sock = None  # an _socket.socket once the first message is sent
+        self._notifier = None  # a connected sdnotify.SystemdNotifier once a message is sent
         self._address: Optional[str] = None
         self.errors = 0            # failed sends (the first is logged at WARNING)
         self.sent = 0              # datagrams sent
@@ -91,26 +99,51 @@ class Notifier:
 
     # ------------------------------------------------------------ messages
 
+    def _connect(self):
+        """sdnotify's notifier on a socket we open ourselves: its constructor would read
+        os.environ, open a blocking socket and swallow the errors."""
+        import socket
+
+        import sdnotify
+        notifier = sdnotify.SystemdNotifier.__new__(sdnotify.SystemdNotifier)
+        notifier.debug = True       # raise, so that errors are counted and logged
+        sock = socket.socket(socket.AF_UNIX,
+                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            sock.connect(self._address)
+        except OSError:
+            sock.close()
+            raise
+        notifier.socket = sock
+        return notifier
+
     def _send(self, message: str) -> bool:
         if self._address is None:
             return False
-        # The C module, not socket.py: under systemd the daemon stays ~1.4 MiB smaller.
-        import _socket as socket
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            # Never block the main loop: a busy PID 1 with a full queue costs one
-            # dropped message (EAGAIN, counted), not a stalled watchdog daemon.
-            self._sock.sendto(message.encode("utf-8", "backslashreplace"),
-                              socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self._address)
-        except OSError as e:
-            self.errors += 1
-            if self.errors == 1:
-                report.log(report.WARNING,
-                           f"systemd notify socket: {e.strerror or e} (further errors not logged)")
-            return False
-        self.sent += 1
-        return True
+        # sdnotify encodes with latin-1; this round trip hands it our UTF-8 bytes as they are.
+        state = message.encode("utf-8", "backslashreplace").decode("latin-1")
+        for attempt in (1, 2):
+            reused = self._notifier is not None
+            try:
+                if self._notifier is None:
+                    self._notifier = self._connect()
+                self._notifier.notify(state)
+            except OSError as e:
+                # A socket re-created by PID 1 refuses the old connection: reconnect, and
+                # retry once if it was an old connection. A full queue (EAGAIN) keeps the
+                # socket and is not retried: that would only wait for PID 1.
+                if e.errno in _RECONNECT:
+                    self.close()
+                    if attempt == 1 and reused:
+                        continue
+                self.errors += 1
+                if self.errors == 1:
+                    report.log(report.WARNING,
+                               f"systemd notify socket: {e.strerror or e} (further errors not logged)")
+                return False
+            self.sent += 1
+            return True
+        return False
 
     def ready(self, status: Optional[str] = None) -> None:
         """READY=1 (startup finished, or a reload done), with an optional STATUS= line."""
@@ -148,6 +181,6 @@ class Notifier:
         return self._send("WATCHDOG=1")
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._notifier is not None:
+            self._notifier.socket.close()
+            self._notifier = None

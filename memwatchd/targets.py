@@ -29,7 +29,8 @@ from memwatchd.types import (GONE, OK, AccessDenied, Candidate, MemwatchdError, 
                              TargetGone)
 
 RESCAN_INTERVAL = 2.0     # seconds between re-resolving globs, regexes, pidfiles and units
-SYSTEMCTL_TIMEOUT = 10.0
+SYSTEMCTL_TIMEOUT = 5.0   # a `systemctl show` still running after this is killed
+SYSTEMCTL_WAIT = 0.2      # the loop waits this long for it, then looks again on later ticks
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"   # exists iff systemd is PID 1 (sd_booted(3))
 _WARNED_MAX = 1024        # distinct problems remembered (and so logged once) per config
 
@@ -228,19 +229,48 @@ def ancestors(pid: int, proc: str = "/proc") -> Set[int]:
     return out
 
 
-def unit_cgroup(unit: str) -> str:
-    """The unit's cgroup below the cgroup root: where it runs or, when it is not running,
-    where systemd will put it (its slice's cgroup + its name); "" if systemd does not say."""
+def start_unit_show(unit: str):
+    """Start `systemctl show` for a unit's cgroup properties; a Popen (read it with
+    unit_cgroup_of), or None if systemctl cannot be run. Does not wait for it."""
     import subprocess  # only unit watches pay for it (~1 MiB resident)
     try:
-        out = subprocess.run(["systemctl", "show", "-p", "ControlGroup", "-p", "Slice", "-p", "Id",
-                              "--", unit], capture_output=True, text=True,
-                             timeout=SYSTEMCTL_TIMEOUT, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
+        return subprocess.Popen(["systemctl", "show", "-p", "ControlGroup", "-p", "Slice", "-p", "Id",
+                                 "--", unit], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+
+
+def unit_cgroup_of(proc, wait: float) -> Optional[str]:
+    """The cgroup path a started `systemctl show` reports ("" if it fails or systemd does
+    not say), or None if it has not finished within ``wait`` seconds (call again)."""
+    import subprocess
+    if wait <= 0 and proc.poll() is None:
+        return None
+    try:   # exited: its output is in the pipe (a short bound in case a child holds it open)
+        out, _ = proc.communicate(timeout=max(wait, 0.05))
+    except subprocess.TimeoutExpired:
+        return None
+    return _unit_path(out) if proc.returncode == 0 else ""
+
+
+def unit_cgroup(unit: str) -> str:
+    """The unit's cgroup below the cgroup root: where it runs or, when it is not running,
+    where systemd will put it (its slice's cgroup + its name); "" if systemd does not say.
+    Waits for systemctl (at most SYSTEMCTL_TIMEOUT): not for the daemon's loop."""
+    proc = start_unit_show(unit)
+    if proc is None:
         return ""
-    if out.returncode != 0:
+    path = unit_cgroup_of(proc, SYSTEMCTL_TIMEOUT)
+    if path is None:
+        proc.kill()
+        proc.communicate()
         return ""
-    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return path
+
+
+def _unit_path(stdout: str) -> str:
+    props = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
     if props.get("ControlGroup"):
         return props["ControlGroup"]
     slice_name, unit_id = props.get("Slice", ""), props.get("Id", "")
@@ -300,9 +330,12 @@ class TargetSet:
         self.rescan_at: Dict[str, float] = {}
         self.pid_watches_done: Set[str] = set()
         self.unit_paths: Dict[str, str] = {}   # unit watch -> its cgroup when last seen running
+        self.unit_shows: Dict[str, tuple] = {}  # unit watch -> (running `systemctl show`, started)
         self.config = config
         self.mem_total = self.host.read().mem_total
         self.problems: List[str] = []     # resolution trouble, for the daemon to log
+        self.failed: List[tuple] = []     # (watch name, exception): a bug; the daemon quarantines
+        self.quarantined: Set[str] = set()   # watch names not resolved until a reload
         self.vanished: List[Target] = []  # dropped by a rescan, reported with the next sample
         self.warned: Set[str] = set()     # problems already logged under this config
         self.scans: Dict[str, cmdmatch.CmdlineScan] = {}   # cmdline watch -> its matching
@@ -352,17 +385,19 @@ class TargetSet:
         added: List[Target] = []
         self._work_until = None           # set by the first cmdline watch this tick
         for watch in self.config.watches:
-            if watch.name in self.off:
+            if watch.name in self.off or watch.name in self.quarantined:
                 continue
-            if now < self.rescan_at.get(watch.name, 0.0):
-                if watch.name in self.unit_paths:
-                    added.extend(self._unit_restarted(watch, now))
-                continue
-            self.rescan_at[watch.name] = now + RESCAN_INTERVAL
             try:
+                if now < self.rescan_at.get(watch.name, 0.0):
+                    if watch.name in self.unit_paths:
+                        added.extend(self._unit_restarted(watch, now))
+                    continue
+                self.rescan_at[watch.name] = now + RESCAN_INTERVAL
                 added.extend(self._resolve(watch, now))
             except (OSError, MemwatchdError) as e:
                 self._problem(f"watch {watch.name}: {e}")
+            except Exception as e:   # a bug: this watch only (the daemon quarantines it)
+                self.failed.append((watch.name, e))
         return added
 
     def _resolve(self, watch: WatchConfig, now: float) -> List[Target]:
@@ -413,7 +448,7 @@ class TargetSet:
         if watch.kind == "unit":
             if have:
                 return []
-            path = unit_cgroup(str(watch.selector))
+            path = self._unit_cgroup(watch, now)
             if not path:
                 return []
             self.unit_paths[watch.name] = path  # between rescans, _unit_restarted looks there
@@ -430,6 +465,28 @@ class TargetSet:
                     self.vanished.append(self.drop(t.key))
             return self._attach_cgroups(watch, [p for p in paths if p not in taken], now)
         return []
+
+    def _unit_cgroup(self, watch: WatchConfig, now: float) -> Optional[str]:
+        """The unit's cgroup path from `systemctl show`, without holding up the loop: the
+        loop waits SYSTEMCTL_WAIT for it; if PID 1 is slow, the run is picked up on a later
+        tick (None until then) and killed after SYSTEMCTL_TIMEOUT."""
+        proc, started = self.unit_shows.pop(watch.name, (None, now))
+        if proc is None:
+            proc = start_unit_show(str(watch.selector))
+            if proc is None:
+                return ""
+        path = unit_cgroup_of(proc, SYSTEMCTL_WAIT if now == started else 0.0)
+        if path is not None:
+            return path
+        if now - started >= SYSTEMCTL_TIMEOUT:
+            proc.kill()
+            proc.communicate()
+            self._problem(f"watch {watch.name}: `systemctl show {watch.selector}` took "
+                         f"longer than {SYSTEMCTL_TIMEOUT:.0f}s; trying again")
+            return ""
+        self.unit_shows[watch.name] = (proc, started)
+        self.rescan_at[watch.name] = now   # look again on the next tick
+        return None
 
     def _unit_restarted(self, watch: WatchConfig, now: float) -> List[Target]:
         """Between rescans, look for a stopped unit in the cgroup it last ran in: one stat
@@ -593,8 +650,12 @@ class TargetSet:
             self.cgroups.sample_slots(cgroup_slots)
         readings, gone = [], []
         for t in due:
-            if not self._read_target(t):
-                gone.append(t)
+            try:
+                if not self._read_target(t):
+                    gone.append(t)
+                    continue
+            except Exception as e:   # a bug: this watch only (the daemon quarantines it)
+                self.failed.append((t.watch.name, e))
                 continue
             t.sampled_at = now
             readings.append(Reading(t.key, t.watch.name, t.usage, t.limit, t.warn,

@@ -61,8 +61,10 @@ def config_dict(config) -> dict:
     watches = []
     for w in config.watches:
         item = {"name": w.name, w.kind: w.selector, "limit": str(w.limit),
-                "sustain": _seconds(w.sustain), "action": w.action, "grace": _seconds(w.grace),
+                "sustain": _seconds(w.sustain), "action": w.action,
                 "scope": w.scope, "usage": w.usage}
+        if w.action == "term":           # the only action with a grace (config refuses others)
+            item["grace"] = _seconds(w.grace)
         if w.warn is not None:
             item["warn"] = str(w.warn)
         if w.predict > 0:
@@ -70,13 +72,50 @@ def config_dict(config) -> dict:
         watches.append(item)
     return {
         "daemon": {"interval": _seconds(d.interval), "min_interval": _seconds(d.min_interval),
-                   "fill_rate": d.fill_rate, "cooldown": _seconds(d.cooldown), "dry_run": d.dry_run},
+                   "fill_rate": f"{d.fill_rate}B", "cooldown": _seconds(d.cooldown), "dry_run": d.dry_run},
         "guard": {"enabled": g.enabled, "min_available": str(g.min_available),
                   "kill_available": str(g.kill_available), "psi_full_avg10": g.psi_full_avg10,
                   "grace": _seconds(g.grace)},
         "protect": {"names": list(p.names), "cgroups": list(p.cgroups)},
         "watch": watches,
     }
+
+
+_SIZE_KEYS = {"daemon": ("fill_rate", "trace_size"), "guard": ("min_available", "kill_available"),
+              "watch": ("limit", "warn")}
+
+
+def loadable_config(data: dict) -> dict:
+    """A recorded config (a trace header's) as today's parser takes it. Traces written
+    before sizes needed a unit hold bytes as bare numbers (fill_rate 4294967296, or a limit
+    "1000"), and a grace for every watch whatever its action: memwatchd wrote those itself,
+    so they mean bytes, and a grace without SIGTERM meant nothing. The input is not changed."""
+    if not isinstance(data, dict):
+        return data
+
+    def sizes(table: dict, keys) -> dict:
+        out = dict(table)
+        for key in keys:
+            value = out.get(key)
+            if (isinstance(value, int) and not isinstance(value, bool) and value > 0) or \
+                    (isinstance(value, str) and value.strip().isdigit() and value.strip("0 ")):
+                out[key] = f"{str(value).strip()}B"
+        return out
+
+    out = dict(data)
+    for section in ("daemon", "guard"):
+        if isinstance(out.get(section), dict):
+            out[section] = sizes(out[section], _SIZE_KEYS[section])
+    if isinstance(out.get("watch"), list):
+        watches = []
+        for w in out["watch"]:
+            if isinstance(w, dict):
+                w = sizes(w, _SIZE_KEYS["watch"])
+                if w.get("action", "term") != "term":
+                    w.pop("grace", None)
+            watches.append(w)
+        out["watch"] = watches
+    return out
 
 
 def _kernel() -> str:
@@ -440,9 +479,12 @@ def _close(a, b) -> bool:
 
 
 def decision_dict(d) -> dict:
-    return {"key": list(d.key), "watch": d.watch, "kind": d.kind, "reason": d.reason,
-            "usage": d.usage, "limit": d.limit,
-            "signal": None if d.signal is None else signal.Signals(d.signal).name}
+    out = {"key": list(d.key), "watch": d.watch, "kind": d.kind, "reason": d.reason,
+           "usage": d.usage, "limit": d.limit,
+           "signal": None if d.signal is None else signal.Signals(d.signal).name}
+    if getattr(d, "by_guard", False):
+        out["by_guard"] = True   # the guard is known by this, not by its name (a watch may be "guard")
+    return out
 
 
 def open_ring(config, daemon) -> Recorder:

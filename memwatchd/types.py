@@ -32,6 +32,24 @@ class AccessDenied(MemwatchdError):
     """The kernel refused to let us read or signal the target."""
 
 
+# The core raises; the CLI exits. Most specific first. entry.py (the console script)
+# and cli.py both use this one table; cli.EXIT_STATUS_HELP documents it.
+EXIT_CODES = (
+    (InsecureConfigError, 3),
+    (ConfigError, 2),
+    (AccessDenied, 4),
+    (TargetGone, 5),
+    (MemwatchdError, 1),
+)
+
+
+def exit_code_for(error: BaseException) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return 1
+
+
 # ------------------------------------------------- sampler status codes
 # One reading of one target ends in one of these. The sampler fills them in a
 # status array; a tick never raises for a target that vanished.

@@ -116,18 +116,36 @@ def start_daemon(config_text: str, env: dict = None, extra_args=()) -> subproces
 EVENTS = os.path.join(WORK, "events.jsonl")
 
 
-def start_watching(watches: str, daemon: str = "", env: dict = None) -> subprocess.Popen:
-    """The daemon with the guard off, events in EVENTS, no state file, plus these
-    [[watch]] tables (and extra [daemon] keys): only the watched hogs can be signalled."""
+def start_watching(watches: str, daemon: str = "", env: dict = None,
+                   events: str = EVENTS) -> subprocess.Popen:
+    """The daemon with the guard off, events in EVENTS (or ``events``), no state file, plus
+    these [[watch]] tables (and extra [daemon] keys): only the watched hogs can be signalled."""
     return start_daemon(f'''
 [daemon]
-events = "{EVENTS}"
+events = "{events}"
 state = ""
 {textwrap.dedent(daemon)}
 [guard]
 enabled = false
 {textwrap.dedent(watches)}
 ''', env=env)
+
+
+def start_patched_daemon(code: str, watches: str, argv=()) -> subprocess.Popen:
+    """Like start_watching, but `memwatchd run` is started by ``python -c code *argv run
+    --config ...``; code changes something first (a seccomp filter, a constant, a fault)
+    and ends by calling memwatchd.entry.main()."""
+    path = write_config(f'''
+[daemon]
+events = "{EVENTS}"
+state = ""
+[guard]
+enabled = false
+{textwrap.dedent(watches)}
+''')
+    log = open(os.path.join(WORK, "daemon.log"), "w")
+    return subprocess.Popen([sys.executable, "-c", code, *argv, "run", "--config", path],
+                            stderr=log, stdout=log)
 
 
 def guard_config(events: str, protect_names, extra: str = "") -> str:
@@ -142,7 +160,7 @@ events = "{events}"
 state = ""
 cooldown = "30s"
 [guard]
-min_available = "{floor}"
+min_available = "{floor}B"
 kill_available = "1M"
 grace = "1s"
 [protect]

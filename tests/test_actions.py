@@ -203,6 +203,15 @@ def test_release_memory_outcomes(spawn, fds):
     assert actions.release_memory(fd) == "gone"
 
 
+def test_release_memory_never_raises():
+    """Any errno from process_mrelease is an outcome (the kill is done already): here a
+    real EBADF from a closed descriptor; EAGAIN/EINTR/EPERM run in test_loop_trust."""
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    assert actions.release_memory(r) == "failed: EBADF"
+
+
 def test_errno_mapping():
     with pytest.raises(TargetGone):
         actions._raise_os(OSError(errno.ESRCH, "x"), "p")
@@ -645,6 +654,33 @@ def test_on_action_is_not_oom_protected_like_the_daemon(tmp_path):
         pytest.skip("lowering oom_score_adj needs CAP_SYS_RESOURCE")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_on_action_oom_score_adj_is_reset_before_the_program_runs(tmp_path):
+    """The score is written by the child itself before execve, so the program never runs
+    one instruction with the daemon's OOM protection (on main the parent wrote it after
+    the program had started). strace -f shows the order in the child."""
+    trace = tmp_path / "trace"
+    code = textwrap.dedent("""
+        from memwatchd.actions import OnActionRunner
+        r = OnActionRunner()
+        r.start(("/bin/true",), {}, timeout=10)
+        r.close(wait=5)
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat,execve", "-o", str(trace),
+                           sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = trace.read_text().splitlines()
+    execs = [line for line in lines if 'execve("/bin/true"' in line]
+    assert execs, lines[-20:]
+    child = execs[0].split()[0]
+    mine = [line for line in lines if line.split()[0] == child]
+    opened = next(i for i, line in enumerate(mine) if "/proc/self/oom_score_adj" in line)
+    assert opened < mine.index(execs[0]), mine
+    assert not any("oom_score_adj" in line for line in lines if line.split()[0] != child)
 
 
 def test_signal_cgroup_when_pidfds_run_out(tmp_path):

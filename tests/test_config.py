@@ -44,10 +44,10 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown file
     (" 7 G ", Size(bytes=7 * GiB)),
     ("0.5k", Size(bytes=512)),
     (".5M", Size(bytes=512 * KiB)),
-    ("4096", Size(bytes=4096)),
     ("4096B", Size(bytes=4096)),
-    (4096, Size(bytes=4096)),
+    ("4096 b", Size(bytes=4096)),
     (0, Size(bytes=0)),
+    ("0", Size(bytes=0)),
     ("80%", Size(percent=80.0)),
     ("2.5%", Size(percent=2.5)),
     ("100%", Size(percent=100.0)),
@@ -63,31 +63,35 @@ def test_parse_size_valid(text, expected):
     ("6GB", "ambiguous"),
     ("100kb", "ambiguous"),
     ("5X", "unknown size unit"),
-    ("1.5", "whole number"),
+    ("1.5", "bare number is ambiguous"),
+    ("4096", "bare number is ambiguous"),
+    (4096, "bare number is ambiguous"),
+    (10, "write the unit: 10M or 10G, or 10B for bytes"),
+    ("10", "write the unit: 10M or 10G, or 10B for bytes"),
     ("1.5B", "whole number"),
     ("101%", "between 0% and 100%"),
     ("-5%", "negative"),
-    ("", "expected bytes"),
-    ("G", "expected bytes"),
-    ("1e9", "expected bytes"),
-    ("1,5G", "expected bytes"),
-    ("١G", "expected bytes"),        # a non-ASCII digit
+    ("", "expected a number with a unit"),
+    ("G", "expected a number with a unit"),
+    ("1e9", "expected a number with a unit"),
+    ("1,5G", "expected a number with a unit"),
+    ("١G", "expected a number with a unit"),        # a non-ASCII digit
     ("9" * 40 + "G", "too large"),
     ("9" * 5000 + "G", "too large"),
     ("9" * 5000 + "%", "between 0% and 100%"),
     ("9999999T", "too large"),
-    (2**63, "too large"),
-    (True, "expected bytes"),
-    (1.5, "expected bytes"),
-    (None, "expected bytes"),
-    (["1G"], "expected bytes"),
+    (2**63, "bare number is ambiguous"),
+    (True, "expected a number with a unit"),
+    (1.5, "expected a number with a unit"),
+    (None, "expected a number with a unit"),
+    (["1G"], "expected a number with a unit"),
 ])
 def test_parse_size_invalid_names_flag_and_value(value, problem):
     with pytest.raises(ConfigError) as e:
         parse_size(value, "--limit")
     msg = str(e.value)
     assert msg.startswith("--limit: ") and problem in msg
-    assert repr(value)[:60] in msg
+    assert config.show_value(value)[:60] in msg
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -120,15 +124,15 @@ def test_parse_duration_invalid(value, problem):
         parse_duration(value, "--sustain")
     msg = str(e.value)
     assert msg.startswith("--sustain: ") and problem in msg
-    assert repr(value)[:60] in msg
+    assert config.show_value(value)[:60] in msg
 
 
 def test_size_resolve_and_str():
     assert Size(bytes=5).resolve(10**12) == 5
     assert Size(percent=25.0).resolve(8 * GiB) == 2 * GiB
     assert Size(percent=2.5).resolve(1000) == 25
-    assert [str(parse_size(s, "x")) for s in ("6G", "1.5G", "100k", "1000", "80%")] == \
-        ["6GiB", "1536MiB", "100KiB", "1000", "80%"]
+    assert [str(parse_size(s, "x")) for s in ("6G", "1.5G", "100k", "1000B", "80%")] == \
+        ["6GiB", "1536MiB", "100KiB", "1000B", "80%"]
     with pytest.raises(ValueError):
         Size()
     with pytest.raises(ValueError):
@@ -156,7 +160,8 @@ def test_default_config_is_the_guard_alone():
     assert c.guard.min_available == Size(percent=5.0) and c.guard.kill_available == Size(percent=2.0)
     assert "sshd" in c.protect.names and "/init.scope" in c.protect.cgroups
     assert c.metrics.listen == "" and c.metrics.address is None
-    assert parse_config({}, SRC) == Config(c.daemon, c.guard, c.protect, c.metrics, (), SRC)
+    assert parse_config({}, config.DEFAULT_CONFIG_PATH) == \
+        Config(c.daemon, c.guard, c.protect, c.metrics, (), config.DEFAULT_CONFIG_PATH)
 
 
 def test_load_config_without_a_file_uses_default_but_explicit_path_must_exist(tmp_path, monkeypatch):
@@ -311,7 +316,7 @@ def test_validation_error_names_file_key_and_value(data, key, value):
     assert not isinstance(e.value, InsecureConfigError)
     assert msg.startswith(f"{SRC}: {key}:"), msg
     if value is not None:
-        assert f"got {value!r}" in msg, msg
+        assert f"got {config.show_value(value)}" in msg, msg
 
 
 def test_selector_errors_say_what_was_found():
@@ -360,7 +365,7 @@ def test_example_file_loads_and_shows_every_key():
     assert c.source == str(EXAMPLE)
     sim = c.watches[0]
     assert (sim.name, sim.limit, sim.warn, sim.on_action[0]) == \
-        ("simulation", Size(bytes=6 * GiB), Size(bytes=5 * GiB), "/usr/local/bin/page-oncall")
+        ("simulation", Size(bytes=6 * GiB), Size(bytes=5 * GiB), "/usr/bin/logger")
 
 
 def test_example_defaults_match_the_built_in_ones():
@@ -394,7 +399,7 @@ def test_non_utf8_and_directory_are_config_errors(tmp_path):
 
 def test_load_config_reports_the_file_in_validation_errors(tmp_path):
     p = write(tmp_path / "c.toml", '[[watch]]\nname = "x"\nunit = "x"\nlimit = "-5G"\n')
-    with pytest.raises(ConfigError, match=rf"^{p}: watch\[0\]\.limit: .*got '-5G'"):
+    with pytest.raises(ConfigError, match=rf'^{p}: watch\[0\]\.limit: .*got a string "-5G"'):
         load_config(p)
 
 
@@ -500,6 +505,24 @@ def test_on_action_program_owned_by_another_user_is_refused(tmp_path):
     os.chown(prog, 65534, 65534)
     with pytest.raises(InsecureConfigError, match="owned by uid 65534"):
         load_config(on_action_config(tmp_path, prog))
+
+
+@as_root
+def test_every_file_argument_of_on_action_is_checked(tmp_path):
+    """An interpreter (root's /bin/sh) running a script anyone could edit is as unsafe as
+    an unsafe program: every argument naming a file is checked like argv[0]."""
+    script = Path(write(tmp_path / "page.sh", "echo paged\n", 0o644))
+    p = write(tmp_path / "c.toml", '[[watch]]\nname = "x"\nunit = "x"\nlimit = "1G"\n'
+              f'on_action = ["/bin/sh", "{script}", "--now", "not-a-file"]\n')
+    assert load_config(p).watches[0].on_action[1] == str(script)
+    os.chown(script, 65534, 65534)
+    with pytest.raises(InsecureConfigError, match=r"watch\[0\]\.on_action\[1\]: .*page.sh: owned by uid 65534"):
+        load_config(p)
+    os.chown(script, 0, 0)
+    os.chmod(script, 0o666)
+    with pytest.raises(InsecureConfigError, match=r"on_action\[1\]: .*page.sh: writable by group or others"):
+        load_config(p)
+    assert load_config(p, insecure=True).watches[0].on_action[1] == str(script)
 
 
 # ------------------------------------------------------------ fuzzing
@@ -622,3 +645,101 @@ def test_fuzz_load_config_on_mutated_example_raises_only_config_error(fuzz_dir, 
         assert str(e).startswith(str(path) + ": ")
     else:
         check_invariants(c)
+
+
+# ------------------------------------------------------------ first contact (issue 17)
+
+@pytest.mark.parametrize("value, shown", [
+    ("1234", 'a string "1234"'), (1234, "an integer 1234"), (1.5, "a float 1.5"),
+    (True, "a boolean true"), (["a", 1], 'an array ["a", 1]'), ({"k": "v"}, 'a table {k = "v"}'),
+    ('say "hi"\n', 'a string "say \\"hi\\"\\u000a"'),
+])
+def test_errors_name_the_toml_type_of_the_bad_value(value, shown):
+    assert config.show_value(value) == shown
+
+
+def test_a_type_error_says_expected_and_got_with_toml_types():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"watch": [watch(unit=None, pid="1234")]}, SRC)
+    assert 'expected a process ID between 1 and 4194304, got a string "1234"' in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"guard": {"enabled": 1}}, SRC)
+    assert str(e.value) == f"{SRC}: guard.enabled: expected true or false, got an integer 1"
+
+
+@pytest.mark.parametrize("value, meant", [
+    (5, "write the unit: 5M or 5G, or 5B for bytes"),
+    ("10", "write the unit: 10M or 10G, or 10B for bytes"),
+    ("2.5", "2.5M or 2.5G"),
+    (536870912, "536870912B for bytes (= 512 MiB)"),
+    ("6442450944", "6442450944B for bytes (= 6 GiB)"),
+])
+def test_a_bare_number_as_a_size_is_refused_with_what_was_probably_meant(value, meant):
+    for data in ({"watch": [watch(limit=value)]}, {"guard": {"min_available": value}},
+                 {"daemon": {"fill_rate": value}}):
+        with pytest.raises(ConfigError) as e:
+            parse_config(data, SRC)
+        assert "bare number is ambiguous" in str(e.value) and meant in str(e.value), str(e.value)
+    assert parse_config({"watch": [watch(limit="2147483648B")]}, SRC).watches[0].limit == Size(bytes=2 * GiB)
+
+
+@pytest.mark.parametrize("key, value", [("limit", "10B"), ("limit", "512K"), ("limit", "1023KiB"),
+                                        ("warn", "100K")])
+def test_implausibly_small_limits_are_refused(key, value):
+    data = {"limit": "1G", key: value} if key == "warn" else {key: value}
+    with pytest.raises(ConfigError) as e:
+        parse_config({"watch": [watch(**data)]}, SRC)
+    assert f"watch[0].{key}:" in str(e.value) and "implausibly small" in str(e.value)
+    assert "did you mean M or G" in str(e.value)
+    assert parse_config({"watch": [watch(limit="1M")]}, SRC).watches[0].limit == Size(bytes=MiB)
+
+
+@pytest.mark.parametrize("action", ["kill", "warn"])
+def test_a_grace_without_sigterm_is_refused(action):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"watch": [watch(unit=None, pid=5, action=action, grace="3s")]}, SRC)
+    assert "watch[0].grace:" in str(e.value) and f"action {action} has no grace" in str(e.value)
+    assert parse_config({"watch": [watch(unit=None, pid=5, action=action)]}, SRC).watches[0].action == action
+    assert parse_config({"watch": [watch(grace="3s")]}, SRC).watches[0].grace == 3.0
+
+
+def test_every_error_is_reported_not_only_the_first():
+    data = {"daemon": {"interval": 5, "bogus": 1},
+            "guard": {"enabled": "yes"},
+            "watch": [watch(limit="lots", action="explode"), watch(name="b", unit=None, pid="x")]}
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, SRC)
+    keys = ["daemon.bogus", "daemon.interval", "guard.enabled", "watch[0].limit", "watch[0].action",
+            "watch[1].pid"]
+    errors = e.value.errors
+    assert len(errors) == len(keys), errors
+    for key in keys:
+        assert sum(line.startswith(f"{SRC}: {key}:") for line in errors) == 1, (key, errors)
+    # One line for the daemon's log, still naming file, key and value of each.
+    assert "\n" not in str(e.value) and str(e.value) == "; ".join(errors)
+
+
+def test_protect_names_that_drop_the_defaults_warn():
+    c = parse_config({"protect": {"names": ["postgres"]}}, SRC)
+    assert c.protect.names == ("postgres",)
+    assert len(c.warnings) == 1
+    w = c.warnings[0]
+    assert w.startswith(f"{SRC}: protect.names:") and "systemd, systemd-journal, sshd" in w
+    c = parse_config({"protect": {"names": ["postgres", "sshd", "systemd", "systemd-journald"]}}, SRC)
+    assert c.warnings == ()
+    assert parse_config({}, SRC).warnings == ()
+
+
+def test_each_config_file_gets_its_own_default_state_and_events_file():
+    default = parse_config({}, config.DEFAULT_CONFIG_PATH).daemon
+    assert (default.events, default.state) == ("/var/lib/memwatchd/events.jsonl", "/run/memwatchd/state.json")
+    a = parse_config({}, "/etc/memwatchd/other.toml").daemon
+    b = parse_config({}, "/srv/other.toml").daemon
+    c = parse_config({}, "/etc/memwatchd/other-2.toml").daemon
+    states = {default.state, a.state, b.state, c.state}
+    assert len(states) == 4 and len({default.events, a.events, b.events, c.events}) == 4
+    assert a.state == "/run/memwatchd/state@etc-memwatchd-other.toml.json"
+    assert a.events == "/var/lib/memwatchd/events@etc-memwatchd-other.toml.jsonl"
+    assert all(os.path.dirname(p) == "/run/memwatchd" and "/" not in os.path.basename(p) for p in states)
+    named = parse_config({"daemon": {"state": "/run/x.json", "events": ""}}, "/srv/other.toml").daemon
+    assert (named.state, named.events) == ("/run/x.json", "")

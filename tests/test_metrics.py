@@ -160,6 +160,25 @@ def test_scraped_by_urllib_and_parsed(exporter):
         assert r.status == 200
 
 
+def test_each_snapshot_is_rendered_once_however_often_it_is_scraped(exporter, monkeypatch):
+    """Any local user may scrape 20 times a second; at 1,000 targets a render takes ms of
+    the GIL the loop needs. One render per snapshot (the daemon publishes once a second)."""
+    renders = []
+    real = metrics.families
+    monkeypatch.setattr(metrics, "families", lambda *a: renders.append(1) or real(*a))
+    e = exporter()
+    publish(e, n=1000)
+    bodies = set()
+    for _ in range(10):
+        with urllib.request.urlopen(url(e), timeout=5) as r:
+            bodies.add(r.read())
+    assert len(renders) == 1 and len(bodies) == 1
+    publish(e, n=1000)                                   # a new snapshot: rendered anew
+    with urllib.request.urlopen(url(e), timeout=5) as r:
+        r.read()
+    assert len(renders) == 2
+
+
 def test_oversized_and_garbage_requests(exporter):
     e = exporter()
     publish(e)

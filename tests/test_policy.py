@@ -119,13 +119,55 @@ def test_unknown_watch_and_forget():
     assert pol.evaluate(0, [other]) == []
     pol.evaluate(0, [reading(210)])
     pol.forget(KEY)  # it exited; a new process with a new key starts fresh
-    assert kinds(pol.evaluate(0.1, [reading(210)])) == [("signal", signal.SIGTERM, P.REASON_LIMIT)]
+    new = ("process", 101, 6666)
+    assert kinds(pol.evaluate(0.1, [reading(210, key=new)])) == [("signal", signal.SIGTERM, P.REASON_LIMIT)]
+
+
+def test_forget_keeps_the_cooldown_of_the_same_key():
+    """A cgroup killed, forgotten and seen again under the same key (its usage stays over
+    the limit: page cache, tmpfs) is not acted on again before the cooldown (5 s) ends."""
+    cg = ("cgroup", "/jobs/a")
+    pol = P.Policy(make_config(action="kill"))
+    assert kinds(pol.evaluate(0, [reading(210, key=cg)])) == [("signal", signal.SIGKILL, P.REASON_LIMIT)]
+    pol.forget(cg)
+    assert pol.evaluate(0.1, [reading(210, key=cg)]) == []
+    assert pol.evaluate(4.9, [reading(210, key=cg)]) == []
+    assert kinds(pol.evaluate(5.1, [reading(210, key=cg)])) == [("signal", signal.SIGKILL, P.REASON_LIMIT)]
+
+
+def test_settle_restarts_the_ladder_but_keeps_the_cooldown():
+    cg = ("cgroup", "/jobs/a")
+    pol = P.Policy(make_config(action="kill"))
+    pol.evaluate(0, [reading(210, key=cg)])
+    pol.settle(cg)          # the victims died; the cgroup stays over its limit
+    assert pol.stage(cg) == "idle"
+    assert pol.evaluate(1, [reading(210, key=cg)]) == []
+    assert kinds(pol.evaluate(5.5, [reading(210, key=cg)])) == [("signal", signal.SIGKILL, P.REASON_LIMIT)]
+
+
+@pytest.mark.parametrize("action", ["throttle", "freeze"])
+def test_throttled_or_frozen_target_is_revisited_once_usage_falls(action):
+    pol = P.Policy(make_config(action=action))
+    assert pol.evaluate(0, [reading(210, warn_mib=None)])
+    assert pol.evaluate(1, [reading(150, warn_mib=None)]) == []     # fell under its limit
+    assert pol.stage(KEY) == "idle"
+    assert kinds(pol.evaluate(6, [reading(220, warn_mib=None)])) == [(action, None, P.REASON_LIMIT)]
+
+
+def test_a_watch_named_guard_is_not_the_guard():
+    """The guard is known by Decision.by_guard: a watch's decisions never carry it, whatever
+    its name, so back_off and the re-check treat them as the watch's."""
+    pol = P.Policy(make_config(name="guard"))
+    [d] = pol.evaluate(0, [Reading(KEY, "guard", 210 * MiB, 200 * MiB, None)])
+    assert d.watch == "guard" and not d.by_guard
+    assert not P.still_needed(d, 190 * MiB, host(4), pol.config.guard)   # its own usage decides
+    assert P.still_needed(d, 205 * MiB, host(4), pol.config.guard)
 
 
 def test_back_off_undoes_a_step():
     pol = P.Policy(make_config())
     pol.evaluate(0, [reading(210)])
-    pol.back_off(KEY, "job")
+    pol.back_off(KEY)
     assert kinds(pol.evaluate(0.1, [reading(210)])) == [("signal", signal.SIGTERM, P.REASON_LIMIT)]
 
 
@@ -138,7 +180,7 @@ def test_still_needed_rechecks_first_actions_only():
     assert not P.still_needed(term, 190 * MiB, None, cfg.guard)
     grace = term._replace(reason=P.REASON_GRACE, signal=signal.SIGKILL)
     assert P.still_needed(grace, 10 * MiB, None, cfg.guard)
-    guard = P.Decision("signal", KEY, "guard", P.REASON_GUARD_LOW, 1, 1, signal.SIGTERM)
+    guard = P.Decision("signal", KEY, "guard", P.REASON_GUARD_LOW, 1, 1, signal.SIGTERM, True)
     assert P.still_needed(guard, None, host(0.5), cfg.guard)      # 0.5 GiB < 5% of 16
     assert not P.still_needed(guard, None, host(4), cfg.guard)    # recovered
 
@@ -279,5 +321,5 @@ def test_skipping_quiet_targets_changes_nothing(action, sustain, warn_mib, steps
         assert got == want, (now, usage)
         assert fast.interval_for(r) == full.interval_for(r)
         if backs_off and got:
-            fast.back_off(KEY, "job")
-            full.back_off(KEY, "job")
+            fast.back_off(KEY)
+            full.back_off(KEY)

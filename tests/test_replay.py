@@ -420,3 +420,21 @@ def test_suggest_censors_a_stopped_run_among_complete_ones_and_weighs_old_runs_l
     assert w.percentile_peak == new.peak    # p50 of weights 0.05 and 1: the recent run
     equal = suggest(paths, percentile=50, margin=0.0, half_life=float("inf")).watches["plateau"]
     assert equal.percentile_peak == old.peak                 # unweighted p50 of two: the lower
+
+
+def test_the_guard_is_told_by_structure_not_by_name(tmp_path):
+    """Issue 11 item 6 in traces and replays: a decision is the guard's by its by_guard
+    field (recorded in the trace), never because its watch is called "guard"."""
+    import signal
+
+    from memwatchd.policy import Decision as PolicyDecision
+    from memwatchd.trace import decision_dict
+    key = ("process", 101, 7)
+    watch_named_guard = PolicyDecision("signal", key, "guard", "over-limit", 1, 2, signal.SIGTERM)
+    assert "by_guard" not in decision_dict(watch_named_guard)
+    assert decision_dict(watch_named_guard._replace(by_guard=True))["by_guard"] is True
+    result = replay(read_trace(_guard_trace(tmp_path, True)))
+    guard = [d for d in result.decisions if d.by_guard]
+    assert [d.key for d in guard] == [key] and result.stopped() == {}
+    guard[0].by_guard = False            # the same decision, from a watch that is named "guard"
+    assert list(result.stopped()) == [key]

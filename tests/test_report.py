@@ -172,25 +172,73 @@ def test_log_level_filter(logbuf):
     assert logbuf.getvalue() == "<6>shown\n"
 
 
-def test_log_plain_mode(monkeypatch):
-    buf = io.StringIO()
-    report.set_stream(buf)                         # auto: StringIO is no TTY -> prefix
-    try:
-        report.log(report.WARNING, "w")
-        monkeypatch.setenv("MEMWATCHD_LOG_PLAIN", "1")
-        report.log(report.WARNING, "w")
-        monkeypatch.delenv("MEMWATCHD_LOG_PLAIN")
+def journal_of(f) -> str:
+    st = os.fstat(f.fileno())
+    return f"{st.st_dev}:{st.st_ino}"
 
-        class Tty(io.StringIO):
-            def isatty(self):
-                return True
-        tty = Tty()
-        report.set_stream(tty)
+
+def test_prefixes_only_when_journal_stream_names_the_stream(monkeypatch, tmp_path):
+    """systemd.exec(5): $JOURNAL_STREAM is "dev:ino" of the journal stream; only a stream
+    that is that very file gets "<N>"; a pipe, a file, a StringIO or a TTY gets words."""
+    journal = open(tmp_path / "journal", "w")
+    other = open(tmp_path / "job.log", "w")
+    monkeypatch.setenv("JOURNAL_STREAM", journal_of(journal))
+    try:
+        for stream, expected in ((journal, "<4>w\n"), (other, "warning: w\n")):
+            report.set_stream(stream)
+            report.log(report.WARNING, "w")
+            stream.flush()
+            assert open(stream.name).read() == expected
+        buf = io.StringIO()                          # no fd at all: words
+        report.set_stream(buf)
         report.log(report.ERR, "e")
-        assert buf.getvalue() == "<4>w\nwarning: w\n"
-        assert tty.getvalue() == "error: e\n"
+        assert buf.getvalue() == "error: e\n"
+        monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+        assert not report.is_journal(journal)
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not report.is_journal(journal)        # no variable: not the journal
+        monkeypatch.setenv("JOURNAL_STREAM", journal_of(journal))
+        monkeypatch.setenv("MEMWATCHD_LOG_PLAIN", "1")   # forces words even in the journal
+        report.set_stream(journal)
+        report.log(report.NOTICE, "n")
+        journal.flush()
+        assert open(journal.name).read() == "<4>w\nnotice: n\n"
     finally:
         report.set_stream(None)
+        journal.close()
+        other.close()
+
+
+def run_with_stderr_to(tmp_path, argv, journal: bool):
+    """Run argv with stderr on a file; with journal, $JOURNAL_STREAM names that file."""
+    path = tmp_path / "stderr"
+    with open(path, "w") as err:
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop("MEMWATCHD_LOG_PLAIN", None)
+        env.pop("JOURNAL_STREAM", None)
+        if journal:
+            env["JOURNAL_STREAM"] = journal_of(err)
+        rc = subprocess.run(argv, stderr=err, stdout=subprocess.DEVNULL, env=env, timeout=30).returncode
+    return rc, path.read_text()
+
+
+def test_log_goes_to_stderr_with_words_unless_it_is_the_journal(tmp_path):
+    code = "from memwatchd import report; report.log(report.NOTICE, 'hello\\nworld')"
+    assert run_with_stderr_to(tmp_path, [sys.executable, "-c", code], journal=False) == \
+        (0, "notice: hello\\x0aworld\n")
+    assert run_with_stderr_to(tmp_path, [sys.executable, "-c", code], journal=True) == \
+        (0, "<5>hello\\x0aworld\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO, JOURNAL_STREAM="1:1"), timeout=30)
+    assert r.stderr == "notice: hello\\x0aworld\n"      # a pipe (cron, | tee, CI): words
+
+
+def test_a_fatal_start_up_error_of_run_has_the_error_priority_in_the_journal(tmp_path):
+    argv = [sys.executable, "-m", "memwatchd", "run", "--config", str(tmp_path / "absent.toml")]
+    rc, err = run_with_stderr_to(tmp_path, argv, journal=True)
+    assert rc == 2 and err.startswith("<3>") and "absent.toml" in err, err
+    rc, err = run_with_stderr_to(tmp_path, argv, journal=False)
+    assert rc == 2 and err.startswith("memwatchd: ") and "absent.toml" in err and "<" not in err, err
 
 
 def test_log_never_raises_on_a_broken_stream():
@@ -202,14 +250,6 @@ def test_log_never_raises_on_a_broken_stream():
         report.log(report.ERR, "x")
     finally:
         report.set_stream(None)
-
-
-def test_log_goes_to_stderr_by_default():
-    code = "from memwatchd import report; report.log(report.NOTICE, 'hello\\nworld')"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=REPO), timeout=30)
-    assert r.stdout == ""
-    assert r.stderr == "<5>hello\\x0aworld\n"
 
 
 # ------------------------------------------------------------------ event log
@@ -363,16 +403,16 @@ def test_decision_record_shape_and_escaping():
         cmdline=b"python3\0-c\0$(rm -rf /)\n\0", cgroup="/sys/fs/cgroup/web.service",
         usage_bytes=5 << 30, limit_bytes=4 << 30, reason="usage above limit", action="kill",
         signal=9, dry_run=False, **report.host_fields(host), time_ns=1_700_000_000_123_456_789)
-    assert set(rec) == {"type", "id", "time", "target", "pid", "start_time", "comm", "cmdline",
+    assert set(rec) == {"format", "type", "id", "time", "target", "pid", "start_time", "comm", "cmdline",
                         "cgroup", "usage_bytes", "limit_bytes", "reason", "action", "signal",
                         "dry_run", "host"}
-    assert rec["type"] == "decision"
+    assert rec["type"] == "decision" and rec["format"] == report.EVENT_FORMAT == 2
     assert rec["id"] == "1700000000123456789-4242"
     assert rec["time"] == "2023-11-14T22:13:20.123Z"
     assert rec["comm"] == "foo) Z \\x0a<3>evil"
     assert rec["cmdline"] == "python3 -c $(rm -rf /)\\x0a"
     assert rec["signal"] == "SIGKILL"
-    assert rec["host"] == {"mem_available": 1 << 30, "mem_total": 8 << 30,
+    assert rec["host"] == {"mem_available_bytes": 1 << 30, "mem_total_bytes": 8 << 30,
                            "psi_some_avg10": 12.5, "psi_full_avg10": 3.25}
     line = json.dumps(rec, ensure_ascii=True)
     assert "\n" not in line and json.loads(line) == rec
@@ -400,9 +440,56 @@ def test_outcome_record_shape():
     rec = report.outcome_record(event_id="1-2", exited=True, seconds_to_exit=0.0123456789,
                                 freed_bytes=1 << 30, escalated=False, detail="exited\nok",
                                 time_ns=0)
-    assert rec == {"type": "outcome", "id": "1-2", "time": "1970-01-01T00:00:00.000Z",
+    assert rec == {"format": 2, "type": "outcome", "id": "1-2", "time": "1970-01-01T00:00:00.000Z",
                    "exited": True, "seconds_to_exit": 0.012346, "freed_bytes": 1 << 30,
                    "escalated": False, "detail": "exited\\x0aok"}
     rec = report.outcome_record(event_id="1-2", exited=False, seconds_to_exit=None,
                                 freed_bytes=None, escalated=True)
     assert rec["seconds_to_exit"] is None and rec["detail"] == "" and ISO.fullmatch(rec["time"])
+
+
+def test_old_event_records_are_read_with_the_current_field_names():
+    """Format 1 (no "format" key) named the host's bytes mem_available/mem_total."""
+    old = {"type": "decision", "id": "1-2", "time": "2023-11-14T22:13:20.123Z", "target": "t",
+           "host": {"mem_available": 5, "mem_total": 9, "psi_some_avg10": None, "psi_full_avg10": None}}
+    new = report.upgrade_record(old)
+    assert new["format"] == 2 and new["host"]["mem_available_bytes"] == 5 and new["host"]["mem_total_bytes"] == 9
+    assert "mem_available" not in new["host"] and old["host"]["mem_available"] == 5   # input untouched
+    current = report.outcome_record(event_id="1-2", exited=True, seconds_to_exit=0.1, freed_bytes=1,
+                                    escalated=False)
+    assert report.upgrade_record(current) is current and current["format"] == 2
+
+
+@pytest.mark.parametrize("n, text", [(None, "-"), (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"),
+                                     (48 << 20, "48 MiB"), (766 << 20, "766 MiB"),
+                                     (int(1.5 * 2**30), "1.5 GiB"), (3 << 40, "3 TiB")])
+def test_one_way_to_print_sizes(n, text):
+    assert report.format_size(n) == text
+
+
+@pytest.mark.parametrize("s, text", [(None, "-"), (0.0384, "38 ms"), (0.999, "999 ms"), (1, "1 s"),
+                                     (2.94, "2.9 s"), (300, "5 min"), (9000, "2.5 h")])
+def test_one_way_to_print_durations(s, text):
+    assert report.format_duration(s) == text
+
+
+def test_guard_lines_say_what_the_guard_measured():
+    from memwatchd.config import GuardConfig, Size
+    from memwatchd.types import HostSample, Pressure
+    guard = GuardConfig(min_available=Size(bytes=48 << 20), kill_available=Size(bytes=16 << 20),
+                        psi_full_avg10=20.0)
+    host = HostSample(mem_total=1 << 30, mem_available=40 << 20, swap_total=0, swap_free=0,
+                      pressure=Pressure(full_avg10=31.5))
+    low = report.decision_text("guard", 766 << 20, 48 << 20, "mem-available-low", host=host, guard=guard)
+    assert low == ("at 766 MiB, the largest it may stop: MemAvailable 40 MiB is below the floor "
+                   "48 MiB (mem-available-low)")
+    assert "limit" not in low
+    crit = report.decision_text("guard", 766 << 20, 48 << 20, "mem-available-critical",
+                                host=host._replace(mem_available=10 << 20), guard=guard)
+    assert "MemAvailable 10 MiB is below the kill floor 16 MiB" in crit
+    psi = report.decision_text("guard", 766 << 20, 48 << 20, "psi-full-high", host=host, guard=guard)
+    assert "memory pressure (full avg10) 31.5% is at or above 20%" in psi
+    watch = report.decision_text("sim", 302 << 20, 300 << 20, "over-limit")
+    assert watch == "using 302 MiB, over its limit 300 MiB (over-limit)"
+    warn = report.decision_text("sim", 260 << 20, 300 << 20, "warn-level", warn=250 << 20)
+    assert warn == "using 260 MiB, above its warn level 250 MiB (limit 300 MiB)"

@@ -74,7 +74,7 @@ def test_status_without_a_daemon_samples_once_and_says_so(tmp_path, sleeper):
     proc, marker = sleeper
     config = write_config(tmp_path, marker)
     r = invoke("status", "--config", str(config), "--json")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 3, r.output          # not running, like systemctl status
     view = json.loads(r.output)
     assert view["running"] is False and view["source"] == "sample"
     assert "not running" in view["message"] and "sampled once" in view["message"]
@@ -84,7 +84,7 @@ def test_status_without_a_daemon_samples_once_and_says_so(tmp_path, sleeper):
     assert view["watches"] == ["probe", "absent"] and view["daemon"] is None
 
     r = invoke("status", "--config", str(config))
-    assert r.exit_code == 0
+    assert r.exit_code == 3
     assert "not running" in r.output and "probe" in r.output and str(proc.pid) in r.output
     assert "MemAvailable" in r.output
 
@@ -137,6 +137,20 @@ def test_hostile_names_are_shown_not_interpreted():
     assert "[blink]evil[/]" in text and "[red]x" in text
 
 
+def test_a_target_acted_on_again_and_again_says_how_often():
+    last = {"time": "2024-01-01T00:00:00.000Z", "action": "kill", "signal": "SIGKILL",
+            "reason": "over-limit"}
+    row = {"target": "jobs", "kind": "cgroup", "pid": None, "cgroup": "/jobs/a", "usage_bytes": 3,
+           "limit_bytes": 2, "warn_bytes": None, "headroom_bytes": -1, "sample_age_seconds": 0.1,
+           "last_action": last, "actions_last_hour": 12}
+    view = {"running": False, "message": "m", "host": None, "guard": {}, "watches": ["jobs"],
+            "targets": [row, dict(row, cgroup="/jobs/b", actions_last_hour=1)]}
+    console = Console(record=True, width=250)
+    console.print(status.status_renderable(view))
+    text = console.export_text()
+    assert text.count("in the last hour") == 1 and "12 in the last hour" in text
+
+
 # ---------------------------------------------------------------------- events
 
 T0 = 1_700_000_000 * 10**9
@@ -185,7 +199,7 @@ def test_events_pairs_and_survives_a_truncated_last_line(events_file):
     r = invoke("events", "--file", str(events_file))
     assert r.exit_code == 0
     out = r.stdout
-    for needle in ("sim", "guard", "41 job", "210M/200M", "over-limit", "SIGTERM", "31 ms",
+    for needle in ("sim", "guard", "41 job", "210 MiB/200 MiB", "over-limit", "SIGTERM", "31 ms",
                    "warn", "no outcome", "SIGKILL"):
         assert needle in out, needle
     assert "[red]x\\x0" in out              # escaped by the record, shown literally (no markup)
@@ -204,6 +218,10 @@ def test_events_since_and_target(events_file):
 
 def test_events_errors(tmp_path):
     r = invoke("events", "--file", str(tmp_path / "missing.jsonl"))
+    assert r.exit_code == 1 and "missing.jsonl: no such file" in r.output   # a typo is not "no events"
+    config = tmp_path / "none.toml"
+    config.write_text(f'[daemon]\nevents = "{tmp_path / "not-yet.jsonl"}"\n')
+    r = invoke("events", "--config", str(config))      # the daemon's own file: none written yet
     assert r.exit_code == 0 and "no events" in r.output
     r = invoke("events", "--file", str(tmp_path / "x"), "--since", "soon")
     assert r.exit_code == 2 and "--since" in r.output
@@ -281,3 +299,248 @@ result(view=json.loads(out.stdout), text=text.stdout, rc=out.returncode, err=out
     after = r["after"]
     assert after["running"] is False and "not running" in after["message"]
     assert {row["target"] for row in after["targets"]} == {"big", "small"}
+
+
+# ------------------------------------------------------------ first contact (issue 17)
+
+import datetime  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+from memwatchd.types import ConfigError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1d", lambda now, midnight: now - 86400),
+    ("90s", lambda now, midnight: now - 90),
+    ("-1h", lambda now, midnight: now - 3600),
+    ("1h ago", lambda now, midnight: now - 3600),
+    ("2 days ago", lambda now, midnight: now - 2 * 86400),
+    ("1 h 30 min ago", lambda now, midnight: now - 5400),
+    ("+30m", lambda now, midnight: now + 1800),
+    ("now", lambda now, midnight: now),
+    ("today", lambda now, midnight: midnight),
+    ("yesterday", lambda now, midnight: midnight - 86400),
+    ("tomorrow", lambda now, midnight: midnight + 86400),
+    ("07:00", lambda now, midnight: midnight + 7 * 3600),
+    ("07:00:30", lambda now, midnight: midnight + 7 * 3600 + 30),
+    ("2026-12-01", lambda now, midnight: datetime.datetime(2026, 12, 1).timestamp()),
+    ("2026-12-01 07:00", lambda now, midnight: datetime.datetime(2026, 12, 1, 7).timestamp()),
+    ("2026-12-01 07:00:05", lambda now, midnight: datetime.datetime(2026, 12, 1, 7, 0, 5).timestamp()),
+    ("@1764572400", lambda now, midnight: 1764572400.0),
+])
+def test_since_and_until_read_what_journalctl_reads(text, expected):
+    now = datetime.datetime(2026, 12, 1, 9, 30).timestamp()     # local time, like journalctl
+    midnight = datetime.datetime(2026, 12, 1).timestamp()
+    assert status.parse_when(text, "--since", now) == pytest.approx(expected(now, midnight))
+
+
+@pytest.mark.parametrize("text", ["5", "soon", "1 fortnight", "2026-13-01", "25:00", ""])
+def test_a_time_journalctl_would_refuse_names_the_flag_and_value(text):
+    with pytest.raises(ConfigError) as e:
+        status.parse_when(text, "--until")
+    assert str(e.value).startswith("--until: expected a time") and repr(text) in str(e.value)
+
+
+def test_events_until_and_last_n(events_file):
+    ids = lambda *a: [json.loads(x)["id"] for x in invoke_apart("events", "--file", str(events_file),
+                                                                "--json", *a).stdout.splitlines()]
+    assert ids("--until", "45s") == ["old", "a"]
+    assert ids("--since", "1h", "--until", "20s") == ["a", "w"]
+    assert ids("-n", "2") == ["w", "k"]
+    assert ids("--lines", "1", "--target", "sim") == ["k"]
+    assert ids("-n", "0") == []
+    r = invoke("events", "--file", str(events_file), "-n", "-1")
+    assert r.exit_code == 2 and "-n -1" in r.output
+
+
+def _spawn_events(*args):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("COLUMNS", None)
+    return subprocess.Popen([sys.executable, "-m", "memwatchd", "events", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _read_line(proc, timeout=15.0):
+    """The next line of proc's stdout within timeout (a thread reads: select() on a buffered
+    pipe would miss a second line already in the buffer)."""
+    import queue
+    import threading
+    if not hasattr(proc, "lines"):
+        proc.lines = queue.Queue()
+        threading.Thread(target=lambda: [proc.lines.put(line) for line in proc.stdout],
+                         daemon=True).start()
+    try:
+        return proc.lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError("no line from events --follow in time") from None
+
+
+def test_events_follow_prints_new_records_as_they_are_written_and_survives_rotation(tmp_path):
+    path = tmp_path / "events.jsonl"
+    now = time.time_ns()
+    path.write_text(json.dumps(decision("before", "sim", 1, "term", 15, "over-limit", 300 << 20, now)) + "\n")
+    proc = _spawn_events("--file", str(path), "--follow", "--json")
+    try:
+        assert json.loads(_read_line(proc))["id"] == "before"          # what was there
+        with open(path, "a") as f:
+            f.write(json.dumps(decision("new", "sim", 2, "kill", 9, "over-limit", 310 << 20, now)) + "\n")
+            f.write('{"type": "outcome", "id": "new", "exi')            # half a line: wait for it
+            f.flush()
+            time.sleep(0.8)
+            f.write('ted": true, "seconds_to_exit": 0.01}\n')
+        first, second = json.loads(_read_line(proc)), json.loads(_read_line(proc))
+        assert (first["id"], first["type"]) == ("new", "decision")
+        assert (second["id"], second["type"], second["exited"]) == ("new", "outcome", True)
+        os.rename(path, tmp_path / "events.jsonl.1")                       # logrotate
+        path.write_text(json.dumps(decision("rotated", "guard", 3, "term", 15, "mem-available-low",
+                                            400 << 20, now)) + "\n")
+        assert json.loads(_read_line(proc))["id"] == "rotated"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_events_follow_as_text_is_one_line_per_record(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("")
+    proc = _spawn_events("--file", str(path), "--follow", "--target", "sim")
+    try:
+        time.sleep(3.0)                     # generous: it must be following before we write
+        now = time.time_ns()
+        with open(path, "a") as f:
+            for record in (decision("g", "guard", 5, "term", 15, "mem-available-low", 1 << 30, now),
+                           decision("s", "sim", 6, "term", 15, "over-limit", 300 << 20, now),
+                           report.outcome_record(event_id="g", exited=True, seconds_to_exit=0.5,
+                                                 freed_bytes=1, escalated=False),
+                           report.outcome_record(event_id="s", exited=True, seconds_to_exit=0.04,
+                                                 freed_bytes=300 << 20, escalated=False)):
+                f.write(json.dumps(record) + "\n")
+        line1, line2 = _read_line(proc), _read_line(proc)
+        assert "sim SIGTERM pid 6 job 300 MiB/200 MiB over-limit [s]" in line1
+        assert "outcome of s: exited after 40 ms, freed 300 MiB" in line2
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+LONG = "/system.slice/" + "very-long-container-name-" * 6 + "end.scope"
+
+
+@pytest.fixture
+def wide_events(tmp_path):
+    path = tmp_path / "events.jsonl"
+    now = time.time_ns()
+    with open(path, "w") as f:
+        for i in range(3):
+            record = report.decision_record(
+                target=f"containers-{i}", pid=None, start_time=None, comm=None, cmdline=None,
+                cgroup=LONG, usage_bytes=900 << 20, limit_bytes=800 << 20, reason="over-limit",
+                action="kill", signal=9, dry_run=False, time_ns=now - i, event_id=f"c{i}")
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_tables_piped_are_full_width_and_never_wrapped(wide_events):
+    """`events | grep` and `status | cat` get whole lines, like systemctl and journalctl."""
+    proc = _spawn_events("--file", str(wide_events))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    rows = [line for line in out.splitlines() if "containers-" in line]
+    assert len(rows) == 3 and all(LONG in row for row in rows)   # one line each, cgroup whole
+    assert "\x1b[" not in out                                      # no colour into a pipe
+    assert len({row.index("over-limit") for row in rows}) == 1     # still aligned
+    assert not [line for line in out.splitlines() if line != line.rstrip()]   # no trailing blanks
+
+
+def test_tables_on_a_terminal_fit_its_width_one_line_per_row(wide_events):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=REPO, TERM="xterm")
+    env.pop("COLUMNS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "memwatchd", "events", "--file", str(wide_events)],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:          # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(30)
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode()).replace("\r", "")
+    lines = [line for line in text.split("\n") if line.strip()]
+    rows = [line for line in lines if "containers-" in line]
+    assert len(rows) == 3, text                                    # truncated, not wrapped
+    assert all(len(line) <= 100 for line in lines), [len(x) for x in lines]
+    assert all("…" in row for row in rows) and LONG not in text
+    assert all("SIGKILL" in row and "900 MiB/800 MiB" in row for row in rows)
+
+
+FORMATS = open(os.path.join(REPO, "docs", "formats.md")).read()
+
+
+def _keys(data, prefix=""):
+    """Every field name in a JSON object, nested ones too (as "a" and "a.b")."""
+    out = set()
+    items = data.items() if isinstance(data, dict) else ()
+    for key, value in items:
+        out.add(key)
+        if isinstance(value, dict):
+            out |= _keys(value, key + ".")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            out |= _keys(value[0], key + ".")
+    return out
+
+
+def test_every_json_field_is_documented(tmp_path, sleeper):
+    """docs/formats.md has a row for every field of the events records, the state file and
+    `status --json`; a new field without documentation fails here."""
+    import types as pytypes
+
+    from memwatchd.config import load_config
+    proc, marker = sleeper
+    cfg = load_config(str(write_config(tmp_path, marker)), insecure=True)
+    view = json.loads(invoke("status", "-c", str(write_config(tmp_path, marker)), "--json").output)
+    fake = pytypes.SimpleNamespace(ticks=1, actions_taken=0, victims={}, host=None, clock=time.monotonic,
+                                   targets=pytypes.SimpleNamespace(targets={}))
+    daemon_view = state.Publisher(cfg).view(fake, time.monotonic())
+    rec = decision("d", "sim", 1, "term", 15, "over-limit", 1, time.time_ns())
+    rec["scope"] = "process"
+    out = report.outcome_record(event_id="d", exited=True, seconds_to_exit=0.1, freed_bytes=1,
+                                escalated=False)
+    view["recent_actions"] = [dict(state.action_summary(rec), outcome={"exited": True})]
+    undocumented = sorted(k.rsplit(".", 1)[-1] for k in _keys(rec) | _keys(out) | _keys(view) | _keys(daemon_view)
+                          if f"`{k.rsplit('.', 1)[-1]}`" not in FORMATS and f".{k.rsplit('.', 1)[-1]}`" not in FORMATS)
+    assert not undocumented, f"docs/formats.md does not document: {undocumented}"
+    assert rec["format"] == out["format"] == report.EVENT_FORMAT and view["format"] == state.FORMAT
+
+
+def test_events_follow_picks_up_a_record_that_was_half_written_when_it_started(tmp_path):
+    """The listing counts the half line as unreadable, but following goes on from the last
+    whole line, so the record is printed once its writer finishes it."""
+    path = tmp_path / "events.jsonl"
+    now = time.time_ns()
+    whole = json.dumps(decision("one", "sim", 1, "term", 15, "over-limit", 300 << 20, now)) + "\n"
+    late = json.dumps(decision("two", "sim", 2, "term", 15, "over-limit", 300 << 20, now)) + "\n"
+    path.write_text(whole + late[:20])
+    proc = _spawn_events("--file", str(path), "--follow", "--json")
+    try:
+        assert json.loads(_read_line(proc))["id"] == "one"
+        time.sleep(1.0)
+        with open(path, "a") as f:
+            f.write(late[20:])
+        assert json.loads(_read_line(proc))["id"] == "two"
+    finally:
+        proc.kill()
+        proc.wait()

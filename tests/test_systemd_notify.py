@@ -113,9 +113,10 @@ def test_watchdog_cadence_from_a_fast_loop(listener):
     n = Notifier(env_for(listener, WATCHDOG_USEC=usec))
     assert n.watchdog_interval == pytest.approx(0.1)
     assert n.ping_interval == pytest.approx(0.05)
-    stamps, got = [], []
+    stamps, got, calls = [], [], []
     end = time.monotonic() + 1.0
     while time.monotonic() < end:           # a main loop ticking every 5 ms
+        calls.append(time.monotonic())
         if n.watchdog():
             stamps.append(time.monotonic())
         got.extend(listener.available())    # systemd reads as they come
@@ -129,7 +130,13 @@ def test_watchdog_cadence_from_a_fast_loop(listener):
     assert low <= len(got) <= high, len(got)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert min(gaps) >= n.ping_interval          # rate limit holds
-    assert max(gaps) < usec / 1e6 / 2            # systemd would never see a silent half-period
+    # A ping goes out at the first call after ping_interval: at most one loop tick late.
+    # With ticks shorter than ping_interval (a healthy loop; a loaded test machine may
+    # stretch a 5 ms sleep) systemd never sees a silent half-period (usec / 2).
+    longest_tick = max(b - a for a, b in zip(calls, calls[1:]))
+    assert max(gaps) <= n.ping_interval + longest_tick + 0.001, (max(gaps), longest_tick)
+    if longest_tick < n.ping_interval:
+        assert max(gaps) < usec / 1e6 / 2
 
 
 def test_a_stuck_loop_sends_nothing(listener):
@@ -146,10 +153,13 @@ def test_a_full_notify_queue_never_blocks_the_caller(listener):
     # Nobody reads (PID 1 busy): the kernel queue fills after net.unix.max_dgram_qlen datagrams.
     n = Notifier(env_for(listener))
     t0 = time.monotonic()
-    for i in range(200):
+    n.status("s0")
+    sock = n._notifier.socket
+    for i in range(1, 200):
         n.status(f"s{i}")
     assert time.monotonic() - t0 < 2.0
     assert n.errors > 0 and n.sent + n.errors == 200
+    assert n._notifier.socket is sock           # a full queue is no reason to reconnect
     received = listener.drain()
     assert received == [f"STATUS=s{i}" for i in range(len(received))]   # in order, then dropped
 

@@ -315,3 +315,23 @@ def test_replay_never_raises_on_hostile_field_values(tmp_path, name, edits):
         replay(t)
     except (trace.TraceError, ConfigError) as e:
         assert path in str(e)
+
+
+def test_a_recorded_config_from_before_units_were_required_still_loads():
+    """Traces written before issue 17 hold bytes as bare numbers and a grace for every
+    watch; replay must still read them (tests/data's golden traces are such traces)."""
+    from memwatchd.config import parse_config
+    from memwatchd.trace import config_dict, loadable_config
+    old = {"daemon": {"interval": "1.0s", "min_interval": "0.01s", "fill_rate": 4294967296,
+                      "cooldown": "5.0s", "dry_run": True},
+           "guard": {"enabled": False, "min_available": "5%", "kill_available": "2%",
+                     "psi_full_avg10": 0.0, "grace": "5.0s"},
+           "watch": [{"name": "a", "pid": 5, "limit": "104857600", "action": "kill", "grace": "10.0s",
+                      "sustain": "0.0s", "scope": "process", "usage": "rss"}]}
+    with pytest.raises(ConfigError):
+        parse_config(old, "t")                      # today's parser alone refuses it
+    c = parse_config(loadable_config(old), "t")
+    assert c.daemon.fill_rate == 4 << 30 and c.watches[0].limit.bytes == 100 << 20
+    assert old["daemon"]["fill_rate"] == 4294967296 and "grace" in old["watch"][0]   # untouched
+    again = parse_config(config_dict(c), "t")        # what is written now needs no help
+    assert again.daemon == c.daemon and again.watches == c.watches

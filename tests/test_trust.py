@@ -50,7 +50,7 @@ watches = "".join(f'''
 [[watch]]
 name = "{name}"
 pidfile = "{path}"
-limit = "64K"
+limit = "1M"              # the floor memwatchd accepts; a sleep(1) is about 1.7 MiB
 action = "kill"
 ''' for name, path in (("fifo", WORK + "/fifo.pid"), ("big", WORK + "/big.pid"),
                        ("forged", userrun + "/forged.pid"), ("own", userrun + "/own.pid"),
@@ -112,12 +112,12 @@ enabled = false
 [[watch]]
 name = "old"
 pid = {old.pid}
-limit = "64K"
+limit = "1M"              # the floor memwatchd accepts; a sleep(1) is about 1.7 MiB
 action = "kill"
 [[watch]]
 name = "young"
 pid = {old.pid + 51}
-limit = "64K"
+limit = "1M"              # the floor memwatchd accepts; a sleep(1) is about 1.7 MiB
 action = "kill"
 ''')
 time.sleep(1.5)

@@ -45,11 +45,11 @@ def config(limit="1G"):
 def test_restarted_unit_is_found_between_rescans_without_systemctl(tmp_path, monkeypatch):
     calls = []
 
-    def fake_unit_cgroup(unit):
-        calls.append(unit)
+    def fake_unit_cgroup(self, watch, now):
+        calls.append(watch.selector)
         return UNIT_CGROUP   # running or not, systemd says where it goes
 
-    monkeypatch.setattr(targets_mod, "unit_cgroup", fake_unit_cgroup)
+    monkeypatch.setattr(TargetSet, "_unit_cgroup", fake_unit_cgroup)
     ts = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
 
     assert ts.refresh(0.0) == [] and calls == ["job.service"]     # not running yet
@@ -73,7 +73,7 @@ def test_restarted_unit_is_found_between_rescans_without_systemctl(tmp_path, mon
 
 
 def test_reconfigured_unit_watch_forgets_the_old_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(targets_mod, "unit_cgroup", lambda unit: UNIT_CGROUP)
+    monkeypatch.setattr(TargetSet, "_unit_cgroup", lambda self, watch, now: UNIT_CGROUP)
     make_cgroup(tmp_path, UNIT_CGROUP)
     ts = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
     ts.refresh(0.0)
@@ -87,7 +87,7 @@ def test_reconfigured_unit_watch_forgets_the_old_path(tmp_path, monkeypatch):
 def test_unit_cgroup_without_memory_current_is_said_once(tmp_path, monkeypatch):
     """A unit running where the memory controller is not enabled for it: one warning,
     not one per tick (the stopped-unit check looks every tick)."""
-    monkeypatch.setattr(targets_mod, "unit_cgroup", lambda unit: UNIT_CGROUP)
+    monkeypatch.setattr(TargetSet, "_unit_cgroup", lambda self, watch, now: UNIT_CGROUP)
     ts = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
     (tmp_path / UNIT_CGROUP.lstrip("/")).mkdir(parents=True)        # no memory.current
     said = []
@@ -103,7 +103,8 @@ def test_no_cgroup_v2_or_no_systemd_turns_those_watches_off_once(tmp_path, monke
     said once at start and once per reload, never "gone" every rescan; a process watch
     of the same config works."""
     calls = []
-    monkeypatch.setattr(targets_mod, "unit_cgroup", lambda unit: calls.append(unit) or UNIT_CGROUP)
+    monkeypatch.setattr(TargetSet, "_unit_cgroup",
+                        lambda self, watch, now: calls.append(watch.selector) or UNIT_CGROUP)
     make_cgroup(tmp_path, UNIT_CGROUP)                   # v1-like: no cgroup.controllers at root
     monkeypatch.setattr(targets_mod, "SYSTEMD_RUNTIME_DIR", str(tmp_path / "no-systemd"),
                         raising=False)
@@ -131,19 +132,46 @@ def test_no_cgroup_v2_or_no_systemd_turns_those_watches_off_once(tmp_path, monke
 def test_unit_cgroup_of_a_stopped_unit_comes_from_its_slice(monkeypatch):
     import subprocess
 
-    def fake_run(argv, **kwargs):
-        unit = argv[-1]
+    def fake_start(unit):
         out = {"hog.service": "ControlGroup=\nSlice=system.slice\nId=hog.service\n",
                "job.service": "ControlGroup=\nSlice=batch-big.slice\nId=job.service\n",
                "top.service": "ControlGroup=\nSlice=-.slice\nId=top.service\n",
                "run.service": "ControlGroup=/system.slice/run.service\nSlice=system.slice\n"
                               "Id=run.service\n",
                "gone.service": "ControlGroup=\nSlice=\nId=gone.service\n"}[unit]
-        return subprocess.CompletedProcess(argv, 0, out, "")
+        return subprocess.Popen(["printf", "%s", out], stdout=subprocess.PIPE, text=True)
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(targets_mod, "start_unit_show", fake_start)
     assert targets_mod.unit_cgroup("hog.service") == "/system.slice/hog.service"
     assert targets_mod.unit_cgroup("job.service") == "/batch.slice/batch-big.slice/job.service"
     assert targets_mod.unit_cgroup("top.service") == "/top.service"
     assert targets_mod.unit_cgroup("run.service") == "/system.slice/run.service"
     assert targets_mod.unit_cgroup("gone.service") == ""
+
+
+def test_a_slow_systemctl_never_holds_up_the_loop(tmp_path, monkeypatch):
+    """`systemctl show` waits on PID 1; a slow one (here 2 s) must not stall the tick that
+    resolves the unit watch: the run is picked up on a later tick, and a hung one is killed."""
+    import time
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nsleep 2\necho ControlGroup={UNIT_CGROUP}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    make_cgroup(tmp_path, UNIT_CGROUP)
+    ts = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
+    started = time.monotonic()
+    assert ts.refresh(0.0) == []
+    assert time.monotonic() - started < 1.0          # waited SYSTEMCTL_WAIT, not 2 s
+    assert ts.refresh(0.5) == []                     # still running: no wait at all
+    assert time.monotonic() - started < 1.2
+    time.sleep(2.5)
+    added = ts.refresh(1.0)                          # a later tick takes its answer
+    assert [t.cgroup for t in added] == [UNIT_CGROUP]
+
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")    # hung: killed after SYSTEMCTL_TIMEOUT
+    ts2 = TargetSet(config(), cgroup_root=v2_root(tmp_path, monkeypatch))
+    assert ts2.refresh(0.0) == []
+    proc, _ = ts2.unit_shows["job"]
+    assert ts2.refresh(targets_mod.SYSTEMCTL_TIMEOUT + 0.1) == []
+    assert proc.poll() is not None and "took longer" in ts2.problems[-1]

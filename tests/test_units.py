@@ -192,6 +192,8 @@ def test_lifecycle(unit, service):
     assert re.fullmatch(r"/bin/kill -HUP \$MAINPID", one(unit, "Service", "ExecReload"))
     assert one(unit, "Service", "Restart") == "always"
     assert re.fullmatch(r"[1-9]\d*s", one(unit, "Service", "RestartSec"))
+    # Never give up restarting: a failed watchdog leaves the host unprotected (issue 11).
+    assert one(unit, "Unit", "StartLimitIntervalSec") == "0"
     assert re.fullmatch(r"[1-9]\d*s", one(unit, "Service", "TimeoutStopSec"))
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 

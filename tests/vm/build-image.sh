@@ -1,7 +1,7 @@
 #!/bin/sh
-# Build the Debian 12 guest image for the VM test tier into OUT_DIR.
+# Build the Debian 12 (or 13) guest image for the VM test tier into OUT_DIR.
 #
-#   build-image.sh OUT_DIR MIRROR
+#   build-image.sh OUT_DIR MIRROR [SUITE]     (SUITE: bookworm, the default, or trixie)
 #
 # Called by harness.ensure_image(), which builds into a temp dir and renames it
 # into the cache only on success. This file, guest-packages.txt and guest/* are
@@ -17,7 +17,7 @@ MIRROR=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT="$OUT/root"
 VENV=/opt/memwatchd-venv
-SUITE=bookworm
+SUITE=${3:-bookworm}
 
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 # Keep the host's pyenv/venv out of chroot commands.

@@ -44,6 +44,22 @@ def vm_image():
         pytest.skip(str(exc))
 
 
+@pytest.fixture(scope="session")
+def vm_image_for():
+    """vm_image_for(suite): the cached image of that Debian suite (harness.SUITES)."""
+    _ensure_host_tools()
+    images = {}
+
+    def get(suite):
+        if suite not in images:
+            try:
+                images[suite] = harness.ensure_image(suite=suite)
+            except harness.HarnessUnavailable as exc:
+                pytest.skip(str(exc))
+        return images[suite]
+    return get
+
+
 def pytest_collection_modifyitems(items):
     """Boot the smoke test before the scenarios: if the guest itself is broken, say so first."""
     items.sort(key=lambda item: ("tests/vm/" in item.nodeid, "test_vm_smoke" not in item.nodeid))

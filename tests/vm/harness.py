@@ -50,6 +50,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build-image.sh"
+REPO_DIR = HERE.parent.parent
 INSTALL_DEPS_SCRIPT = HERE / "install-deps.sh"
 GUEST_VENV = "/opt/memwatchd-venv"
 SHARE_TAG = "vmshare"
@@ -165,9 +166,16 @@ def recipe_files() -> List[Path]:
     return [BUILD_SCRIPT, HERE / "extract_vmlinux.py", HERE / "guest-packages.txt"] + guest
 
 
-def recipe_hash() -> str:
-    """Short sha256 over the recipe files' names and contents."""
+DEFAULT_SUITE = "bookworm"
+# The releases the VM tier boots: Debian 12 for every scenario, Debian 13 for the package.
+SUITES = ("bookworm", "trixie")
+
+
+def recipe_hash(suite: str = DEFAULT_SUITE) -> str:
+    """Short sha256 over the recipe files' names and contents (and the suite, if not bookworm)."""
     h = hashlib.sha256()
+    if suite != DEFAULT_SUITE:
+        h.update(b"suite=" + suite.encode() + b"\0")
     for path in recipe_files():
         h.update(str(path.relative_to(HERE)).encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
@@ -220,15 +228,17 @@ def _locked(lock_path: Path):
         yield lock_file.fileno()
 
 
-def ensure_image(root: Optional[Path] = None) -> Image:
+def ensure_image(root: Optional[Path] = None, suite: str = DEFAULT_SUITE) -> Image:
     """Return the cached image for the current recipe, building it if needed.
 
     The build runs in <root>/<hash>.tmp-XXXX and is renamed to <root>/<hash> only
     on success, so an interrupted build never looks valid; leftovers of such
     builds are removed by the next build (under the lock, so none is running).
     """
+    if suite not in SUITES:
+        raise ValueError("suite %r: one of %s" % (suite, ", ".join(SUITES)))
     root = Path(root) if root else cache_root()
-    digest = recipe_hash()
+    digest = recipe_hash(suite)
     final = root / digest
     image = _load_image(final)
     if image:
@@ -246,11 +256,11 @@ def ensure_image(root: Optional[Path] = None) -> Image:
             _remove_build_dir(final)
         tmp = Path(tempfile.mkdtemp(prefix=digest + ".tmp-", dir=root))
         mirror = debian_mirror()
-        log.info("building guest image %s from %s (about 1-2 minutes)", digest, mirror)
+        log.info("building %s guest image %s from %s (about 1-2 minutes)", suite, digest, mirror)
         started = time.monotonic()
         build_log = tmp / "build.log"
         try:
-            proc = _run_build(tmp, mirror, build_log, lock_fd)
+            proc = _run_build(tmp, mirror, build_log, lock_fd, suite)
         except BaseException:
             _remove_build_dir(tmp)
             raise
@@ -270,7 +280,8 @@ def ensure_image(root: Optional[Path] = None) -> Image:
     return image
 
 
-def _run_build(out_dir: Path, mirror: str, build_log: Path, lock_fd: int):
+def _run_build(out_dir: Path, mirror: str, build_log: Path, lock_fd: int,
+               suite: str = DEFAULT_SUITE):
     """Run build-image.sh in its own session; on any interruption kill that
     session (all of it is ours) so no debootstrap outlives the build.
 
@@ -279,7 +290,7 @@ def _run_build(out_dir: Path, mirror: str, build_log: Path, lock_fd: int):
     build deletes its directory under it.
     """
     with open(build_log, "w") as out:
-        proc = subprocess.Popen(["sh", str(BUILD_SCRIPT), str(out_dir), mirror],
+        proc = subprocess.Popen(["sh", str(BUILD_SCRIPT), str(out_dir), mirror, suite],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, pass_fds=(lock_fd,))
         try:
@@ -322,11 +333,11 @@ def prune_images(root: Optional[Path] = None) -> List[Path]:
     """Delete cached images of other recipes (each is ~0.5 GB). Not automatic:
     another checkout may still use its own. Skips builds in progress (lock held)."""
     root = Path(root) if root else cache_root()
-    current = recipe_hash()
+    current = {recipe_hash(suite) for suite in SUITES}
     removed = []
     for lock_path in sorted(root.glob("*.lock")):
         digest = lock_path.name[:-len(".lock")]
-        if digest == current:
+        if digest in current:
             continue
         with open(lock_path, "a") as lock_file:
             try:
@@ -384,6 +395,24 @@ def build_wheels(project_dir: Union[str, Path], out_dir: Union[str, Path],
         raise WheelBuildError("pip wheel %s failed (rc %d):\n%s" % (
             project_dir, proc.returncode, (proc.stdout + proc.stderr)[-4000:]))
     return sorted(out_dir.glob("*.whl"))
+
+
+def build_deb(suite: str, out_dir: Union[str, Path]) -> Path:
+    """memwatchd_<version>_<arch>.deb for a Debian suite, built from a clean clone of
+    this checkout's HEAD: on the host for bookworm (debian/build-in-clean-clone.sh), in
+    a cached debootstrap chroot for the others (build-deb-in-chroot.sh). Root and apt."""
+    out_dir = Path(out_dir)
+    if suite == DEFAULT_SUITE:
+        cmd = [str(REPO_DIR / "debian" / "build-in-clean-clone.sh"), str(out_dir)]
+    else:
+        cmd = [str(HERE / "build-deb-in-chroot.sh"), suite, str(out_dir), debian_mirror(),
+               str(cache_root() / ("chroot-" + suite))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise HarnessUnavailable("building the %s .deb failed (rc %d):\n%s"
+                                 % (suite, proc.returncode, (proc.stdout + proc.stderr)[-4000:]))
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+    return next(out_dir.glob("memwatchd_*_%s.deb" % arch))
 
 
 def _copy_source_tree(project_dir: Path, dest: Path) -> None:
