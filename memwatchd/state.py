@@ -355,11 +355,13 @@ class Publisher:
         targets = daemon.targets.targets
         if len(self.labels) > 2 * len(targets) + 64:   # forget the targets that are gone
             self.labels = {key: shown for key, shown in self.labels.items() if key in targets}
+        policy = getattr(daemon, "policy", None)   # (tests publish stand-ins without one)
         view = build_view(targets.values(), daemon.host, now, self.config,
                           info, self.recent, self.last_by_target, self.labels,
                           self.actions_last_hour(),
-                          daemon.policy.estimate if daemon.policy.trends else None)
-        view["guard"]["predict"] = daemon.policy.estimate_host()   # [guard] predict
+                          policy.estimate if policy is not None and policy.trends else None)
+        if policy is not None:
+            view["guard"]["predict"] = policy.estimate_host()   # [guard] predict
         return view
 
     def _write_state(self, view: Dict[str, Any]) -> None:

@@ -371,7 +371,7 @@ def guard_run(policy, avail):
 def test_the_host_trend_sigterms_the_largest_process_before_min_available():
     falling = lambda t: 3 * GiB - t * 150 * 2**20   # 150 MiB/s: min_available at ~14.7 s
     (t, d), = guard_run(Policy(guard_config()), falling)
-    assert (d.reason, d.signal, d.key) == (REASON_PREDICT, signal.SIGTERM, ("process", 77, 1))
+    assert (d.reason, d.signal, d.key, d.by_guard) == (REASON_PREDICT, signal.SIGTERM, ("process", 77, 1), True)
     assert falling(t) > 0.8 * GiB and falling(t) < 2.4 * GiB   # above the threshold, below the floor
     assert guard_run(Policy(guard_config(None)), falling) == []  # off: nothing before min_available
     policy = Policy(guard_config())
@@ -399,7 +399,7 @@ def test_a_predicted_guard_sigterm_is_never_followed_by_a_predicted_sigkill():
 
 def test_still_needed_for_a_predicted_guard_action():
     d = Decision("signal", ("process", 77, 1), "guard", REASON_PREDICT, 3 * GiB, 0.8 * GiB,
-                 signal.SIGTERM)
+                 signal.SIGTERM, True)
     g = guard_config().guard
     assert still_needed(d, None, HostSample(TOTAL, 2 * GiB, 0, 0, None), g)
     assert not still_needed(d, None, HostSample(TOTAL, 5 * GiB, 0, 0, None), g)
