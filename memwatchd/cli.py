@@ -36,7 +36,27 @@ Exit status:
   128+N  watch -- COMMAND: a signal N ended the command;
        otherwise watch -- COMMAND exits with the command's own status"""
 
+# Plain click help and errors on every Typer version: rich_markup_mode=None is enough from
+# Typer 0.9 on, but Typer 0.7 (Debian 12's) formats with rich whenever rich is importable.
+if getattr(typer.core, "rich", None) is not None:
+    typer.core.rich = None
+
+class _InOrder(typer.core.TyperGroup):
+    """Commands listed in the order they are defined (Typer 0.7 sorts them by name)."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+class _TakesCommand(typer.core.TyperCommand):
+    """Usage reads `[OPTIONS] [-- COMMAND...]` on every Typer version."""
+
+    def collect_usage_pieces(self, ctx):
+        return [self.options_metavar, "[-- COMMAND...]"]
+
+
 app = typer.Typer(
+    cls=_InOrder,
     name="memwatchd",
     help="Stop a runaway process, systemd unit or cgroup before it stalls the machine.",
     no_args_is_help=True,
@@ -178,7 +198,7 @@ WATCH_EPILOG = (
 SELECTOR_FLAGS = ("-- COMMAND", "--pid", "--pidfile", "--cmdline", "--unit", "--cgroup")
 
 
-@app.command(epilog=WATCH_EPILOG, context_settings={"allow_interspersed_args": False},
+@app.command(cls=_TakesCommand, epilog=WATCH_EPILOG, context_settings={"allow_interspersed_args": False},
              short_help="Watch one command, process, unit or cgroup in the foreground.")
 def watch(
     command: Optional[List[str]] = typer.Argument(
@@ -591,7 +611,7 @@ def install_units(
 # ------------------------------------------------- record, replay, suggest (issue 14)
 # Thin wrappers: the work is in memwatchd/record.py, replay.py and suggest.py.
 
-@app.command(context_settings={"allow_interspersed_args": False},
+@app.command(cls=_TakesCommand, context_settings={"allow_interspersed_args": False},
              short_help="Record what the policy sees, acting on nothing.")
 def record(
     command: Optional[List[str]] = typer.Argument(

@@ -208,7 +208,7 @@ def test_every_command_has_examples_and_plain_metavars(command):
     assert r.exit_code == 0 and "Examples:" in r.output
     assert "TEXT" not in r.output and "INTEGER" not in r.output and "PATH " not in r.output.split("Options:")[0]
     if command == "watch":
-        for metavar in ("--pid PID", "--limit SIZE", "--grace DURATION", "--sustain DURATION", "[-- COMMAND]"):
+        for metavar in ("--pid PID", "--limit SIZE", "--grace DURATION", "--sustain DURATION", "[-- COMMAND...]"):
             assert metavar in r.output, metavar
         from memwatchd.config import _WATCH_DEFAULTS
         assert f"Default {_WATCH_DEFAULTS['grace']:g}s" in r.output   # one default, the config's
