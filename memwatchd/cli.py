@@ -626,6 +626,7 @@ def record(
     limit: str = typer.Option("100%", "--limit", "-l", metavar="SIZE", help="The limit the dry-run policy applies (recorded as its decisions)."),
     warn: Optional[str] = typer.Option(None, "--warn", metavar="SIZE", help="A warn level for the dry-run policy."),
     interval: str = typer.Option("1s", "--interval", metavar="DURATION", help="Slowest sampling period (faster near the limit)."),
+    predict: Optional[str] = typer.Option(None, "--predict", metavar="DURATION", help="The dry-run policy's predictive horizon (e.g. 30s); every reading of a target approaching its limit is then written, as the trend needs."),
     name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="The watch name in the trace (default: the command's name)."),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
@@ -651,7 +652,7 @@ def record(
         seconds = parse_duration(duration, "--duration") if duration else None
         done = rec.record(str(out), config_path=str(config) if config else None, insecure=insecure,
                           pids=pid or (), unit=unit, cgroup=cgroup, command=command, duration=seconds,
-                          limit=limit, warn=warn, interval=interval, name=name)
+                          limit=limit, warn=warn, interval=interval, name=name, predict=predict)
     except MemwatchdError as e:
         raise fail(e, flags=True)
     except OSError as e:

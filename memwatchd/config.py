@@ -47,11 +47,11 @@ KEYS: Dict[str, Tuple[str, ...]] = {
     "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state",
                "trace", "trace_size"),
     "guard": ("enabled", "min_available", "kill_available", "count_swap", "psi_full", "psi_full_kill",
-              "psi_some", "psi_window", "psi_available", "grace"),
+              "psi_some", "psi_window", "psi_available", "grace", "predict"),
     "protect": ("names", "cgroups"),
     "metrics": ("listen", "textfile"),
     "watch": ("name",) + SELECTOR_KINDS + (
-        "limit", "warn", "sustain", "action", "grace", "scope", "usage", "on_action"),
+        "limit", "warn", "sustain", "action", "grace", "scope", "usage", "on_action", "predict"),
 }
 
 DEFAULT_PROTECT_NAMES = ("systemd", "systemd-journal", "sshd")
@@ -124,6 +124,7 @@ _GUARD_DEFAULTS = {
     "psi_window": 2.0,               # seconds of pressure history, measured since the last action
     "psi_available": Size(percent=20.0),  # pressure counts only with MemAvailable below this
     "grace": 5.0,
+    "predict": 0.0,                  # horizon of the host's predictive trigger; 0 = off
 }
 PSI_FULL_AVG10 = "psi_full_avg10"    # the older name of psi_full, still accepted
 
@@ -174,6 +175,7 @@ _WATCH_DEFAULTS = {
     "scope": "process",
     "usage": "rss",                  # "rss" for process/tree, one of CGROUP_USAGES for cgroup
     "on_action": (),
+    "predict": 0.0,                  # horizon of the predictive trigger (memwatchd/predict.py); 0 = off
 }
 
 
@@ -563,13 +565,23 @@ def _parse_watch(data: Any, source: str, errors: list, index: int) -> Optional[W
     if t.has("grace") and action not in GRACE_ACTIONS:
         t.errors.append(t.fail("grace", f"grace applies only to action term (SIGTERM, then SIGKILL "
                                         f"after grace); action {action} has no grace: remove it"))
+    predict = t.attempt(_predict_horizon, t, fallback=0.0)
     if len(errors) > before:
         return None
     return WatchConfig(
         name=name, kind=kind, selector=selector, limit=limit, warn=warn,
         sustain=sustain, action=action, grace=grace,
-        scope=scope, usage=usage, on_action=on_action,
+        scope=scope, usage=usage, on_action=on_action, predict=predict,
     )
+
+
+def _predict_horizon(t: "_Table") -> float:
+    """``predict``: the predictive trigger's horizon (memwatchd/predict.py), 0 = off."""
+    predict = t.duration("predict", 0.0)
+    if 0 < predict < 1.0:
+        raise t.fail("predict", "a horizon under 1s leaves the trend no time to act before "
+                                "the threshold does; use at least 1s, or 0 for off")
+    return predict
 
 
 def _compare(a: Size, b: Size) -> Optional[int]:
@@ -678,6 +690,7 @@ def _parse_guard(data: Any, source: str, errors: list) -> GuardConfig:
         psi_full=psi_full, psi_full_kill=psi_full_kill, psi_some=percent("psi_some", g.psi_some),
         psi_window=psi_window, psi_available=psi_available,
         grace=t.attempt(t.duration, "grace", g.grace),
+        predict=t.attempt(_predict_horizon, t, fallback=0.0),
     )
 
 

@@ -511,6 +511,9 @@ class Daemon:
             action=action, signal=decision.signal, dry_run=self.config.daemon.dry_run,
             **report.host_fields(fresh_host))
         record["scope"] = scope
+        # the time-to-exhaustion estimate (issue 15), null without predict
+        record["predict"] = self.policy.estimate_host() if by_guard else \
+            self.policy.estimate(decision.key)
         what = f"{decision.watch}: {self._describe(decision.key, target)} " + report.decision_text(
             decision.watch, usage, decision.limit, decision.reason,
             warn=getattr(target, "warn", None), host=fresh_host, guard=self.config.guard)

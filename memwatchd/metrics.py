@@ -55,6 +55,11 @@ METRICS: Tuple[Tuple[str, str, Tuple[str, ...], str], ...] = (
     ("memwatchd_target_actions_last_hour", "gauge", ("target", "id"),
      "Actions (warn, term, kill, throttle, freeze) on this target in the last hour: "
      "more than one or two means it is acted on again and again."),
+    ("memwatchd_target_exhaustion_seconds", "gauge", ("target", "id"),
+     "Predicted time until the target reaches its limit at the upper bound of its growth "
+     "(watches with predict; absent while it does not grow)."),
+    ("memwatchd_target_growth_bytes_per_second", "gauge", ("target", "id", "bound"),
+     "The target's growth over the predictive trigger's window (bound: estimate or upper)."),
     ("memwatchd_host_memory_available_bytes", "gauge", (), "MemAvailable of /proc/meminfo."),
     ("memwatchd_host_memory_total_bytes", "gauge", (), "MemTotal of /proc/meminfo."),
     ("memwatchd_host_memory_pressure_ratio", "gauge", ("kind", "window"),
@@ -121,6 +126,8 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
     usage = gauge("memwatchd_target_usage_bytes", ("target", "id"))
     limit = gauge("memwatchd_target_limit_bytes", ("target", "id"))
     acted = gauge("memwatchd_target_actions_last_hour", ("target", "id"))
+    left = gauge("memwatchd_target_exhaustion_seconds", ("target", "id"))
+    growth = gauge("memwatchd_target_growth_bytes_per_second", ("target", "id", "bound"))
     per_watch = {name: 0 for name in view.get("watches", ())}
     for row in view["targets"]:
         per_watch[row["target"]] = per_watch.get(row["target"], 0) + 1
@@ -128,9 +135,15 @@ def families(view: Dict[str, Any], actions: Dict[tuple, int], tick: Histogram,
             usage.add_metric([row["target"], row["id"]], row["usage_bytes"])
             limit.add_metric([row["target"], row["id"]], row["limit_bytes"])
         acted.add_metric([row["target"], row["id"]], row.get("actions_last_hour") or 0)
+        p = row.get("predict")
+        if p:
+            if p["seconds_left"] is not None:
+                left.add_metric([row["target"], row["id"]], p["seconds_left"])
+            growth.add_metric([row["target"], row["id"], "estimate"], p["slope_bytes_per_s"])
+            growth.add_metric([row["target"], row["id"], "upper"], p["slope_upper_bytes_per_s"])
     for name, n in sorted(per_watch.items()):
         count.add_metric([name], n)
-    out += [count, usage, limit, acted]
+    out += [count, usage, limit, acted, left, growth]
 
     host = view.get("host")
     if host:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from memwatchd.config import Config, GuardConfig, WatchConfig
+from memwatchd.predict import ALL_GATES, HOST_FLOOR, Trend
 from memwatchd.types import NO_ZRAM, Candidate, HostSample, Reading, SwapDevices
 
 ESCALATE_FACTOR = 1.25   # during the grace period, SIGKILL at once past limit * this
@@ -26,6 +27,7 @@ PSI_STEP = 0.05          # pressure history keeps at most one sample per this ma
 PSI_INTERVAL = 0.25      # sampling period while pressure builds with memory low
 GUARD_FASTER = 5         # near its floor the guard samples this many times per min_interval
 RESTING_MAX = 4096       # cooldowns kept for forgotten targets (the daemon's memory is locked)
+PREDICT_SAMPLES = 50     # a predicted exhaustion is sampled at least this often before it
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
 REASON_WARN = "warn-level"
@@ -38,6 +40,7 @@ REASON_GUARD_PSI = "psi-full-high"
 REASON_GUARD_PSI_SOME = "psi-some-high"
 REASON_GUARD_PSI_CRITICAL = "psi-full-critical"
 PSI_REASONS = (REASON_GUARD_PSI, REASON_GUARD_PSI_SOME, REASON_GUARD_PSI_CRITICAL)
+REASON_PREDICT = "predicted-exhaustion"
 
 
 GUARD = "guard"  # the ``watch`` of the host guard's decisions (its records' "target")
@@ -215,17 +218,27 @@ class Policy:
         self.failed: List[tuple] = []   # (watch name, exception) from a bug: the daemon quarantines
         self.guard = GuardState()
         self.zram = NO_ZRAM   # the daemon hands in the latest swapinfo reading
+        self.trends: Dict[tuple, Trend] = {}      # key -> Trend, for watches with predict
+        self.host_trend = Trend()                 # [guard] predict: the host's used memory
+        self.guard_predicted = None               # the time the host's trend last fired
+        self.predict_gates = ALL_GATES            # the benchmark switches gates off one by one
+        self.predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
 
     def reconfigure(self, config: Config) -> None:
         """A reload keeps each surviving target's state (a pending SIGTERM stays pending)."""
         self.config = config
         self.watches = {w.name: w for w in config.watches}
+        predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
+        if predicting != self.predicting:   # a horizon changed or went: trends start afresh
+            self.trends.clear()
+        self.predicting = predicting
 
     def forget(self, key: tuple) -> None:
         """The target is gone: drop its state (a new match starts fresh), but not its
         cooldown: a cgroup emptied by a kill and re-created, or re-matched, under the same
         key must not be acted on again before the cooldown says so."""
         state = self.states.pop(key, None)
+        self.trends.pop(key, None)
         if state is not None and state.cooldown_until > 0:
             self.resting[key] = state.cooldown_until
         if self.guard.victim is not None and self.guard.victim.key == key:
@@ -274,8 +287,19 @@ class Policy:
         critical = host is not None and guard_level(self.config.guard, host)[0] == "kill"
         decisions: List[Decision] = []
         states = self.states
+        predicting = self.predicting
         for reading in readings:
             state = states.get(reading.key)
+            if predicting and reading.watch in predicting:   # -- predictive trigger (issue 15)
+                try:
+                    decision = self._predict(now, reading, state, predicting[reading.watch])
+                except Exception as e:   # a bug: contained to this watch, like the ladder's
+                    self.failed.append((reading.watch, e))
+                    decision = None
+                if decision is not None:
+                    decisions.append(decision)
+                    continue
+                state = states.get(reading.key)            # -- end of the predictive trigger
             if is_quiet(reading, state):
                 continue  # most targets on most ticks: below every threshold, nothing pending
             watch = self.watches.get(reading.watch)
@@ -351,13 +375,57 @@ class Policy:
             decide("freeze", REASON_LIMIT)
         return out
 
+    def _predict(self, now: float, r: Reading, state: Optional[TargetState],
+                 horizon: float) -> Optional[Decision]:
+        """The predictive trigger: feed the target's trend; when its gates say so (see
+        memwatchd/predict.py) and nothing else is under way (below the limit: the hard
+        path has it above; no action in flight, no cooldown), take the gentle rung of
+        the watch's action: SIGTERM for term, memory.high for throttle, a warning for
+        warn, kill and freeze."""
+        trend = self.trends.get(r.key)
+        if trend is None:
+            trend = self.trends[r.key] = Trend()
+        value = r.usage if r.unreclaimable is None else r.unreclaimable
+        if not trend.update(now, value, r.limit, horizon, r.ceiling, self.predict_gates):
+            return None
+        if r.usage >= r.limit or (state is not None and state.stage != "idle"):
+            return None
+        if state is None:
+            state = self._state(r.key, now)   # (a cooldown kept across forget() applies)
+        if now < state.cooldown_until:
+            return None
+        action = self.watches[r.watch].action
+        state.cooldown_until = now + self.config.daemon.cooldown
+        if action == "term":
+            state.stage, state.term_at = "terminating", now
+            return Decision("signal", r.key, r.watch, REASON_PREDICT, r.usage, r.limit, signal.SIGTERM)
+        if action == "throttle":
+            state.stage = "throttled"
+            return Decision("throttle", r.key, r.watch, REASON_PREDICT, r.usage, r.limit)
+        return Decision("warn", r.key, r.watch, REASON_PREDICT, r.usage, r.limit)
+
+    def quiet(self, r: Reading) -> bool:
+        """is_quiet, and no trend to feed: replay and the recorder may skip this reading."""
+        return is_quiet(r, self.states.get(r.key)) and not (self.predicting
+                                                            and r.watch in self.predicting)
+
+    def estimate(self, key: tuple) -> Optional[dict]:
+        """The target's last time-to-exhaustion estimate for records, status and metrics
+        (None without predict or before three readings)."""
+        trend = self.trends.get(key)
+        return _estimate_dict(trend.estimate) if trend is not None else None
+
     def interval_for(self, reading: Reading) -> float:
         """When this target should next be sampled (seconds from now)."""
         d = self.config.daemon
         state = self.states.get(reading.key)
         if state is not None and state.stage == "terminating":
             return d.min_interval  # watch closely during the grace period
-        return next_interval(reading.limit - reading.usage, d.fill_rate, d.min_interval, d.interval)
+        wait = next_interval(reading.limit - reading.usage, d.fill_rate, d.min_interval, d.interval)
+        trend = self.trends.get(reading.key) if self.trends else None
+        if trend is not None and trend.estimate is not None:   # predictive trigger: resolve
+            wait = max(d.min_interval, min(wait, trend.estimate[0] / PREDICT_SAMPLES))  # its fall
+        return wait
 
     # ------------------------------------------------------------------ guard
 
@@ -376,6 +444,9 @@ class Policy:
         share = pressure_share(self.guard.pressure)
         if share is not None and share[0] > 0 and pressure_gate(g, host):
             wait = min(wait, max(d.min_interval, PSI_INTERVAL))  # pressure building: look closer
+        e = self.host_trend.estimate if g.predict > 0 else None
+        if e is not None:   # predictive trigger: resolve the predicted fall
+            wait = max(d.min_interval, min(wait, e[0] / PREDICT_SAMPLES))
         return wait
 
     def guard_observe(self, now: float, host: HostSample) -> Optional[Tuple[float, float]]:
@@ -401,9 +472,30 @@ class Policy:
         """True when the guard fires and has no victim in flight: the daemon should
         list candidates and call ``guard_evaluate``."""
         level, _ = self.guard_level_now(now, host)
+        if level is None and self.config.guard.enabled and self.config.guard.predict > 0:  # issue 15
+            level = self._predict_host(now, host)
         if level is None or self.guard.victim is not None:
             return False
         return level == "kill" or now >= self.guard.cooldown_until
+
+    def _predict_host(self, now: float, host: HostSample) -> Optional[str]:
+        """Feed the host's trend (used = MemTotal - MemAvailable, towards the level where
+        the guard's min_available fires; soft floor: headroom under HOST_FLOOR times it).
+        "term" when it fires with no victim in flight: guard_evaluate then SIGTERMs the
+        largest eligible process (the gentle rung only; never a SIGKILL)."""
+        if host.mem_total <= 0 or host.mem_available < 0:
+            return None
+        term_below, _ = self.config.guard.thresholds(host.mem_total)
+        used = host.mem_total - host.mem_available
+        if self.host_trend.update(now, used, host.mem_total - term_below, self.config.guard.predict,
+                                  None, self.predict_gates, host.mem_total - HOST_FLOOR * term_below) \
+                and self.guard.victim is None and now >= self.guard.cooldown_until:
+            self.guard_predicted = now
+        return "term" if self.guard_predicted == now else None
+
+    def estimate_host(self) -> Optional[dict]:
+        """The host's time-to-exhaustion estimate ([guard] predict), as estimate() gives."""
+        return _estimate_dict(self.host_trend.estimate) if self.config.guard.predict > 0 else None
 
     def guard_evaluate(self, now: float, host: HostSample,
                        candidates: Sequence[Candidate] = (), never: Iterable[int] = ()
@@ -417,6 +509,8 @@ class Policy:
         """
         g = self.config.guard
         level, reason = self.guard_level_now(now, host)
+        if level is None and self.guard_predicted == now and self.guard.victim is None:
+            level, reason = "term", REASON_PREDICT   # the host's trend fired (guard_wants_victim)
         st = self.guard
         term_below, _ = g.thresholds(host.mem_total) if host.mem_total > 0 else (0, 0)
         if st.victim is not None:
@@ -446,6 +540,13 @@ class Policy:
         return [Decision("signal", victim.key, GUARD, reason, victim.rss, term_below, sig, True)]
 
 
+def _estimate_dict(e) -> Optional[dict]:
+    if e is None:
+        return None
+    return {"seconds_left": None if e[0] == float("inf") else round(e[0], 3),
+            "slope_bytes_per_s": int(e[1]), "slope_upper_bytes_per_s": int(e[2])}
+
+
 def still_needed(decision: Decision, fresh_usage: Optional[int],
                  fresh_host: Optional[HostSample], guard: GuardConfig,
                  zram: SwapDevices = NO_ZRAM) -> bool:
@@ -459,6 +560,11 @@ def still_needed(decision: Decision, fresh_usage: Optional[int],
     """
     if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
         return True
+    if decision.reason == REASON_PREDICT:   # below the threshold by design
+        if decision.by_guard:                # recovered if back above the host's soft floor
+            return fresh_host is None or fresh_host.mem_total <= 0 or \
+                fresh_host.mem_available < HOST_FLOOR * guard.thresholds(fresh_host.mem_total)[0]
+        return fresh_usage is None or fresh_usage >= decision.usage * WARN_REARM
     if decision.by_guard:
         if fresh_host is None:
             return True

@@ -28,11 +28,13 @@ def flags_config(*, pids: Sequence[int] = (), unit: Optional[str] = None,
                  cgroup: Optional[str] = None, command_pid: Optional[int] = None,
                  name: Optional[str] = None, limit: str = "100%", warn: Optional[str] = None,
                  action: str = "term", scope: Optional[str] = None, interval: str = "1s",
-                 guard: bool = True) -> Config:
+                 guard: bool = True, predict: Optional[str] = None) -> Config:
     """The config `record` uses without --config (validated like a config file)."""
     base = {"limit": limit, "action": action}
     if warn is not None:
         base["warn"] = warn
+    if predict is not None:
+        base["predict"] = predict
     if command_pid is not None:
         watches = [dict(base, name=name or "command", pid=command_pid, scope=scope or "tree")]
     elif pids:
@@ -65,7 +67,7 @@ def record(out: str, *, config_path: Optional[str] = None, insecure: bool = Fals
            pids: Sequence[int] = (), unit: Optional[str] = None, cgroup: Optional[str] = None,
            command: Sequence[str] = (), duration: Optional[float] = None, limit: str = "100%",
            warn: Optional[str] = None, interval: str = "1s", name: Optional[str] = None,
-           guard: bool = True) -> Recording:
+           guard: bool = True, predict: Optional[str] = None) -> Recording:
     """Record until --duration, Ctrl-C, the command's exit, or (for pids, unit, cgroup)
     every target being gone. Raises MemwatchdError (bad config, nothing to watch)."""
     from memwatchd import trace
@@ -80,10 +82,10 @@ def record(out: str, *, config_path: Optional[str] = None, insecure: bool = Fals
         except OSError as e:
             raise MemwatchdError(f"cannot start {command[0]!r}: {e.strerror}") from None
         cfg = flags_config(command_pid=child.pid, name=name or command_name(command[0]),
-                           limit=limit, warn=warn, interval=interval, guard=guard)
+                           limit=limit, warn=warn, interval=interval, guard=guard, predict=predict)
     else:
         cfg = flags_config(pids=pids, unit=unit, cgroup=cgroup, name=name, limit=limit, warn=warn,
-                           interval=interval, guard=guard)
+                           interval=interval, guard=guard, predict=predict)
     cfg = recording_config(cfg)
     opts = Options(exit_when_idle=config_path is None and child is None, psi_trigger=False,
                    lock_memory=False)

@@ -4,7 +4,7 @@ The loop mirrors the daemon's: at each recorded sample the targets it read are
 evaluated; between samples, every target the policy is not quiet on is
 evaluated again when its interval (``Policy.interval_for``) says it would have
 been sampled, with its last recorded value. A quiet target whose value does not
-change stays quiet (``policy.is_quiet``), so it needs no virtual ticks: that is
+change stays quiet (``Policy.quiet``), so it needs no virtual ticks: that is
 what makes a day of 100 targets replay in seconds.
 
 After an action the trace no longer says what would have happened:
@@ -179,6 +179,7 @@ class _Replayer:
                 self.fixed[rid] = ()
             return None
         base = self.mem_total
+        unreclaimable = ceiling = None
         if run.kind == "cgroup":
             if stat is not None:
                 current, anon, inactive = stat[0] or 0, stat[1] or 0, stat[3] or 0
@@ -186,13 +187,16 @@ class _Replayer:
                     if w.usage == "current-inactive_file" else current
                 if stat[6] is not None and stat[6] > 0:
                     base = stat[6]
+                    ceiling = stat[6]
+                if anon >= 0 and (stat[4] or 0) >= 0:
+                    unreclaimable = anon + (stat[4] or 0)
             else:
                 self.note("some cgroup readings carry no memory.stat: their recorded usage is used as is")
         lim = w.limit.resolve(base)
         wrn = w.warn.resolve(base) if w.warn is not None else None
         if run.kind != "cgroup":
             self.fixed[rid] = (run.key, run.watch, lim, wrn)
-        return Reading(run.key, run.watch, usage, lim, wrn)
+        return Reading(run.key, run.watch, usage, lim, wrn, unreclaimable, ceiling)
 
     def set_host(self) -> None:
         h = self.host_raw
@@ -220,12 +224,11 @@ class _Replayer:
             if not self.started:
                 self.started = True
                 changed = list(self.held)
-            # a quiet reading changes nothing (policy.is_quiet): tick only for the others, or
+            # a quiet reading changes nothing (Policy.quiet): tick only for the others, or
             # for the host when the guard may act
-            states = self.policy.states
             held = self.held
             active = [rid for rid in changed if rid in held     # (gone in the same line)
-                      and not is_quiet(held[rid], states.get(held[rid].key))]
+                      and not self.policy.quiet(held[rid])]
             if active or (self.host is not None and (self.guard_on or self.policy.guard.victim)
                           and (s.host is not None or s.gone or s.decisions)):
                 self.tick(s.t, active)
@@ -312,7 +315,7 @@ class _Replayer:
             rid = self.rid_of[r.key]
             if rid not in held:
                 continue
-            if is_quiet(r, policy.states.get(r.key)):
+            if is_quiet(r, policy.states.get(r.key)):   # (a trend is fed recorded values only)
                 self.due_at.pop(rid, None)
             else:
                 due = t + policy.interval_for(r)

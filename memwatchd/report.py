@@ -233,6 +233,7 @@ _GUARD_MEASURES = {
     "psi-some-high": "some task stalled on memory {psi_some} or more of the last {window} "
                      "(some avg10 {psi_s}), MemAvailable {avail}",
     "grace-expired": "still running after the guard's grace; MemAvailable {avail}, floor {term}",
+    "predicted-exhaustion": "MemAvailable {avail} is predicted to reach the floor {term} soon",
 }
 
 
@@ -246,6 +247,9 @@ def decision_text(watch: str, usage: Optional[int], limit: Optional[int], reason
         if reason == "warn-level" and warn is not None:
             return (f"using {format_size(usage)}, above its warn level {format_size(warn)} "
                     f"(limit {format_size(limit)})")
+        if reason == "predicted-exhaustion":
+            return (f"using {format_size(usage)}, predicted to reach its limit "
+                    f"{format_size(limit)} soon ({reason})")
         return f"using {format_size(usage)}, over its limit {format_size(limit)} ({reason})"
     avail = getattr(host, "mem_available", None)
     term = kill = limit

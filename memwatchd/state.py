@@ -97,8 +97,10 @@ def target_labels(t: Any) -> tuple:
 
 
 def target_view(t: Any, now: float, last_action: Optional[dict] = None,
-                labels: Optional[tuple] = None, actions_last_hour: int = 0) -> Dict[str, Any]:
-    """One targets.Target as plain JSON data; labels as target_labels(t) returns them."""
+                labels: Optional[tuple] = None, actions_last_hour: int = 0,
+                estimate: Optional[dict] = None) -> Dict[str, Any]:
+    """One targets.Target as plain JSON data; labels as target_labels(t) returns them;
+    estimate as Policy.estimate returns it (None without predict)."""
     sampled = t.sampled_at > 0
     usage = t.usage if sampled else None
     limit = t.limit if sampled else None
@@ -120,6 +122,7 @@ def target_view(t: Any, now: float, last_action: Optional[dict] = None,
         "sample_age_seconds": round(max(0.0, now - t.sampled_at), 6) if sampled else None,
         "last_action": last_action,
         "actions_last_hour": actions_last_hour,
+        "predict": estimate,
     }
 
 
@@ -147,18 +150,21 @@ def guard_view(guard: Any, mem_total: Optional[int]) -> Dict[str, Any]:
     return {"enabled": guard.enabled, "term_below_bytes": term, "kill_below_bytes": kill,
             "count_swap": guard.count_swap, "psi_full": guard.psi_full or None,
             "psi_full_kill": guard.psi_full_kill or None, "psi_some": guard.psi_some or None,
-            "psi_window_seconds": guard.psi_window}
+            "psi_window_seconds": guard.psi_window,
+            "predict": None}
 
 
 def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
                daemon: Optional[dict] = None, recent: Iterable[dict] = (),
                last_by_target: Optional[Dict[tuple, dict]] = None,
                labels: Optional[Dict[tuple, tuple]] = None,
-               counts: Optional[Dict[tuple, int]] = None) -> Dict[str, Any]:
+               counts: Optional[Dict[tuple, int]] = None,
+               estimate: Optional[Any] = None) -> Dict[str, Any]:
     """What `status` shows and the state file holds. daemon=None: sampled by `status` itself.
     last_by_target maps action_key() to the last action on that target, counts to the
     number of actions on it in the last hour; labels caches target_labels() by target key
-    across calls (the caller prunes it)."""
+    across calls (the caller prunes it); estimate is the policy's key -> time-to-exhaustion
+    estimate (Policy.estimate), None outside the daemon."""
     last_by_target = last_by_target or {}
     counts = counts or {}
     labels = {} if labels is None else labels
@@ -168,7 +174,8 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
         if shown is None:
             shown = labels[t.key] = target_labels(t)
         key = (t.watch.name, shown[0])
-        rows.append(target_view(t, now, last_by_target.get(key), shown, counts.get(key, 0)))
+        rows.append(target_view(t, now, last_by_target.get(key), shown, counts.get(key, 0),
+                                estimate(t.key) if estimate is not None else None))
     rows.sort(key=lambda r: (r["target"], r["id"]))
     written = time.time_ns()
     return {
@@ -351,9 +358,14 @@ class Publisher:
         targets = daemon.targets.targets
         if len(self.labels) > 2 * len(targets) + 64:   # forget the targets that are gone
             self.labels = {key: shown for key, shown in self.labels.items() if key in targets}
-        return build_view(targets.values(), daemon.host, now, self.config,
+        policy = getattr(daemon, "policy", None)   # (tests publish stand-ins without one)
+        view = build_view(targets.values(), daemon.host, now, self.config,
                           info, self.recent, self.last_by_target, self.labels,
-                          self.actions_last_hour())
+                          self.actions_last_hour(),
+                          policy.estimate if policy is not None and policy.trends else None)
+        if policy is not None:
+            view["guard"]["predict"] = policy.estimate_host()   # [guard] predict
+        return view
 
     def _write_state(self, view: Dict[str, Any]) -> None:
         path = self.config.daemon.state

@@ -288,7 +288,8 @@ class Target:
     """One watched process (or process tree) or cgroup."""
 
     __slots__ = ("key", "is_cgroup", "watch", "pid", "start_time", "slot", "members", "cgroup",
-                 "comm", "cmdline", "usage", "limit", "warn", "next_due", "sampled_at", "interval")
+                 "comm", "cmdline", "usage", "limit", "warn", "next_due", "sampled_at", "interval",
+                 "unreclaimable", "ceiling")
 
     def __init__(self, key: tuple, watch: WatchConfig, pid: int = 0, start_time: int = 0,
                  slot: int = -1, cgroup: str = "", comm: str = "", cmdline: str = "",
@@ -309,6 +310,8 @@ class Target:
         self.next_due = next_due
         self.sampled_at = 0.0
         self.interval = 0.0
+        self.unreclaimable: Optional[int] = None   # cgroup: anon + shmem (the predictive trigger's)
+        self.ceiling: Optional[int] = None         # cgroup: memory.max, None = "max"
 
 
 class TargetSet:
@@ -655,7 +658,8 @@ class TargetSet:
                 self.failed.append((t.watch.name, e))
                 continue
             t.sampled_at = now
-            readings.append(Reading(t.key, t.watch.name, t.usage, t.limit, t.warn))
+            readings.append(Reading(t.key, t.watch.name, t.usage, t.limit, t.warn,
+                                    t.unreclaimable, t.ceiling))
         for t in gone:
             self.drop(t.key)
         return readings, vanished + gone
@@ -674,6 +678,8 @@ class TargetSet:
             else:
                 t.usage = s.current
             base = s.max if s.max > 0 else self.mem_total
+            t.ceiling = s.max if s.max > 0 else None
+            t.unreclaimable = s.anon + max(s.shmem, 0) if s.anon >= 0 else None
         else:
             if self.processes.status(t.slot) == GONE:
                 return False

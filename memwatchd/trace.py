@@ -67,6 +67,8 @@ def config_dict(config) -> dict:
             item["grace"] = _seconds(w.grace)
         if w.warn is not None:
             item["warn"] = str(w.warn)
+        if w.predict > 0:
+            item["predict"] = _seconds(w.predict)
         watches.append(item)
     return {
         "daemon": {"interval": _seconds(d.interval), "min_interval": _seconds(d.min_interval),
@@ -349,16 +351,18 @@ class Recorder:
         if self.sink.full():
             self._rotate(now)
         states = self.daemon.policy.states
+        trends = self.daemon.policy.trends
         rows = None
         last = self.last
         for r in readings:  # at idle this loop is the whole cost: keep it to tuple reads
-            key, _watch, usage, limit, warn = r
+            key, usage, limit, warn = r[0], r[2], r[3], r[4]
             prev = last.get(key)
             if prev is not None and prev[2] == limit and prev[3] == warn:
                 held = prev[1]
                 band = (held >> 8) + 4096
-                if held - band <= usage <= held + band and _held_will_do(
-                        held, usage, limit, warn, states.get(key)):
+                trend = trends.get(key) if trends else None
+                if held - band <= usage <= held + band and (trend is None or not trend.armed) \
+                        and _held_will_do(held, usage, limit, warn, states.get(key)):
                     continue  # moved less than 1/256 and no threshold or timer in play
             tid = self.ids.get(r.key) or self._target(now, r.key)
             row = [tid, r.usage, r.limit, r.warn]

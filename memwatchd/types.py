@@ -131,12 +131,15 @@ class CgroupSample(namedtuple("CgroupSample", "current max high swap_current "
     __slots__ = ()
 
 
-class Reading(namedtuple("Reading", "key watch usage limit warn")):
+class Reading(namedtuple("Reading", "key watch usage limit warn unreclaimable ceiling",
+                         defaults=(None, None))):
     """One watched target's usage this tick, as the policy sees it.
 
     ``key`` names the target for its whole life: ("process", pid, start_time)
     or ("cgroup", path). ``watch`` is the name of the [[watch]] that made it a
     target; limit and warn are already resolved to bytes (warn None = no warning).
+    For a cgroup, ``unreclaimable`` is anon + shmem (what the predictive trigger
+    extrapolates; None = ``usage``) and ``ceiling`` its memory.max (None = none).
     """
 
     __slots__ = ()
