@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from memwatchd.config import Config, parse_config
 from memwatchd.policy import Policy, guard_level, is_quiet
+from memwatchd.report import count
 from memwatchd.trace import Trace, TraceError, loadable_config, read_trace
 from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, Reading
 
@@ -470,7 +471,7 @@ def summary(result: Result) -> dict:
 def format_text(result: Result) -> str:
     from memwatchd.report import escape
     trace = result.trace
-    lines = [f"replay of {trace.path} ({len(trace.runs)} target(s), "
+    lines = [f"replay of {trace.path} ({count(len(trace.runs), 'target')}, "
              f"{result.end - result.start:.1f} s from {_clock(trace, result.start)} UTC) "
              f"with {result.config.source}"]
     if result.decisions:
@@ -494,12 +495,12 @@ def format_text(result: Result) -> str:
                          f"{escape(f'{l.watch}: {label(trace, l.key)}')[:30]:<30} {_mib(l.usage):>10} "
                          f"{_mib(l.limit):>10}  {l.action:<6} {l.reason}")
     s = summary(result)
-    lines.append(f"{s['decisions']} decision(s): {s['reproduced']} as live, {s['new']} not taken live; "
-                 f"{s['live_not_taken']} live decision(s) not taken by the replay")
+    lines.append(f"{count(s['decisions'], 'decision')}: {s['reproduced']} as live, {s['new']} not taken live; "
+                 f"{count(s['live_not_taken'], 'live decision')} not taken by the replay")
     for key, t in sorted(result.diverged_at.items(), key=lambda kv: kv[1]):
         dropped = result.dropped.get(key, 0)
         lines.append(f"diverged: {escape(label(trace, key))} from +{t - trace.start:.3f}s"
-                     + (f" ({dropped} later reading(s) ignored: the replay killed it)" if dropped else ""))
+                     + (f" ({count(dropped, 'later reading')} ignored: the replay killed it)" if dropped else ""))
     for note in result.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

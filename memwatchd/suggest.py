@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 from memwatchd.config import Size, parse_duration
 from memwatchd.replay import recorded_config, replay
+from memwatchd.report import count
 from memwatchd.trace import Run, Trace, TraceError, read_trace
 from memwatchd.types import ConfigError, MemwatchdError
 
@@ -120,7 +121,7 @@ class Report:
     def text(self) -> str:
         lines = []
         for w in self.watches.values():
-            lines.append(f"watch {w.watch}: {len(w.runs)} run(s), {len(w.complete)} finished on "
+            lines.append(f"watch {w.watch}: {count(len(w.runs), 'run')}, {len(w.complete)} finished on "
                          f"their own, {len(w.censored)} censored")
             for r in w.runs:
                 seconds = (r.run.gone or r.trace.end) - r.run.first
@@ -148,13 +149,13 @@ class Report:
             if w.limit is None:
                 continue
             k, n = len(w.stopped_by_replay), w.replayed_runs
-            lines.append(f"  {w.watch}: limit {size_text(w.limit)} would have stopped {k} of {n} "
-                         f"recorded run(s)" + (f": {', '.join(w.stopped_by_replay)}" if k else ""))
+            lines.append(f"  {w.watch}: limit {size_text(w.limit)} would have stopped {k} of "
+                         f"{count(n, 'recorded run')}" + (f": {', '.join(w.stopped_by_replay)}" if k else ""))
         return "\n".join(lines)
 
 
 def _why_short(w: WatchSuggestion) -> str:
-    return (f"p{w.percentile:g} of {len(w.complete)} finished run(s) {w.percentile_peak / MiB:.0f} MiB "
+    return (f"p{w.percentile:g} of {count(len(w.complete), 'finished run')} {w.percentile_peak / MiB:.0f} MiB "
             f"+ margin; largest {max(r.peak for r in w.complete) / MiB:.0f} MiB")
 
 
@@ -249,7 +250,7 @@ def suggest(paths: Sequence[str], events_path: Optional[str] = None, percentile:
                 w.percentile = percentile
             w.runs.append(RunView(trace, run, _ended(trace, run, procs, cgroups)))
     if not report.watches:
-        raise TraceError(f"{', '.join(paths)}: no target readings in the trace(s): nothing to learn from")
+        raise TraceError(f"{', '.join(paths)}: no target readings in the {'trace' if len(paths) == 1 else 'traces'}: nothing to learn from")
     for w in report.watches.values():
         _recommend(w, percentile, margin, half_life)
     _replay_suggestions(report)
@@ -277,12 +278,12 @@ def _recommend(w: WatchSuggestion, percentile: float, margin: float, half_life: 
     w.warn = warn if warn < w.limit * WARN_CAP else None
     if w.warn is None:
         w.warn = int(w.limit * WARN_CAP) // MiB * MiB or None
-    why = (f"limit {size_text(w.limit)}: p{percentile:g} of {len(complete)} finished run(s) "
+    why = (f"limit {size_text(w.limit)}: p{percentile:g} of {count(len(complete), 'finished run')} "
            f"{p / MiB:.1f} MiB + {margin * 100:g}%, never below the largest finished peak "
            f"{largest / MiB:.1f} MiB")
     over = [r for r in censored if r.peak >= w.limit]
     if censored:
-        why += (f"; {len(censored)} censored run(s) not counted (their peaks are lower bounds)")
+        why += (f"; {count(len(censored), 'censored run')} not counted (their peaks are lower bounds)")
     if over:
         why += (f"; {len(over)} of them already passed {size_text(w.limit)} before they ended: if "
                 "they were legitimate, their need is unknown (raise the limit and record again)")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 from memwatchd import __version__
 from memwatchd.policy import WARN_REARM
-from memwatchd.report import ERR, log
+from memwatchd.report import ERR, count, log
 from memwatchd.types import MemwatchdError
 
 FORMAT = 1
@@ -727,7 +727,7 @@ def read_trace(path: str) -> Trace:
     if first_m is None:
         raise TraceError(f"{path}: no header: not a memwatchd trace")
     if out_of_order:
-        trace.damage.append(f"{path}: {out_of_order} record(s) out of time order (reordered or "
+        trace.damage.append(f"{path}: {count(out_of_order, 'record')} out of time order (reordered or "
                             "concatenated?); replayed in time order")
     if out_of_order:
         items.sort(key=lambda x: x.t)   # stable: lines of the same time keep their order
@@ -770,7 +770,7 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
         limits[rid] = (row[2], row[3])
         rows.append((rid, row[1], row[2], row[3], stat))
     if unknown:
-        damage.append(f"{at()}: {unknown} reading(s) for a target whose record was lost, skipped")
+        damage.append(f"{at()}: {count(unknown, 'reading')} for a target whose record was lost, skipped")
     host = obj.get("h")
     if host is not None:
         if not (isinstance(host, list) and len(host) == 4 and _int(host[0]) == host[0]

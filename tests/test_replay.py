@@ -103,7 +103,7 @@ def test_suggest_covers_every_finished_peak_and_replays_to_zero_stops():
     assert w.limit >= max(peaks) * 1.05 and w.warn < w.limit
     assert w.replayed_runs == 3 and w.stopped_by_replay == []
     text = report.text()
-    assert "would have stopped 0 of 3 recorded run(s)" in text
+    assert "would have stopped 0 of 3 recorded runs" in text
     snippet = text[text.index("# suggested by"):text.index("replay of the suggested")]
     valid, data = toml_child.parse(snippet)
     assert valid, data
@@ -414,7 +414,7 @@ def test_suggest_censors_a_stopped_run_among_complete_ones_and_weighs_old_runs_l
     stopped = w.censored[0]
     assert stopped.peak > max(r.peak for r in complete)       # its peak is not counted
     assert w.limit >= max(r.peak for r in complete) * 1.05 and w.limit < stopped.peak * 1.05
-    assert "1 censored run(s) not counted" in w.why
+    assert "1 censored run not counted" in w.why
     old, new = complete[0], complete[1]                      # plateau-1 (old) and plateau-2
     assert old.weight == pytest.approx(0.5 ** (30 / 7), rel=0.01) and new.weight == pytest.approx(1.0, abs=1e-4)
     assert w.percentile_peak == new.peak    # p50 of weights 0.05 and 1: the recent run
