@@ -251,9 +251,10 @@ action = "kill"
 d = start_daemon(config("900M"))
 h = start_hog("hog-r", rate_mib=300, cap_mib=300, seconds=20, events=events)
 time.sleep(2.0)
+wait_for(lambda: "memwatchd started" in daemon_log(), 10)   # SIGHUP's handler is in place
 write_config(config("9000 parsecs"))
 os.kill(d.pid, signal.SIGHUP)
-time.sleep(1.0)
+wait_for(lambda: "reload failed" in daemon_log(), 20)      # the bad file was read, not the next
 alive_after_bad = h.poll() is None and d.poll() is None
 write_config(config("200M"))
 os.kill(d.pid, signal.SIGHUP)
@@ -291,10 +292,10 @@ limit = "200M"
 {{on_action}}
 '''
 d = start_daemon(config(""))
-time.sleep(1.0)
+wait_for(lambda: "memwatchd started" in daemon_log(), 10)   # SIGHUP's handler is in place
 write_config(config(f'on_action = ["{{script}}", "{{seen}}"]'))
 os.kill(d.pid, signal.SIGHUP)
-wait_for(lambda: "reloaded" in daemon_log(), 10)
+wait_for(lambda: "reloaded" in daemon_log(), 30)
 h = start_hog("hog-o", rate_mib=300, cap_mib=1024, events=events)
 fate = exited_by(h, 15)
 ran = wait_for(lambda: os.path.exists(seen) and os.path.getsize(seen) > 0, 10)
