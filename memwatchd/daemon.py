@@ -26,7 +26,8 @@ from memwatchd.report import DEBUG, ERR, INFO, NOTICE, WARNING, escape, log
 from memwatchd.sampler import parse_stat_start_time
 from memwatchd.swapinfo import SwapWatcher
 from memwatchd.systemd import Notifier
-from memwatchd.targets import TargetSet, ancestors, read_cgroup, read_cmdline, read_comm, read_small
+from memwatchd.targets import (TargetSet, ancestors, exec_mark, read_cgroup, read_cmdline, read_comm,
+                               read_small)
 from memwatchd.types import Candidate, ConfigError, HostSample, MemwatchdError, TargetGone
 
 ON_ACTION_TIMEOUT = 30.0
@@ -126,7 +127,6 @@ class Daemon:
         self._errors_logged: Dict[str, int] = {}   # traceback text -> times seen (logged once)
         self._empty_noted: set = set()    # cgroup keys said to be over their limit with no process
         self._held: Dict[tuple, tuple] = {}   # throttled/frozen cgroup key -> (kind, dir, value)
-        self._marks: Dict[tuple, tuple] = {}  # process key -> _exec_mark() when its cmdline was read
         self._revisit_at = 0.0
         self._tick_failed = False
         self._status_at = 0.0
@@ -267,8 +267,6 @@ class Daemon:
         self.ticks += 1
         for target in self.targets.refresh(now):
             self.seen_target = True
-            if not target.is_cgroup:
-                self._note_names(target)
             log(INFO, f"watching {target.watch.name}: {self._describe(target.key)}")
         self._log_problems()
         readings, gone = self.targets.sample_due(now)
@@ -578,45 +576,23 @@ class Daemon:
         except (OSError, ValueError):
             return None
 
-    def _exec_mark(self, pid: int) -> Optional[tuple]:
-        """(start time, comm, arg_start, arg_end) from one read of /proc/<pid>/stat, which
-        takes no mmap_lock: an exec changes comm or the argv addresses (a new stack), so an
-        unchanged mark means the cmdline read at attach is still the program's. None if
-        unreadable or too old a kernel (< 3.5, no argv fields)."""
-        try:
-            data = read_small(f"{self._proc}/{pid}/stat")
-            close = data.rindex(b")")
-            rest = data[close + 2:].split()
-            comm = data[data.index(b"(") + 1:close].decode("utf-8", "backslashreplace")
-            return int(rest[19]), comm, int(rest[45]), int(rest[46])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _note_names(self, target) -> None:
-        """Remember what a process target was running when its names were read."""
-        mark = self._exec_mark(target.pid)
-        if mark is not None and mark[0] == target.start_time:
-            self._marks[target.key] = mark
-        if len(self._marks) > 2 * len(self.targets.targets) + 64:   # forget targets that are gone
-            self._marks = {k: m for k, m in self._marks.items() if k in self.targets.targets}
-
     def _fresh_names(self, target) -> tuple:
         """(comm, cmdline) of a process target now, not when it was attached: a wrapper
         (sh -c, env, nice, timeout) may have exec'ed the real program since. comm comes
         from one stat read; the cmdline is read again (by a helper: mmap_lock) only if that
         shows an exec since it was last read, so the usual first SIGTERM waits for no
         thread. The target (logs, status) takes the new names too."""
-        mark = self._exec_mark(target.pid)
+        mark = exec_mark(target.pid, self._proc)
         if mark is None or mark[0] != target.start_time:
-            return target.comm, None if mark is None else target.cmdline   # exiting
+            return target.comm, None if mark is None else target.cmdline   # exiting or mid-exec
         comm = mark[1]
-        if mark == self._marks.get(target.key):
+        if mark == target.names_mark:
             return comm, target.cmdline
         cmdline = self._fresh_cmdline(target.pid, target.start_time)
-        if cmdline is None and comm == target.comm:
+        if cmdline is None and comm == target.comm and target.cmdline:
             cmdline = target.cmdline      # not read in time, but the same program: its cmdline
-        elif cmdline is not None:
-            self._marks[target.key] = mark
+        elif cmdline and exec_mark(target.pid, self._proc) == mark:
+            target.names_mark = mark      # no exec during the read: these names hold until one
         if comm != target.comm or (cmdline is not None and cmdline != target.cmdline):
             target.comm = comm
             target.cmdline = target.cmdline if cmdline is None else cmdline

@@ -79,11 +79,38 @@ def read_cmdline(pid: int, proc: str = "/proc") -> str:
     whose main thread exited reads an empty cmdline: a live thread's is read instead."""
     try:
         raw = read_small(f"{proc}/{pid}/cmdline")
-        if not raw:
-            raw = read_small(live_task_dir(proc, pid) + "/cmdline")
+        task = live_task_dir(proc, pid) if not raw else ""
+        if task and task != os.path.join(proc, str(int(pid))):   # the leader is a zombie
+            raw = read_small(task + "/cmdline")
     except OSError:
         return ""
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "backslashreplace")
+
+
+def exec_mark(pid: int, proc: str = "/proc") -> Optional[tuple]:
+    """(start time, comm, arg_start, arg_end) from one read of /proc/<pid>/stat, which
+    takes no mmap_lock: an exec changes comm or the argv addresses (a new stack), so an
+    unchanged mark means a cmdline read under it is still the program's. None if
+    unreadable, too old a kernel (< 3.5, no argv fields) or mid-exec (no argv yet)."""
+    try:
+        data = read_small(f"{proc}/{pid}/stat")
+        close = data.rindex(b")")
+        rest = data[close + 2:].split()
+        comm = data[data.index(b"(") + 1:close].decode("utf-8", "backslashreplace")
+        mark = int(rest[19]), comm, int(rest[45]), int(rest[46])
+    except (OSError, ValueError, IndexError):
+        return None
+    return mark if mark[2] < mark[3] else None
+
+
+def read_names(pid: int, proc: str = "/proc") -> Tuple[str, str, Optional[tuple]]:
+    """(comm, cmdline, mark): the mark (exec_mark) is kept only if it was the same before
+    and after both reads and the cmdline is not empty, i.e. no exec ran in between (a
+    wrapper such as env or nice exec's its program while memwatchd attaches)."""
+    before = exec_mark(pid, proc)
+    comm, cmdline = read_comm(pid, proc), read_cmdline(pid, proc)
+    after = exec_mark(pid, proc)
+    return comm, cmdline, before if before == after and cmdline else None
 
 
 def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, Optional[bool]]:
@@ -289,7 +316,7 @@ class Target:
 
     __slots__ = ("key", "is_cgroup", "watch", "pid", "start_time", "slot", "members", "cgroup",
                  "comm", "cmdline", "usage", "limit", "warn", "next_due", "sampled_at", "interval",
-                 "unreclaimable", "ceiling")
+                 "unreclaimable", "ceiling", "names_mark")
 
     def __init__(self, key: tuple, watch: WatchConfig, pid: int = 0, start_time: int = 0,
                  slot: int = -1, cgroup: str = "", comm: str = "", cmdline: str = "",
@@ -312,6 +339,7 @@ class Target:
         self.interval = 0.0
         self.unreclaimable: Optional[int] = None   # cgroup: anon + shmem (the predictive trigger's)
         self.ceiling: Optional[int] = None         # cgroup: memory.max, None = "max"
+        self.names_mark: Optional[tuple] = None    # process: exec_mark() its comm/cmdline hold for
 
 
 class TargetSet:
@@ -533,9 +561,10 @@ class TargetSet:
                     self._problem(f"watch {watch.name}: {refused}")
                 self.processes.remove(slot)
                 continue
-            target = Target(key, watch, pid=pid, start_time=start, slot=slot,
-                            comm=read_comm(pid, self.proc), cmdline=read_cmdline(pid, self.proc),
-                            cgroup=read_cgroup(pid, self.proc), next_due=now)
+            comm, cmdline, mark = read_names(pid, self.proc)
+            target = Target(key, watch, pid=pid, start_time=start, slot=slot, comm=comm,
+                            cmdline=cmdline, cgroup=read_cgroup(pid, self.proc), next_due=now)
+            target.names_mark = mark if mark is not None and mark[0] == start else None
             if watch.scope == "tree":
                 target.members[(pid, start)] = slot
             self.targets[key] = target

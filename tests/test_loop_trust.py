@@ -19,6 +19,7 @@ import pytest
 
 from memwatchd.config import parse_config
 from memwatchd.daemon import Daemon, Options
+from memwatchd.targets import exec_mark, read_names
 from memwatchd.types import ConfigError
 
 from .pidns import needs_pidns, run_scenario
@@ -91,6 +92,7 @@ def test_survivors_of_a_watch_removed_by_reload_are_left_alone():
     r = run_scenario("""
 from memwatchd.config import parse_config
 from memwatchd.daemon import Daemon, Options
+from memwatchd.targets import exec_mark, read_names
 sh = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \\"$HOG\\" 200 120 20 ignore {WORK}/h.signals /x hog & wait"],
                       env=dict(os.environ, HOG=HOG))
 def config(watches):
@@ -191,10 +193,11 @@ def test_the_cmdline_is_read_again_only_after_an_exec(tmp_path):
     d = Daemon(parse_config({"daemon": {"events": "", "state": ""}, "guard": {"enabled": False}},
                             "t"), Options(proc_root=str(tmp_path), psi_trigger=False, lock_memory=False))
     target = SimpleNamespace(key=("process", 4242, 777), pid=4242, start_time=777, comm="bash",
-                             cmdline="bash -c sleep 1; exec python3 job.py", is_cgroup=False)
+                             cmdline="bash -c sleep 1; exec python3 job.py", is_cgroup=False,
+                             names_mark=None)
     try:
         stat("bash", 1000)
-        d._note_names(target)
+        target.names_mark = exec_mark(4242, str(tmp_path / "proc"))
         assert d._fresh_names(target) == ("bash", "bash -c sleep 1; exec python3 job.py")
         assert d.readers.alive == 0                 # the FIFO was never opened
         stat("python3", 5000)                       # it exec'ed: read again (here: stuck)
@@ -209,6 +212,62 @@ def test_the_cmdline_is_read_again_only_after_an_exec(tmp_path):
                 pass
             time.sleep(0.01)
         d.close()
+
+
+def _fake_stat(path, comm, arg_start, arg_end, start=777):
+    fields = ["S"] + ["0"] * 18 + [str(start)] + ["0"] * 25 + [str(arg_start), str(arg_end)]
+    path.write_text(f"4242 ({comm}) " + " ".join(fields) + " 0 0 0\n")
+
+
+@pytest.mark.parametrize("during_read", ["exec", "mid-exec", "none"])
+def test_names_read_at_attach_hold_only_if_no_exec_ran_during_the_read(tmp_path, during_read):
+    """A wrapper (env, nice) exec's its program while memwatchd attaches: the names read then
+    may be the wrapper's, or empty (read between the new mm and its argv). Their mark is kept
+    only when /proc/<pid>/stat showed the same program with an argv before and after, so the
+    decision reads them again instead of recording what the wrapper was. The read blocks on
+    a FIFO (a cmdline read waits on the victim) while the "kernel" changes stat."""
+    import threading
+    proc = tmp_path / "proc" / "4242"
+    proc.mkdir(parents=True)
+    (proc / "comm").write_text("env\n")
+    _fake_stat(proc / "stat", "env", 1000, 1040)
+    os.mkfifo(proc / "cmdline")
+
+    def kernel():
+        fd = os.open(proc / "cmdline", os.O_WRONLY)     # the reader is inside its read
+        if during_read == "exec":
+            _fake_stat(proc / "stat", "python3", 9000, 9040)
+        elif during_read == "mid-exec":
+            _fake_stat(proc / "stat", "python3", 0, 0)
+        os.write(fd, b"env\0MEMWATCHD_TEST=1\0python3\0" if during_read != "mid-exec" else b"")
+        os.close(fd)
+    writer = threading.Thread(target=kernel)
+    writer.start()
+    comm, cmdline, mark = read_names(4242, str(tmp_path / "proc"))
+    writer.join(10)
+    if during_read == "none":
+        assert (comm, cmdline, mark) == ("env", "env MEMWATCHD_TEST=1 python3", (777, "env", 1000, 1040))
+    else:
+        assert mark is None, (comm, cmdline, mark)
+    _fake_stat(proc / "stat", "python3", 0, 0)           # mid-exec: no argv yet, no mark at all
+    assert exec_mark(4242, str(tmp_path / "proc")) is None
+
+
+@needs_pidns
+def test_names_of_a_settled_process_carry_its_mark():
+    """A real process that is not exec'ing: read_names returns its names and the mark that
+    the decision compares (so it does not read the cmdline again)."""
+    r = run_scenario("""
+from memwatchd.targets import exec_mark, read_names
+p = subprocess.Popen(["sleep", "30"])
+wait_for(lambda: open(f"/proc/{p.pid}/comm").read().strip() == "sleep", 5)
+names = read_names(p.pid)
+result(names=list(names[:2]), mark=list(names[2]) if names[2] else None,
+       now=list(exec_mark(p.pid)))
+p.kill()
+""", timeout=30)
+    assert r["names"] == ["sleep", "sleep 30"]
+    assert r["mark"] == r["now"] and r["mark"][1] == "sleep" and r["mark"][2] < r["mark"][3]
 
 
 # ------------------------------------------ item 9: a congested disk does not hold up the signal
