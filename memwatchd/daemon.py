@@ -4,8 +4,9 @@ One thread. Each pass: re-resolve targets whose rescan is due, sample the
 targets whose time has come (adaptive: near a limit every min_interval, far
 from all limits about once per interval), ask the policy, re-check and act,
 follow up on signalled processes, ping systemd, then sleep in poll() until the
-next target is due, a PSI trigger fires, a signalled process dies, or a
-signal (SIGTERM, SIGHUP) arrives. Nothing here prints; it logs via report.log.
+next target is due, a PSI trigger fires, a signalled process dies, a process
+event (an exec or fork, memwatchd.procevents) comes, or a signal (SIGTERM, SIGHUP)
+arrives. Nothing here prints; it logs via report.log.
 """
 from __future__ import annotations
 
@@ -201,6 +202,7 @@ class Daemon:
         if self._psi_fd >= 0:
             os.close(self._psi_fd)
             self._psi_fd = -1
+        self.targets.close()
 
     # ----------------------------------------------------------------- loop
 
@@ -268,6 +270,9 @@ class Daemon:
         for target in self.targets.refresh(now):
             self.seen_target = True
             log(INFO, f"watching {target.watch.name}: {self._describe(target.key)}")
+        if self.targets.discovery_changed:
+            self.targets.discovery_changed = False
+            log(INFO, f"new processes are found by {self.targets.discovery}")
         self._log_problems()
         readings, gone = self.targets.sample_due(now)
         for target in gone:
@@ -385,6 +390,9 @@ class Daemon:
             poller.register(self.opts.command_pidfd, select.POLLIN)
         if self._psi_fd >= 0:
             poller.register(self._psi_fd, select.POLLPRI)
+        events_fd = self.targets.events_fd   # an exec or fork: the next tick judges it at once
+        if events_fd >= 0:
+            poller.register(events_fd, select.POLLIN)
         for victim in self.victims.values():
             for fd in victim.alive:   # a pidfd seen dead was closed: never polled again
                 poller.register(fd, select.POLLIN)
