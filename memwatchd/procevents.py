@@ -84,10 +84,11 @@ class Batch:
     """What one read of the socket brought: exec'd pids, new processes (parent, child),
     and whether events were lost (the caller must rescan everything)."""
 
-    __slots__ = ("execs", "forks", "lost", "more")
+    __slots__ = ("execs", "exec_ns", "forks", "lost", "more")
 
     def __init__(self) -> None:
         self.execs: List[int] = []
+        self.exec_ns: List[int] = []   # when each exec happened (CLOCK_MONOTONIC ns)
         self.forks: List[Tuple[int, int]] = []
         self.lost = False
         self.more = False      # MAX_EVENTS reached: the socket may hold more
@@ -161,7 +162,7 @@ class Connector:
             except socket.timeout:
                 raise Unavailable("the kernel did not answer LISTEN (a namespace it ignores, "
                                   "or a kernel without process events)") from None
-            for what, body, _seq, cn_ack in _events(data):
+            for what, body, _seq, cn_ack, _stamp in _events(data):
                 if what == PROC_EVENT_NONE and cn_ack == ack:
                     err = struct.unpack_from("=I", body)[0] if len(body) >= 4 else 0
                     if err:
@@ -186,7 +187,7 @@ class Connector:
                     batch.lost = True
                     continue     # the buffer is reset: go on reading what came since
                 raise
-            for what, body, _seq, _ack in _events(data):
+            for what, body, _seq, _ack, stamp in _events(data):
                 taken += 1
                 if what == PROC_EVENT_FORK and len(body) >= FORK.size:
                     _ppid, parent, child_pid, child = FORK.unpack_from(body)
@@ -194,12 +195,13 @@ class Connector:
                         batch.forks.append((parent, child))
                 elif what == PROC_EVENT_EXEC and len(body) >= EXEC.size:
                     batch.execs.append(EXEC.unpack_from(body)[1])
+                    batch.exec_ns.append(stamp)
         batch.more = True
         return batch
 
 
 def _events(data: bytes):
-    """(what, event body, cn seq, cn ack) of each proc_event in one datagram (several netlink messages
+    """(what, event body, cn seq, cn ack, timestamp ns) of each proc_event in one datagram (several netlink messages
     may share it); malformed ones are skipped."""
     offset = 0
     while offset + HEADERS <= len(data):
@@ -209,8 +211,8 @@ def _events(data: bytes):
         if kind != NLMSG_ERROR:
             idx, val, seq, ack = CN_MSG.unpack_from(data, offset + NLMSGHDR.size)[:4]
             if idx == CN_IDX_PROC and val == CN_VAL_PROC and length >= HEADERS:
-                what = EVENT_HEAD.unpack_from(data, offset + NLMSGHDR.size + CN_MSG.size)[0]
-                yield what, data[offset + HEADERS:offset + length], seq, ack
+                what, _cpu, stamp = EVENT_HEAD.unpack_from(data, offset + NLMSGHDR.size + CN_MSG.size)
+                yield what, data[offset + HEADERS:offset + length], seq, ack, stamp
         offset += (length + 3) & ~3
 
 
