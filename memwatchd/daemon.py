@@ -396,10 +396,19 @@ class Daemon:
         for victim in self.victims.values():
             for fd in victim.alive:   # a pidfd seen dead was closed: never polled again
                 poller.register(fd, select.POLLIN)
-        try:
-            events = poller.poll(timeout * 1000.0)
-        except InterruptedError:
-            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                events = poller.poll(timeout * 1000.0)
+            except InterruptedError:
+                return
+            if len(events) != 1 or events[0][0] != events_fd or self.targets.take_events():
+                break
+            # only process events, none for any watch (a new thread, an unrelated fork):
+            # read and dropped, no tick; the wait goes on
+            timeout = max(0.0, deadline - time.monotonic())
+            if self.targets.events_fd < 0 or timeout <= 0:
+                break
         for fd, _ in events:
             if fd == self._wake_r:
                 try:

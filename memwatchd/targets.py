@@ -377,6 +377,7 @@ class TargetSet:
         self.discovery = ""               # how new processes are found (the log, `status`)
         self.discovery_changed = False    # the daemon logs the new mode once
         self._events = collections.deque()   # ("exec", pid) / ("fork", parent, child) to handle
+        self._lost = ""                   # why events were lost since the last tick ("": none)
         self._check_host()
         self._update_discovery()
 
@@ -547,6 +548,7 @@ class TargetSet:
             self.connector.close()
             self.connector = None
         self._events.clear()
+        self._lost = ""
 
     def close(self) -> None:
         self._close_connector()
@@ -557,13 +559,27 @@ class TargetSet:
         are queued (the loop comes back at min_interval for them: see busy)."""
         return self.connector.fileno() if self.connector is not None and not self._events else -1
 
-    def _take_events(self, now: float) -> List[Target]:
-        """New processes from the connector, judged within the tick's cmdline budget:
-        an exec is matched against the cmdline watches, a fork joins a tree whose member
-        forked (and is matched when a cmdline target forked: the child shares its
-        command line). What the budget leaves is queued (EVENTS_KEPT at most); lost
-        events (the socket overflowed, or the queue did) rescan everything now."""
-        from memwatchd import cmdmatch, procevents
+    def _event_watches(self) -> Tuple[List[WatchConfig], Dict[int, Target], Set[int]]:
+        """The cmdline watches in force, tree member pid -> its tree, and the pids of
+        cmdline targets (their children share their command line)."""
+        watches = [w for w in self.config.watches if w.kind == "cmdline"
+                   and w.name not in self.off and w.name not in self.quarantined]
+        trees: Dict[int, Target] = {}
+        followed: Set[int] = set()
+        for t in self.targets.values():
+            if t.watch.scope == "tree" and not t.is_cgroup:
+                trees.update((pid, t) for pid, _start in t.members)
+            if t.watch.kind == "cmdline":
+                followed.add(t.pid)
+        return watches, trees, followed
+
+    def take_events(self) -> bool:
+        """Read one batch from the connector and queue what concerns a watch: every exec
+        while a cmdline watch exists, a fork by a tree member or a cmdline target (or by
+        a child queued so). True if the loop should tick now (something queued, events
+        lost); a new thread or an unrelated fork does not wake the loop's tick."""
+        if self.connector is None:
+            return False
         try:
             batch = self.connector.read()
         except OSError as e:
@@ -571,27 +587,38 @@ class TargetSet:
             self.discovery = f"rescan every {RESCAN_INTERVAL:g}s (process events failed: " \
                              f"{e.strerror or e})"
             self.discovery_changed = True
-            return []
-        self._events.extend(("exec", pid) for pid in batch.execs)
-        self._events.extend(("fork",) + fork for fork in batch.forks)
+            return True
+        queued = len(self._events)
+        if batch.execs and any(w.kind == "cmdline" for w in self.config.watches):
+            self._events.extend(("exec", pid) for pid in batch.execs)
+        if batch.forks:
+            _watches, trees, parents = self._event_watches()
+            parents.update(trees)
+            for parent, child in batch.forks:
+                if parent in parents:
+                    parents.add(child)          # its own children count too
+                    self._events.append(("fork", parent, child))
         if batch.lost or len(self._events) > EVENTS_KEPT:
             self._events.clear()
-            self._rescan_now(now, "the process-events socket overflowed" if batch.lost
-                             else f"over {EVENTS_KEPT} process events queued")
+            self._lost = "the process-events socket overflowed" if batch.lost \
+                else f"over {EVENTS_KEPT} process events queued"
+        return len(self._events) > queued or bool(self._lost)
+
+    def _take_events(self, now: float) -> List[Target]:
+        """The queued events, judged within the tick's cmdline budget: an exec is matched
+        against the cmdline watches, a fork joins a tree whose member forked (and is
+        matched when a cmdline target forked: the child shares its command line). What
+        the budget leaves stays queued; lost events rescan everything now."""
+        from memwatchd import cmdmatch
+        self.take_events()
+        if self._lost:
+            self._rescan_now(now, self._lost)
+            self._lost = ""
             return []
         if not self._events:
             return []
-        watches = [w for w in self.config.watches if w.kind == "cmdline"
-                   and w.name not in self.off and w.name not in self.quarantined]
-        trees = {}                        # member pid -> its tree target
-        followed = set()                  # pids of cmdline targets: their forks are judged
-        have = set()                      # (watch name, pid) already attached
-        for t in self.targets.values():
-            if t.watch.scope == "tree" and not t.is_cgroup:
-                trees.update((pid, t) for pid, _start in t.members)
-            if t.watch.kind == "cmdline":
-                followed.add(t.pid)
-                have.add((t.watch.name, t.pid))
+        watches, trees, followed = self._event_watches()
+        have = {(t.watch.name, t.pid) for t in self.targets.values() if t.watch.kind == "cmdline"}
         if self._work_until is None:
             self._work_until = time.perf_counter() + cmdmatch.BUDGET
         added: List[Target] = []
@@ -609,9 +636,9 @@ class TargetSet:
                         continue
                 if watches:
                     found = self._judge_new(watches, pid, have, alarm, now)
+                    added.extend(found)
                     followed.update(t.pid for t in found)
                     have.update((t.watch.name, t.pid) for t in found)
-                    added.extend(found)
         return added
 
     def _judge_new(self, watches: List[WatchConfig], pid: int, have: Set[tuple], alarm,

@@ -201,7 +201,7 @@ def test_a_child_forked_by_a_cmdline_target_is_judged_at_its_fork(tmp_path, tag)
     ts = target_set(tmp_path, f'[[watch]]\nname = "w"\ncmdline = "{tag}"\nlimit = "1G"\n')
     parent = subprocess.Popen([sys.executable, "-c",
                                "import os, sys, time\nsys.stdin.readline()\npid = os.fork()\n"
-                               "print(pid, flush=True)\ntime.sleep(20)\n", tag],
+                               "if pid:\n    print(pid, flush=True)\ntime.sleep(20)\n", tag],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     child = None
     try:
@@ -210,10 +210,11 @@ def test_a_child_forked_by_a_cmdline_target_is_judged_at_its_fork(tmp_path, tag)
         parent.stdin.write("\n")
         parent.stdin.flush()
         child = int(parent.stdout.readline())
+        assert child > 0
         assert wait_attached(ts, child)[0] is not None
     finally:
         ts.close()
-        if child:
+        if child and child > 0:
             os.kill(child, 9)         # our grandchild, by its pid
         parent.kill()
         parent.wait()
@@ -241,7 +242,7 @@ def test_a_new_child_of_a_tree_joins_it_at_its_fork(tmp_path, tag):
         assert kid in {pid for pid, _ in target.members}
     finally:
         ts.close()
-        if kid is not None:
+        if kid and kid > 0:
             os.kill(kid, 9)           # our grandchild, by its pid
         root.kill()
         root.wait()
@@ -289,15 +290,15 @@ def test_a_flood_of_execs_costs_each_tick_its_budget_only(tmp_path, tag):
         while not found and time.monotonic() < end:
             fd = ts.events_fd
             select.select([fd] if fd >= 0 else [], [], [], 0.01)
-            started = time.perf_counter()
+            started = time.thread_time()   # CPU: being descheduled on a busy machine is no work
             added = ts.refresh(time.monotonic())
-            slowest = max(slowest, time.perf_counter() - started)
+            slowest = max(slowest, time.thread_time() - started)
             rounds += 1
             found = any(t.pid == proc.pid for t in added)
         assert found
         assert rounds > 1, "the flood was handled in one tick: it was no flood"
-        # the budget plus one /proc read and one match; generous for a loaded machine
-        assert slowest < cmdmatch.BUDGET + 0.05, slowest
+        # the budget plus reading one batch (512 events) and one /proc read and match
+        assert slowest < cmdmatch.BUDGET + 0.03, slowest
     finally:
         ts.close()
         if proc is not None:
