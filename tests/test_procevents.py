@@ -389,3 +389,50 @@ result(log=daemon_log(), signals=hog_signals("late-hog"))
     assert "new processes are found by rescan every 2s (not in the initial pid namespace" \
         in out["log"], out["log"]
     assert out["signals"] and out["signals"][0]["signal"] == 15, out
+
+
+def test_forks_that_concern_no_watch_do_not_wake_the_tick(tmp_path, tag):
+    """A tree watch: forks of processes outside the tree (here 400, each child exiting at
+    once) are read and dropped inside the wait; the loop's tick count stays near its
+    idle pace. dry_run, guard off: nothing can be signalled."""
+    connector_or_skip().close()
+    config = tmp_path / "memwatchd.toml"
+    state = tmp_path / "state.json"
+    config.write_text(f'[daemon]\ndry_run = true\nevents = ""\nstate = "{state}"\n'
+                      f'[guard]\nenabled = false\n[[watch]]\nname = "t"\ncmdline = "{tag}"\n'
+                      f'scope = "tree"\nlimit = "1G"\n')
+    config.chmod(0o600)
+    daemon = subprocess.Popen([sys.executable, "-m", "memwatchd", "run", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={k: v for k, v in os.environ.items() if k != NO_PROC_EVENTS})
+    import json
+
+    def ticks() -> int:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                return json.loads(state.read_text())["daemon"]["ticks"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        raise AssertionError("no state file")
+
+    try:
+        ticks()
+        time.sleep(1.5)
+        before, started = ticks(), time.monotonic()
+        for _ in range(400):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        time.sleep(1.5)
+        during, seconds = ticks() - before, time.monotonic() - started
+        time.sleep(1.5)
+        before_idle = ticks()
+        time.sleep(seconds)
+        idle = ticks() - before_idle
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+    print(f"ticks: {during} while 400 unrelated forks ran, {idle} idle in the same time")
+    assert during <= idle + 10, (during, idle)
