@@ -10,6 +10,7 @@ ignores listeners, and memwatchd says it finds new processes by rescanning.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import statistics
@@ -196,56 +197,62 @@ def test_a_new_matching_process_is_attached_within_milliseconds_of_its_exec(tmp_
     assert statistics.median(delays) < 32, delays
 
 
+@contextlib.contextmanager
+def parent_of_one(tag: str, spawn: str):
+    """A Python process (tag in its command line) that, once released (a line on its
+    stdin), runs `spawn` (which sets pid: its one child) and prints the child's pid.
+    Yields (process, release); release() returns the child's pid. Both are killed by
+    pid afterwards."""
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import os, subprocess, sys, time\nsys.stdin.readline()\n"
+                             f"{spawn}\nif pid:\n    print(pid, flush=True)\ntime.sleep(20)\n",
+                             tag], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    kids = []
+
+    def release() -> int:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        kid = int(proc.stdout.readline())
+        assert kid > 0
+        kids.append(kid)
+        return kid
+    try:
+        yield proc, release
+    finally:
+        for kid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(kid, 9)        # our grandchild, by its pid
+        proc.kill()
+        proc.wait()
+
+
 def test_a_child_forked_by_a_cmdline_target_is_judged_at_its_fork(tmp_path, tag):
     """A child that never execs shares its parent's command line: it matches too."""
     ts = target_set(tmp_path, f'[[watch]]\nname = "w"\ncmdline = "{tag}"\nlimit = "1G"\n')
-    parent = subprocess.Popen([sys.executable, "-c",
-                               "import os, sys, time\nsys.stdin.readline()\npid = os.fork()\n"
-                               "if pid:\n    print(pid, flush=True)\ntime.sleep(20)\n", tag],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    child = None
     try:
-        assert wait_attached(ts, parent.pid)[0] is not None
-        ts.rescan_at["w"] = time.monotonic() + 3600
-        parent.stdin.write("\n")
-        parent.stdin.flush()
-        child = int(parent.stdout.readline())
-        assert child > 0
-        assert wait_attached(ts, child)[0] is not None
+        with parent_of_one(tag, "pid = os.fork()") as (parent, release):
+            assert wait_attached(ts, parent.pid)[0] is not None
+            ts.rescan_at["w"] = time.monotonic() + 3600     # only an event can find it now
+            assert wait_attached(ts, release())[0] is not None
     finally:
         ts.close()
-        if child and child > 0:
-            os.kill(child, 9)         # our grandchild, by its pid
-        parent.kill()
-        parent.wait()
 
 
 def test_a_new_child_of_a_tree_joins_it_at_its_fork(tmp_path, tag):
     ts = target_set(tmp_path, f'[[watch]]\nname = "t"\ncmdline = "{tag}"\nscope = "tree"\n'
                               f'limit = "1G"\n')
-    root = subprocess.Popen([sys.executable, "-c",
-                             "import subprocess, sys, time\nsys.stdin.readline()\n"
-                             "kid = subprocess.Popen(['sleep', '20'])\n"
-                             "print(kid.pid, flush=True)\ntime.sleep(20)\n", tag],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    kid = None
     try:
-        target = wait_attached(ts, root.pid)[0]
-        assert target is not None and len(target.members) == 1
-        root.stdin.write("\n")
-        root.stdin.flush()
-        kid = int(root.stdout.readline())
-        end = time.monotonic() + 5
-        while kid not in {pid for pid, _ in target.members} and time.monotonic() < end:
-            select.select([ts.events_fd], [], [], 0.2)
-            ts.refresh(time.monotonic())   # no sample_due: only the fork event adds it
-        assert kid in {pid for pid, _ in target.members}
+        with parent_of_one(tag, "pid = subprocess.Popen(['sleep', '20']).pid") as (root, release):
+            target = wait_attached(ts, root.pid)[0]
+            assert target is not None and len(target.members) == 1
+            kid = release()
+            end = time.monotonic() + 5
+            while kid not in {pid for pid, _ in target.members} and time.monotonic() < end:
+                select.select([ts.events_fd], [], [], 0.2)
+                ts.refresh(time.monotonic())   # no sample_due: only the fork event adds it
+            assert kid in {pid for pid, _ in target.members}
     finally:
         ts.close()
-        if kid and kid > 0:
-            os.kill(kid, 9)           # our grandchild, by its pid
-        root.kill()
-        root.wait()
 
 
 def test_an_overflow_rescans_at_once_so_no_target_is_lost(tmp_path, tag):
