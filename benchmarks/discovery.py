@@ -19,6 +19,11 @@ RSS (/proc/self/statm) when the signal landed and exits; a hog that never gets o
 reports "none". It also reports its own rate (RSS / time since its start, which includes
 Python's start-up before the first touch: a lower bound). Overshoot = RSS at SIGTERM - 200 MiB. 7 runs per mode, interleaved.
 
+With --host-dry-run it runs on this machine instead, in its initial pid namespace (the
+connector works there), with `dry_run = true` and the guard off, so nothing is ever
+signalled by memwatchd; the overshoot is then the usage on the first SIGTERM decision's
+record (re-read right before acting), and the benchmark ends each hog itself, by pid.
+
 Prints per mode the overshoots, median [min..max], then the last line
 `cmdline_overshoot_mib_median=X rescan_only_overshoot_mib_median=Y ratio=X/Y rate_mb_s=R`.
 
@@ -49,12 +54,8 @@ import mmap, os, signal, sys, time
 rate, cap, report = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 signal.alarm(15)                                 # hard time cap
 page = os.sysconf("SC_PAGE_SIZE")
-mem = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-try:
-    mem.madvise(mmap.MADV_HUGEPAGE)              # 2 MiB faults: 1 GB/s is reachable in a VM
-except (AttributeError, OSError):
-    pass
-block = b"" * (1 << 20)
+chunk, held = 4 << 20, []
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0x8000)
 start = time.monotonic()
 
 def rss():
@@ -68,9 +69,9 @@ def landed(sig, frame):
     os._exit(0)
 
 signal.signal(signal.SIGTERM, landed)
-for offset in range(0, cap, len(block)):
-    mem[offset:offset + len(block)] = block      # touched: counts in RSS at once
-    ahead = (offset + len(block)) / rate - (time.monotonic() - start)
+while len(held) * chunk < cap:
+    held.append(mmap.mmap(-1, chunk, flags=flags))   # populated: in RSS at once
+    ahead = len(held) * chunk / rate - (time.monotonic() - start)
     if ahead > 0:
         time.sleep(ahead)
 with open(report, "w") as f:
@@ -79,10 +80,14 @@ time.sleep(15)
 """
 
 
-def run_once(mode: str, delay: float, rate: float, work: Path) -> float:
-    """One daemon + one hog in this machine (the guest): MiB over the limit at SIGTERM."""
+def run_once(mode: str, delay: float, rate: float, work: Path, dry_run: bool = False):
+    """One daemon + one hog in this machine: (MiB over the limit when SIGTERM landed, or
+    with dry_run at the decision, the usage re-read right before acting; the hog's rate)."""
     config = work / "memwatchd.toml"
-    config.write_text(f'[daemon]\nevents = "{work}/events.jsonl"\nstate = ""\n'
+    events = work / "events.jsonl"
+    events.unlink(missing_ok=True)
+    config.write_text(f'[daemon]\nevents = "{events}"\nstate = ""\n'
+                      f'dry_run = {"true" if dry_run else "false"}\n'
                       f'[guard]\nenabled = false\n'
                       f'[[watch]]\nname = "late"\ncmdline = "{TAG}"\nlimit = "{LIMIT_MIB}M"\n'
                       f'warn = "150M"\n')
@@ -110,6 +115,19 @@ def run_once(mode: str, delay: float, rate: float, work: Path) -> float:
         time.sleep(delay)
         hog = subprocess.Popen([sys.executable, "-c", HOG, str(rate), str(CAP_MIB * MiB),
                                 str(report), TAG])
+        if dry_run:
+            decided = wait_decision(events, hog)
+            hog.terminate()    # ours, by pid (Popen): it reports its RSS and time, so its rate
+            try:
+                hog.wait(10)
+            except subprocess.TimeoutExpired:
+                hog.kill()
+                hog.wait()
+            rate_seen = 0.0
+            if report.exists():
+                text = report.read_text().split()
+                rate_seen = int(text[1]) / float(text[2]) / 1e6 if float(text[2]) > 0 else 0.0
+            return (decided / MiB - LIMIT_MIB if decided is not None else float("inf")), rate_seen
         hog.wait(30)
         text = report.read_text().split() if report.exists() else ["none", "0", "1"]
     finally:
@@ -122,6 +140,25 @@ def run_once(mode: str, delay: float, rate: float, work: Path) -> float:
     if text[0] == "none":
         return float("inf"), rate_seen
     return int(text[1]) / MiB - LIMIT_MIB, rate_seen
+
+
+def wait_decision(events: Path, hog: subprocess.Popen):
+    """dry run: usage_bytes of the first SIGTERM decision on record, None if the hog
+    reached its cap (or its time) first."""
+    import json
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        try:
+            for line in events.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("action") == "term":
+                    return record["usage_bytes"]
+        except (OSError, ValueError):
+            pass
+        if hog.poll() is not None:
+            return None
+        time.sleep(0.01)
+    return None
 
 
 def guest_main(args) -> int:
@@ -138,12 +175,14 @@ def guest_main(args) -> int:
         for rep in range(args.reps):
             delay = 2.0 * (rep + 0.5) / args.reps
             for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
-                over, rate_seen = run_once(mode, delay, args.rate * 1e6, Path(tmp))
+                over, rate_seen = run_once(mode, delay, args.rate * 1e6, Path(tmp),
+                                           dry_run=args.host_dry_run)
                 results[mode].append(over)
                 rates.append(rate_seen)
                 print(f"run {rep + 1} {mode}: start phase {delay:.2f}s, overshoot "
                       f"{over:.1f} MiB, hog grew at {rate_seen:.0f} MB/s", flush=True)
-    print(f"\nguest: Linux {os.uname().release}, {os.cpu_count()} CPUs, hog paced at "
+    where = "host, dry run (at the decision)" if args.host_dry_run else "guest"
+    print(f"\n{where}: Linux {os.uname().release}, {os.cpu_count()} CPUs, hog paced at "
           f"{args.rate:.0f} MB/s (reached: median {statistics.median(rates):.0f} MB/s, from its "
           f"start to the signal), limit {LIMIT_MIB}M, {args.reps} runs per mode")
     medians = {}
@@ -185,7 +224,13 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1500, help="hog MB/s (>= 1000)")
     p.add_argument("--timeout", type=float, default=900, help="seconds for the guest run")
     p.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--host-dry-run", action="store_true",
+                   help="on this machine, in its initial pid namespace, with dry_run = true and "
+                        "the guard off (nothing is signalled; the hog is killed by its pid): "
+                        "overshoot at the decision")
     args = p.parse_args()
+    if args.host_dry_run:
+        return guest_main(args)
     if args.guest:
         if os.environ.get("MEMWATCHD_DISCOVERY_GUEST") != "1":
             print("--guest is for the qemu guest only: this kills processes", file=sys.stderr)
