@@ -402,7 +402,7 @@ class Daemon:
                 events = poller.poll(timeout * 1000.0)
             except InterruptedError:
                 return
-            if len(events) != 1 or events[0][0] != events_fd or self.targets.take_events():
+            if len(events) != 1 or events[0][0] != events_fd or self._events_for_a_watch():
                 break
             # only process events, none for any watch (a new thread, an unrelated fork):
             # read and dropped, no tick; the wait goes on
@@ -420,6 +420,15 @@ class Daemon:
                 log(DEBUG, "PSI trigger fired")
                 for target in self.targets.targets.values():
                     target.next_due = 0.0
+
+    def _events_for_a_watch(self) -> bool:
+        """Read the process events that woke the wait; True if one concerns a watch (or
+        something went wrong: the tick sorts it out)."""
+        try:
+            return self.targets.take_events()
+        except Exception as e:   # a bug: said once; the tick's refresh meets it again
+            self._log_exception("process events", e)
+            return True
 
     # --------------------------------------------------------------- reload
 

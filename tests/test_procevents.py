@@ -389,13 +389,14 @@ limit = "150M"
 """)
 wait_for(lambda: "new processes are found by" in daemon_log())
 hog = start_hog("late-hog", rate_mib=200, cap_mib=400, seconds=20)
-exited_by(hog, timeout=20)
+code = exited_by(hog, timeout=20)
 stop(daemon)
-result(log=daemon_log(), signals=hog_signals("late-hog"))
+result(log=daemon_log(), code=code)
 ''', timeout=90)
     assert "new processes are found by rescan every 2s (not in the initial pid namespace" \
         in out["log"], out["log"]
-    assert out["signals"] and out["signals"][0]["signal"] == 15, out
+    # found up to one rescan late, it may be past 1.25x its limit: SIGKILL follows at once
+    assert "late: sent SIGTERM to pid" in out["log"] and out["code"] is not None, out
 
 
 def test_forks_that_concern_no_watch_do_not_wake_the_tick(tmp_path, tag):
