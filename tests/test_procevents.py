@@ -400,14 +400,16 @@ result(log=daemon_log(), code=code)
 
 
 def test_forks_that_concern_no_watch_do_not_wake_the_tick(tmp_path, tag):
-    """A tree watch: forks of processes outside the tree (here 400, each child exiting at
-    once) are read and dropped inside the wait; the loop's tick count stays near its
-    idle pace. dry_run, guard off: nothing can be signalled."""
+    """A tree watch (of a pid: no cmdline watch, so the execs other users of this shared
+    machine run concern no watch either): forks of processes outside the tree (here 400,
+    each child exiting at once) are read and dropped inside the wait; the loop's tick
+    count stays near its idle pace. dry_run, guard off: nothing can be signalled."""
     connector_or_skip().close()
+    tree = sleeper(tag, 60)
     config = tmp_path / "memwatchd.toml"
     state = tmp_path / "state.json"
     config.write_text(f'[daemon]\ndry_run = true\nevents = ""\nstate = "{state}"\n'
-                      f'[guard]\nenabled = false\n[[watch]]\nname = "t"\ncmdline = "{tag}"\n'
+                      f'[guard]\nenabled = false\n[[watch]]\nname = "t"\npid = {tree.pid}\n'
                       f'scope = "tree"\nlimit = "1G"\n')
     config.chmod(0o600)
     daemon = subprocess.Popen([sys.executable, "-m", "memwatchd", "run", "--config", str(config)],
@@ -442,5 +444,7 @@ def test_forks_that_concern_no_watch_do_not_wake_the_tick(tmp_path, tag):
     finally:
         daemon.terminate()
         daemon.wait(10)
+        tree.kill()
+        tree.wait()
     print(f"ticks: {during} while 400 unrelated forks ran, {idle} idle in the same time")
     assert during <= idle + 10, (during, idle)
