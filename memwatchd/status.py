@@ -77,7 +77,7 @@ def sample_once(config: Config, proc_root: str = "/", cgroup_root: str = CGROUP_
     from memwatchd.targets import TargetSet, ancestors
 
     never = ancestors(os.getpid(), os.path.join(proc_root, "proc"))
-    targets = TargetSet(config, proc_root, cgroup_root, never)
+    targets = TargetSet(config, proc_root, cgroup_root, never, events=False)   # one sample
     now = time.monotonic()
     targets.refresh(now)
     while targets.busy:   # a cmdline pass spans ticks in the daemon; here, finish it now

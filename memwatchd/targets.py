@@ -350,7 +350,7 @@ class TargetSet:
     """All current targets of a config, with the sampler tables that read them."""
 
     def __init__(self, config: Config, proc_root: str = "/", cgroup_root: str = CGROUP_ROOT,
-                 never: Iterable[int] = ()):
+                 never: Iterable[int] = (), events: bool = True):
         self.proc = os.path.join(proc_root, "proc")
         self.proc_root = proc_root
         self.cgroup_root = cgroup_root
@@ -378,6 +378,7 @@ class TargetSet:
         self.discovery_changed = False    # the daemon logs the new mode once
         self._events = collections.deque()   # ("exec", pid) / ("fork", parent, child) to handle
         self._lost = ""                   # why events were lost since the last tick ("": none)
+        self.use_events = events          # False: one-shot users (`status`) rescan only
         self._check_host()
         self._update_discovery()
 
@@ -529,7 +530,9 @@ class TargetSet:
             self.discovery = ""
         elif self.connector is None:
             why = ""
-            if os.environ.get(NO_PROC_EVENTS, "") not in ("", "0"):
+            if not self.use_events:
+                why = "not asked for"
+            elif os.environ.get(NO_PROC_EVENTS, "") not in ("", "0"):
                 why = f"{NO_PROC_EVENTS} is set"
             elif os.path.realpath(self.proc) != "/proc":
                 why = f"/proc is read at {self.proc}"
