@@ -10,12 +10,13 @@ the fallback, and the safety net for anything an event could miss.
 
 The connector is used only where its pids mean what /proc says:
 
-* it needs CAP_NET_ADMIN (the unit grants it; without, LISTEN is refused: EPERM);
+* before Linux 6.6 it needs CAP_NET_ADMIN (the unit grants it; without, the
+  kernel's answer to LISTEN is EPERM); 6.6 lets anyone listen;
 * the kernel reports pids of the initial pid namespace and ignores a LISTEN from
   any other pid or user namespace (tests run memwatchd in `unshare --pid`): there
   a pid from an event would name another process than /proc/<pid>, so the
-  connector is never opened outside the initial namespaces (NSpid has one entry,
-  the uid_map is the identity) and the daemon says "rescan only" instead;
+  connector is never opened outside the initial namespaces (initial_namespaces:
+  the namespace files' inode numbers) and the daemon says "rescan" instead;
 * its socket can overflow (ENOBUFS) under a flood of forks: events were dropped,
   so the caller rescans everything at once; a dropped event never loses a target.
 
@@ -55,7 +56,6 @@ HEADERS = NLMSGHDR.size + CN_MSG.size + EVENT_HEAD.size
 MAX_EVENTS = 512          # events taken per call: a flood waits (or overflows into a rescan)
 RCVBUF = 1 << 20          # socket buffer asked for; a full one drops events (ENOBUFS)
 ACK_WAIT = 0.5            # seconds to wait for the kernel's answer to LISTEN
-
 
 PID_NS_INIT_INO = 0xEFFFFFFC    # the kernel's fixed inode numbers of the initial
 USER_NS_INIT_INO = 0xEFFFFFFD   # pid and user namespaces (PROC_*_INIT_INO)
