@@ -23,6 +23,15 @@ GOLDEN = sorted(f for f in os.listdir(DATA) if f.endswith(".trace.gz"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def rows_of(line: str) -> list:
+    """The readings of one trace line, in either form: {"t": "s", "r": [...]} or format 2's
+    [m, id, usage, id, usage, ...]."""
+    obj = json.loads(line)
+    if isinstance(obj, list):
+        return [obj[i:i + 2] for i in range(1, len(obj), 2)]
+    return obj.get("r", [])
+
+
 def golden_lines(name: str) -> list:
     with gzip.open(os.path.join(DATA, name), "rb") as f:
         return f.read().splitlines(keepends=True)
@@ -50,7 +59,7 @@ def test_every_golden_trace_reads_without_damage_and_has_header_fields():
         t = trace.read_trace(os.path.join(DATA, name))
         assert t.damage == [], name
         h = t.header
-        assert h["format"] == trace.FORMAT and h["memwatchd"] and h["kernel"]
+        assert h["format"] == 1 and h["memwatchd"] and h["kernel"]   # recorded before format 2
         assert h["mem_total"] > 0 and "swap_total" in h and h["config"]["watch"]
         assert t.clean_end and t.runs and t.samples
         run = next(iter(t.runs.values()))
@@ -68,7 +77,7 @@ def test_idle_target_is_not_rewritten_and_a_move_of_more_than_1_in_256_is(tmp_pa
     daemon.run(30, usage=lambda i, t: base + (4096 if int(t) % 2 else 0))   # jitter: 1 page
     daemon.run(1, usage=lambda i, t: base + (base >> 7))                   # a real move
     daemon.trace.close()
-    rows = [r for line in path.read_text().splitlines() for r in json.loads(line).get("r", [])]
+    rows = [r for line in path.read_text().splitlines() for r in rows_of(line)]
     assert len(rows) == 2, rows
     assert len(rows[0]) == 4 and rows[1] == [1, base + (base >> 7)]
     t = trace.read_trace(str(path))
@@ -100,11 +109,13 @@ def test_a_target_parked_above_warn_is_written_at_its_crossings_and_replays_the_
         return 1100 * mib                                         # over the limit, sustained
     daemon.run(80, usage=usage)
     daemon.trace.close()
-    lines = [json.loads(l) for l in path.read_text().splitlines()]
-    t0 = lines[0]["m"]
-    parked = sum(len(l.get("r", [])) for l in lines if t0 + 5.5 < l["m"] < t0 + 59.5)
-    rearmed = sum(len(l.get("r", [])) for l in lines if t0 + 60.5 < l["m"] < t0 + 64.5)
-    live = [d for l in lines for d in l.get("d", [])]
+    text = path.read_text().splitlines()
+    lines = [json.loads(l) for l in text]
+    m = [l[0] if isinstance(l, list) else l["m"] for l in lines]
+    t0 = m[0]
+    parked = sum(len(rows_of(l)) for l, t in zip(text, m) if t0 + 5.5 < t < t0 + 59.5)
+    rearmed = sum(len(rows_of(l)) for l, t in zip(text, m) if t0 + 60.5 < t < t0 + 64.5)
+    live = [d for l in lines if isinstance(l, dict) for d in l.get("d", [])]
     assert [(d["kind"], d["reason"]) for d in live] == [
         ("warn", "warn-level"), ("warn", "warn-level"), ("signal", "over-limit")]
     # parked above warn for 54 s the daemon samples ~27 times a second (150 MiB of headroom at
@@ -118,7 +129,7 @@ def test_a_target_parked_above_warn_is_written_at_its_crossings_and_replays_the_
 
 def test_ring_drops_oldest_segments_keeps_its_cap_and_survives_a_restart(tmp_path):
     ring = tmp_path / "ring"
-    d = synthetic(trace.RingSink(str(ring), 2**20), n=20, seconds=900)
+    d = synthetic(trace.RingSink(str(ring), 2**20), n=30, seconds=900)   # ~1.1 MiB of format 2
     d.trace.close()
     files = trace.segment_files(str(ring))
     sizes = [os.path.getsize(f) for f in files]
@@ -127,9 +138,9 @@ def test_ring_drops_oldest_segments_keeps_its_cap_and_survives_a_restart(tmp_pat
     assert trace._segment_seq(files[0]) > 1            # the first ones were dropped
     first_seq = [trace._segment_seq(f) for f in files]
     t1 = trace.read_trace(str(ring))
-    assert t1.damage == [] and len(t1.runs) == 20      # segments continue the same runs
+    assert t1.damage == [] and len(t1.runs) == 30      # segments continue the same runs
     # a restart: a new segment after the last, what came before is kept
-    d2 = SyntheticDaemon(config_for(20), clock_start=d.now + 5)
+    d2 = SyntheticDaemon(config_for(30), clock_start=d.now + 5)
     d2.trace = trace.Recorder(trace.RingSink(str(ring), 2**20), d2.config, d2)
     d2.run(5)
     d2.trace.close()
