@@ -756,6 +756,7 @@ def _read(trace: Trace, files: List[str], stats: bool, window: int):
             except (StopIteration, ValueError):
                 obj, end = _NOT_JSON, -1
             if end == len(line) - 1 and line.isascii() and line[-1] == "\n":
+                rows = None
                 if type(obj) is list and compact:    # format 2: [m, id, usage, id, usage, ...]
                     m = obj[0]
                     if type(m) is float and len(obj) & 1:
@@ -771,24 +772,17 @@ def _read(trace: Trace, files: List[str], stats: bool, window: int):
                                     continue
                             rows = None   # the long way (it says what is wrong)
                             break
-                        if rows:
-                            t = m + offset
-                            sample = new(Sample, (t, rows, None, (), None, (), False))
-                            if t < last_t - 1e-9:
-                                out_of_order += 1
-                            elif t > last_t:
-                                last_t = t
                 elif seen_header and type(obj) is dict and len(obj) == 3:
                     m, r = obj.get("m"), obj.get("r")
                     if type(m) is float and type(r) is list and obj.get("t") == "s":
                         rows = fast_rows(r, short)
-                        if rows:
-                            t = m + offset
-                            sample = new(Sample, (t, rows, None, (), None, (), False))
-                            if t < last_t - 1e-9:
-                                out_of_order += 1
-                            elif t > last_t:
-                                last_t = t
+                if rows:
+                    t = m + offset
+                    sample = new(Sample, (t, rows, None, (), None, (), False))
+                    if t < last_t - 1e-9:
+                        out_of_order += 1
+                    elif t > last_t:
+                        last_t = t
             elif line[-1:] != "\n":
                 hurt(f"{at()}: truncated line (a torn write?), skipped")
                 continue
