@@ -104,26 +104,30 @@ def test_threads_are_not_reported_as_new_processes():
         conn.close()
 
 
+def try_connector(argv_before: list, patch: str = "") -> str:
+    """What a Connector() says in a fresh Python run under argv_before (unshare, setpriv):
+    "OPENED" or "UNAVAILABLE <why>"; patch runs first."""
+    code = (f"from memwatchd import procevents as p\n{patch}\n"
+            "try:\n    p.Connector(); print('OPENED')\n"
+            "except p.Unavailable as e:\n    print('UNAVAILABLE', e)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    return subprocess.run(argv_before + [sys.executable, "-c", code], capture_output=True,
+                          text=True, env=env, timeout=30).stdout
+
+
 def test_the_connector_is_refused_outside_the_initial_namespaces(tmp_path):
     """unshare --pid: the kernel reports host pids and ignores a LISTEN from there (no
     answer); unshare --net: there is no connector in that network namespace at all."""
     if os.geteuid() != 0:
         pytest.skip("needs root for unshare")
-    code = ("from memwatchd import procevents as p\n"
-            "try:\n    p.Connector(); print('OPENED')\n"
-            "except p.Unavailable as e:\n    print('UNAVAILABLE', e)\n")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    pidns = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
-                            code], capture_output=True, text=True, env=env, timeout=30)
-    assert pidns.stdout.startswith("UNAVAILABLE not in the initial pid namespace"), pidns
+    pidns = ["unshare", "--pid", "--fork", "--mount-proc"]
+    out = try_connector(pidns)
+    assert out.startswith("UNAVAILABLE not in the initial pid namespace"), out
     # the kernel's own verdict, without our namespace check: no answer to LISTEN
-    unchecked = code.replace("p.Connector()", "p.initial_namespaces = lambda proc: ''; p.Connector()")
-    pidns = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
-                            unchecked], capture_output=True, text=True, env=env, timeout=30)
-    assert pidns.stdout.startswith("UNAVAILABLE the kernel did not answer LISTEN"), pidns
-    netns = subprocess.run(["unshare", "--net", sys.executable, "-c", code],
-                           capture_output=True, text=True, env=env, timeout=30)
-    assert netns.stdout.startswith("UNAVAILABLE cannot listen to process events"), netns
+    out = try_connector(pidns, patch="p.initial_namespaces = lambda proc: ''")
+    assert out.startswith("UNAVAILABLE the kernel did not answer LISTEN"), out
+    out = try_connector(["unshare", "--net"])
+    assert out.startswith("UNAVAILABLE cannot listen to process events"), out
 
 
 def test_without_permission_the_kernel_refuses_or_allows_by_version():
@@ -131,22 +135,16 @@ def test_without_permission_the_kernel_refuses_or_allows_by_version():
     (EPERM in its answer); 6.6 and later let anyone listen."""
     if os.geteuid() != 0:
         pytest.skip("needs root to become nobody")
-    code = ("from memwatchd import procevents as p\n"
-            "try:\n    p.Connector(); print('OPENED')\n"
-            "except p.Unavailable as e:\n    print('UNAVAILABLE', e)\n")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                          sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=30)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    out = try_connector(nobody)
     assert "CapEff:\t0000000000000000" in subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat",
-         "/proc/self/status"], capture_output=True, text=True).stdout
+        nobody + ["cat", "/proc/self/status"], capture_output=True, text=True).stdout
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     if release < (6, 6):
-        assert out.stdout.startswith("UNAVAILABLE the kernel refused LISTEN"), out
-        assert "CAP_NET_ADMIN" in out.stdout
+        assert out.startswith("UNAVAILABLE the kernel refused LISTEN"), out
+        assert "CAP_NET_ADMIN" in out
     else:
-        assert out.stdout.startswith("OPENED"), out
+        assert out.startswith("OPENED"), out
 
 
 def test_a_full_socket_says_events_were_lost():
@@ -333,20 +331,26 @@ def test_the_variable_turns_the_connector_off(tmp_path, monkeypatch, tag):
     assert ts.discovery == f"rescan every 2s ({NO_PROC_EVENTS} is set)"
 
 
+def dry_run_daemon(tmp_path, watch: str, stdout) -> subprocess.Popen:
+    """`memwatchd run` with dry_run and the guard off (it can signal nothing), its state
+    file at tmp_path/state.json, this one [[watch]] table's body, process events allowed."""
+    config = tmp_path / "memwatchd.toml"
+    config.write_text(f'[daemon]\ndry_run = true\nevents = ""\nstate = "{tmp_path / "state.json"}"\n'
+                      f'[guard]\nenabled = false\n[[watch]]\n{watch}')
+    config.chmod(0o600)
+    return subprocess.Popen([sys.executable, "-m", "memwatchd", "run", "--config", str(config)],
+                            stdout=stdout, stderr=subprocess.STDOUT,
+                            env={k: v for k, v in os.environ.items() if k != NO_PROC_EVENTS})
+
+
 def test_the_daemon_in_the_host_namespace_says_process_events_and_attaches(tmp_path, tag):
     """`memwatchd run` for real, but dry_run and the guard off (no signal can be sent):
     it logs the mode once, `status` shows it, and a process started after it is watched
     well before the 2 s rescan would find it."""
     connector_or_skip().close()
-    config = tmp_path / "memwatchd.toml"
-    state = tmp_path / "state.json"
-    config.write_text(f'[daemon]\ndry_run = true\nevents = ""\nstate = "{state}"\n'
-                      f'[guard]\nenabled = false\n[[watch]]\nname = "late"\ncmdline = "{tag}"\n'
-                      f'limit = "1G"\n')
-    config.chmod(0o600)
-    log = tmp_path / "daemon.log"
-    daemon = subprocess.Popen([sys.executable, "-m", "memwatchd", "run", "--config", str(config)],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    config, state, log = tmp_path / "memwatchd.toml", tmp_path / "state.json", tmp_path / "daemon.log"
+    daemon = dry_run_daemon(tmp_path, f'name = "late"\ncmdline = "{tag}"\nlimit = "1G"\n',
+                            open(log, "w"))
     proc = None
     try:
         end = time.monotonic() + 20
@@ -406,15 +410,9 @@ def test_forks_that_concern_no_watch_do_not_wake_the_tick(tmp_path, tag):
     count stays near its idle pace. dry_run, guard off: nothing can be signalled."""
     connector_or_skip().close()
     tree = sleeper(tag, 60)
-    config = tmp_path / "memwatchd.toml"
     state = tmp_path / "state.json"
-    config.write_text(f'[daemon]\ndry_run = true\nevents = ""\nstate = "{state}"\n'
-                      f'[guard]\nenabled = false\n[[watch]]\nname = "t"\npid = {tree.pid}\n'
-                      f'scope = "tree"\nlimit = "1G"\n')
-    config.chmod(0o600)
-    daemon = subprocess.Popen([sys.executable, "-m", "memwatchd", "run", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={k: v for k, v in os.environ.items() if k != NO_PROC_EVENTS})
+    daemon = dry_run_daemon(tmp_path, f'name = "t"\npid = {tree.pid}\nscope = "tree"\n'
+                                      f'limit = "1G"\n', subprocess.DEVNULL)
     import json
 
     def ticks() -> int:
