@@ -354,8 +354,9 @@ class Daemon:
             self._quarantine(name, error)
 
     def _notify(self) -> None:
-        """READY=1 after the first successful tick, then STATUS= once a second and
-        WATCHDOG=1 from this (the main) thread only: a stuck loop stops the pings."""
+        """READY=1 after the first successful tick, then STATUS= looked at once a second
+        and sent only when its text changed (Notifier.status), and WATCHDOG=1 at its own
+        cadence, from this (the main) thread only: a stuck loop stops the pings."""
         now = self.clock()
         if self.ticks == 1:
             self.notifier.ready(self.status_line())

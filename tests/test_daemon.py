@@ -188,7 +188,8 @@ result(fate=fate, leftover=leftover, events=read_events(events), log=daemon_log(
 
 def test_notify_ready_watchdog_cadence_and_silence_while_stuck():
     """A real NOTIFY_SOCKET datagram socket: READY=1 after the first tick, WATCHDOG=1 at the
-    cadence WATCHDOG_USEC asks for, none while the loop is stopped (SIGSTOP), STOPPING=1."""
+    cadence WATCHDOG_USEC asks for, none while the loop is stopped (SIGSTOP), STOPPING=1;
+    STATUS= only when its text changed (issue 18: not the same line every second)."""
     r = run_scenario(f"""
 import socket
 path = WORK + "/notify.sock"
@@ -232,6 +233,9 @@ result(got=got, t_stop=t_stop, t_cont=t_cont, rc=rc, log=daemon_log())
     assert not [t for t in pings if r["t_stop"] + 0.05 < t < r["t_cont"]]   # stuck: silent
     assert [t for t in pings if t > r["t_cont"]]                           # back: pinging
     assert any("STOPPING=1" in m for m in texts) and r["rc"] == 0
+    statuses = [line for m in texts for line in m.split("\n") if line.startswith("STATUS=")]
+    assert statuses and statuses[0].startswith("STATUS=watching 0 targets"), statuses
+    assert all(a != b for a, b in zip(statuses, statuses[1:])), statuses   # never repeated
 
 
 def test_reload_keeps_old_config_on_error_and_applies_a_valid_one():
