@@ -189,6 +189,24 @@ class Notifier:
         self._last_ping = now
         return self._send("WATCHDOG=1")
 
+    def ping_socket(self) -> Optional[tuple]:
+        """(fd, every, first_in) for a wait that pings the watchdog itself (the daemon's
+        quiet wait, in C: sampler.wait_quiet): the connected socket, ping_interval, and
+        the seconds until the next ping is due. None without a watchdog or before the
+        socket is connected (the first message connects it). Report what was sent with
+        pinged(): the cadence goes on from there."""
+        if not self._watchdog_usec or self._notifier is None:
+            return None
+        every = self._watchdog_usec / 4e6
+        first = 0.0 if self._last_ping is None else max(0.0, self._last_ping + every - self._clock())
+        return self._notifier.socket.fileno(), every, first
+
+    def pinged(self, n: int, ago: float = 0.0) -> None:
+        """n WATCHDOG=1 datagrams were sent on ping_socket(), the last one ago seconds ago."""
+        if n > 0:
+            self.sent += n
+            self._last_ping = self._clock() - ago
+
     def close(self) -> None:
         self._status = None   # a new connection may reach a new PID 1: say it again
         if self._notifier is not None:
