@@ -430,7 +430,7 @@ class Daemon:
         it replaces: reaction is unchanged. Returns the fds that fired, [] when the
         loop should tick, None when the ordinary wait applies."""
         d, g, host = self.config.daemon, self.config.guard, self.host
-        if (timeout < d.interval * 0.25 or host is None or host.mem_total <= 0
+        if (timeout <= 0 or host is None or host.mem_total <= 0
                 or host.mem_available < 0 or self.victims or self._held or self._tick_failed
                 or self.targets.busy or self.targets.unit_paths or self.trace is not None
                 or (self.runner is not None and self.runner.running)):
