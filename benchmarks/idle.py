@@ -38,24 +38,14 @@ WARMUP = 5.0
 
 
 def write_config(workdir: str, name: str, pids: list) -> str:
-    path = os.path.join(workdir, f"{name}.toml")
-    lines = [f'[daemon]\nevents = "{workdir}/{name}-events.jsonl"\n'
-             f'state = "{workdir}/{name}-state.json"\n']
-    for i, pid in enumerate(pids):
-        lines.append(f'[[watch]]\nname = "job-{i}"\npid = {pid}\nlimit = "1G"\n')
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    os.chmod(path, 0o600)
-    return path
+    return _benchlib.pid_watch_config(
+        os.path.join(workdir, f"{name}.toml"),
+        f'[daemon]\nevents = "{workdir}/{name}-events.jsonl"\nstate = "{workdir}/{name}-state.json"\n',
+        pids)
 
 
 def notify_socket(workdir: str, name: str, env: dict) -> socket.socket:
-    path = os.path.join(workdir, f"{name}-notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="10000000")
-    return sock
+    return _benchlib.notify_socket(os.path.join(workdir, f"{name}-notify.sock"), env)
 
 
 def drain(sock: socket.socket) -> list:

@@ -395,12 +395,7 @@ floor = psutil.virtual_memory().available - (1536 << 20)
 write_config(config(floor))
 os.kill(d.pid, signal.SIGHUP)
 wait_for(lambda: "reloaded" in daemon_log(), 10)
-def ticks():
-    try:
-        with open(state_path) as f:
-            return json.load(f)["daemon"]["ticks"]
-    except (OSError, ValueError, KeyError):
-        return None
+ticks = lambda: state_ticks(state_path)
 wait_for(lambda: ticks() is not None and ticks() > 1, 5)
 idle_ticks = ticks()
 drain(2.0)                                  # quiet again under the new floor
@@ -467,12 +462,7 @@ wait_for(lambda: "watching grower" in daemon_log(), 15)
 time.sleep(4.0)
 os.kill(d.pid, signal.SIGHUP)              # a reload: the state is written with the ticks so far
 wait_for(lambda: "reloaded" in daemon_log(), 10)
-def ticks():
-    try:
-        with open(state_path) as f:
-            return json.load(f)["daemon"]["ticks"]
-    except (OSError, ValueError, KeyError):
-        return None
+ticks = lambda: state_ticks(state_path)
 wait_for(lambda: (ticks() or 0) > 1, 5)
 idle_ticks = ticks()
 time.sleep(1.0)
