@@ -4,8 +4,9 @@ One thread. Each pass: re-resolve targets whose rescan is due, sample the
 targets whose time has come (adaptive: near a limit every min_interval, far
 from all limits about once per interval), ask the policy, re-check and act,
 follow up on signalled processes, ping systemd, then sleep in poll() until the
-next target is due, a PSI trigger fires, a signalled process dies, or a
-signal (SIGTERM, SIGHUP) arrives. Nothing here prints; it logs via report.log.
+next target is due, a PSI trigger fires, a signalled process dies, a process
+event (an exec or fork, memwatchd.procevents) comes, or a signal (SIGTERM, SIGHUP)
+arrives. Nothing here prints; it logs via report.log.
 """
 from __future__ import annotations
 
@@ -202,6 +203,7 @@ class Daemon:
         if self._psi_fd >= 0:
             os.close(self._psi_fd)
             self._psi_fd = -1
+        self.targets.close()
 
     # ----------------------------------------------------------------- loop
 
@@ -269,6 +271,9 @@ class Daemon:
         for target in self.targets.refresh(now):
             self.seen_target = True
             log(INFO, f"watching {target.watch.name}: {self._describe(target.key)}")
+        if self.targets.discovery_changed:
+            self.targets.discovery_changed = False
+            log(INFO, f"new processes are found by {self.targets.discovery}")
         self._log_problems()
         readings, gone = self.targets.sample_due(now)
         for target in gone:
@@ -383,15 +388,27 @@ class Daemon:
             due.append(now + ping)
         timeout = max(FAILED_TICK_PAUSE if self._tick_failed else 0.0, min(due) - now)
         fds = self._wait_fds()
-        events = self._wait_quiet(now, unpinged, fds)
-        if events is None:
-            poller = select.poll()
-            for fd, mask in fds:
-                poller.register(fd, mask)
-            try:
-                events = poller.poll(timeout * 1000.0)
-            except InterruptedError:
-                return
+        events_fd = self.targets.events_fd   # an exec or fork: the next tick judges it at once
+        start = time.monotonic()
+        poller = None
+        while True:
+            waited = time.monotonic() - start
+            events = self._wait_quiet(self.clock(), unpinged - waited, fds)
+            if events is None:
+                if poller is None:
+                    poller = select.poll()
+                    for fd, mask in fds:
+                        poller.register(fd, mask)
+                try:
+                    events = poller.poll(max(0.0, timeout - waited) * 1000.0)
+                except InterruptedError:
+                    return
+            if len(events) != 1 or events[0][0] != events_fd or self._events_for_a_watch():
+                break
+            # only process events, none for any watch (a new thread, an unrelated fork):
+            # read and dropped, no tick; the wait goes on
+            if self.targets.events_fd < 0 or timeout - (time.monotonic() - start) <= 0:
+                break
         for fd, _ in events:
             if fd == self._wake_r:
                 try:
@@ -406,12 +423,14 @@ class Daemon:
 
     def _wait_fds(self) -> List[tuple]:
         """(fd, poll events) the loop's wait wakes on: the signal pipe, `watch`'s command,
-        the PSI trigger, every victim's pidfds."""
+        the PSI trigger, the process-events socket, every victim's pidfds."""
         fds = [(self._wake_r, select.POLLIN)]
         if self.opts.command_pidfd >= 0 and not self.victims:  # once dead it stays readable
             fds.append((self.opts.command_pidfd, select.POLLIN))
         if self._psi_fd >= 0:
             fds.append((self._psi_fd, select.POLLPRI))
+        if self.targets.events_fd >= 0:   # process events (procevents): new processes
+            fds.append((self.targets.events_fd, select.POLLIN))
         for victim in self.victims.values():
             for fd in victim.alive:   # a pidfd seen dead was closed: never polled again
                 fds.append((fd, select.POLLIN))
@@ -509,6 +528,15 @@ class Daemon:
         reach = int(fill * step)
         quiet = [(t, min(level - reach, t.usage + moved)) for t, level, moved in quiet]
         return quiet, step
+
+    def _events_for_a_watch(self) -> bool:
+        """Read the process events that woke the wait; True if one concerns a watch (or
+        something went wrong: the tick sorts it out)."""
+        try:
+            return self.targets.take_events()
+        except Exception as e:   # a bug: said once; the tick's refresh meets it again
+            self._log_exception("process events", e)
+            return True
 
     # --------------------------------------------------------------- reload
 

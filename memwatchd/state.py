@@ -423,6 +423,7 @@ class Publisher:
             "started_at_unix": self.started_at,
             "version": __version__,
             "sampler": sampler.IMPLEMENTATION,
+            "discovery": getattr(daemon.targets, "discovery", ""),   # "" when nothing needs it
             "rss_bytes": self.rss(),
             "ticks": daemon.ticks,
             "actions_taken": daemon.actions_taken,
