@@ -35,6 +35,7 @@ ON_ACTION_TIMEOUT = 30.0
 GIVE_UP_AFTER = 30.0      # seconds after the last signal: record "did not exit", keep looking
 STATUS_EVERY = 1.0
 WRITE_AHEAD_WAIT = 0.5    # seconds the loop waits for a decision record to be on disk (fsync)
+EVENTS_COALESCE = 0.005   # seconds between reads of process events that concern no watch
 CMDLINE_WAIT = 0.25       # seconds the loop waits for a victim's cmdline (its mmap_lock)
 REVISIT_EVERY = 2.0       # seconds between looks at throttled / frozen cgroups
 STOPPED_KEPT = 32         # decision records kept in stopped_for_memory (`watch`'s summary)
@@ -407,8 +408,12 @@ class Daemon:
                 break
             # only process events, none for any watch (a new thread, an unrelated fork):
             # read and dropped, no tick; the wait goes on
-            if self.targets.events_fd < 0 or timeout - (time.monotonic() - start) <= 0:
+            left = timeout - (time.monotonic() - start)
+            if self.targets.events_fd < 0 or left <= 0:
                 break
+            # a burst (a build forking thousands a second) is read in batches, not one
+            # wake-up per fork: a few ms late at worst for the next matching exec
+            time.sleep(min(EVENTS_COALESCE, left))
         for fd, _ in events:
             if fd == self._wake_r:
                 try:
