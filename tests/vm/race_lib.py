@@ -124,7 +124,8 @@ def env_scenarios():
 # ------------------------------------------------ issue 15: memwatchd with and without predict
 
 # variant (scenario/race.py VARIANTS) -> the plain scenario it repeats with [guard] predict
-PREDICT_PAIRS = {"leak_swap_predict": "leak_swap", "leak_swap_predict_nopsi": "leak_swap_nopsi"}
+PREDICT_PAIRS = {"leak_swap_predict": "leak_swap", "leak_swap_predict_nopsi": "leak_swap_nopsi",
+                 "leak_swap_predict_noswap": "leak_swap_noswap"}
 
 
 def runs_of(race, name):

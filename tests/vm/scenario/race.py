@@ -59,6 +59,10 @@ VARIANTS = {
     # with predict, pressure off: what prediction adds where the stall share is not measured
     "leak_swap_nopsi": ("leak_swap", "psi_full = 0"),
     "leak_swap_predict_nopsi": ("leak_swap", 'predict = "30s"\npsi_full = 0'),
+    # on request: the guard (and so the trend) counting MemAvailable only, without and with
+    # predict: what the host trend did before it counted swap
+    "leak_swap_noswap": ("leak_swap", "count_swap = false"),
+    "leak_swap_predict_noswap": ("leak_swap", 'predict = "30s"\ncount_swap = false'),
 }
 DEFAULT_VARIANTS = ("leak_swap_predict",)   # run in every memwatchd boot (the CI column too)
 MEMWATCHD_CONFIG = "/etc/memwatchd/memwatchd.toml"
@@ -332,7 +336,10 @@ def run_scenario(name, spec, guardian):
     start, start_wall = mono(), time.time()
     for unit, argv in units:
         run("systemctl", "reset-failed", unit + ".service")
-        r = run("systemd-run", "--unit", unit, "--remain-after-exit", "--collect",
+        # no --collect: it unloads a unit that *failed*, and a SIGKILL is a failure (a
+        # SIGTERM is a clean exit for systemd), so a SIGKILLed hog read back as "not killed"
+        # (measured: psi-full-critical kills); the unit is stopped and reset below
+        r = run("systemd-run", "--unit", unit, "--remain-after-exit",
                 "-p", "MemorySwapMax=infinity", *argv)
         out.setdefault("start_errors", []).append(r.stderr.strip()) if r.returncode else None
     cap = max(float(a[a.index("--max-seconds") + 1]) for _, a in units) + 15
@@ -366,8 +373,9 @@ def run_scenario(name, spec, guardian):
         killed = props["ExecMainCode"] == "2" or props["Result"] in ("oom-kill", "signal")
         ends[unit] = {"killed": killed, "result": props["Result"], "signal": props["ExecMainStatus"]
                       if props["ExecMainCode"] == "2" else "", "code": props["ExecMainCode"]}
-        try:   # when it ended, in seconds after the scenario started
-            ends[unit]["ended_after_s"] = round(int(props["ExecMainExitTimestampMonotonic"]) / 1e6 - start, 2)
+        try:   # when it ended, in seconds after the scenario started (0: still running)
+            exited = int(props["ExecMainExitTimestampMonotonic"])
+            ends[unit]["ended_after_s"] = round(exited / 1e6 - start, 2) if exited > 0 else None
         except ValueError:
             pass
         run("systemctl", "stop", unit + ".service")
