@@ -446,8 +446,8 @@ class Policy:
         if share is not None and share[0] > 0 and pressure_gate(g, host):
             wait = min(wait, max(d.min_interval, PSI_INTERVAL))  # pressure building: look closer
         e = self.host_trend.estimate if g.predict > 0 else None
-        if e is not None:   # predictive trigger: resolve the predicted fall
-            wait = max(d.min_interval, min(wait, e[0] / PREDICT_SAMPLES))
+        if e is not None:   # predictive trigger: resolve the predicted fall (never slower than
+            wait = min(wait, max(d.min_interval, e[0] / PREDICT_SAMPLES))   # without it)
         return wait
 
     def guard_observe(self, now: float, host: HostSample) -> Optional[Tuple[float, float]]:

@@ -613,3 +613,21 @@ def test_a_replayed_host_filling_its_swap_is_predicted_on_the_guards_headroom(tm
         assert reason == REASON_PREDICT and reason_off == REASON_GUARD_LOW and t < t_off, firsts
         assert term_below < room(t, count_swap) < predict.HOST_FLOOR * term_below, (firsts, count_swap)
     assert firsts[True, 30.0][0] > firsts[False, 30.0][0] + 20   # swap bought ~27 s: counted
+
+
+def test_the_host_trend_never_makes_the_guard_sample_slower():
+    """Near its floor the guard samples GUARD_FASTER times as often as min_interval; a
+    finite host estimate may only shorten the wait (it resolved the fall at min_interval,
+    undoing the faster sampling)."""
+    host_at = filling(3 * GiB, 0)
+    on, off = Policy(swap_guard_config()), Policy(swap_guard_config(predict_=None))
+    waits = []
+    for i in range(int(30 / DT)):
+        t = i * DT
+        host = host_at(t)
+        for p in (on, off):
+            p.guard_wants_victim(t, host)
+        waits.append((on.guard_interval(host), off.guard_interval(host)))
+    assert all(w_on <= w_off for w_on, w_off in waits), [w for w in waits if w[0] > w[1]][:3]
+    assert any(w_on < w_off for w_on, w_off in waits)         # the estimate did shorten some
+    assert min(w_off for _, w_off in waits) < on.config.daemon.min_interval   # near the floor

@@ -125,7 +125,8 @@ def env_scenarios():
 
 # variant (scenario/race.py VARIANTS) -> the plain scenario it repeats with [guard] predict
 PREDICT_PAIRS = {"leak_swap_predict": "leak_swap", "leak_swap_predict_nopsi": "leak_swap_nopsi",
-                 "leak_swap_predict_noswap": "leak_swap_noswap"}
+                 "leak_swap_predict_noswap": "leak_swap_noswap", "benign_cold_predict": "benign_cold",
+                 "benign_cold_predict_noswap": "benign_cold"}
 
 
 def runs_of(race, name):
@@ -147,15 +148,17 @@ def predict_rows(race):
     """One line per run of each predict pair: pause, first action (when, why, at what size)."""
     lines = ["%-24s %9s %9s %-22s %9s %9s %-10s" % ("scenario", "pause s", "acted s", "first action",
                                                     "usage MiB", "avail MiB", "wrong")]
+    names = []
     for on, off in PREDICT_PAIRS.items():
-        for name in (off, on):
-            for s in runs_of(race, name):
-                a = first_action(s) or {}
-                lines.append("%-24s %9s %9s %-22s %9s %9s %-10s" % (
-                    name, _f(pause(s)), _f(a.get("after_s")),
-                    ("%s %s" % (a.get("action"), a.get("reason"))) if a else "-",
-                    a.get("usage_mib", "-"), a.get("mem_available_mib", "-"),
-                    ",".join(s.get("wrong_kills") or []) or "-"))
+        names += [n for n in (off, on) if n not in names]
+    for name in names:
+        for s in runs_of(race, name):
+            a = first_action(s) or {}
+            lines.append("%-24s %9s %9s %-22s %9s %9s %-10s" % (
+                name, _f(pause(s)), _f(a.get("after_s")),
+                ("%s %s" % (a.get("action"), a.get("reason"))) if a else "-",
+                a.get("usage_mib", "-"), a.get("mem_available_mib", "-"),
+                ",".join(s.get("wrong_kills") or []) or "-"))
     return "\n".join(lines)
 
 

@@ -63,8 +63,12 @@ VARIANTS = {
     # predict: what the host trend did before it counted swap
     "leak_swap_noswap": ("leak_swap", "count_swap = false"),
     "leak_swap_predict_noswap": ("leak_swap", 'predict = "30s"\ncount_swap = false'),
+    # the benign control with predict: cold pages going to swap (still free) are not a leak
+    "benign_cold_predict": ("benign_cold", 'predict = "30s"'),
+    # on request: the same counting MemAvailable only (what the host trend did before)
+    "benign_cold_predict_noswap": ("benign_cold", 'predict = "30s"\ncount_swap = false'),
 }
-DEFAULT_VARIANTS = ("leak_swap_predict",)   # run in every memwatchd boot (the CI column too)
+DEFAULT_VARIANTS = ("leak_swap_predict", "benign_cold_predict")   # in every memwatchd boot (CI too)
 MEMWATCHD_CONFIG = "/etc/memwatchd/memwatchd.toml"
 MEMWATCHD_EVENTS = "/var/lib/memwatchd/events.jsonl"
 
