@@ -26,7 +26,7 @@ leak_swap_predict#2,... ("name#N" runs a scenario again); leak_swap_nopsi and
 leak_swap_predict_nopsi (pressure off) on request.
 
 Run: sudo .venv/bin/python benchmarks/vm_race.py [--guardians none,memwatchd] [--scenarios a,b]
-(qemu, the VM tier's image; about 6 minutes per guardian under TCG).
+(qemu, the VM tier's image; about 6 minutes per guardian under TCG, memwatchd's ~2.5 more).
 """
 import argparse
 import json
