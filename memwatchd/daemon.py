@@ -27,7 +27,7 @@ from memwatchd.sampler import parse_stat_start_time
 from memwatchd.swapinfo import SwapWatcher
 from memwatchd.systemd import Notifier
 from memwatchd.targets import (TargetSet, ancestors, exec_mark, read_cgroup, read_cmdline, read_comm,
-                               read_small)
+                               read_small, valid_mark)
 from memwatchd.types import Candidate, ConfigError, HostSample, MemwatchdError, TargetGone
 
 ON_ACTION_TIMEOUT = 30.0
@@ -584,14 +584,14 @@ class Daemon:
         thread. The target (logs, status) takes the new names too."""
         mark = exec_mark(target.pid, self._proc)
         if mark is None or mark[0] != target.start_time:
-            return target.comm, None if mark is None else target.cmdline   # exiting or mid-exec
+            return target.comm, None if mark is None else target.cmdline   # exiting
         comm = mark[1]
-        if mark == target.names_mark:
+        if valid_mark(mark) and mark == target.names_mark:
             return comm, target.cmdline
         cmdline = self._fresh_cmdline(target.pid, target.start_time)
         if cmdline is None and comm == target.comm and target.cmdline:
             cmdline = target.cmdline      # not read in time, but the same program: its cmdline
-        elif cmdline and exec_mark(target.pid, self._proc) == mark:
+        elif cmdline and valid_mark(mark) and exec_mark(target.pid, self._proc) == mark:
             target.names_mark = mark      # no exec during the read: these names hold until one
         if comm != target.comm or (cmdline is not None and cmdline != target.cmdline):
             target.comm = comm

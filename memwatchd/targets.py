@@ -90,17 +90,22 @@ def read_cmdline(pid: int, proc: str = "/proc") -> str:
 def exec_mark(pid: int, proc: str = "/proc") -> Optional[tuple]:
     """(start time, comm, arg_start, arg_end) from one read of /proc/<pid>/stat, which
     takes no mmap_lock: an exec changes comm or the argv addresses (a new stack), so an
-    unchanged mark means a cmdline read under it is still the program's. None if
-    unreadable, too old a kernel (< 3.5, no argv fields) or mid-exec (no argv yet)."""
+    unchanged mark means a cmdline read under it is still the program's (valid_mark says
+    when it can vouch: not mid-exec, nor a leader whose thread group lives on without it,
+    whose argv fields read 0). None if unreadable or too old a kernel (< 3.5)."""
     try:
         data = read_small(f"{proc}/{pid}/stat")
         close = data.rindex(b")")
         rest = data[close + 2:].split()
         comm = data[data.index(b"(") + 1:close].decode("utf-8", "backslashreplace")
-        mark = int(rest[19]), comm, int(rest[45]), int(rest[46])
+        return int(rest[19]), comm, int(rest[45]), int(rest[46])
     except (OSError, ValueError, IndexError):
         return None
-    return mark if mark[2] < mark[3] else None
+
+
+def valid_mark(mark: Optional[tuple]) -> bool:
+    """Whether an exec_mark shows a program with its argv in place."""
+    return mark is not None and mark[2] < mark[3]
 
 
 def read_names(pid: int, proc: str = "/proc") -> Tuple[str, str, Optional[tuple]]:
@@ -110,7 +115,7 @@ def read_names(pid: int, proc: str = "/proc") -> Tuple[str, str, Optional[tuple]
     before = exec_mark(pid, proc)
     comm, cmdline = read_comm(pid, proc), read_cmdline(pid, proc)
     after = exec_mark(pid, proc)
-    return comm, cmdline, before if before == after and cmdline else None
+    return comm, cmdline, before if before == after and valid_mark(before) and cmdline else None
 
 
 def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, Optional[bool]]:
