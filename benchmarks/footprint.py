@@ -19,13 +19,16 @@ start-up and the compiler's arenas inflate RSS. So it runs twice:
   - "traced": as "cached", with `[daemon] trace` set (the trace ring, issue 14): its
     RSS and CPU next to "cached" are what recording costs at idle; it also prints how
     many bytes per minute the ring grew.
+  - "predict": as "cached", with the predictive trigger on (issue 15): `[guard] predict`
+    and `predict` on PREDICTING of the watches (write_predict_config); next to "cached"
+    it is what the trends cost at idle.
 Then, for the run path (memwatchd.entry -> config -> daemon), the RSS after each import
 and the packages it loads, so a regression names its culprit.
 Goal: steady-state VmRSS of `memwatchd run` at most 12 MiB. The last line (cached) is
 `rss_mib=<x> bare_python_rss_mib=<y> idle_cpu_ms_per_min=<z>`.
 
-Run: python benchmarks/footprint.py [--seconds 60] [--modes cached,no-pyc,traced]
-(as root: needs unshare(1) for the namespace). About 3.5 minutes with the defaults.
+Run: python benchmarks/footprint.py [--seconds 60] [--modes cached,no-pyc,traced,predict]
+(as root: needs unshare(1) for the namespace). About 4.5 minutes with the defaults.
 """
 from __future__ import annotations
 
@@ -95,9 +98,26 @@ def write_config(workdir: str, pids: list, trace: str = "") -> str:
         f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\ntrace = "{trace}"\n', pids)
 
 
+def write_predict_config(workdir: str, pids: list) -> str:
+    """The "predict" mode's config (issue 15): the guard and PREDICTING of the watches
+    with a 30 s horizon, so the daemon keeps a trend for the host and for each of them."""
+    path = os.path.join(workdir, "memwatchd-predict.toml")
+    lines = [f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\n\n[guard]\npredict = "30s"\n']
+    for i, pid in enumerate(pids):
+        lines.append(f'[[watch]]\nname = "job-{i}"\npid = {pid}\nlimit = "1G"\n'
+                     + ('predict = "30s"\n' if i < PREDICTING else ""))
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    os.chmod(path, 0o600)
+    return path
+
+
+PREDICTING = 3
+
+
 def mode_env(mode: str, cache_dir: str) -> dict:
     env = dict(os.environ, PYTHONPYCACHEPREFIX=cache_dir)
-    if mode in ("cached", "traced"):
+    if mode in ("cached", "traced", "predict"):
         env.pop("PYTHONDONTWRITEBYTECODE", None)
     else:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -127,7 +147,7 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
     notify = notify_listener(workdir, env)
     daemon_cmd = _benchlib.memwatchd_command() + ["run", "--config", config]
     bare_cmd = [sys.executable, "-c", f"import time; time.sleep({seconds + 30})"]
-    if mode in ("cached", "traced"):  # warm the cache: one start of each, then stop
+    if mode in ("cached", "traced", "predict"):  # warm the cache: one start of each, then stop
         warm = subprocess.Popen(daemon_cmd, env=env, stderr=subprocess.DEVNULL)
         subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
         time.sleep(3.0)
@@ -204,6 +224,7 @@ def inner(args) -> int:
         with tempfile.TemporaryDirectory(prefix="memwatchd-bench-") as workdir:
             config = write_config(workdir, [p.pid for p in sleepers])
             traced = write_config(workdir, [p.pid for p in sleepers], os.path.join(workdir, "trace"))
+            configs = {"traced": traced, "predict": write_predict_config(workdir, [p.pid for p in sleepers])}
             print(_benchlib.machine())
             print(f"`{' '.join(os.path.basename(c) for c in _benchlib.memwatchd_command())} run` with "
                   f"{N_TARGETS} pid watches + the host guard, next to `{os.path.basename(sys.executable)} "
@@ -212,7 +233,7 @@ def inner(args) -> int:
             print(f"{'mode':<8} {'memwatchd VmRSS':>22} {'anon':>6} {'file':>6} {'peak':>6}"
                   f" {'bare python':>12} {'anon':>6} {'file':>6} {'ratio':>6} {'CPU ms/min':>11}")
             for mode in modes:
-                r = measure(mode, traced if mode == "traced" else config, args.seconds, workdir)
+                r = measure(mode, configs.get(mode, config), args.seconds, workdir)
                 results[mode] = r
                 print(f"{mode:<8} {r['rss']:>8.1f} [{r['rss_min']:.1f}..{r['rss_max']:.1f}]"
                       f" {r['anon']:>6.1f} {r['file']:>6.1f} {r['hwm']:>6.1f} {r['bare']:>12.1f}"
@@ -231,6 +252,11 @@ def inner(args) -> int:
           + ", ".join(f"{m} {'met' if r['rss'] <= GOAL_MIB else 'MISSED'} ({r['rss']:.1f} MiB)"
                       for m, r in results.items())
           + " (DESIGN.md: nohang 17.2 MiB, bare python3.11 8.5 MiB, earlyoom 1.7 MiB)")
+    if "predict" in results and "cached" in results:   # issue 15: what the trends add
+        print(f"predict (guard + {PREDICTING} of {N_TARGETS} watches, 30 s horizon): "
+              f"predict_rss_mib={results['predict']['rss']:.1f} (cached {results['cached']['rss']:.1f}, "
+              f"{results['predict']['rss'] - results['cached']['rss']:+.1f}) predict_idle_cpu_ms_per_min="
+              f"{results['predict']['cpu_ms_per_min']:.1f}")
     print(f"total run time {time.monotonic() - t_begin:.0f} s")
     print(f"rss_mib={head['rss']:.1f} bare_python_rss_mib={head['bare']:.1f} "
           f"idle_cpu_ms_per_min={head['cpu_ms_per_min']:.1f}"
@@ -243,7 +269,7 @@ def inner(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="sampling time per mode")
-    parser.add_argument("--modes", default="cached,no-pyc,traced")
+    parser.add_argument("--modes", default="cached,no-pyc,traced,predict")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     return _benchlib.inner_or_namespace(__file__, parser.parse_args(), inner)
 

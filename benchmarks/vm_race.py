@@ -16,8 +16,17 @@ memwatchd_worst_pause_s=X earlyoom_worst_pause_s=X oomd_worst_pause_s=X none_wor
 memwatchd_worst_login_s=X none_worst_login_s=X memwatchd_wrong_kills=N memwatchd_benign_kills=N scenarios=N
 (worst = the longest over the stall scenarios).
 
+memwatchd's boot also runs its variants (tests/vm/scenario/race.py VARIANTS; by default
+leak_swap_predict: leak_swap with `[guard] predict = "30s"`, issue 15) and prints the
+comparison with and without predict: longest pause, when memwatchd first acted, why, the
+victim's size, then predict_on_pause_s=X predict_off_pause_s=X predict_on_acted_s=X
+predict_off_acted_s=X predict_on_reasons=... wrong_kills=N runs=N+N (medians). For
+medians: --guardians memwatchd --scenarios leak_swap,leak_swap_predict,leak_swap#2,
+leak_swap_predict#2,... ("name#N" runs a scenario again); leak_swap_nopsi and
+leak_swap_predict_nopsi (pressure off) on request.
+
 Run: sudo .venv/bin/python benchmarks/vm_race.py [--guardians none,memwatchd] [--scenarios a,b]
-(qemu, the VM tier's image; about 6 minutes per guardian under TCG).
+(qemu, the VM tier's image; about 6 minutes per guardian under TCG, memwatchd's ~2.5 more).
 """
 import argparse
 import json
@@ -58,6 +67,11 @@ def main() -> int:
         next(iter(races.values())).get("accel") if races else "?",
         time.strftime("%Y-%m-%d"), time.monotonic() - t0))
     print(race_lib.table(races))
+    mw = races.get("memwatchd", {})
+    if race_lib.runs_of(mw, "leak_swap_predict"):   # issue 15: memwatchd with [guard] predict
+        print("\nmemwatchd with [guard] predict = \"30s\" vs without (first action: from its events file)")
+        print(race_lib.predict_rows(mw))
+        print(race_lib.predict_line(mw))
     print(race_lib.last_line(races))
     return 0
 

@@ -220,6 +220,7 @@ class Policy:
         self.zram = NO_ZRAM   # the daemon hands in the latest swapinfo reading
         self.trends: Dict[tuple, Trend] = {}      # key -> Trend, for watches with predict
         self.host_trend = Trend()                 # [guard] predict: the host's used memory
+        self.host_capacity = None                 # what host_trend's readings are counted from
         self.guard_predicted = None               # the time the host's trend last fired
         self.predict_gates = ALL_GATES            # the benchmark switches gates off one by one
         self.predicting = {w.name: w.predict for w in config.watches if w.predict > 0}
@@ -445,8 +446,8 @@ class Policy:
         if share is not None and share[0] > 0 and pressure_gate(g, host):
             wait = min(wait, max(d.min_interval, PSI_INTERVAL))  # pressure building: look closer
         e = self.host_trend.estimate if g.predict > 0 else None
-        if e is not None:   # predictive trigger: resolve the predicted fall
-            wait = max(d.min_interval, min(wait, e[0] / PREDICT_SAMPLES))
+        if e is not None:   # predictive trigger: resolve the predicted fall (never slower than
+            wait = min(wait, max(d.min_interval, e[0] / PREDICT_SAMPLES))   # without it)
         return wait
 
     def guard_observe(self, now: float, host: HostSample) -> Optional[Tuple[float, float]]:
@@ -479,16 +480,24 @@ class Policy:
         return level == "kill" or now >= self.guard.cooldown_until
 
     def _predict_host(self, now: float, host: HostSample) -> Optional[str]:
-        """Feed the host's trend (used = MemTotal - MemAvailable, towards the level where
-        the guard's min_available fires; soft floor: headroom under HOST_FLOOR times it).
-        "term" when it fires with no victim in flight: guard_evaluate then SIGTERMs the
-        largest eligible process (the gentle rung only; never a SIGKILL)."""
+        """Feed the host's trend with what is used of what the guard counts (RAM, plus
+        swap with count_swap), i.e. capacity minus headroom() - the guard's own measure,
+        free swap at its worth - towards the level where min_available fires; soft
+        floor: headroom under HOST_FLOOR times it. A new capacity (swapon, swapoff,
+        count_swap reloaded, memory hot-plugged) starts the trend afresh: its readings
+        would jump, not grow. "term" when it fires with no victim in flight:
+        guard_evaluate then SIGTERMs the largest eligible process (the gentle rung only;
+        never a SIGKILL)."""
         if host.mem_total <= 0 or host.mem_available < 0:
             return None
-        term_below, _ = self.config.guard.thresholds(host.mem_total)
-        used = host.mem_total - host.mem_available
-        if self.host_trend.update(now, used, host.mem_total - term_below, self.config.guard.predict,
-                                  None, self.predict_gates, host.mem_total - HOST_FLOOR * term_below) \
+        g = self.config.guard
+        term_below, _ = g.thresholds(host.mem_total)
+        capacity = host.mem_total + (max(0, host.swap_total) if g.count_swap else 0)
+        if capacity != self.host_capacity:
+            self.host_trend, self.host_capacity = Trend(), capacity
+        used = capacity - headroom(g, host, self.zram)
+        if self.host_trend.update(now, used, capacity - term_below, g.predict,
+                                  None, self.predict_gates, capacity - HOST_FLOOR * term_below) \
                 and self.guard.victim is None and now >= self.guard.cooldown_until:
             self.guard_predicted = now
         return "term" if self.guard_predicted == now else None
@@ -561,9 +570,9 @@ def still_needed(decision: Decision, fresh_usage: Optional[int],
     if decision.kind == "warn" or decision.reason in (REASON_ESCALATE, REASON_GRACE):
         return True
     if decision.reason == REASON_PREDICT:   # below the threshold by design
-        if decision.by_guard:                # recovered if back above the host's soft floor
+        if decision.by_guard:                # recovered if the headroom is back above the soft floor
             return fresh_host is None or fresh_host.mem_total <= 0 or \
-                fresh_host.mem_available < HOST_FLOOR * guard.thresholds(fresh_host.mem_total)[0]
+                headroom(guard, fresh_host, zram) < HOST_FLOOR * guard.thresholds(fresh_host.mem_total)[0]
         return fresh_usage is None or fresh_usage >= decision.usage * WARN_REARM
     if decision.by_guard:
         if fresh_host is None:

@@ -233,7 +233,7 @@ _GUARD_MEASURES = {
     "psi-some-high": "some task stalled on memory {psi_some} or more of the last {window} "
                      "(some avg10 {psi_s}), MemAvailable {avail}",
     "grace-expired": "still running after the guard's grace; MemAvailable {avail}, floor {term}",
-    "predicted-exhaustion": "MemAvailable {avail} is predicted to reach the floor {term} soon",
+    "predicted-exhaustion": "MemAvailable {avail}{swap} is predicted to reach the floor {term} soon",
 }
 
 

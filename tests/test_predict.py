@@ -455,3 +455,179 @@ def test_a_reload_that_turns_predict_off_drops_the_trends():
     assert policy.trends == {} and policy.estimate(KEY) is None
     assert [d.reason for _, d in run(policy, LEAK)] == []   # below the limit: nothing, no trend
     assert policy.trends == {}
+
+
+# ------------------------------------------------- the host guard counts swap (issue 19's headroom)
+
+from memwatchd.policy import REASON_GUARD_LOW, headroom  # noqa: E402
+from memwatchd.types import NO_ZRAM, SwapDevices  # noqa: E402
+
+RATE = 150 * 2**20   # the host fills at 150 MiB/s: RAM first, then swap
+
+
+def swap_guard_config(count_swap=True, predict_="30s"):
+    g = {"min_available": "5%", "kill_available": "2%", "grace": "2s", "count_swap": count_swap}
+    if predict_ is not None:
+        g["predict"] = predict_
+    return parse_config({"daemon": {"cooldown": "5s"}, "guard": g}, "test")
+
+
+def filling(avail0, swap, rate=RATE, ram_floor=300 * 2**20):
+    """HostSample at t of a host whose demand grows at ``rate``: MemAvailable falls to
+    ``ram_floor`` (the kernel keeps that much), then the rest goes to swap."""
+    def host(t):
+        demand = t * rate
+        avail = max(ram_floor, avail0 - demand)
+        overflow = max(0, demand - (avail0 - ram_floor))
+        return HostSample(TOTAL, int(avail), swap, int(max(0, swap - overflow)), None)
+    return host
+
+
+def host_run(policy, host_at, seconds=40.0, zram=NO_ZRAM):
+    """(t, decision, the sample) of the guard over host_at(t), every DT."""
+    policy.zram = zram
+    out = []
+    for i in range(int(seconds / DT)):
+        t = i * DT
+        host = host_at(t)
+        cands = CANDIDATES if policy.guard_wants_victim(t, host) else ()
+        out += [(t, d, host) for d in policy.guard_evaluate(t, host, cands, ())]
+    return out
+
+
+ZRAM_3_TO_1 = SwapDevices(4 * GiB, 4 * GiB, 1 * GiB, GiB // 3)   # 4 GiB of zram, 3:1 so far
+
+
+@pytest.mark.parametrize("swap,count_swap,zram,first_at", [
+    # no swap: MemAvailable alone; the trend fires as RAM runs out (~2.4 GiB -> 0.8 GiB)
+    (0, True, NO_ZRAM, (2.0, 14.0)),
+    # 6 GiB of disk swap, free: RAM running out is not the end, swap counts in full; the
+    # trend fires only once RAM *and* swap near the guard's floor (~ 56-60 s of demand)
+    (6 * GiB, True, NO_ZRAM, (40.0, 60.0)),
+    # the same swap with count_swap = false: the guard ignores swap, so does the trend
+    (6 * GiB, False, NO_ZRAM, (2.0, 14.0)),
+    # 4 GiB of zram at 3:1: a page swapped costs a third of a page, so 4 GiB free is worth
+    # 2.67 GiB: the trend fires sooner than with disk swap of that size, later than without
+    (4 * GiB, True, ZRAM_3_TO_1, (22.0, 40.0)),
+], ids=["no-swap", "disk-swap", "count_swap-off", "zram-3to1"])
+def test_the_host_trend_counts_swap_as_the_guard_does(swap, count_swap, zram, first_at):
+    """A predicted SIGTERM comes before the guard's own min_available trigger, with the
+    headroom as the guard measures it (MemAvailable + free swap at its worth) between
+    the guard's floor and the soft floor; without predict the first action is the
+    guard's threshold (later)."""
+    host_at = filling(3 * GiB, swap)
+    on = host_run(Policy(swap_guard_config(count_swap)), host_at, 70.0, zram)
+    off = host_run(Policy(swap_guard_config(count_swap, None)), host_at, 70.0, zram)
+    assert on and off, (on, off)
+    (t, d, host), (t_off, d_off, _) = on[0], off[0]
+    g = swap_guard_config(count_swap).guard
+    term_below = g.thresholds(TOTAL)[0]
+    room = headroom(g, host, zram)
+    assert (d.reason, d.signal, d.key) == (REASON_PREDICT, signal.SIGTERM, ("process", 77, 1))
+    assert first_at[0] <= t <= first_at[1], (t, room / GiB)
+    assert term_below < room < predict.HOST_FLOOR * term_below
+    assert (d_off.reason, d_off.signal) == (REASON_GUARD_LOW, signal.SIGTERM) and t_off > t
+
+
+def test_a_swapon_is_a_new_capacity_not_a_growth():
+    """Readings are counted from RAM + swap: a swapon (here of zram, worth half of its
+    size while empty) moves what is "used" at once; the trend starts afresh instead of
+    seeing a climb, so a steady host low on memory gets no predicted action."""
+    def host_at(t):
+        if t < 10:
+            return HostSample(TOTAL, int(1.2 * GiB), 0, 0, None)
+        return HostSample(TOTAL, int(1.2 * GiB), 2 * GiB, 2 * GiB, None)   # swapon at 10 s
+    empty_zram = SwapDevices(2 * GiB, 2 * GiB, 0, 0)
+    policy = Policy(swap_guard_config())
+    assert host_run(policy, host_at, 20.0, empty_zram) == []
+    assert policy.estimate_host()["slope_bytes_per_s"] == 0   # the fresh trend sees a flat host
+
+
+def test_still_needed_for_a_predicted_guard_action_counts_swap():
+    """The re-check before a predicted guard SIGTERM: backed off when the headroom the
+    guard counts (swap included) is back above the soft floor, not MemAvailable alone."""
+    d = Decision("signal", ("process", 77, 1), "guard", REASON_PREDICT, 3 * GiB, 0.8 * GiB,
+                 signal.SIGTERM, True)
+    g = swap_guard_config().guard
+    low_ram_swap_free = HostSample(TOTAL, GiB, 4 * GiB, 4 * GiB, None)    # 5 GiB of headroom
+    low_ram_swap_full = HostSample(TOTAL, GiB, 4 * GiB, 100 * 2**20, None)
+    assert not still_needed(d, None, low_ram_swap_free, g)
+    assert still_needed(d, None, low_ram_swap_full, g)
+    assert still_needed(d, None, low_ram_swap_free, swap_guard_config(False).guard)
+    zram_full_worth = SwapDevices(4 * GiB, 4 * GiB, 3 * GiB, int(2.9 * GiB))   # barely compresses
+    assert still_needed(d, None, low_ram_swap_free, g, zram_full_worth)
+
+
+def _swap_trace(tmp_path) -> str:
+    """A hand-written trace (the guard cannot be made to fire on this shared host, which
+    has no swap): 8 GiB of RAM and 4 GiB of disk swap; a watched job grows at 150 MiB/s,
+    MemAvailable falls to 300 MiB, then swap fills. Live was a dry run with [guard]
+    predict; sampled every 0.1 s as the daemon samples a host near its floor."""
+    import json
+    total, swap, rate = 8 * GiB, 4 * GiB, 150 * MiB
+    cfg = {"daemon": {"interval": "1s", "dry_run": True},
+           "guard": {"enabled": True, "predict": "30s", "count_swap": True},
+           "watch": [{"name": "jobs", "cmdline": "job", "limit": "12G", "scope": "process"}]}
+    lines = [{"t": "header", "format": 1, "memwatchd": "0.1.0", "kernel": "6.1", "boot_id": "b",
+              "mem_total": total, "swap_total": swap, "m": 10.0, "w": 1.7e9, "continues": False,
+              "source": "hand", "config": cfg},
+             {"t": "target", "m": 10.0, "id": 1, "key": ["process", 101, 7], "watch": "jobs",
+              "kind": "process", "comm": "job", "cmdline": "job", "cgroup": "/"}]
+    for i in range(500):
+        demand = i * 0.1 * rate
+        avail = max(300 * MiB, 3 * GiB - demand)
+        swap_free = max(0, swap - max(0, demand - (3 * GiB - 300 * MiB)))
+        lines.append({"t": "s", "m": round(10.0 + i * 0.1, 3),
+                      "r": [[1, GiB + int(demand), 12 * GiB, None]],
+                      "h": [int(avail), int(swap_free), 0.0, 0.0]})
+    path = tmp_path / "swap.trace"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def test_a_replayed_host_filling_its_swap_is_predicted_on_the_guards_headroom(tmp_path):
+    """Replay feeds the host trend what the guard counts: with count_swap (the default)
+    the predicted SIGTERM waits until RAM *and* swap near the guard's floor; with
+    count_swap = false it comes as soon as RAM does (and the guard's own threshold would
+    have been later in both)."""
+    from memwatchd.replay import recorded_config, replay
+    from memwatchd.trace import read_trace
+    trace = read_trace(_swap_trace(tmp_path))
+    cfg = recorded_config(trace)
+    firsts = {}
+    for count_swap in (True, False):
+        for predict_ in (30.0, 0.0):
+            c = cfg._replace(guard=cfg.guard._replace(count_swap=count_swap, predict=predict_))
+            guard = [d for d in replay(trace, c).decisions if d.watch == "guard"]
+            assert guard, (count_swap, predict_)
+            firsts[count_swap, predict_] = (guard[0].t - trace.start, guard[0].reason)
+    term_below = 0.05 * 8 * GiB
+
+    def room(t, count_swap):   # the headroom at t, as the guard counts it
+        demand = t * 150 * MiB
+        avail = max(300 * MiB, 3 * GiB - demand)
+        return avail + (max(0, 4 * GiB - max(0, demand - (3 * GiB - 300 * MiB))) if count_swap else 0)
+    for count_swap in (True, False):
+        t, reason = firsts[count_swap, 30.0]
+        t_off, reason_off = firsts[count_swap, 0.0]
+        assert reason == REASON_PREDICT and reason_off == REASON_GUARD_LOW and t < t_off, firsts
+        assert term_below < room(t, count_swap) < predict.HOST_FLOOR * term_below, (firsts, count_swap)
+    assert firsts[True, 30.0][0] > firsts[False, 30.0][0] + 20   # swap bought ~27 s: counted
+
+
+def test_the_host_trend_never_makes_the_guard_sample_slower():
+    """Near its floor the guard samples GUARD_FASTER times as often as min_interval; a
+    finite host estimate may only shorten the wait (it resolved the fall at min_interval,
+    undoing the faster sampling)."""
+    host_at = filling(3 * GiB, 0)
+    on, off = Policy(swap_guard_config()), Policy(swap_guard_config(predict_=None))
+    waits = []
+    for i in range(int(30 / DT)):
+        t = i * DT
+        host = host_at(t)
+        for p in (on, off):
+            p.guard_wants_victim(t, host)
+        waits.append((on.guard_interval(host), off.guard_interval(host)))
+    assert all(w_on <= w_off for w_on, w_off in waits), [w for w in waits if w[0] > w[1]][:3]
+    assert any(w_on < w_off for w_on, w_off in waits)         # the estimate did shorten some
+    assert min(w_off for _, w_off in waits) < on.config.daemon.min_interval   # near the floor

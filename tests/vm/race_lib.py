@@ -119,3 +119,61 @@ def env_scenarios():
     """MEMWATCHD_VM_RACE_SCENARIOS=a,b limits a run to some scenarios."""
     raw = os.environ.get("MEMWATCHD_VM_RACE_SCENARIOS", "")
     return tuple(s for s in raw.split(",") if s)
+
+
+# ------------------------------------------------ issue 15: memwatchd with and without predict
+
+# variant (scenario/race.py VARIANTS) -> the plain scenario it repeats with [guard] predict
+PREDICT_PAIRS = {"leak_swap_predict": "leak_swap", "leak_swap_predict_nopsi": "leak_swap_nopsi",
+                 "leak_swap_predict_noswap": "leak_swap_noswap", "benign_cold_predict": "benign_cold",
+                 "benign_cold_predict_noswap": "benign_cold"}
+
+
+def runs_of(race, name):
+    """The results of ``name`` and of its repeats (name#2, ...), in run order."""
+    return [s for n, s in race.get("scenarios", {}).items() if n.split("#", 1)[0] == name]
+
+
+def first_action(s):
+    """memwatchd's first decision record in a scenario (or None): after_s, reason, usage_mib..."""
+    acts = [a for a in s.get("memwatchd_actions") or [] if a.get("action") != "warn"]
+    return acts[0] if acts else None
+
+
+def pause(s):
+    return (s.get("heartbeat") or {}).get("max_gap_s")
+
+
+def predict_rows(race):
+    """One line per run of each predict pair: pause, first action (when, why, at what size)."""
+    lines = ["%-24s %9s %9s %-22s %9s %9s %-10s" % ("scenario", "pause s", "acted s", "first action",
+                                                    "usage MiB", "avail MiB", "wrong")]
+    names = []
+    for on, off in PREDICT_PAIRS.items():
+        names += [n for n in (off, on) if n not in names]
+    for name in names:
+        for s in runs_of(race, name):
+            a = first_action(s) or {}
+            lines.append("%-24s %9s %9s %-22s %9s %9s %-10s" % (
+                name, _f(pause(s)), _f(a.get("after_s")),
+                ("%s %s" % (a.get("action"), a.get("reason"))) if a else "-",
+                a.get("usage_mib", "-"), a.get("mem_available_mib", "-"),
+                ",".join(s.get("wrong_kills") or []) or "-"))
+    return "\n".join(lines)
+
+
+def predict_line(race, on="leak_swap_predict", off="leak_swap"):
+    """The last line of the predict comparison (medians over the repeats)."""
+    def med(name, f):
+        return median([v for v in (f(s) for s in runs_of(race, name)) if v is not None])
+
+    def acted(s):
+        a = first_action(s)
+        return a["after_s"] if a else None
+    on_runs = runs_of(race, on)
+    reasons = sorted({(first_action(s) or {}).get("reason") or "-" for s in on_runs})
+    wrong = sum(len(s.get("wrong_kills") or []) for s in on_runs + runs_of(race, off))
+    return ("predict_on_pause_s=%.2f predict_off_pause_s=%.2f predict_on_acted_s=%.2f "
+            "predict_off_acted_s=%.2f predict_on_reasons=%s wrong_kills=%d runs=%d+%d" % (
+                med(on, pause), med(off, pause), med(on, acted), med(off, acted), ",".join(reasons),
+                wrong, len(on_runs), len(runs_of(race, off))))

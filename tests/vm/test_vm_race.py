@@ -6,7 +6,8 @@ swapfile and on zram, page-cache thrash without swap) must end with the hog
 stopped, nothing else killed, the bystander alive; the benign controls (85% of
 MemAvailable held steady, cold pages going to swap) with nobody killed. Bounds
 on the heartbeat and the login probe are generous (TCG on a loaded runner);
-benchmarks/vm_race.py prints the measured numbers next to the peers'.
+benchmarks/vm_race.py prints the measured numbers next to the peers'. Then leak_swap
+once more with `[guard] predict` (issue 15, the last test).
 """
 import json
 import os
@@ -33,6 +34,8 @@ def race(vm_image, tmp_path_factory):
                                  tmp_path_factory.mktemp("race") / "run",
                                  scenarios=race_lib.env_scenarios())
     print("\n" + race_lib.table({"memwatchd": race}) + "\n" + race_lib.last_line({"memwatchd": race}))
+    if race_lib.runs_of(race, "leak_swap_predict"):
+        print(race_lib.predict_rows(race) + "\n" + race_lib.predict_line(race))
     assert not result.timed_out, result.describe()
     assert race.get("guardian_started"), result.describe()
     assert not race["errors"], "\n".join(race["errors"])
@@ -63,3 +66,51 @@ def test_benign_control_nobody_killed(race, name):
     assert s["swap_ok"], detail
     assert not s["killed"] and not s["wrong_kills"], detail
     assert s["oom_kills"] == 0, detail
+
+
+# issue 15: leak_swap and benign_cold again with `[guard] predict = "30s"` (scenario/race.py
+# VARIANTS, run after the plain scenarios in the same boot: ~2.5 min more under TCG).
+# In this guest the pressure trigger fires first with or without predict (psi-full-high at
+# ~755-770 MiB, while RAM + swap still leave ~3x the predictor's soft floor), so what CI can
+# assert is that predict changes nothing for the worse: same victim, no bystander, acting no
+# later and no longer a pause than without it (within the heartbeat's CPU noise), with the
+# host's estimate in the decision record; and that it leaves the cold-page job alone.
+# benchmarks/vm_race.py prints the figures (docs/predict.md, "In the guest").
+PAUSE_NOISE_S = 2.0     # measured: 1.70 s with predict vs 0.98 s without, the same trigger at
+                        # the same size, three TCG guests on two host cores (15 vs 5 pauses > 0.5 s)
+USAGE_NOISE_MIB = 64    # where the same trigger fires, run to run (763-773 MiB, 754-770 MiB)
+
+
+def test_predict_acts_no_later_and_stops_only_the_leak(race):
+    selected = race_lib.env_scenarios()
+    if selected and not {"leak_swap", "leak_swap_predict"} <= set(selected):
+        pytest.skip("leak_swap and leak_swap_predict not selected by MEMWATCHD_VM_RACE_SCENARIOS")
+    on, off = race["scenarios"]["leak_swap_predict"], race["scenarios"]["leak_swap"]
+    detail = json.dumps({"on": on, "off": off}, indent=1)[:6000]
+    assert on["guard_keys"] == 'predict = "30s"' and on["swap_ok"], detail
+    assert on["right_kill"] and not on["wrong_kills"] and on["bystander_alive"], detail
+    assert on["oom_kills"] == 0, detail
+    first_on, first_off = race_lib.first_action(on), race_lib.first_action(off)
+    assert first_on and first_off and first_on["comm"] == first_off["comm"], detail
+    # the host's estimate is in the records with predict (not always the first: a daemon the
+    # watchdog restarted under a starved guest may act before its trend has three readings)
+    assert any(a["predict"] is not None for a in on["memwatchd_actions"]), detail
+    assert all(a["predict"] is None for a in off["memwatchd_actions"]), detail
+    assert first_on["usage_mib"] <= first_off["usage_mib"] + USAGE_NOISE_MIB, detail
+    assert race_lib.pause(on) <= min(MAX_PAUSE_S, race_lib.pause(off) + PAUSE_NOISE_S), detail
+
+
+def test_predict_leaves_the_cold_page_job_alone(race):
+    """Cold pages going to a swapfile that still has room: RAM fills, the headroom the guard
+    counts (swap included) does not run out, so the host trend must not act (counting
+    MemAvailable alone, it would). Whether the pressure trigger leaves it alone is
+    test_benign_control_nobody_killed's (on a starved guest it may not: measured once,
+    psi-full-high on the plain benign_cold with three TCG guests on two host cores)."""
+    selected = race_lib.env_scenarios()
+    if selected and "benign_cold_predict" not in selected:
+        pytest.skip("benign_cold_predict not selected by MEMWATCHD_VM_RACE_SCENARIOS")
+    s = race["scenarios"]["benign_cold_predict"]
+    detail = json.dumps(s, indent=1)[:4000]
+    assert s["guard_keys"] == 'predict = "30s"' and s["swap_ok"], detail
+    assert s["heartbeat_alive"] and s["bystander_alive"] and s["oom_kills"] == 0, detail
+    assert not [a for a in s["memwatchd_actions"] if a["reason"] == "predicted-exhaustion"], detail

@@ -15,7 +15,9 @@ python3 that imports a few standard modules and exits, timed. The workloads
 each ended stays readable), all capped in bytes and in seconds. Recorded per
 scenario: the longest heartbeat pause, the worst login probe, the stall (first
 pause over 0.5 s to the last one), how every unit ended (killed by a signal, or
-ran out its time), kernel OOM kills, the bystander alive. Standard library only.
+ran out its time), kernel OOM kills, the bystander alive; under memwatchd also its
+decision records (when, why, the victim's size). Then, under memwatchd, its variants
+(VARIANTS: a scenario again with [guard] keys added, e.g. predict). Standard library only.
 """
 import json
 import os
@@ -44,6 +46,31 @@ OOMD_DROPINS = {
     "/etc/systemd/system/-.slice.d/oomd.conf": "[Slice]\nManagedOOMSwap=kill\n",
     "/etc/systemd/system/system.slice.d/oomd.conf": "[Slice]\nManagedOOMMemoryPressure=kill\n",
 }
+
+
+# memwatchd variants (issue 15): a scenario run again, under memwatchd only, with keys
+# added to the [guard] table of its installed config for that run (restored after):
+# name -> (the scenario it repeats, the TOML lines). Run after every plain scenario, so
+# those run exactly as before. A name "scenario#N" (for MEMWATCHD_VM_RACE_SCENARIOS or
+# --scenarios) runs a scenario or a variant once more, for medians.
+VARIANTS = {
+    "leak_swap_predict": ("leak_swap", 'predict = "30s"'),
+    # on request only (not in DEFAULT_VARIANTS): the headroom trigger alone, without and
+    # with predict, pressure off: what prediction adds where the stall share is not measured
+    "leak_swap_nopsi": ("leak_swap", "psi_full = 0"),
+    "leak_swap_predict_nopsi": ("leak_swap", 'predict = "30s"\npsi_full = 0'),
+    # on request: the guard (and so the trend) counting MemAvailable only, without and with
+    # predict: what the host trend did before it counted swap
+    "leak_swap_noswap": ("leak_swap", "count_swap = false"),
+    "leak_swap_predict_noswap": ("leak_swap", 'predict = "30s"\ncount_swap = false'),
+    # the benign control with predict: cold pages going to swap (still free) are not a leak
+    "benign_cold_predict": ("benign_cold", 'predict = "30s"'),
+    # on request: the same counting MemAvailable only (what the host trend did before)
+    "benign_cold_predict_noswap": ("benign_cold", 'predict = "30s"\ncount_swap = false'),
+}
+DEFAULT_VARIANTS = ("leak_swap_predict", "benign_cold_predict")   # in every memwatchd boot (CI too)
+MEMWATCHD_CONFIG = "/etc/memwatchd/memwatchd.toml"
+MEMWATCHD_EVENTS = "/var/lib/memwatchd/events.jsonl"
 
 
 def mono():
@@ -126,6 +153,58 @@ def guardian_log(name, since):
         if t >= since:
             lines.append(line[:300])
     return lines[-30:]
+
+
+def memwatchd_guard_keys(lines):
+    """Add ``lines`` to memwatchd's [guard] table (none: restore the installed config) and
+    restart it (Type=notify: back when it says READY). The text it had, or None."""
+    saved = getattr(memwatchd_guard_keys, "saved", None)
+    if saved is None:
+        with open(MEMWATCHD_CONFIG) as f:
+            saved = memwatchd_guard_keys.saved = f.read()
+    text = saved.replace("[guard]\n", "[guard]\n" + lines + "\n", 1) if lines else saved
+    if lines and text == saved:
+        raise RuntimeError("no [guard] table in " + MEMWATCHD_CONFIG)
+    write(MEMWATCHD_CONFIG, text)
+    r = run("systemctl", "restart", "memwatchd.service", timeout=300)
+    if r.returncode != 0 or show("memwatchd.service", "ActiveState")["ActiveState"] != "active":
+        raise RuntimeError("memwatchd did not restart with %r: %s" % (lines, r.stderr.strip()))
+
+
+def events_size():
+    try:
+        return os.path.getsize(MEMWATCHD_EVENTS)
+    except OSError:
+        return 0
+
+
+def memwatchd_actions(offset, start_wall):
+    """memwatchd's decision records written since ``offset``: when (s after the scenario
+    started), what, why, the victim's usage, MemAvailable and the predict estimate."""
+    import calendar
+    out = []
+    try:
+        with open(MEMWATCHD_EVENTS, "rb") as f:
+            f.seek(offset)
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            r = json.loads(line)
+            if r.get("type") != "decision":
+                continue
+            stamp = r["time"]
+            wall = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + float(stamp[19:-1] or 0)
+        except (ValueError, KeyError, TypeError):
+            continue
+        host = r.get("host") or {}
+        out.append({"after_s": round(wall - start_wall, 2), "action": r.get("action"),
+                    "reason": r.get("reason"), "comm": r.get("comm"), "target": r.get("target"),
+                    "usage_mib": (r.get("usage_bytes") or 0) >> 20,
+                    "mem_available_mib": (host.get("mem_available_bytes") or 0) >> 20,
+                    "predict": r.get("predict")})
+    return out
 
 
 # ------------------------------------------------------------- probes
@@ -255,12 +334,16 @@ def run_scenario(name, spec, guardian):
         idle.append(mono() - t)
     out["login_idle_s"] = round(min(idle), 2)
     probe, pressure = LoginProbe(), PressureLog()
+    events_at = events_size() if guardian == "memwatchd" else 0
     probe.start()
     pressure.start()
-    start = mono()
+    start, start_wall = mono(), time.time()
     for unit, argv in units:
         run("systemctl", "reset-failed", unit + ".service")
-        r = run("systemd-run", "--unit", unit, "--remain-after-exit", "--collect",
+        # no --collect: it unloads a unit that *failed*, and a SIGKILL is a failure (a
+        # SIGTERM is a clean exit for systemd), so a SIGKILLed hog read back as "not killed"
+        # (measured: psi-full-critical kills); the unit is stopped and reset below
+        r = run("systemd-run", "--unit", unit, "--remain-after-exit",
                 "-p", "MemorySwapMax=infinity", *argv)
         out.setdefault("start_errors", []).append(r.stderr.strip()) if r.returncode else None
     cap = max(float(a[a.index("--max-seconds") + 1]) for _, a in units) + 15
@@ -294,6 +377,11 @@ def run_scenario(name, spec, guardian):
         killed = props["ExecMainCode"] == "2" or props["Result"] in ("oom-kill", "signal")
         ends[unit] = {"killed": killed, "result": props["Result"], "signal": props["ExecMainStatus"]
                       if props["ExecMainCode"] == "2" else "", "code": props["ExecMainCode"]}
+        try:   # when it ended, in seconds after the scenario started (0: still running)
+            exited = int(props["ExecMainExitTimestampMonotonic"])
+            ends[unit]["ended_after_s"] = round(exited / 1e6 - start, 2) if exited > 0 else None
+        except ValueError:
+            pass
         run("systemctl", "stop", unit + ".service")
         run("systemctl", "reset-failed", unit + ".service")
     out["units"] = ends
@@ -305,6 +393,8 @@ def run_scenario(name, spec, guardian):
     out["wrong_kills"] = [u for u in killed if u != right] + \
         [s for s in ("heartbeat", "bystander") if not out[s + "_alive"]]
     out["guardian_log"] = guardian_log(guardian, start)
+    if guardian == "memwatchd":
+        out["memwatchd_actions"] = memwatchd_actions(events_at, start_wall)
     swap_off()
     return out
 
@@ -321,12 +411,25 @@ def main():
     run("systemctl", "start", "heartbeat.service", "bystander.service")
     time.sleep(3)
     specs = scenarios(m["MemTotal"], meminfo()["MemAvailable"])
-    for name, spec in specs.items():
-        if wanted and name not in wanted:
-            continue
+    runs = [(name, spec, "") for name, spec in specs.items() if not wanted or name in wanted]
+    for name in (wanted or (DEFAULT_VARIANTS if guardian == "memwatchd" else ())):
+        base = name.split("#", 1)[0]
+        if base in VARIANTS and guardian == "memwatchd":
+            runs.append((name, specs[VARIANTS[base][0]], VARIANTS[base][1]))
+        elif base in specs and base != name:
+            runs.append((name, specs[base], ""))
+    for name, spec, guard_keys in runs:
         print("[%8.1f] %s under %s" % (mono(), name, guardian), flush=True)
         try:
-            results["scenarios"][name] = run_scenario(name, spec, guardian)
+            if guard_keys:
+                memwatchd_guard_keys(guard_keys)
+            try:
+                results["scenarios"][name] = run_scenario(name.split("#", 1)[0], spec, guardian)
+                if guard_keys:
+                    results["scenarios"][name]["guard_keys"] = guard_keys
+            finally:
+                if guard_keys:
+                    memwatchd_guard_keys("")
         except Exception as e:   # recorded; the host side reports it
             import traceback
             results["errors"].append("%s: %s" % (name, traceback.format_exc()))
