@@ -549,7 +549,7 @@ class Daemon:
             env = actions.victim_env(target=decision.watch, pid=pid or "", comm=comm or "",
                                      cmdline=cmdline or "", cgroup=cgroup or "", usage=usage,
                                      limit=decision.limit, reason=decision.reason, action=action,
-                                     event_id=record["id"])
+                                     event_id=record["id"], container=record["container"] or "")
             try:
                 self.runner.start(target.watch.on_action, env, ON_ACTION_TIMEOUT)
             except (OSError, MemwatchdError) as e:
