@@ -338,8 +338,8 @@ def _percent_style(usage: int, limit: int, warn: Optional[int]) -> str:
 
 
 def _what(row: Dict[str, Any]) -> Text:
-    if row.get("container"):
-        return Text(f"container {row['container']}")
+    if row.get("container"):      # the kind column says "container"
+        return Text(row["container"])
     if row.get("pid") is None:
         return Text(row.get("cgroup") or "")
     return Text(f"{row['pid']} {row.get('comm') or ''}".rstrip())

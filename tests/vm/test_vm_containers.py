@@ -79,6 +79,9 @@ def summary(results):
                      r.get("heartbeat_max_gap_runaway_s"), r.get("heartbeat_max_gap_s"),
                      r.get("oom_kills"), r.get("sim_b_untouched"),
                      r.get("bystander_untouched")))
+    if r.get("first_run_exit"):
+        lines.append("runaway without memwatchd: first run ended after %s s: %s" % (
+            r.get("first_run_ended_after_s"), r.get("first_run_exit")))
     for line in r.get("kernel_oom_lines", [])[:4]:
         lines.append("  kernel: " + line)
     c = s.get("capped", {})
