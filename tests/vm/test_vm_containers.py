@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import harness
+from test_vm_scenarios import assert_checks   # the same results format (scenario/driver.py)
 
 pytestmark = pytest.mark.vm
 
@@ -110,13 +111,6 @@ def protected(vm_image, wheels, tmp_path_factory):
     (result.share_dir / "summary.txt").write_text(summary(results) + "\n")
     print("\n" + summary(results))
     return results
-
-
-def assert_checks(results, scenario):
-    checks = [c for c in results["checks"] if c["scenario"] == scenario]
-    assert checks, "scenario %s recorded no checks: %s" % (scenario, results["errors"])
-    failed = ["%s: %s" % (c["name"], c["detail"][:1500]) for c in checks if not c["ok"]]
-    assert not failed, "\n".join(failed)
 
 
 def test_setup_docker_and_memwatchd(protected):

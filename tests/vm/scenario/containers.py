@@ -382,18 +382,5 @@ class Containers(driver.Driver):
                    driver.show("memwatchd.service", "NRestarts")["NRestarts"] == "0")
 
 
-def main():
-    mode, results_path = sys.argv[1], sys.argv[2]
-    d = Containers(results_path, mode)
-    try:
-        getattr(d, mode)()
-    except Exception:
-        import traceback
-        d.results["errors"].append(traceback.format_exc())
-        print(traceback.format_exc(), file=sys.stderr)
-    d.save()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(driver.main(Containers))
