@@ -225,7 +225,7 @@ def watch(
                                           help="Act only once usage stays above --limit this long. Default 0s."),
     scope: Optional[str] = typer.Option(None, "--scope", metavar="SCOPE",
                                         help="process, tree or cgroup. Default: tree for a command, process for "
-                                             "--pid/--pidfile/--cmdline, cgroup for --unit/--cgroup."),
+                                             "--pid/--pidfile/--cmdline, cgroup for --unit/--cgroup/--container."),
     usage: Optional[str] = typer.Option(None, "--usage", metavar="HOW",
                                         help="How a cgroup is measured: current (default), anon or current-inactive_file."),
     interval: str = typer.Option("1s", "--interval", metavar="DURATION",
@@ -277,7 +277,7 @@ def watch(
     selector = given[0]
     cgroup_kind = selector in ("--unit", "--cgroup", "--container")
     if scope == "cgroup" and not cgroup_kind:
-        raise usage_error(f"--scope cgroup conflicts with {selector}: a cgroup scope needs --unit or --cgroup")
+        raise usage_error(f"--scope cgroup conflicts with {selector}: a cgroup scope needs --unit, --cgroup or --container")
     if scope in ("process", "tree") and cgroup_kind:
         raise usage_error(f"--scope {scope} conflicts with {selector}: a unit or cgroup is measured whole "
                           "(--scope cgroup)")
