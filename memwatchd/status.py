@@ -337,9 +337,9 @@ def _percent_style(usage: int, limit: int, warn: Optional[int]) -> str:
     return "green"
 
 
-def _what(row: Dict[str, Any]) -> Text:
-    if row.get("container"):      # the kind column says "container"
-        return Text(row["container"])
+def _what(row: Dict[str, Any], kind_shown: bool = False) -> Text:
+    if row.get("container"):
+        return Text(row["container"] if kind_shown else f"container {row['container']}")
     if row.get("pid") is None:
         return Text(row.get("cgroup") or "")
     return Text(f"{row['pid']} {row.get('comm') or ''}".rstrip())
@@ -409,7 +409,7 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
         else:
             pct = Text("-")
         headroom = row.get("headroom_bytes")
-        table.add_row(Text(row["target"]), row.get("kind", ""), _what(row), short_size(usage),
+        table.add_row(Text(row["target"]), row.get("kind", ""), _what(row, kind_shown=True), short_size(usage),
                       short_size(limit), pct,
                       Text(short_size(headroom),
                            style="bold red" if headroom is not None and headroom <= 0 else ""),

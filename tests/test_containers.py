@@ -243,3 +243,19 @@ def test_daemon_import_path_does_not_load_containers_without_a_container_watch(t
             "print('memwatchd.containers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_status_table_and_events_table_name_the_container():
+    from rich.console import Console
+
+    from memwatchd import status
+
+    record = {"type": "decision", "time": "2026-12-01T12:35:38.616Z", "target": "sims",
+              "pid": None, "cgroup": "/system.slice/docker-%s.scope" % ("a" * 64),
+              "container": "sim-a", "usage_bytes": 303 << 20, "limit_bytes": 300 << 20,
+              "reason": "over-limit", "action": "term", "signal": "SIGTERM", "id": "1-0"}
+    console = Console(width=200, record=True)
+    console.print(status.events_table([record], now=0.0))
+    text = console.export_text()
+    assert "container sim-a" in text and "docker-aaaa" not in text
+    assert str(status._what({"container": "sim-a"}, kind_shown=True)) == "sim-a"
