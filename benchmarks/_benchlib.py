@@ -229,3 +229,26 @@ def cpu_ticks_ns(pid: int) -> int:
         data = f.read()
     fields = data[data.rfind(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
+
+
+def pid_watch_config(path: str, daemon_section: str, pids) -> str:
+    """Write a config (mode 0600): daemon_section, then one `pid` watch (limit 1G, action
+    term) per pid, named job-0, job-1, ...; return its path."""
+    lines = [daemon_section]
+    for i, pid in enumerate(pids):
+        lines.append(f'[[watch]]\nname = "job-{i}"\npid = {pid}\nlimit = "1G"\n')
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    os.chmod(path, 0o600)
+    return path
+
+
+def notify_socket(path: str, env: dict):
+    """A bound, non-blocking datagram socket standing in for systemd's notify socket;
+    env gets NOTIFY_SOCKET and WATCHDOG_USEC (10 s, as the unit's WatchdogSec=10s)."""
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="10000000")
+    return sock

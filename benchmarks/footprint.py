@@ -90,14 +90,9 @@ def status(pid: int) -> dict:
 
 
 def write_config(workdir: str, pids: list, trace: str = "") -> str:
-    path = os.path.join(workdir, "memwatchd-traced.toml" if trace else "memwatchd.toml")
-    lines = [f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\ntrace = "{trace}"\n']
-    for i, pid in enumerate(pids):
-        lines.append(f'[[watch]]\nname = "job-{i}"\npid = {pid}\nlimit = "1G"\n')
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    os.chmod(path, 0o600)
-    return path
+    return _benchlib.pid_watch_config(
+        os.path.join(workdir, "memwatchd-traced.toml" if trace else "memwatchd.toml"),
+        f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\ntrace = "{trace}"\n', pids)
 
 
 def mode_env(mode: str, cache_dir: str) -> dict:
@@ -113,13 +108,7 @@ def notify_listener(workdir: str, env: dict):
     """A datagram socket standing in for systemd's: the daemon sends READY=1, STATUS=
     and WATCHDOG=1 to it as under the unit (WatchdogSec=10s), so its notify client's
     memory is counted. Returns the socket; the sampling loop drains it."""
-    import socket
-    path = os.path.join(workdir, f"notify-{len(os.listdir(workdir))}.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="10000000")
-    return sock
+    return _benchlib.notify_socket(os.path.join(workdir, f"notify-{len(os.listdir(workdir))}.sock"), env)
 
 
 def drain(sock) -> int:

@@ -32,6 +32,25 @@ cdef extern from "fcntl.h" nogil:
     int openat(int dirfd, const char *path, int flags, ...)
     int open(const char *path, int flags, ...)
 
+cdef extern from "poll.h" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "time.h" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum: CLOCK_MONOTONIC
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    enum: MSG_DONTWAIT
+    enum: MSG_NOSIGNAL
+
 cdef extern from "malloc.h" nogil:
     int malloc_trim(size_t pad)
 
@@ -819,6 +838,124 @@ cdef class HostReader:
             if n >= 0 and parse_psi_c(self.buf, n, psi) == 0:
                 pressure = _pressure_from(psi)
         return HostSample(mem[0], mem[1], mem[2], mem[3], pressure)
+
+
+cdef inline double monotonic_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef int64_t mem_available_c(const char *buf, ssize_t n) noexcept nogil:
+    """MemAvailable in bytes from /proc/meminfo's text; -1 if it is not there."""
+    cdef const char *key = b"MemAvailable:"
+    cdef const char *p = buf
+    cdef const char *end = buf + n
+    cdef int64_t v
+    while p + 13 <= end:
+        if memcmp_(p, key, 13):
+            p = parse_uint(skip_spaces(p + 13, end), end, &v)
+            return v * 1024 if p != NULL else -1
+        while p < end and p[0] != 10:   # the next line
+            p += 1
+        p += 1
+    return -1
+
+
+def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, int64_t high,
+               int ping_fd=-1, double ping_every=0.0, double ping_in=0.0,
+               ProcessTable table=None, slots=(), ceilings=(), double target_step=0.0):
+    """The idle loop's wait, in C: poll fds (a list of (fd, events)) for up to timeout
+    seconds, and every step seconds re-read MemAvailable (one pread of the HostReader's
+    meminfo) without returning to Python while it stays within [low, high]; with a
+    ping_fd (the connected NOTIFY_SOCKET), send WATCHDOG=1 every ping_every seconds,
+    the first ping_in from now. A wake-up that needs nothing else costs a few syscalls
+    instead of a Python tick (issue 18). Returns (why, ready, pings, mem_available):
+    why 0 timeout, 1 an fd is ready (ready: its [(fd, revents)]), 2 MemAvailable left
+    the band (or could not be read), 3 a ping could not be sent (the caller's notifier
+    takes over), 4 a target needs a look; pings: how many were sent; mem_available:
+    the last read (-1: none); ping_ago: seconds since the last ping sent here (0.0 if
+    none). With a table, its slots are sampled every target_step seconds the same way
+    (sample_slots) and the wait ends (why 4) once a slot's RSS reaches its ceiling
+    (ceilings[k] for slots[k]) or a slot is no longer live.
+    """
+    cdef Py_ssize_t n = len(fds), k
+    cdef pollfd *pfds = <pollfd *>malloc(max(n, 1) * sizeof(pollfd))
+    cdef int why = 0, rc, pings = 0, wait_ms
+    cdef double now, deadline, next_look, next_ping, until, pinged_at = 0.0
+    cdef int64_t avail = -1
+    cdef ssize_t got
+    cdef int meminfo_fd = host.meminfo_fd
+    cdef char *buf = host.buf
+    cdef const char *ping = b"WATCHDOG=1"
+    cdef Py_ssize_t nslots = len(slots) if table is not None else 0, j
+    cdef Py_ssize_t *idx = <Py_ssize_t *>malloc(max(nslots, 1) * sizeof(Py_ssize_t))
+    cdef int64_t *ceil = <int64_t *>malloc(max(nslots, 1) * sizeof(int64_t))
+    cdef double next_sample
+    if pfds == NULL or idx == NULL or ceil == NULL:
+        free(pfds); free(idx); free(ceil)
+        raise MemoryError()
+    try:
+        for j in range(nslots):
+            idx[j] = slots[j]
+            table._check(idx[j])
+            ceil[j] = ceilings[j]
+        for k in range(n):
+            pfds[k].fd = fds[k][0]
+            pfds[k].events = fds[k][1]
+            pfds[k].revents = 0
+        with nogil:
+            now = monotonic_now()
+            deadline = now + timeout
+            next_look = now + step
+            next_ping = now + ping_in if ping_fd >= 0 else deadline + 1.0
+            next_sample = now + target_step if nslots > 0 else deadline + 1.0
+            while True:
+                until = deadline
+                if next_look < until:
+                    until = next_look
+                if next_ping < until:
+                    until = next_ping
+                if next_sample < until:
+                    until = next_sample
+                wait_ms = <int>((until - now) * 1000.0 + 0.999)
+                rc = poll(pfds, n, wait_ms if wait_ms > 0 else 0)
+                if rc > 0:
+                    why = 1
+                    break
+                if rc < 0 and errno != EINTR:
+                    why = 1    # let Python's poll see what is wrong
+                    break
+                now = monotonic_now()
+                if now >= next_ping:
+                    if send(ping_fd, ping, 10, MSG_DONTWAIT | MSG_NOSIGNAL) != 10:
+                        why = 3
+                        break
+                    pings += 1
+                    pinged_at = now
+                    next_ping = now + ping_every
+                if now >= deadline:
+                    break
+                if now >= next_look:
+                    got = pread_retry(meminfo_fd, buf, BUFSIZE - 1)
+                    avail = mem_available_c(buf, got) if got > 0 else -1
+                    if avail < low or avail > high:
+                        why = 2
+                        break
+                    next_look = now + step
+                if now >= next_sample:
+                    for j in range(nslots):
+                        if not table._sample_one(idx[j]) or table.rss_bytes[idx[j]] >= ceil[j]:
+                            why = 4
+                    if why == 4:
+                        break
+                    next_sample = now + target_step
+        if table is not None and table.npending:
+            table._rehome_pending()   # slots that read zeros: a live thread, or GONE
+        ready = [(pfds[k].fd, pfds[k].revents) for k in range(n) if pfds[k].revents] if why == 1 else []
+        return why, ready, pings, avail, (monotonic_now() - pinged_at) if pings else 0.0
+    finally:
+        free(pfds); free(idx); free(ceil)
 
 
 # ------------------------------------------------ syscalls the stdlib lacks

@@ -132,29 +132,36 @@ class CmdlineScan:
             pid = self.todo.pop()
             if pid in skip:
                 continue
-            text = cmdline(pid)
-            key = hash(text)     # a verdict is a function of the text alone
-            known = self.verdicts.get(pid)
-            if known is not None and known[0] == key:
-                if known[1]:
-                    found.append(pid)
-                continue
-            verdict = alarm.search(self.pattern, text)
-            if verdict is CUT or verdict is UNDECIDED:
+            verdict = self.judge(pid, cmdline(pid), alarm, slow)
+            if verdict is None:
                 # Retried later in this pass (most likely on a later tick): slow only after
                 # ATTEMPTS cuts; left for the next pass if descheduling keeps interrupting.
-                before = self.cuts.get(pid)
-                cut, undecided = before[1:] if before and before[0] == key else (0, 0)
-                cut, undecided = cut + (verdict is CUT), undecided + (verdict is UNDECIDED)
-                self.cuts[pid] = (key, cut, undecided)
-                if cut < ATTEMPTS:
-                    if undecided < ATTEMPTS:
-                        self.todo.insert(0, pid)
-                    continue
-                del self.cuts[pid]
-                slow.append((pid, len(text)))
-                verdict = False
-            self.verdicts[pid] = (key, verdict)
+                if self.cuts[pid][2] < ATTEMPTS:
+                    self.todo.insert(0, pid)
+                continue
             if verdict:
                 found.append(pid)
         return found, True
+
+    def judge(self, pid: int, text: str, alarm: Alarm,
+              slow: List[Tuple[int, int]]) -> Optional[bool]:
+        """Does pid's command line `text` match? None if a search was cut short and it is
+        not yet judged slow (ATTEMPTS cuts make it False, appended to `slow`). Used by the
+        passes above and for one new process at its exec (memwatchd.procevents)."""
+        key = hash(text)     # a verdict is a function of the text alone
+        known = self.verdicts.get(pid)
+        if known is not None and known[0] == key:
+            return known[1]
+        verdict = alarm.search(self.pattern, text)
+        if verdict is CUT or verdict is UNDECIDED:
+            before = self.cuts.get(pid)
+            cut, undecided = before[1:] if before and before[0] == key else (0, 0)
+            cut, undecided = cut + (verdict is CUT), undecided + (verdict is UNDECIDED)
+            self.cuts[pid] = (key, cut, undecided)
+            if cut < ATTEMPTS:
+                return None
+            del self.cuts[pid]
+            slow.append((pid, len(text)))
+            verdict = False
+        self.verdicts[pid] = (key, verdict)
+        return verdict

@@ -4,8 +4,9 @@ One thread. Each pass: re-resolve targets whose rescan is due, sample the
 targets whose time has come (adaptive: near a limit every min_interval, far
 from all limits about once per interval), ask the policy, re-check and act,
 follow up on signalled processes, ping systemd, then sleep in poll() until the
-next target is due, a PSI trigger fires, a signalled process dies, or a
-signal (SIGTERM, SIGHUP) arrives. Nothing here prints; it logs via report.log.
+next target is due, a PSI trigger fires, a signalled process dies, a process
+event (an exec or fork, memwatchd.procevents) comes, or a signal (SIGTERM, SIGHUP)
+arrives. Nothing here prints; it logs via report.log.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from memwatchd.sampler import parse_stat_start_time
 from memwatchd.swapinfo import SwapWatcher
 from memwatchd.systemd import Notifier
 from memwatchd.targets import (TargetSet, ancestors, exec_mark, read_cgroup, read_cmdline, read_comm,
-                               read_small)
+                               read_small, valid_mark)
 from memwatchd.types import Candidate, ConfigError, HostSample, MemwatchdError, TargetGone
 
 ON_ACTION_TIMEOUT = 30.0
@@ -40,6 +41,7 @@ STOPPED_KEPT = 32         # decision records kept in stopped_for_memory (`watch`
 EVENT_IDS_KEPT = 16       # per victim: the decisions its outcome answers
 VICTIMS_MAX = 4096        # victims followed at once (each holds pidfds; memory is locked)
 FAILED_TICK_PAUSE = 0.1   # seconds the loop sleeps at least after a tick that raised
+QUIET_MAX = 60.0          # seconds the quiet wait (_wait_quiet) stays in C at most
 
 
 class Victim:
@@ -201,6 +203,7 @@ class Daemon:
         if self._psi_fd >= 0:
             os.close(self._psi_fd)
             self._psi_fd = -1
+        self.targets.close()
 
     # ----------------------------------------------------------------- loop
 
@@ -268,6 +271,9 @@ class Daemon:
         for target in self.targets.refresh(now):
             self.seen_target = True
             log(INFO, f"watching {target.watch.name}: {self._describe(target.key)}")
+        if self.targets.discovery_changed:
+            self.targets.discovery_changed = False
+            log(INFO, f"new processes are found by {self.targets.discovery}")
         self._log_problems()
         readings, gone = self.targets.sample_due(now)
         for target in gone:
@@ -354,8 +360,9 @@ class Daemon:
             self._quarantine(name, error)
 
     def _notify(self) -> None:
-        """READY=1 after the first successful tick, then STATUS= once a second and
-        WATCHDOG=1 from this (the main) thread only: a stuck loop stops the pings."""
+        """READY=1 after the first successful tick, then STATUS= looked at once a second
+        and sent only when its text changed (Notifier.status), and WATCHDOG=1 at its own
+        cadence, from this (the main) thread only: a stuck loop stops the pings."""
         now = self.clock()
         if self.ticks == 1:
             self.notifier.ready(self.status_line())
@@ -375,23 +382,33 @@ class Daemon:
         due.append(now + self.config.daemon.interval)
         if self.publisher.every:
             due.append(now + self.publisher.every)
+        unpinged = min(due) - now   # the quiet wait pings by itself
         ping = self.notifier.ping_interval
         if ping:
             due.append(now + ping)
         timeout = max(FAILED_TICK_PAUSE if self._tick_failed else 0.0, min(due) - now)
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        if self.opts.command_pidfd >= 0 and not self.victims:  # once dead it stays readable
-            poller.register(self.opts.command_pidfd, select.POLLIN)
-        if self._psi_fd >= 0:
-            poller.register(self._psi_fd, select.POLLPRI)
-        for victim in self.victims.values():
-            for fd in victim.alive:   # a pidfd seen dead was closed: never polled again
-                poller.register(fd, select.POLLIN)
-        try:
-            events = poller.poll(timeout * 1000.0)
-        except InterruptedError:
-            return
+        fds = self._wait_fds()
+        events_fd = self.targets.events_fd   # an exec or fork: the next tick judges it at once
+        start = time.monotonic()
+        poller = None
+        while True:
+            waited = time.monotonic() - start
+            events = self._wait_quiet(self.clock(), unpinged - waited, fds)
+            if events is None:
+                if poller is None:
+                    poller = select.poll()
+                    for fd, mask in fds:
+                        poller.register(fd, mask)
+                try:
+                    events = poller.poll(max(0.0, timeout - waited) * 1000.0)
+                except InterruptedError:
+                    return
+            if len(events) != 1 or events[0][0] != events_fd or self._events_for_a_watch():
+                break
+            # only process events, none for any watch (a new thread, an unrelated fork):
+            # read and dropped, no tick; the wait goes on
+            if self.targets.events_fd < 0 or timeout - (time.monotonic() - start) <= 0:
+                break
         for fd, _ in events:
             if fd == self._wake_r:
                 try:
@@ -403,6 +420,123 @@ class Daemon:
                 log(DEBUG, "PSI trigger fired")
                 for target in self.targets.targets.values():
                     target.next_due = 0.0
+
+    def _wait_fds(self) -> List[tuple]:
+        """(fd, poll events) the loop's wait wakes on: the signal pipe, `watch`'s command,
+        the PSI trigger, the process-events socket, every victim's pidfds."""
+        fds = [(self._wake_r, select.POLLIN)]
+        if self.opts.command_pidfd >= 0 and not self.victims:  # once dead it stays readable
+            fds.append((self.opts.command_pidfd, select.POLLIN))
+        if self._psi_fd >= 0:
+            fds.append((self._psi_fd, select.POLLPRI))
+        if self.targets.events_fd >= 0:   # process events (procevents): new processes
+            fds.append((self.targets.events_fd, select.POLLIN))
+        for victim in self.victims.values():
+            for fd in victim.alive:   # a pidfd seen dead was closed: never polled again
+                fds.append((fd, select.POLLIN))
+        return fds
+
+    def _wait_quiet(self, now: float, timeout: float, fds: List[tuple]) -> Optional[list]:
+        """Issue 18: while nothing but slow looks is due, wait in C (sampler.wait_quiet)
+        instead of ticking in Python. It re-reads MemAvailable every interval, as the
+        guard would, and the statm of every quiet process target as often as its own
+        schedule asks, pings the watchdog, and comes back as soon as anything could need
+        Python: MemAvailable nearing what the guard acts on (its SIGTERM floor plus what
+        fill_rate takes in one interval; the PSI gate) or moving as much as the state
+        file notes; a target's RSS reaching its ceiling (its warn level or limit less
+        what fill_rate adds in one look, or a move the state file notes) or the target
+        gone; an fd; anything else due. The same looks at the same times as the ticks
+        it replaces: reaction is unchanged. Returns the fds that fired, [] when the
+        loop should tick, None when the ordinary wait applies."""
+        d, g, host = self.config.daemon, self.config.guard, self.host
+        if (timeout <= 0 or host is None or host.mem_total <= 0
+                or host.mem_available < 0 or self.victims or self._held or self._tick_failed
+                or self.targets.busy or self.targets.unit_paths or self.trace is not None
+                or (self.runner is not None and self.runner.running)):
+            return None
+        low, high, look = -1, 1 << 62, 2 * QUIET_MAX   # no guard: MemAvailable is not looked at
+        if g.enabled:
+            if (g.predict > 0 or self.policy.guard.victim is not None or self.policy.guard.pressure
+                    or self.policy.guard_interval(host) < d.interval):
+                return None
+            term_below, _ = g.thresholds(host.mem_total)
+            moved = max(state.HOST_MOVED, host.mem_total // 100)
+            low = max(term_below + int(d.fill_rate * d.interval),
+                      g.psi_available.resolve(host.mem_total), host.mem_available - moved)
+            if host.mem_available <= low:
+                return None
+            high, look = host.mem_available + moved, d.interval
+        later = [now + QUIET_MAX]
+        done = self.targets.pid_watches_done   # a pid watch resolves once: no rescan to wait for
+        later.extend(at for name, at in self.targets.rescan_at.items() if name not in done)
+        if self.publisher.every:
+            later.append(now + self.publisher.every)
+        quiet, step = self._quiet_targets(later)
+        if quiet:
+            slots, ceilings = [t.slot for t, _ in quiet], [c for _, c in quiet]
+        until = min(later) - now
+        if until < 2 * min(look, step):
+            return None
+        ping = self.notifier.ping_socket()
+        if self.notifier.watchdog_interval and ping is None:
+            return None
+        why, ready, pings, _avail, ping_ago = sampler.wait_quiet(
+            self.targets.host, fds, until, look, low, high, *(ping or (-1, 0.0, 0.0)),
+            *((self.targets.processes, slots, ceilings, step) if quiet else ()))
+        self.notifier.pinged(pings, ping_ago)
+        if why == 3:
+            self.notifier.watchdog()   # the notifier's own send: reconnects, counts, logs
+        if why == 4 or why == 0:
+            for target, _ in quiet:    # looked at in C: the tick reads them again now
+                target.next_due = 0.0
+        return ready
+
+    def _quiet_targets(self, later: List[float]) -> tuple:
+        """([(target, RSS ceiling)], step) for the quiet wait: the single-process targets
+        that nothing in the policy is pending on, looked at every step seconds; every
+        other target adds its next due time to later."""
+        d, policy = self.config.daemon, self.policy
+        candidates = []
+        for t in self.targets.targets.values():
+            if (t.is_cgroup or t.watch.scope != "process" or t.sampled_at <= 0
+                    or t.watch.name in policy.predicting or t.watch.name in self.quarantined):
+                later.append(t.next_due)
+                continue
+            s = policy.states.get(t.key)
+            if s is not None and (s.stage != "idle" or s.over_since is not None or s.warned):
+                later.append(t.next_due)
+                continue
+            candidates.append(t)
+        if not candidates:
+            return [], QUIET_MAX
+        # Each is looked at again before it can reach its warn level or limit at fill_rate
+        # (as its own schedule would) and given back to the loop once its RSS moved by
+        # what the state file notes: step leaves room for that move.
+        fill, steps, quiet = d.fill_rate, [], []
+        for t in candidates:
+            level = t.limit if t.warn is None else min(t.limit, t.warn)
+            moved = max(state.MOVED_BYTES, t.limit >> 6)
+            room = (level - t.usage - moved) / fill
+            if room < d.min_interval:
+                later.append(t.next_due)
+            else:
+                steps.append(room)
+                quiet.append((t, level, moved))
+        if not quiet:
+            return [], QUIET_MAX
+        step = max(d.min_interval, min(d.interval, min(steps)))
+        reach = int(fill * step)
+        quiet = [(t, min(level - reach, t.usage + moved)) for t, level, moved in quiet]
+        return quiet, step
+
+    def _events_for_a_watch(self) -> bool:
+        """Read the process events that woke the wait; True if one concerns a watch (or
+        something went wrong: the tick sorts it out)."""
+        try:
+            return self.targets.take_events()
+        except Exception as e:   # a bug: said once; the tick's refresh meets it again
+            self._log_exception("process events", e)
+            return True
 
     # --------------------------------------------------------------- reload
 
@@ -586,14 +720,14 @@ class Daemon:
         thread. The target (logs, status) takes the new names too."""
         mark = exec_mark(target.pid, self._proc)
         if mark is None or mark[0] != target.start_time:
-            return target.comm, None if mark is None else target.cmdline   # exiting or mid-exec
+            return target.comm, None if mark is None else target.cmdline   # exiting
         comm = mark[1]
-        if mark == target.names_mark:
+        if valid_mark(mark) and mark == target.names_mark:
             return comm, target.cmdline
         cmdline = self._fresh_cmdline(target.pid, target.start_time)
         if cmdline is None and comm == target.comm and target.cmdline:
             cmdline = target.cmdline      # not read in time, but the same program: its cmdline
-        elif cmdline and exec_mark(target.pid, self._proc) == mark:
+        elif cmdline and valid_mark(mark) and exec_mark(target.pid, self._proc) == mark:
             target.names_mark = mark      # no exec during the read: these names hold until one
         if comm != target.comm or (cmdline is not None and cmdline != target.cmdline):
             target.comm = comm

@@ -8,6 +8,7 @@ file and re-reads it with os.pread, so the two differ only in speed.
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterable, List, Optional, Sequence
 
 from memwatchd import types as _types
@@ -507,6 +508,61 @@ class HostReader:
             if values is not None:
                 pressure = _pressure_from(values)
         return HostSample(mem[0], mem[1], mem[2], mem[3], pressure)
+
+
+def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, high: int,
+               ping_fd: int = -1, ping_every: float = 0.0, ping_in: float = 0.0,
+               table: Optional["ProcessTable"] = None, slots=(), ceilings=(),
+               target_step: float = 0.0):
+    """The compiled wait_quiet's twin (ext/_memread.pyx says what it does): the same
+    results, at a Python wake-up's cost for every step."""
+    import select
+    poller = select.poll()
+    for fd, events in fds:
+        poller.register(fd, events)
+    now = time.monotonic()
+    deadline, next_look = now + timeout, now + step
+    next_ping = now + ping_in if ping_fd >= 0 else deadline + 1.0
+    slots = list(slots) if table is not None else []
+    next_sample = now + target_step if slots else deadline + 1.0
+    pings, avail, pinged_at = 0, -1, 0.0
+
+    def out(why, ready=()):
+        return why, list(ready), pings, avail, (time.monotonic() - pinged_at) if pings else 0.0
+
+    while True:
+        until = min(deadline, next_look, next_ping, next_sample)
+        try:
+            ready = poller.poll(max(0.0, until - now) * 1000.0 + 0.999)
+        except InterruptedError:
+            ready = []
+        if ready:
+            return out(1, ready)
+        now = time.monotonic()
+        if now >= next_ping:
+            try:
+                if os.write(ping_fd, b"WATCHDOG=1") != 10:
+                    return out(3)
+            except OSError:
+                return out(3)
+            pings += 1
+            pinged_at = now
+            next_ping = now + ping_every
+        if now >= deadline:
+            return out(0)
+        if now >= next_look:
+            try:
+                avail = max(-1, parse_keyed(_pread(host._meminfo_fd), (b"MemAvailable",), 1024)[0])
+            except OSError:
+                avail = -1
+            if avail < low or avail > high:
+                return out(2)
+            next_look = now + step
+        if now >= next_sample:
+            table.sample_slots(slots)
+            if any(table.status(s) != _types.OK or table.rss(s) >= c for s, c in zip(slots, ceilings)):
+                return out(4)
+            next_sample = now + target_step
 
 
 # ------------------------------------------------ syscalls the stdlib lacks

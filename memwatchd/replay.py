@@ -5,7 +5,9 @@ evaluated; between samples, every target the policy is not quiet on is
 evaluated again when its interval (``Policy.interval_for``) says it would have
 been sampled, with its last recorded value. A quiet target whose value does not
 change stays quiet (``Policy.quiet``), so it needs no virtual ticks: that is
-what makes a day of 100 targets replay in seconds.
+what makes a day of 100 targets replay in seconds. The trace is a stream
+(``trace.open_trace``): each sample is consumed as it is read and dropped, so a
+replay holds the policy's state and one value per target, never the trace.
 
 After an action the trace no longer says what would have happened:
 - a target the replay SIGKILLs is dropped (its later readings are ignored);
@@ -25,10 +27,11 @@ from typing import Dict, List, Optional, Sequence
 from memwatchd.config import Config, parse_config
 from memwatchd.policy import Policy, guard_level, is_quiet
 from memwatchd.report import count
-from memwatchd.trace import Trace, TraceError, loadable_config, read_trace
+from memwatchd.trace import Trace, TraceError, loadable_config, open_trace
 from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, Reading
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
+_new_reading = tuple.__new__   # a Reading without the namedtuple's argument handling (per row)
 
 
 class Decision:
@@ -72,6 +75,7 @@ class Result:
         self.end = trace.end
         self.ticks = 0
         self.readings = 0
+        self.names: Dict[tuple, str] = {}          # guard victims that were no target -> comm
 
     @property
     def damage(self) -> List[str]:
@@ -86,15 +90,17 @@ class Result:
         return out
 
 
-def check_config(trace: Trace, config: Config) -> List[str]:
+def check_config(trace: Trace, config: Config, recorded_only: bool = False) -> List[str]:
     """Refuse a config whose watches the trace never recorded, or recorded measuring something
-    else (another scope); return notes for watches it lacks."""
+    else (another scope); return notes for watches it lacks. The trace's runs are known
+    only once it has been read: ``recorded_only`` checks the watches of its first header
+    (before a replay), the full check follows it."""
     recorded = {w.get("name"): w for w in trace.header.get("config", {}).get("watch", [])
                 if isinstance(w, dict)}
-    names = trace.watch_names()
+    names = list(recorded) if recorded_only else trace.watch_names()
     notes = []
     matched = [w for w in config.watches if w.name in names]
-    if config.watches and not matched:
+    if config.watches and not matched and not recorded_only:
         raise ConfigError(f"{config.source}: its watches ({', '.join(w.name for w in config.watches)}) "
                           f"match none recorded in {trace.path} ({', '.join(names) or 'none'}): replay "
                           "pairs a [[watch]] with the trace's readings by its name")
@@ -126,21 +132,24 @@ def recorded_config(trace: Trace) -> Config:
 def replay(trace: Trace, config: Optional[Config] = None, start: Optional[float] = None,
            end: Optional[float] = None) -> Result:
     """Replay ``config`` (default: the recorded one) over ``trace`` between trace times
-    start and end (default: all of it)."""
+    start and end (default: all of it). A trace from open_trace is consumed (once);
+    one from read_trace can be replayed again."""
     config = config or recorded_config(trace)
     result = Result(trace, config)
-    result.notes.extend(check_config(trace, config))
-    _Replayer(trace, config, result, trace.start if start is None else start,
-              trace.end if end is None else end).run()
+    check_config(trace, config, recorded_only=True)   # a wrong scope fails before the work
+    _Replayer(trace, config, result, trace.start if start is None else start, end).run()
+    result.notes[:0] = check_config(trace, config)
     _match(result)
     return result
 
 
 class _Replayer:
-    def __init__(self, trace: Trace, config: Config, result: Result, start: float, end: float):
+    def __init__(self, trace: Trace, config: Config, result: Result, start: float,
+                 end: Optional[float]):
         self.trace, self.config, self.result = trace, config, result
-        self.start, self.end = start, end
-        result.start, result.end = start, end
+        self.start, self.end = start, float("inf") if end is None else end
+        self.until_end = end is None      # the trace's end is known once it is read
+        result.start = start
         self.policy = Policy(config)
         self.watches = {w.name: w for w in config.watches}
         self.mem_total = trace.mem_total
@@ -153,7 +162,7 @@ class _Replayer:
         self.heap: list = []
         self.host_raw = None
         self.host: Optional[HostSample] = None
-        self.candidates: List[tuple] = []
+        self.candidates: Optional[tuple] = None   # the latest recorded list: (time, [(pid, ...)])
         self.started = False
         self.seen_at: Dict[int, float] = {}
         self.fixed: Dict[int, tuple] = {}    # process run id -> (key, watch, limit, warn); () = no watch
@@ -215,55 +224,73 @@ class _Replayer:
     # -- the loop
 
     def run(self) -> None:
-        for s in self.trace.samples:
-            if s.t > self.end:
+        samples = self.trace.iter_samples()
+        heap, held, quiet = self.heap, self.held, self.policy.quiet
+        for s in samples:
+            t = s.t
+            if t > self.end:
+                for _ in samples:   # read to the end: its damage and runs are reported too
+                    pass
                 break
-            self.advance(s.t)
-            changed = self.apply(s)
-            if s.t < self.start:
+            if heap and heap[0][0] < t:
+                self.advance(t)
+            # a quiet reading changes nothing (Policy.quiet): tick only for the others, or
+            # for the host when the guard may act
+            active = self.apply(s)
+            if t < self.start:
                 continue
             if not self.started:
                 self.started = True
-                changed = list(self.held)
-            # a quiet reading changes nothing (Policy.quiet): tick only for the others, or
-            # for the host when the guard may act
-            held = self.held
-            active = [rid for rid in changed if rid in held     # (gone in the same line)
-                      and not self.policy.quiet(held[rid])]
+                active = [rid for rid, r in held.items() if not quiet(r)]
             if active or (self.host is not None and (self.guard_on or self.policy.guard.victim)
                           and (s.host is not None or s.gone or s.decisions)):
-                self.tick(s.t, active)
+                self.tick(t, active)
+        if self.until_end:
+            self.end = self.trace.end
+        self.result.end = self.end
         self.advance(self.end + 1e-9)
 
     def apply(self, s) -> List[int]:
-        changed = []
-        seen = self.seen_at
+        """Take in one sample; the run ids whose new reading the policy is not quiet on."""
+        active = []
+        seen, held, fixed_of, killed = self.seen_at, self.held, self.fixed, self.killed
+        quiet = self.policy.quiet
+        t = s.t
+        if s.candidates is not None:
+            self.candidates = (t, s.candidates)
         if s.decisions:
             self.live_decisions(s)
         for rid, usage, limit, warn, stat in s.rows:
-            seen[rid] = s.t
-            if rid in self.killed:
+            seen[rid] = t
+            if rid in killed:
                 key = self.trace.runs[rid].key
                 self.result.dropped[key] = self.result.dropped.get(key, 0) + 1
                 continue
-            r = self.reading(rid, usage, limit, warn, stat)
-            if r is not None:
-                self.held[rid] = r
+            fixed = fixed_of.get(rid)
+            if fixed:   # a process (most rows): the same Reading with this usage
+                r = held[rid] = _new_reading(Reading, (fixed[0], fixed[1], usage, fixed[2], fixed[3],
+                                                       None, None))
+            else:
+                r = self.reading(rid, usage, limit, warn, stat)
+                if r is None:
+                    continue
+                held[rid] = r
                 self.rid_of[r.key] = rid
-                changed.append(rid)
+            if not quiet(r):
+                active.append(rid)
         for rid in s.gone:
             key = self.trace.runs[rid].key
             self.held.pop(rid, None)
             self.due_at.pop(rid, None)
             self.policy.forget(key)
             self.freed.pop(key, None)   # the live run freed it too from here on
-        if s.candidates is not None:
-            self.candidates.append((s.t, s.candidates))
         if s.host is not None or s.gone or s.decisions:
             if s.host is not None:
                 self.host_raw = s.host
             self.set_host()
-        return changed
+        if s.gone and active:
+            active = [rid for rid in active if rid in held]   # (gone in the same line)
+        return active
 
     def live_decisions(self, s) -> None:
         """The live policy's decisions in this sample, each with its one-sample window
@@ -274,6 +301,8 @@ class _Replayer:
             by_guard = bool(d.get("by_guard", d.get("watch") == "guard"))
             live = Decision(s.t, key, d.get("watch"), d.get("kind"), d.get("reason"),
                             d.get("usage"), d.get("limit"), d.get("signal"), True, by_guard)
+            if by_guard:
+                self.name_victim(key)
             rid = self.rid_of.get(key)
             if rid is None:
                 rid = next((r for r, u, *_ in s.rows if self.trace.runs[r].key == key), None)
@@ -329,11 +358,18 @@ class _Replayer:
                 self.due_at[0] = due
                 heapq.heappush(self.heap, (due, 0))
 
+    def name_victim(self, key: tuple) -> None:
+        """Remember the name of a guard victim that was no target (from the recorded list)."""
+        if self.candidates is not None and key not in self.result.names:
+            for c in self.candidates[1]:
+                if (c[0], c[1]) == key[1:]:
+                    self.result.names[key] = c[2]
+                    break
+
     def guard_candidates(self, t: float) -> List[Candidate]:
         gone = set(self.freed)
         if self.candidates:
-            before = [c for c in self.candidates if c[0] <= t]
-            at, cands = before[-1] if before else self.candidates[0]
+            at, cands = self.candidates   # the latest before t: samples come in time order
             if abs(at - t) > 1.0:
                 self.note("the guard fired at a time the trace has no process list for: it chose "
                           "from the nearest one recorded")
@@ -352,6 +388,8 @@ class _Replayer:
         sig = None if d.signal is None else signal.Signals(d.signal).name
         out = Decision(t, d.key, d.watch, d.kind, d.reason, d.usage, d.limit, sig, False, d.by_guard)
         self.result.decisions.append(out)
+        if d.by_guard:
+            self.name_victim(d.key)
         if d.kind != "signal":
             return
         rid = self.rid_of.get(d.key)
@@ -413,14 +451,13 @@ def _mib(n) -> str:
     return "?" if n is None else f"{n / 2**20:.1f} MiB"
 
 
-def label(trace: Trace, key: tuple) -> str:
+def label(trace: Trace, key: tuple, names: Optional[Dict[tuple, str]] = None) -> str:
     """ "pid 123 (comm)" or "cgroup /x" (raw: escape before printing). A guard victim that was
-    not a target is named from the candidate lists."""
+    not a target is named from the candidate list it was chosen from (``Result.names``)."""
     if key[0] == "cgroup":
         return f"cgroup {key[1]}"
     run = next((r for r in trace.runs.values() if r.key == key), None)
-    comm = run.comm if run else next((c[2] for s in trace.samples if s.candidates
-                                      for c in s.candidates if (c[0], c[1]) == key[1:]), "")
+    comm = run.comm if run else (names or {}).get(key, "")
     return f"pid {key[1]}" + (f" ({comm})" if comm else "")
 
 
@@ -438,7 +475,7 @@ def to_json(result: Result) -> List[dict]:
     for d in result.decisions:
         out.append({"type": "replay", "t": round(d.t - trace.start, 4),
                     "wall": round(trace.wall(d.t), 3), "watch": d.watch, "key": list(d.key),
-                    "target": escape(label(trace, d.key)), "reason": d.reason, "usage_bytes": d.usage,
+                    "target": escape(label(trace, d.key, result.names)), "reason": d.reason, "usage_bytes": d.usage,
                     "limit_bytes": d.limit, "action": d.action, "signal": d.signal,
                     "live": None if d.match is None else {
                         "t": round(d.match.t - trace.start, 4), "delta_s": round(d.t - d.match.t, 4)},
@@ -447,7 +484,7 @@ def to_json(result: Result) -> List[dict]:
         if l.match is None:
             out.append({"type": "live-only", "t": round(l.t - trace.start, 4),
                         "wall": round(trace.wall(l.t), 3), "watch": l.watch, "key": list(l.key),
-                        "target": escape(label(trace, l.key)), "reason": l.reason,
+                        "target": escape(label(trace, l.key, result.names)), "reason": l.reason,
                         "usage_bytes": l.usage, "limit_bytes": l.limit, "action": l.action,
                         "signal": l.signal})
     out.append(summary(result))
@@ -461,7 +498,7 @@ def summary(result: Result) -> dict:
             "decisions": len(result.decisions), "reproduced": same,
             "new": len(result.decisions) - same,
             "live_not_taken": sum(1 for l in result.live if l.match is None),
-            "diverged": {label(result.trace, k): round(t - result.trace.start, 4)
+            "diverged": {label(result.trace, k, result.names): round(t - result.trace.start, 4)
                          for k, t in result.diverged_at.items()},
             "dropped_readings": sum(result.dropped.values()),
             "tolerance_s": result.tolerance, "notes": list(result.notes),
@@ -484,7 +521,7 @@ def format_text(result: Result) -> str:
             live = "not taken live"
         if d.diverged:
             live += ", after a divergence"
-        target = escape(f"{d.watch}: {label(trace, d.key)}")
+        target = escape(f"{d.watch}: {label(trace, d.key, result.names)}")
         lines.append(f"{_clock(trace, d.t):<12} {d.t - trace.start:>8.3f}  {target[:30]:<30} "
                      f"{_mib(d.usage):>10} {_mib(d.limit):>10}  {d.action:<6} {d.reason:<22} {live}")
     missed = [l for l in result.live if l.match is None]
@@ -492,14 +529,14 @@ def format_text(result: Result) -> str:
         lines.append("live decisions the replay did not take:")
         for l in missed:
             lines.append(f"{_clock(trace, l.t):<12} {l.t - trace.start:>8.3f}  "
-                         f"{escape(f'{l.watch}: {label(trace, l.key)}')[:30]:<30} {_mib(l.usage):>10} "
+                         f"{escape(f'{l.watch}: {label(trace, l.key, result.names)}')[:30]:<30} {_mib(l.usage):>10} "
                          f"{_mib(l.limit):>10}  {l.action:<6} {l.reason}")
     s = summary(result)
     lines.append(f"{count(s['decisions'], 'decision')}: {s['reproduced']} as live, {s['new']} not taken live; "
                  f"{count(s['live_not_taken'], 'live decision')} not taken by the replay")
     for key, t in sorted(result.diverged_at.items(), key=lambda kv: kv[1]):
         dropped = result.dropped.get(key, 0)
-        lines.append(f"diverged: {escape(label(trace, key))} from +{t - trace.start:.3f}s"
+        lines.append(f"diverged: {escape(label(trace, key, result.names))} from +{t - trace.start:.3f}s"
                      + (f" ({count(dropped, 'later reading')} ignored: the replay killed it)" if dropped else ""))
     for note in result.notes:
         lines.append(f"note: {note}")
@@ -530,7 +567,9 @@ def parse_time(value: str, trace: Trace, where: str) -> float:
 
 def replay_file(path: str, config: Optional[Config] = None, t_from: Optional[str] = None,
                 t_to: Optional[str] = None) -> Result:
-    trace = read_trace(path)
+    """Replay a trace file or ring directory as it is read (a stream: memory does not grow
+    with the trace)."""
+    trace = open_trace(path, stats=False)
     start = parse_time(t_from, trace, "--from") if t_from else None
     end = parse_time(t_to, trace, "--to") if t_to else None
     return replay(trace, config, start, end)

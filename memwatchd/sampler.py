@@ -36,6 +36,7 @@ parse_max = impl.parse_max
 parse_psi = impl.parse_psi
 process_mrelease = impl.process_mrelease
 mlockall_onfault = impl.mlockall_onfault
+wait_quiet = impl.wait_quiet
 
 
 def open_psi_trigger(proc_root: str = "/", stall_us: int = 150_000, window_us: int = 1_000_000):

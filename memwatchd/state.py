@@ -1,7 +1,13 @@
 """The live state file: what the daemon sees, for `memwatchd status` (the report stage).
 
-The daemon rewrites it at most once a second: a temp file in the same directory,
-then rename(), so a reader sees the old file or the new one, never half of one.
+The daemon rewrites it when what it shows has changed (a target came or went, an
+action, a victim, a reload, a usage or MemAvailable that moved noticeably, a target
+or the guard sampling closely), at most once a second, and otherwise every
+STATE_HEARTBEAT seconds: an idle daemon does not re-encode unchanged JSON every
+second. `status` tells a live daemon from a dead one by its pid and start time, and
+a stuck one by a state older than its heartbeat (the file says which: see
+liveness()). A temp file in the same directory, then rename(), so a reader sees the
+old file or the new one, never half of one.
 Mode 0600: it names processes and cgroups. It only goes out: the daemon has no
 command socket and reads no instructions from other processes.
 
@@ -28,11 +34,15 @@ from memwatchd.types import MemwatchdError
 FORMAT = 2            # 2: times as RFC 3339 strings (*_at) with Unix twins (*_at_unix)
 READABLE_FORMATS = (1, 2)   # `status` still reads what an older, still running daemon wrote
 STATE_EVERY = 1.0     # at most one state write (and metrics snapshot) per second
-FRESH_FOR = 5.0       # `status`: a state written longer ago than this is stale
+STATE_HEARTBEAT = 30.0   # an unchanged state is rewritten this often (it proves the loop runs)
+FRESH_FOR = 5.0       # `status`: stale once older than the daemon's heartbeat plus this
+MOVED_BYTES = 2**20   # a usage that moved by max(this, 1/64 of its limit) is a change
+HOST_MOVED = 64 * 2**20   # MemAvailable that moved by max(this, 1% of MemTotal) is a change
+PSI_MOVED = 1.0       # a PSI avg10 (percent) that moved by this is a change
 RECENT = 10           # actions kept in the state file
 COUNTED_TARGETS = 256  # targets whose actions of the last hour are counted
 
-__all__ = ["FORMAT", "STATE_EVERY", "FRESH_FOR", "write_atomic", "read_state", "boottime",
+__all__ = ["FORMAT", "STATE_EVERY", "STATE_HEARTBEAT", "FRESH_FOR", "fresh_for", "write_atomic", "read_state", "boottime",
            "proc_start_time", "liveness", "target_labels", "target_view", "host_view", "guard_view",
            "build_view", "action_key", "action_summary", "Publisher"]
 
@@ -68,8 +78,9 @@ def liveness(state: Optional[Dict[str, Any]], now_boot: Optional[float] = None,
              proc: str = "/proc") -> str:
     """Does a daemon stand behind this state? One of:
 
-    "running"  written within FRESH_FOR seconds by a process that still lives (same pid
-               AND same start time, so a recycled pid does not count);
+    "running"  written within fresh_for(state) seconds (its heartbeat, plus FRESH_FOR)
+               by a process that still lives (same pid AND same start time, so a
+               recycled pid does not count);
     "stale"    that process lives, but has not written for longer (stuck, or stopped);
     "dead"     that process is gone (crashed, killed, or stopped uncleanly);
     "none"     there is no state file.
@@ -82,9 +93,19 @@ def liveness(state: Optional[Dict[str, Any]], now_boot: Optional[float] = None,
         return "dead"
     now_boot = boottime() if now_boot is None else now_boot
     written = state.get("written_boottime")
-    if not isinstance(written, (int, float)) or not 0 <= now_boot - written <= FRESH_FOR:
+    if not isinstance(written, (int, float)) or not 0 <= now_boot - written <= fresh_for(state):
         return "stale"
     return "running"
+
+
+def fresh_for(state: Dict[str, Any]) -> float:
+    """How old this daemon's state may get while its loop runs: its heartbeat (the
+    longest it leaves an unchanged state unwritten) plus FRESH_FOR of slack. A state
+    without a heartbeat (a daemon before issue 18) was rewritten every second."""
+    beat = (state.get("daemon") or {}).get("state_heartbeat_seconds")
+    if not isinstance(beat, (int, float)) or isinstance(beat, bool) or not 0 < beat <= 3600:
+        beat = 0.0
+    return beat + FRESH_FOR
 
 
 # ------------------------------------------------------------------ the view
@@ -234,6 +255,9 @@ class Publisher:
         self.actions_by_minute: Dict[tuple, collections.deque] = {}   # action_key -> [minute, n]
         self.metrics = None
         self._written = -STATE_EVERY
+        self._state_written = -STATE_HEARTBEAT   # when the state file was last written
+        self._shown: Optional[tuple] = None   # what the last state write showed: see _changed()
+        self._records = 0                 # event records seen (any is a change)
         self._failed = False
         self._self_table = None
         self._self_slot = -1
@@ -242,8 +266,12 @@ class Publisher:
 
     @property
     def every(self) -> Optional[float]:
-        """How often the loop should wake for us; None when nothing is published."""
-        return STATE_EVERY if self.config.daemon.state or self.metrics is not None else None
+        """How often the loop should wake for us; None when nothing is published. Metrics
+        take a snapshot every second; the state file alone needs its heartbeat (a change
+        comes with the tick that made it)."""
+        if self.metrics is not None:
+            return STATE_EVERY
+        return STATE_HEARTBEAT if self.config.daemon.state else None
 
     def start(self) -> None:
         """Start the metrics exporter if configured; called once the loop starts."""
@@ -273,6 +301,7 @@ class Publisher:
         elif self.metrics is not None:
             self.metrics.seed(config)   # a new watch's first-stop counter starts at 0 too
         self._written = -STATE_EVERY
+        self._shown = None              # a reload is a change: written on the next tick
 
     def rss(self) -> Optional[int]:
         """memwatchd's own resident memory, by one pread of its statm."""
@@ -290,6 +319,7 @@ class Publisher:
 
     def on_record(self, record: Dict[str, Any]) -> None:
         """Every event record the daemon writes: kept for the state, counted for metrics."""
+        self._records += 1
         if record.get("type") == "decision":
             summary = action_summary(record)
             self.recent.append(summary)
@@ -339,12 +369,57 @@ class Publisher:
         now = daemon.clock()
         if self.every is None or now - self._written < STATE_EVERY:
             return
+        write = bool(self.config.daemon.state) and (
+            now - self._state_written >= STATE_HEARTBEAT or self._changed(daemon))
+        if not write and self.metrics is None:
+            return
         self._written = now
         view = self.view(daemon, now)
         if self.metrics is not None:
             self.metrics.publish(view)
-        if self.config.daemon.state:
+        if write:
+            self._state_written = now
+            self._shown = self._showing(daemon)
             self._write_state(view)
+
+    def _showing(self, daemon: Any) -> tuple:
+        """What a state write shows, as far as _changed() compares it: the discrete
+        parts (targets, actions, victims, quarantine, records), MemAvailable, PSI, and
+        each target's usage."""
+        host = daemon.host
+        psi = getattr(host, "pressure", None)
+        return ((len(daemon.targets.targets), daemon.actions_taken, len(daemon.victims),
+                 len(getattr(daemon, "quarantined", ())), self._records),
+                getattr(host, "mem_available", None),
+                None if psi is None else (psi.some_avg10, psi.full_avg10),
+                {key: t.usage for key, t in daemon.targets.targets.items()})
+
+    def _changed(self, daemon: Any) -> bool:
+        """Has what the state shows changed enough since the last write to write it now?
+        Something discrete (a target, an action, a victim, a record, a quarantine), a
+        target's usage moved by max(MOVED_BYTES, 1/64 of its limit) (one growing towards
+        its limit is so written about every second), MemAvailable by max(HOST_MOVED, 1%
+        of MemTotal), a PSI avg10 by PSI_MOVED."""
+        shown = self._shown
+        if shown is None:
+            return True
+        discrete, avail, psi, usage = shown
+        if discrete != (len(daemon.targets.targets), daemon.actions_taken, len(daemon.victims),
+                        len(getattr(daemon, "quarantined", ())), self._records):
+            return True
+        host = daemon.host
+        if host is not None:
+            if avail is None or abs(host.mem_available - avail) >= max(HOST_MOVED, host.mem_total // 100):
+                return True
+            p = host.pressure
+            if (p is None) != (psi is None) or p is not None and (
+                    abs(p.some_avg10 - psi[0]) >= PSI_MOVED or abs(p.full_avg10 - psi[1]) >= PSI_MOVED):
+                return True
+        for key, t in daemon.targets.targets.items():
+            before = usage.get(key)
+            if before is None or abs(t.usage - before) >= max(MOVED_BYTES, t.limit >> 6):
+                return True
+        return False
 
     def view(self, daemon: Any, now: float) -> Dict[str, Any]:
         info = {
@@ -354,12 +429,14 @@ class Publisher:
             "started_at_unix": self.started_at,
             "version": __version__,
             "sampler": sampler.IMPLEMENTATION,
+            "discovery": getattr(daemon.targets, "discovery", ""),   # "" when nothing needs it
             "rss_bytes": self.rss(),
             "ticks": daemon.ticks,
             "actions_taken": daemon.actions_taken,
             "victims": len(daemon.victims),
             "quarantined": dict(getattr(daemon, "quarantined", {})),
             "state_every_seconds": STATE_EVERY,
+            "state_heartbeat_seconds": STATE_HEARTBEAT,
         }
         targets = daemon.targets.targets
         if len(self.labels) > 2 * len(targets) + 64:   # forget the targets that are gone

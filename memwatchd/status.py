@@ -77,7 +77,7 @@ def sample_once(config: Config, proc_root: str = "/", cgroup_root: str = CGROUP_
     from memwatchd.targets import TargetSet, ancestors
 
     never = ancestors(os.getpid(), os.path.join(proc_root, "proc"))
-    targets = TargetSet(config, proc_root, cgroup_root, never)
+    targets = TargetSet(config, proc_root, cgroup_root, never, events=False)   # one sample
     now = time.monotonic()
     targets.refresh(now)
     while targets.busy:   # a cmdline pass spans ticks in the daemon; here, finish it now
@@ -367,6 +367,7 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
         head.append(f"memwatchd {daemon.get('version', '')} running: pid {daemon.get('pid')}, "
                     f"up {duration(now - _unix(daemon, 'started_at', now))}, "
                     f"RSS {size(daemon.get('rss_bytes'))}, sampler {daemon.get('sampler')}, "
+                    + (f"new processes by {daemon['discovery']}, " if daemon.get('discovery') else "") +
                     f"{report.count(daemon.get('actions_taken', 0), 'action')}"
                     f"{', DRY RUN' if view.get('dry_run') else ''}; "
                     f"state {duration(view.get('age_seconds'))} old")

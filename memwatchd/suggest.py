@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 from memwatchd.config import Size, parse_duration
 from memwatchd.replay import recorded_config, replay
 from memwatchd.report import count
-from memwatchd.trace import Run, Trace, TraceError, read_trace
+from memwatchd.trace import Run, Trace, TraceError, open_trace, read_runs
 from memwatchd.types import ConfigError, MemwatchdError
 
 FLOOR = 1.05        # the limit clears the largest complete peak by this factor
@@ -217,10 +217,8 @@ def _ended(trace: Trace, run: Run, stopped_procs, stopped_cgroups) -> str:
         lo, hi = trace.wall(run.first), trace.wall(run.gone if run.gone is not None else trace.end)
         if any(c == key[1] and lo <= w <= hi + 30 for c, w in stopped_cgroups):
             return "stopped"
-        kills = [row[4][8] for s in trace.samples for row in s.rows
-                 if row[0] == run.rid and row[4] is not None and row[4][8] is not None]
-        if kills and max(kills) > min(kills):
-            return "oom-killed"
+        if run.oom_kills is not None and run.oom_kills[1] > run.oom_kills[0]:
+            return "oom-killed"   # memory.events oom_kill went up during the run
     if run.gone is None:
         return "running"
     return "finished"
@@ -236,7 +234,7 @@ def suggest(paths: Sequence[str], events_path: Optional[str] = None, percentile:
     report.settings = {"percentile": percentile, "margin": margin, "half_life_s": half_life}
     procs, cgroups = _events_stopped(events_path) if events_path else (set(), [])
     for path in paths:
-        trace = read_trace(path)
+        trace = read_runs(path)   # peaks and ends; the samples are not kept
         report.traces.append(trace)
         report.damage.extend(trace.damage)
         specs = {w.get("name"): w for w in trace.header.get("config", {}).get("watch", [])
@@ -307,7 +305,7 @@ def _replay_suggestions(report: Report) -> None:
                                  warn=Size(bytes=s.warn) if s.warn is not None and s.warn < s.limit else None)
             watches.append(wc)
         config = config._replace(watches=tuple(watches), source="suggested limits")
-        result = replay(trace, config)
+        result = replay(open_trace(trace.path, stats=False), config)   # a second pass
         stopped = result.stopped()
         for run in trace.runs.values():
             s = report.watches.get(run.watch)

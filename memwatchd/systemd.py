@@ -54,6 +54,7 @@ class Notifier:
         self.errors = 0            # failed sends (the first is logged at WARNING)
         self.sent = 0              # datagrams sent
         self._last_ping: Optional[float] = None
+        self._status: Optional[str] = None   # the STATUS= text systemd last received
 
         raw = env.get("NOTIFY_SOCKET", "")
         if raw.startswith("@"):
@@ -147,7 +148,9 @@ class Notifier:
 
     def ready(self, status: Optional[str] = None) -> None:
         """READY=1 (startup finished, or a reload done), with an optional STATUS= line."""
-        self._send("READY=1" + (self._status_line(status) if status is not None else ""))
+        if self._send("READY=1" + (self._status_line(status) if status is not None else "")) \
+                and status is not None:
+            self._status = status
 
     def reloading(self) -> None:
         """RELOADING=1 with MONOTONIC_USEC (Type=notify-reload, systemd 253+; ignored by 252).
@@ -159,9 +162,15 @@ class Notifier:
         """STOPPING=1: shutdown has begun."""
         self._send("STOPPING=1")
 
-    def status(self, text: str) -> None:
-        """STATUS=<one line> shown by systemctl status."""
-        self._send(self._status_line(text).lstrip("\n"))
+    def status(self, text: str) -> bool:
+        """STATUS=<one line> shown by systemctl status; sent only when it differs from
+        what systemd last received (an idle daemon sends nothing). True if sent."""
+        if text == self._status:
+            return False
+        if self._send(self._status_line(text).lstrip("\n")):
+            self._status = text
+            return True
+        return False
 
     @staticmethod
     def _status_line(text: str) -> str:
@@ -180,7 +189,26 @@ class Notifier:
         self._last_ping = now
         return self._send("WATCHDOG=1")
 
+    def ping_socket(self) -> Optional[tuple]:
+        """(fd, every, first_in) for a wait that pings the watchdog itself (the daemon's
+        quiet wait, in C: sampler.wait_quiet): the connected socket, ping_interval, and
+        the seconds until the next ping is due. None without a watchdog or before the
+        socket is connected (the first message connects it). Report what was sent with
+        pinged(): the cadence goes on from there."""
+        if not self._watchdog_usec or self._notifier is None:
+            return None
+        every = self._watchdog_usec / 4e6
+        first = 0.0 if self._last_ping is None else max(0.0, self._last_ping + every - self._clock())
+        return self._notifier.socket.fileno(), every, first
+
+    def pinged(self, n: int, ago: float = 0.0) -> None:
+        """n WATCHDOG=1 datagrams were sent on ping_socket(), the last one ago seconds ago."""
+        if n > 0:
+            self.sent += n
+            self._last_ping = self._clock() - ago
+
     def close(self) -> None:
+        self._status = None   # a new connection may reach a new PID 1: say it again
         if self._notifier is not None:
             self._notifier.socket.close()
             self._notifier = None

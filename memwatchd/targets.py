@@ -9,6 +9,7 @@ them into ``Reading``s for the policy.
 """
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import stat
@@ -17,9 +18,10 @@ TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never 
 if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-    from memwatchd import cmdmatch, pidfile
-# memwatchd.pidfile and memwatchd.cmdmatch are imported by the first pidfile / cmdline
-# watch: the default config (the guard alone) does not carry them.
+    from memwatchd import cmdmatch, pidfile, procevents
+# memwatchd.pidfile, memwatchd.cmdmatch and memwatchd.procevents are imported by the
+# first pidfile / cmdline / tree watch: the default config (the guard alone) does not
+# carry them.
 
 from memwatchd import sampler
 from memwatchd.sampler import parse_stat_start_time
@@ -29,6 +31,8 @@ from memwatchd.types import (GONE, OK, AccessDenied, Candidate, MemwatchdError, 
                              TargetGone)
 
 RESCAN_INTERVAL = 2.0     # seconds between re-resolving globs, regexes, pidfiles and units
+EVENTS_KEPT = 4096        # process events queued past a tick's budget; more: rescan instead
+NO_PROC_EVENTS = "MEMWATCHD_NO_PROC_EVENTS"   # set (to 1): rescan only, no connector
 SYSTEMCTL_TIMEOUT = 5.0   # a `systemctl show` still running after this is killed
 SYSTEMCTL_WAIT = 0.2      # the loop waits this long for it, then looks again on later ticks
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"   # exists iff systemd is PID 1 (sd_booted(3))
@@ -91,17 +95,22 @@ def read_cmdline(pid: int, proc: str = "/proc") -> str:
 def exec_mark(pid: int, proc: str = "/proc") -> Optional[tuple]:
     """(start time, comm, arg_start, arg_end) from one read of /proc/<pid>/stat, which
     takes no mmap_lock: an exec changes comm or the argv addresses (a new stack), so an
-    unchanged mark means a cmdline read under it is still the program's. None if
-    unreadable, too old a kernel (< 3.5, no argv fields) or mid-exec (no argv yet)."""
+    unchanged mark means a cmdline read under it is still the program's (valid_mark says
+    when it can vouch: not mid-exec, nor a leader whose thread group lives on without it,
+    whose argv fields read 0). None if unreadable or too old a kernel (< 3.5)."""
     try:
         data = read_small(f"{proc}/{pid}/stat")
         close = data.rindex(b")")
         rest = data[close + 2:].split()
         comm = data[data.index(b"(") + 1:close].decode("utf-8", "backslashreplace")
-        mark = int(rest[19]), comm, int(rest[45]), int(rest[46])
+        return int(rest[19]), comm, int(rest[45]), int(rest[46])
     except (OSError, ValueError, IndexError):
         return None
-    return mark if mark[2] < mark[3] else None
+
+
+def valid_mark(mark: Optional[tuple]) -> bool:
+    """Whether an exec_mark shows a program with its argv in place."""
+    return mark is not None and mark[2] < mark[3]
 
 
 def read_names(pid: int, proc: str = "/proc") -> Tuple[str, str, Optional[tuple]]:
@@ -111,7 +120,7 @@ def read_names(pid: int, proc: str = "/proc") -> Tuple[str, str, Optional[tuple]
     before = exec_mark(pid, proc)
     comm, cmdline = read_comm(pid, proc), read_cmdline(pid, proc)
     after = exec_mark(pid, proc)
-    return comm, cmdline, before if before == after and cmdline else None
+    return comm, cmdline, before if before == after and valid_mark(before) and cmdline else None
 
 
 def process_owner(pid: int, proc: str = "/proc") -> Tuple[int, Optional[bool]]:
@@ -348,7 +357,7 @@ class TargetSet:
     """All current targets of a config, with the sampler tables that read them."""
 
     def __init__(self, config: Config, proc_root: str = "/", cgroup_root: str = CGROUP_ROOT,
-                 never: Iterable[int] = ()):
+                 never: Iterable[int] = (), events: bool = True):
         self.proc = os.path.join(proc_root, "proc")
         self.proc_root = proc_root
         self.cgroup_root = cgroup_root
@@ -373,7 +382,14 @@ class TargetSet:
         self.scans: Dict[str, cmdmatch.CmdlineScan] = {}   # cmdline watch -> its matching
         self._work_until: Optional[float] = None   # this tick's cmdline budget ends
         self.off: Dict[str, str] = {}     # watch name -> why the host cannot serve it
+        self.connector: Optional[procevents.Connector] = None   # new processes at exec/fork
+        self.discovery = ""               # how new processes are found (the log, `status`)
+        self.discovery_changed = False    # the daemon logs the new mode once
+        self._events = collections.deque()   # ("exec", pid) / ("fork", parent, child) to handle
+        self._lost = ""                   # why events were lost since the last tick ("": none)
+        self.use_events = events          # False: one-shot users (`status`) rescan only
         self._check_host()
+        self._update_discovery()
 
     # ---------------------------------------------------------- resolution
 
@@ -394,6 +410,7 @@ class TargetSet:
         self.rescan_at.clear()
         self.warned.clear()
         self._check_host()
+        self._update_discovery()
         return dropped
 
     def _check_host(self) -> None:
@@ -418,6 +435,8 @@ class TargetSet:
         """Resolve every watch whose rescan is due; return the targets added."""
         added: List[Target] = []
         self._work_until = None           # set by the first cmdline watch this tick
+        if self.connector is not None:
+            added.extend(self._take_events(now))
         for watch in self.config.watches:
             if watch.name in self.off or watch.name in self.quarantined:
                 continue
@@ -466,9 +485,7 @@ class TargetSet:
             from memwatchd import cmdmatch
             if self._work_until is None:
                 self._work_until = time.perf_counter() + cmdmatch.BUDGET
-            scan = self.scans.get(watch.name)
-            if scan is None or scan.pattern.pattern != str(watch.selector):
-                scan = self.scans[watch.name] = cmdmatch.CmdlineScan(str(watch.selector))
+            scan = self._scan(watch)
             slow: List[Tuple[int, int]] = []
             with cmdmatch.Alarm() as alarm:
                 matches, complete = scan.step(
@@ -545,6 +562,188 @@ class TargetSet:
         for t in added:
             t.container = found[t.cgroup]
         return added
+
+    def _scan(self, watch: WatchConfig) -> cmdmatch.CmdlineScan:
+        """The cmdline watch's matching state (verdicts shared by rescans and events)."""
+        from memwatchd import cmdmatch
+        scan = self.scans.get(watch.name)
+        if scan is None or scan.pattern.pattern != str(watch.selector):
+            scan = self.scans[watch.name] = cmdmatch.CmdlineScan(str(watch.selector))
+        return scan
+
+    # ------------------------------------------------- event-driven discovery
+
+    def _update_discovery(self) -> None:
+        """Listen to process events (memwatchd.procevents) while some watch finds new
+        processes: a cmdline watch (a new program) or a tree (a new child). Cgroup and
+        unit watches need none: memory.current counts a new process from its first page
+        and their actions read cgroup.procs (or use cgroup.kill) when they act. Without
+        the connector (or with MEMWATCHD_NO_PROC_EVENTS set) the rescan finds them, as
+        it always does besides."""
+        wanted = any(w.kind == "cmdline" or w.scope == "tree" for w in self.config.watches)
+        before = self.discovery
+        if not wanted:
+            self._close_connector()
+            self.discovery = ""
+        elif self.connector is None:
+            why = ""
+            if not self.use_events:
+                why = "not asked for"
+            elif os.environ.get(NO_PROC_EVENTS, "") not in ("", "0"):
+                why = f"{NO_PROC_EVENTS} is set"
+            elif os.path.realpath(self.proc) != "/proc":
+                why = f"/proc is read at {self.proc}"
+            else:
+                from memwatchd import procevents
+                try:
+                    self.connector = procevents.Connector(self.proc)
+                except procevents.Unavailable as e:
+                    why = str(e)
+            self.discovery = "process events" if self.connector is not None else \
+                f"rescan every {RESCAN_INTERVAL:g}s ({why})"
+        self.discovery_changed = self.discovery != before and bool(self.discovery)
+
+    def _close_connector(self) -> None:
+        if self.connector is not None:
+            self.connector.close()
+            self.connector = None
+        self._events.clear()
+        self._lost = ""
+
+    def close(self) -> None:
+        self._close_connector()
+
+    @property
+    def events_fd(self) -> int:
+        """The connector's fd for the loop to wait on; -1 without one, or while events
+        are queued (the loop comes back at min_interval for them: see busy)."""
+        return self.connector.fileno() if self.connector is not None and not self._events else -1
+
+    def _event_watches(self) -> Tuple[List[WatchConfig], Dict[int, Target], Set[int]]:
+        """The cmdline watches in force, tree member pid -> its tree, and the pids of
+        cmdline targets (their children share their command line)."""
+        watches = [w for w in self.config.watches if w.kind == "cmdline"
+                   and w.name not in self.off and w.name not in self.quarantined]
+        trees: Dict[int, Target] = {}
+        followed: Set[int] = set()
+        for t in self.targets.values():
+            if t.watch.scope == "tree" and not t.is_cgroup:
+                trees.update((pid, t) for pid, _start in t.members)
+            if t.watch.kind == "cmdline":
+                followed.add(t.pid)
+        return watches, trees, followed
+
+    def take_events(self) -> bool:
+        """Read one batch from the connector and queue what concerns a watch: every exec
+        while a cmdline watch exists, a fork by a tree member or a cmdline target (or by
+        a child queued so). True if the loop should tick now (something queued, events
+        lost); a new thread or an unrelated fork does not wake the loop's tick."""
+        if self.connector is None:
+            return False
+        try:
+            batch = self.connector.read()
+        except OSError as e:
+            self._close_connector()
+            self.discovery = f"rescan every {RESCAN_INTERVAL:g}s (process events failed: " \
+                             f"{e.strerror or e})"
+            self.discovery_changed = True
+            return True
+        queued = len(self._events)
+        if batch.execs and any(w.kind == "cmdline" for w in self.config.watches):
+            self._events.extend(("exec", pid) for pid in batch.execs)
+        if batch.forks:
+            _watches, trees, parents = self._event_watches()
+            parents.update(trees)
+            for parent, child in batch.forks:
+                if parent in parents:
+                    parents.add(child)          # its own children count too
+                    self._events.append(("fork", parent, child))
+        if batch.lost or len(self._events) > EVENTS_KEPT:
+            self._events.clear()
+            self._lost = "the process-events socket overflowed" if batch.lost \
+                else f"over {EVENTS_KEPT} process events queued"
+        return len(self._events) > queued or bool(self._lost)
+
+    def _take_events(self, now: float) -> List[Target]:
+        """The queued events, judged within the tick's cmdline budget: an exec is matched
+        against the cmdline watches, a fork joins a tree whose member forked (and is
+        matched when a cmdline target forked: the child shares its command line). What
+        the budget leaves stays queued; lost events rescan everything now."""
+        from memwatchd import cmdmatch
+        self.take_events()
+        if self._lost:
+            self._rescan_now(now, self._lost)
+            self._lost = ""
+            return []
+        if not self._events:
+            return []
+        watches, trees, followed = self._event_watches()
+        have = {(t.watch.name, t.pid) for t in self.targets.values() if t.watch.kind == "cmdline"}
+        if self._work_until is None:
+            self._work_until = time.perf_counter() + cmdmatch.BUDGET
+        added: List[Target] = []
+        with cmdmatch.Alarm() as alarm:
+            while self._events and time.perf_counter() < self._work_until:
+                event = self._events.popleft()
+                pid = event[-1]
+                if pid in self.never or pid == 1:
+                    continue
+                if event[0] == "fork":
+                    tree = trees.get(event[1])
+                    if tree is not None and self._join_tree(tree, event[1], pid):
+                        trees[pid] = tree
+                    if event[1] not in followed:
+                        continue
+                if watches:
+                    found = self._judge_new(watches, pid, have, alarm, now)
+                    added.extend(found)
+                    followed.update(t.pid for t in found)
+                    have.update((t.watch.name, t.pid) for t in found)
+        return added
+
+    def _judge_new(self, watches: List[WatchConfig], pid: int, have: Set[tuple], alarm,
+                   now: float) -> List[Target]:
+        """Match one new process against the cmdline watches (its command line read once);
+        attach it to those it matches. An undecided (cut) search is left to the rescan."""
+        text = None
+        added: List[Target] = []
+        for watch in watches:
+            if (watch.name, pid) in have:
+                continue
+            if text is None:
+                text = read_cmdline(pid, self.proc)
+                if not text:
+                    return added          # gone, or a kernel thread
+            slow: List[Tuple[int, int]] = []
+            if self._scan(watch).judge(pid, text, alarm, slow):
+                added.extend(self._attach_pids(watch, [pid], now))
+        return added
+
+    def _join_tree(self, tree: Target, parent: int, child: int) -> bool:
+        """A tree member forked: the child is a member from now on (its ppid checked
+        after its fd is open, so a reused pid is not taken for it)."""
+        try:
+            slot = self.processes.add(child)
+        except (TargetGone, AccessDenied):
+            return False
+        member = (child, self.processes.start_time(slot))
+        if member in tree.members or read_ppid(child, self.proc) != parent:
+            self.processes.remove(slot)
+            return False
+        tree.members[member] = slot
+        return True
+
+    def _rescan_now(self, now: float, why: str) -> None:
+        """Events were lost: every cmdline watch is resolved and every tree walked at
+        once, so what the lost events announced is still found. Said once per config."""
+        self._problem(f"{why}: rescanning now (new processes may be found up to one "
+                      f"rescan late while this goes on)")
+        for watch in self.config.watches:
+            if watch.kind == "cmdline":
+                self.rescan_at[watch.name] = 0.0
+        for t in self.targets.values():
+            if t.watch.scope == "tree":
+                t.next_due = 0.0
 
     def _unit_cgroup(self, watch: WatchConfig, now: float) -> Optional[str]:
         """The unit's cgroup path from `systemctl show`, without holding up the loop: the
@@ -675,7 +874,7 @@ class TargetSet:
     def busy(self) -> bool:
         """A cmdline pass ran out of its tick's budget: come back at min_interval, not at
         the next sample (which may be a second away)."""
-        return any(scan.busy for scan in self.scans.values())
+        return bool(self._events) or any(scan.busy for scan in self.scans.values())
 
     def cgroup_fd(self, key: tuple) -> Optional[int]:
         """The directory fd a cgroup target was selected by (-1 once gone); None for a

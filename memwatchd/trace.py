@@ -21,6 +21,8 @@ import json
 import os
 import signal
 import time
+from collections import namedtuple
+from json.scanner import make_scanner
 TYPE_CHECKING = False  # typing costs the daemon 0.5 MiB; annotations are never evaluated
 if TYPE_CHECKING:
     from typing import Dict, List, Optional, Tuple
@@ -30,7 +32,7 @@ from memwatchd.policy import WARN_REARM
 from memwatchd.report import ERR, count, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 1
+FORMAT = 2                     # 2: the compact sample line; 1 (no such line) is read too
 DEFAULT_SIZE = 64 * 2**20      # the ring's cap, [daemon] trace_size
 SEGMENTS = 8                   # the ring is this many segment files: dropping one frees 1/8
 MIN_SEGMENT = 64 * 1024
@@ -310,7 +312,7 @@ class Recorder:
             self.broken = True
             log(ERR, f"trace {self.sink.path}: {e}; recording stopped")
 
-    def _write(self, obj: dict) -> None:
+    def _write(self, obj) -> None:
         self.sink.write(_encode(obj).encode() + b"\n")
 
     def _header(self, now: float, continues: bool) -> None:
@@ -353,6 +355,7 @@ class Recorder:
         states = self.daemon.policy.states
         trends = self.daemon.policy.trends
         rows = None
+        compact = False
         last = self.last
         for r in readings:  # at idle this loop is the whole cost: keep it to tuple reads
             key, usage, limit, warn = r[0], r[2], r[3], r[4]
@@ -372,34 +375,42 @@ class Recorder:
                     row.append(_stat_row(self.daemon.targets.cgroups.get(t.slot)))
             last[r.key] = row
             if rows is None:
-                rows = []
+                rows, compact = [], True
             # limit and warn as the target's last row: [id, usage] is enough
-            rows.append(row[:2] if prev is not None and len(row) == 4 and prev[2] == r.limit
-                        and prev[3] == r.warn else row)
-        line = None
-        if rows:
-            line = {"t": "s", "m": round(now, 4), "r": rows}
+            if prev is not None and len(row) == 4 and prev[2] == r.limit and prev[3] == r.warn:
+                rows.append(row[:2])
+            else:
+                rows.append(row)
+                compact = False
         h = self._host_row(host)
-        if h is not None:
-            line = line or {"t": "s", "m": round(now, 4)}
-            line["h"] = h
         gone_ids = [self.ids[t.key] for t in gone if t.key in self.ids] if gone else None
         if gone_ids:
-            line = line or {"t": "s", "m": round(now, 4)}
-            line["g"] = gone_ids
             for t in gone:
                 self._forget(t.key)
+        if rows is None and h is None and not gone_ids and not candidates and not decisions:
+            return
+        m = round(now, 4)
+        if now - self.clock_at >= CLOCK_EVERY:
+            self._write({"t": "clock", "m": m, "w": round(time.time(), 4)})
+            self.clock_at = now
+        if compact and h is None and not gone_ids and not candidates and not decisions:
+            line = [m]       # the common line (format 2): [m, id, usage, id, usage, ...]
+            for row in rows:
+                line += row
+            self._write(line)
+            return
+        line = {"t": "s", "m": m}
+        if rows:
+            line["r"] = rows
+        if h is not None:
+            line["h"] = h
+        if gone_ids:
+            line["g"] = gone_ids
         if candidates:
-            line = line or {"t": "s", "m": round(now, 4)}
             line["c"] = [[c.pid, c.key[2], c.comm, c.cgroup, c.rss] for c in candidates]
         if decisions:
-            line = line or {"t": "s", "m": round(now, 4)}
             line["d"] = [decision_dict(d) for d in decisions]
-        if line is not None:
-            if now - self.clock_at >= CLOCK_EVERY:
-                self._write({"t": "clock", "m": round(now, 4), "w": round(time.time(), 4)})
-                self.clock_at = now
-            self._write(line)
+        self._write(line)
 
     def _forget(self, key: tuple) -> None:
         self.ids.pop(key, None)
@@ -495,12 +506,23 @@ def open_ring(config, daemon) -> Recorder:
 
 
 # ------------------------------------------------------------------ reader
+#
+# The reader is a stream: replay consumes each sample as it is parsed, so memory is
+# bounded by the reorder window below (and what the policy itself keeps), not by the
+# trace. Every line is parsed on its own (json's C scanner on one decoded line): a torn
+# line can never merge with its neighbours into valid JSON, it is reported instead.
+
+REORDER = 4096      # samples held back so that lines out of time order by fewer are replayed in order
+DAMAGE_LISTED = 1000   # damage messages kept per trace; any more are counted in one last line
+
 
 class Run:
-    """One target's life in a trace: from its first reading until it was gone (or the trace ended)."""
+    """One target's life in a trace: from its first reading until it was gone (or the trace ended).
+    peak, samples, last, gone and oom_kills are counted as the samples are read
+    (``open_trace(stats=False)`` leaves them unset: replay does not need them)."""
 
     __slots__ = ("rid", "key", "watch", "kind", "comm", "cmdline", "cgroup", "first", "last",
-                 "gone", "peak", "samples")
+                 "gone", "peak", "samples", "oom_kills")
 
     def __init__(self, rid: int, key: tuple, fields: dict, t: float):
         self.rid = rid
@@ -514,38 +536,46 @@ class Run:
         self.gone: Optional[float] = None   # time the trace says it was gone; None: alive at the end
         self.peak = 0
         self.samples = 0
+        self.oom_kills: Optional[tuple] = None   # a cgroup's lowest and highest oom_kill count seen
 
 
-class Sample:
-    """One line of readings as the daemon's policy saw them at time ``t`` (trace time)."""
+class Sample(namedtuple("Sample", "t rows host gone candidates decisions keyframe")):
+    """One line of readings as the daemon's policy saw them at time ``t`` (trace time).
 
-    __slots__ = ("t", "rows", "host", "gone", "candidates", "decisions", "keyframe")
+    rows: [(run id, usage, limit, warn, stat list or None)]; host: (mem_available,
+    swap_free, psi_some_avg10, psi_full_avg10) or None; gone: [run id]; candidates:
+    [(pid, start_time, comm, cgroup, rss)] or None; decisions: [dict] the live policy's
+    output; keyframe: the first sample of a ring segment. A tuple: one per line, cheap."""
 
-    def __init__(self, t, rows, host, gone, candidates, decisions, keyframe):
-        self.t = t
-        self.rows = rows            # [(run id, usage, limit, warn, stat list or None)]
-        self.host = host            # (mem_available, swap_free, psi_some_avg10, psi_full_avg10) or None
-        self.gone = gone            # [run id]
-        self.candidates = candidates  # [(pid, start_time, comm, cgroup, rss)] or None
-        self.decisions = decisions  # [dict] the live policy's output
-        self.keyframe = keyframe
+    __slots__ = ()
+
+
+_new_sample = tuple.__new__   # Sample without the namedtuple's argument handling (the hot path)
 
 
 class Trace:
-    """A trace read back: its first header, the runs, the samples and events in time order,
-    and the damage found (never raised: each entry says file, line and what was wrong)."""
+    """A trace read back: its first header, the runs, the samples in time order, the events
+    and the damage found (never raised: each entry says file, line and what was wrong).
+
+    From ``open_trace`` the samples are a stream, read once by ``iter_samples``; runs,
+    events, end and damage are complete once it is exhausted (``complete``). From
+    ``read_trace`` they are all in ``samples``."""
 
     def __init__(self, path: str):
         self.path = path
         self.header: dict = {}
         self.headers: List[dict] = []
         self.runs: Dict[int, Run] = {}
-        self.samples: List[Sample] = []
+        self.samples: Optional[List[Sample]] = None
         self.events: List[Tuple[float, dict]] = []
         self.damage: List[str] = []
+        self.unlisted = 0             # damage beyond DAMAGE_LISTED, counted
         self.start = self.end = 0.0
         self.clean_end = False
         self.wall0 = 0.0
+        self.complete = False
+        self.retained_peak = 0        # most samples the reader held at once (its reorder window)
+        self._stream = None
 
     @property
     def mem_total(self) -> int:
@@ -564,6 +594,23 @@ class Trace:
                  if isinstance(w, dict)]
         names += [r.watch for r in self.runs.values()]
         return list(dict.fromkeys(n for n in names if n))
+
+    def iter_samples(self):
+        """The samples in time order: read_trace's list (any number of times), or
+        open_trace's stream (once: a second pass opens the trace again)."""
+        if self.samples is not None:
+            return iter(self.samples)
+        stream, self._stream = self._stream, None
+        if stream is None:
+            raise RuntimeError(f"{self.path}: this trace was streamed already; open it again")
+        return stream
+
+    def hurt(self, text: str) -> None:
+        """One damage message (the first DAMAGE_LISTED are kept, the rest counted)."""
+        if len(self.damage) < DAMAGE_LISTED:
+            self.damage.append(text)
+        else:
+            self.unlisted += 1
 
 
 def _text(v) -> str:
@@ -597,12 +644,15 @@ def trace_files(path: str) -> List[str]:
     return [path]
 
 
-def _lines(path: str, damage: List[str]):
-    """(line number, bytes) of a file, gzip'ed or not; a truncated gzip stream is damage."""
+def _lines(path: str, trace: Trace):
+    """(line number, text) of a file, gzip'ed or not. Decoded by the buffered text layer
+    (invalid UTF-8 kept as surrogates, so the line is reported, not the stream stopped);
+    a truncated gzip stream is damage."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise TraceError(f"{path}: cannot read: {e.strerror}") from None
+    import io
     with f:
         magic = f.read(2)
         f.seek(0)
@@ -610,156 +660,310 @@ def _lines(path: str, damage: List[str]):
         if magic == b"\x1f\x8b":
             import gzip
             stream = gzip.GzipFile(fileobj=f)
+        text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="\n")
+        errors = (EOFError, OSError)      # gzip.BadGzipFile is an OSError
+        if stream is not f:
+            import zlib
+            errors += (zlib.error,)
         n = 0
         try:
-            for n, line in enumerate(stream, 1):
+            for n, line in enumerate(text, 1):
                 yield n, line
-        except (EOFError, OSError) as e:
-            import zlib
-            if not isinstance(e, (EOFError, zlib.error, OSError)):
-                raise
-            damage.append(f"{path}: compressed data ends early or is corrupt after line {n} ({e}): "
-                          "read what came before (truncated file?)")
+        except errors as e:
+            if stream is f:
+                trace.hurt(f"{path}: read error after line {n} ({e}): read what came before")
+            else:
+                trace.hurt(f"{path}: compressed data ends early or is corrupt after line {n} ({e}): "
+                           "read what came before (truncated file?)")
+
+
+_NOT_JSON = object()
+_scan = make_scanner(json.JSONDecoder())   # the C scanner: (value, end) of one line
+
+
+def _parse_slow(line: str):
+    """A line the fast path did not take: not ASCII (memwatchd writes ASCII only), blank
+    around, or not JSON. The reader's old rules: UTF-8 or damage, whitespace allowed."""
+    if not line.isascii():
+        try:
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8")
+        except UnicodeError:
+            return _NOT_JSON
+    try:
+        return _decode(line)
+    except ValueError:
+        return _NOT_JSON
+
+
+def open_trace(path: str, stats: bool = True, window: int = REORDER) -> Trace:
+    """Open a trace file or ring directory for one pass: the first header is read now (a
+    TraceError when nothing can be read: missing, not a trace, no header, a newer format),
+    the samples stream from ``iter_samples()``. At most ``window`` samples are held back
+    to put lines out of time order back in order. With ``stats`` each run's peak, sample
+    count, end and oom-kill counts are kept as the samples go by."""
+    trace = Trace(path)
+    stream = _read(trace, trace_files(path), stats, max(1, window))
+    next(stream)     # to the first header
+    trace._stream = stream
+    return trace
 
 
 def read_trace(path: str) -> Trace:
-    """Read a trace file or ring directory. Raises TraceError only when nothing can be read
-    (missing, not a trace, no header, a newer format); anything else is listed in .damage."""
-    trace = Trace(path)
+    """Read a trace file or ring directory whole (every sample in ``samples``): for
+    callers that go over it more than once. Raises TraceError only when nothing can be
+    read; anything else is listed in .damage."""
+    trace = open_trace(path)
+    trace.samples = list(trace.iter_samples())
+    return trace
+
+
+def read_runs(path: str) -> Trace:
+    """A trace's header, runs (peaks, ends), events and damage; the samples streamed past."""
+    trace = open_trace(path)
+    for _ in trace.iter_samples():
+        pass
+    return trace
+
+
+def _read(trace: Trace, files: List[str], stats: bool, window: int):
+    """The reader: yields None once at the first header (open_trace waits for it), then
+    each sample in time order; fills in the trace's runs, events, damage and end."""
+    from collections import deque
+    hurt = trace.hurt
+    runs = trace.runs
     opened: Dict[tuple, int] = {}        # key -> run id of its open run
-    items = []                           # (t, order, kind, payload)
     ids: Dict[int, int] = {}             # this header's target id -> run id
+    short: Dict[int, tuple] = {}         # this header's target id -> (run id, limit, warn) once known
     limits: Dict[int, tuple] = {}        # run id -> its last (limit, warn)
+    pending = deque()                    # samples read, not yet yielded (time order)
+    tail_t = emitted_t = last_t = events_t = float("-inf")
+    held_back = 0                        # the most samples held at once
     offset = 0.0                         # trace time = m + offset (a new boot restarts m)
-    first_m = first_w = None
-    boot = None
-    last_t = None
-    out_of_order = 0
-    order = 0
-    for fname in trace_files(path):
-        seen_header = False
+    first_m = first_w = boot = None
+    out_of_order = too_late = 0
+    scan, new, fast_rows = _scan, _new_sample, _fast_rows
+    for fi, fname in enumerate(files):
+        seen_header = compact = False
         n = 0
 
         def at() -> str:   # where, for a damage message (formatted only then)
             return f"{fname} line {n}"
-        for n, raw in _lines(fname, trace.damage):
-            if not raw.endswith(b"\n"):
-                trace.damage.append(f"{at()}: truncated line (a torn write?), skipped")
-                continue
+        for n, line in _lines(fname, trace):
+            # the common line first: a sample of [id, usage] rows, complete and ASCII
+            sample = None
             try:
-                obj = _decode(raw.decode("utf-8"))
-            except ValueError:   # UnicodeDecodeError is one too
-                if not seen_header and n == 1:
-                    raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not JSON)") from None
-                trace.damage.append(f"{at()}: not JSON, skipped")
+                obj, end = scan(line, 0)
+            except (StopIteration, ValueError):
+                obj, end = _NOT_JSON, -1
+            if end == len(line) - 1 and line.isascii() and line[-1] == "\n":
+                rows = None
+                if type(obj) is list and compact:    # format 2: [m, id, usage, id, usage, ...]
+                    m = obj[0]
+                    if type(m) is float and len(obj) & 1:
+                        rows = []
+                        append = rows.append
+                        pairs = iter(obj)
+                        next(pairs)
+                        for tid, usage in zip(pairs, pairs):
+                            if type(tid) is int and type(usage) is int:   # (not a bool or float)
+                                known = short.get(tid)
+                                if known is not None:
+                                    append((known[0], usage, known[1], known[2], None))
+                                    continue
+                            rows = None   # the long way (it says what is wrong)
+                            break
+                elif seen_header and type(obj) is dict and len(obj) == 3:
+                    m, r = obj.get("m"), obj.get("r")
+                    if type(m) is float and type(r) is list and obj.get("t") == "s":
+                        rows = fast_rows(r, short)
+                if rows:
+                    t = m + offset
+                    sample = new(Sample, (t, rows, None, (), None, (), False))
+                    if t < last_t - 1e-9:
+                        out_of_order += 1
+                    elif t > last_t:
+                        last_t = t
+            elif line[-1:] != "\n":
+                hurt(f"{at()}: truncated line (a torn write?), skipped")
                 continue
-            if type(obj) is not dict or type(obj.get("m")) not in (float, int):
-                trace.damage.append(f"{at()}: not a trace record (no \"t\"/\"m\"), skipped")
-                continue
-            kind = obj.get("t")
-            if kind == "header":
-                fmt = obj.get("format")
-                if not isinstance(fmt, int) or isinstance(fmt, bool):
-                    raise TraceError(f"{at()}: header without a format version")
-                if fmt > FORMAT:
-                    raise TraceError(f"{fname}: trace format {fmt} is newer than this memwatchd "
-                                     f"({__version__}) reads (format {FORMAT}): upgrade memwatchd "
-                                     f"to replay it (it was written by memwatchd {obj.get('memwatchd')})")
-                cfg = obj.get("config")
-                if not (isinstance(cfg, dict) and isinstance(cfg.get("watch", []), list)
-                        and all(isinstance(cfg.get(k, {}), dict) for k in ("daemon", "guard"))):
-                    trace.damage.append(f"{at()}: header without a well-formed config, skipped")
-                    continue
-                seen_header = True
-                m, w = obj["m"], _num(obj.get("w")) or 0.0
-                if first_m is None:
-                    first_m, first_w, boot = m, w, obj.get("boot_id")
-                    trace.header = obj
-                    trace.wall0 = w
-                elif obj.get("boot_id") != boot:
-                    boot = obj.get("boot_id")
-                    offset = first_m + (w - first_w) - m  # another boot: place it by the wall clock
-                trace.headers.append(obj)
-                ids = {}
-                continue
-            if not seen_header:
-                if first_m is None and n == 1 and fname == trace_files(path)[0]:
-                    raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not a header)")
-                trace.damage.append(f"{at()}: record before any header, skipped")
-                continue
-            t = obj["m"] + offset
-            if last_t is not None and t < last_t - 1e-9:
-                out_of_order += 1
-            last_t = t if last_t is None else max(last_t, t)
-            order += 1
-            if kind == "target":
-                key, tid = _key(obj.get("key")), obj.get("id")
-                if key is None or not isinstance(tid, int):
-                    trace.damage.append(f"{at()}: target record without a valid key and id, skipped")
-                    continue
-                rid = opened.get(key)
-                if rid is None:
-                    rid = len(trace.runs) + 1
-                    trace.runs[rid] = Run(rid, key, obj, t)
-                    opened[key] = rid
-                ids[tid] = rid
-            elif kind == "s":
-                sample = _sample(obj, t, ids, limits, at, trace.damage)
-                if sample is not None:
-                    items.append(sample)
-                    for rid in sample.gone:   # the key's next target record starts a new run
-                        if opened.get(trace.runs[rid].key) == rid:
-                            del opened[trace.runs[rid].key]
-            elif kind == "event":
-                if isinstance(obj.get("e"), dict):
-                    trace.events.append((t, obj["e"]))
-                else:
-                    trace.damage.append(f"{at()}: event without a record, skipped")
-            elif kind == "end":
-                trace.clean_end = True
-            elif kind == "clock":
-                pass
             else:
-                trace.damage.append(f"{at()}: unknown record type {str(kind)[:20]!r}, skipped")
-        if not seen_header:
-            if first_m is None:
-                raise TraceError(f"{fname}: empty or truncated before its header: no trace to read")
+                obj = _parse_slow(line)
+            if sample is None:
+                if obj is _NOT_JSON:
+                    if not seen_header and n == 1:
+                        raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not JSON)")
+                    hurt(f"{at()}: not JSON, skipped")
+                    continue
+                if type(obj) is list and compact:
+                    obj = _compact_line(obj, at, hurt)
+                    if obj is None:
+                        continue
+                if type(obj) is not dict or type(obj.get("m")) not in (float, int):
+                    hurt(f"{at()}: not a trace record (no \"t\"/\"m\"), skipped")
+                    continue
+                kind = obj.get("t")
+                if kind == "header":
+                    fmt = obj.get("format")
+                    if not isinstance(fmt, int) or isinstance(fmt, bool):
+                        raise TraceError(f"{at()}: header without a format version")
+                    if fmt > FORMAT:
+                        raise TraceError(f"{fname}: trace format {fmt} is newer than this memwatchd "
+                                         f"({__version__}) reads (format {FORMAT}): upgrade memwatchd "
+                                         f"to replay it (it was written by memwatchd {obj.get('memwatchd')})")
+                    cfg = obj.get("config")
+                    if not (isinstance(cfg, dict) and isinstance(cfg.get("watch", []), list)
+                            and all(isinstance(cfg.get(k, {}), dict) for k in ("daemon", "guard"))):
+                        hurt(f"{at()}: header without a well-formed config, skipped")
+                        continue
+                    seen_header = True
+                    compact = fmt >= 2
+                    m, w = obj["m"], _num(obj.get("w")) or 0.0
+                    trace.headers.append(obj)
+                    ids, short = {}, {}
+                    if first_m is None:
+                        first_m, first_w, boot = m, w, obj.get("boot_id")
+                        trace.header = obj
+                        trace.wall0 = w
+                        trace.start = trace.end = m
+                        yield None      # open_trace: the header is known
+                    elif obj.get("boot_id") != boot:
+                        boot = obj.get("boot_id")
+                        offset = first_m + (w - first_w) - m  # another boot: place it by the wall clock
+                    continue
+                if not seen_header:
+                    if first_m is None and n == 1 and fi == 0:
+                        raise TraceError(f"{fname}: not a memwatchd trace (line 1 is not a header)")
+                    hurt(f"{at()}: record before any header, skipped")
+                    continue
+                t = obj["m"] + offset
+                if t < last_t - 1e-9:
+                    out_of_order += 1
+                elif t > last_t:
+                    last_t = t
+                if kind == "s":
+                    sample = _sample(obj, t, ids, limits, short, at, hurt)
+                    if sample is None:
+                        continue
+                    for rid in sample.gone:   # the key's next target record starts a new run
+                        if opened.get(runs[rid].key) == rid:
+                            del opened[runs[rid].key]
+                else:
+                    if kind == "target":
+                        key, tid = _key(obj.get("key")), obj.get("id")
+                        if key is None or not isinstance(tid, int):
+                            hurt(f"{at()}: target record without a valid key and id, skipped")
+                            continue
+                        rid = opened.get(key)
+                        if rid is None:
+                            rid = len(runs) + 1
+                            runs[rid] = Run(rid, key, obj, t)
+                            opened[key] = rid
+                        ids[tid] = rid
+                        short.pop(tid, None)
+                    elif kind == "event":
+                        if isinstance(obj.get("e"), dict):
+                            trace.events.append((t, obj["e"]))
+                            if t > events_t:
+                                events_t = t
+                        else:
+                            hurt(f"{at()}: event without a record, skipped")
+                    elif kind == "end":
+                        trace.clean_end = True
+                    elif kind != "clock":
+                        hurt(f"{at()}: unknown record type {str(kind)[:20]!r}, skipped")
+                    continue
+            # a sample: into the reorder window, the oldest out when it is full
+            t = sample[0]
+            if t >= tail_t:
+                pending.append(sample)
+                tail_t = t
+            else:
+                if t < emitted_t:
+                    too_late += 1
+                    continue
+                i = len(pending)
+                while i and pending[i - 1][0] > t:   # stable: after those of the same time
+                    i -= 1
+                pending.insert(i, sample)
+            if len(pending) > window:
+                held_back = window + 1
+                s = pending.popleft()
+                emitted_t = s[0]
+                if stats:
+                    _count(runs, s)
+                yield s
+        if not seen_header and first_m is None:
+            raise TraceError(f"{fname}: empty or truncated before its header: no trace to read")
     if first_m is None:
-        raise TraceError(f"{path}: no header: not a memwatchd trace")
+        raise TraceError(f"{trace.path}: no header: not a memwatchd trace")
+    trace.retained_peak = max(held_back, len(pending))
+    while pending:
+        s = pending.popleft()
+        emitted_t = s[0]
+        if stats:
+            _count(runs, s)
+        yield s
     if out_of_order:
-        trace.damage.append(f"{path}: {count(out_of_order, 'record')} out of time order (reordered or "
-                            "concatenated?); replayed in time order")
-    if out_of_order:
-        items.sort(key=lambda x: x.t)   # stable: lines of the same time keep their order
-    trace.samples = items
+        hurt(f"{trace.path}: {count(out_of_order, 'record')} out of time order (reordered or "
+             "concatenated?); replayed in time order")
+    if too_late:
+        hurt(f"{trace.path}: {count(too_late, 'sample')} more than {window} samples out of time "
+             "order, skipped (the reader holds that many back to reorder)")
+    if trace.unlisted:
+        trace.damage.append(f"{trace.path}: {count(trace.unlisted, 'more damaged record')} not listed")
     trace.events.sort(key=lambda e: e[0])
-    trace.start = first_m
-    trace.end = max([trace.start] + [s.t for s in trace.samples] + [e[0] for e in trace.events])
-    _finish_runs(trace)
-    return trace
+    trace.end = max(trace.start, emitted_t, events_t)
+    trace.complete = True
 
 
-def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], at,
-            damage: List[str]) -> Optional[Sample]:
-    """One "s" line; ``limits`` (run id -> (limit, warn)) fills in the short [id, usage] rows;
-    ``at()`` names the file and line for a damage message."""
+def _compact_line(obj: list, at, hurt) -> Optional[dict]:
+    """A format-2 line [m, id, usage, ...] the fast path did not take, as the "s" record
+    it stands for ({"t": "s", "m": m, "r": [[id, usage], ...]}); None if it is not one."""
+    if len(obj) < 3 or not len(obj) & 1 or type(obj[0]) not in (float, int):
+        hurt(f"{at()}: not a trace record (an array that is not [m, id, usage, ...]), skipped")
+        return None
+    return {"t": "s", "m": obj[0], "r": [obj[i:i + 2] for i in range(1, len(obj), 2)]}
+
+
+def _fast_rows(r: list, short: Dict[int, tuple]) -> Optional[list]:
+    """The rows of the common sample line, all [id, usage] of targets whose limit is
+    known; None when any row is something else (the line then goes the long way)."""
+    rows = []
+    append = rows.append
+    for row in r:
+        if type(row) is list and len(row) == 2:
+            tid, usage = row
+            if type(tid) is int and type(usage) is int:   # (not a bool, not a float)
+                known = short.get(tid)
+                if known is not None:
+                    append((known[0], usage, known[1], known[2], None))
+                    continue
+        return None
+    return rows
+
+
+def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple],
+            short: Dict[int, tuple], at, hurt) -> Optional[Sample]:
+    """One "s" line; ``limits`` (run id -> (limit, warn)) fills in the short [id, usage] rows
+    (``short`` learns each target id's for the fast path); ``at()`` names the file and line
+    for a damage message."""
     rows = []
     unknown = 0
     r = obj.get("r")
     for row in r if type(r) is list else ():
-        # the common row, [id, usage] with ints, is checked first and cheaply
         if type(row) is list and len(row) == 2 and type(row[0]) is int and type(row[1]) is int:
             rid = ids.get(row[0])
             prev = limits.get(rid)
             if prev is None:
                 unknown += 1
                 continue
+            short[row[0]] = (rid, prev[0], prev[1])
             rows.append((rid, row[1], prev[0], prev[1], None))
             continue
         if not (isinstance(row, list) and len(row) >= 4 and isinstance(row[0], int)
                 and _int(row[1]) == row[1] and _int(row[2]) == row[2]
                 and (row[3] is None or _int(row[3]) == row[3])):
-            damage.append(f"{at()}: malformed reading {str(row)[:60]}, skipped")
+            hurt(f"{at()}: malformed reading {str(row)[:60]}, skipped")
             continue
         rid = ids.get(row[0])
         if rid is None:
@@ -768,14 +972,16 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
         stat = row[4] if len(row) > 4 and isinstance(row[4], list) and len(row[4]) == len(STAT_FIELDS) \
             and all(_num(x) is not None or x is None for x in row[4]) else None
         limits[rid] = (row[2], row[3])
+        if type(row[0]) is int:
+            short[row[0]] = (rid, row[2], row[3])
         rows.append((rid, row[1], row[2], row[3], stat))
     if unknown:
-        damage.append(f"{at()}: {count(unknown, 'reading')} for a target whose record was lost, skipped")
+        hurt(f"{at()}: {count(unknown, 'reading')} for a target whose record was lost, skipped")
     host = obj.get("h")
     if host is not None:
         if not (isinstance(host, list) and len(host) == 4 and _int(host[0]) == host[0]
                 and _int(host[1]) == host[1]):
-            damage.append(f"{at()}: malformed host sample, skipped")
+            hurt(f"{at()}: malformed host sample, skipped")
             host = None
         else:
             host = (host[0], host[1], _num(host[2]), _num(host[3]))
@@ -793,23 +999,21 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple], 
     return Sample(t, rows, host, gone, cands, decisions, bool(obj.get("k")))
 
 
-def _finish_runs(trace: Trace) -> None:
-    """Peaks, sample counts and ends of every run; a gone ends a run (a new target line
-    for the same key then starts another)."""
-    runs = trace.runs
-    peak = {rid: 0 for rid in runs}
-    count = dict.fromkeys(runs, 0)
-    last = {}
-    for s in trace.samples:
-        t = s.t
-        for rid, usage, _limit, _warn, _stat in s.rows:
-            count[rid] += 1
-            last[rid] = t
-            if usage > peak[rid]:
-                peak[rid] = usage
-        for rid in s.gone:
-            if runs[rid].gone is None:
-                runs[rid].gone = t
-    for rid, run in runs.items():
-        run.peak, run.samples = peak[rid], count[rid]
-        run.last = max(run.last, last.get(rid, run.last))
+def _count(runs: Dict[int, Run], s: Sample) -> None:
+    """A sample's share of its runs' peaks, counts, ends (in time order: the first gone
+    ends a run) and, for cgroups, the oom_kill counts seen."""
+    t = s[0]
+    for rid, usage, _limit, _warn, stat in s[1]:
+        run = runs[rid]
+        run.samples += 1
+        if t > run.last:
+            run.last = t
+        if usage > run.peak:
+            run.peak = usage
+        if stat is not None and stat[8] is not None:
+            k = stat[8]
+            low, high = run.oom_kills or (k, k)
+            run.oom_kills = (min(low, k), max(high, k))
+    for rid in s[3]:
+        if runs[rid].gone is None:
+            runs[rid].gone = t

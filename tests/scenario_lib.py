@@ -169,6 +169,15 @@ cgroups = []
 {extra}'''
 
 
+def state_ticks(path: str):
+    """daemon.ticks (the loop's Python passes) from a state file; None before one is written."""
+    try:
+        with open(path) as f:
+            return json.load(f)["daemon"]["ticks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def daemon_log() -> str:
     with open(os.path.join(WORK, "daemon.log")) as f:
         return f.read()

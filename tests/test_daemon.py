@@ -188,7 +188,8 @@ result(fate=fate, leftover=leftover, events=read_events(events), log=daemon_log(
 
 def test_notify_ready_watchdog_cadence_and_silence_while_stuck():
     """A real NOTIFY_SOCKET datagram socket: READY=1 after the first tick, WATCHDOG=1 at the
-    cadence WATCHDOG_USEC asks for, none while the loop is stopped (SIGSTOP), STOPPING=1."""
+    cadence WATCHDOG_USEC asks for, none while the loop is stopped (SIGSTOP), STOPPING=1;
+    STATUS= only when its text changed (issue 18: not the same line every second)."""
     r = run_scenario(f"""
 import socket
 path = WORK + "/notify.sock"
@@ -232,6 +233,9 @@ result(got=got, t_stop=t_stop, t_cont=t_cont, rc=rc, log=daemon_log())
     assert not [t for t in pings if r["t_stop"] + 0.05 < t < r["t_cont"]]   # stuck: silent
     assert [t for t in pings if t > r["t_cont"]]                           # back: pinging
     assert any("STOPPING=1" in m for m in texts) and r["rc"] == 0
+    statuses = [line for m in texts for line in m.split("\n") if line.startswith("STATUS=")]
+    assert statuses and statuses[0].startswith("STATUS=watching 0 targets"), statuses
+    assert all(a != b for a, b in zip(statuses, statuses[1:])), statuses   # never repeated
 
 
 def test_reload_keeps_old_config_on_error_and_applies_a_valid_one():
@@ -333,3 +337,144 @@ result(outcomes=outcomes, path=os.path.join(WORK, "memwatchd.toml"))
     assert rc1 == 2 and log1.startswith(f"memwatchd: {path}: invalid TOML:") and "line 2" in log1, log1
     assert rc2 == 2 and f"{path}: watch[0].limit:" in log2 and "9000 parsecs" in log2, log2
     assert rc3 == 2 and f"{path}: daemon.when: dates and times are not used in this file, got 1979-05-27" in log3, log3
+
+
+def test_a_quiet_loop_waits_in_c_pings_the_watchdog_and_the_guard_still_stops_a_hog():
+    """Issue 18: far from the guard's floor the loop waits in C (sampler.wait_quiet):
+    fewer loop passes than the 1 Hz loop made, WATCHDOG=1 still at its cadence (sent
+    from that wait), and a hog that then takes MemAvailable down (at no more than
+    fill_rate) is still stopped at the floor, the guard sampling closely again."""
+    r = run_scenario("""
+import psutil, socket
+path = WORK + "/notify.sock"
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind(path)
+sock.settimeout(0.05)
+pings = []
+moved = max(64 << 20, psutil.virtual_memory().total // 100)   # state.HOST_MOVED's rule
+ref, moves = psutil.virtual_memory().available, 0
+def drain(seconds):
+    global ref, moves
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            if b"WATCHDOG=1" in sock.recv(4096).split(b"\\n"):
+                pings.append(time.time())
+        except socket.timeout:
+            pass
+        avail = psutil.virtual_memory().available   # the shared machine's own moves: each
+        if abs(avail - ref) >= moved:                # rightly hands the wait back to Python
+            ref, moves = avail, moves + 1
+events = EVENTS
+state_path = WORK + "/state.json"
+def config(floor):
+    return f'''
+[daemon]
+events = "{events}"
+state = "{state_path}"
+fill_rate = "1G"
+[guard]
+min_available = "{floor}B"
+kill_available = "1M"
+psi_available = "1%"
+grace = "1s"
+[protect]
+names = []
+cgroups = []
+'''
+d = start_daemon(config(psutil.virtual_memory().available - (2500 << 20)),
+                 env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": ""})
+wait_for(lambda: "memwatchd started" in daemon_log(), 15)
+t0 = time.time()
+moves = 0
+drain(6.0)
+idle_seconds, idle_moves = time.time() - t0, moves
+# A reload: the state is written with the ticks so far; the floor is set 1.5 GiB under
+# MemAvailable as it is now (the shared machine's moves), the hog will take 3 GiB.
+floor = psutil.virtual_memory().available - (1536 << 20)
+write_config(config(floor))
+os.kill(d.pid, signal.SIGHUP)
+wait_for(lambda: "reloaded" in daemon_log(), 10)
+ticks = lambda: state_ticks(state_path)
+wait_for(lambda: ticks() is not None and ticks() > 1, 5)
+idle_ticks = ticks()
+drain(2.0)                                  # quiet again under the new floor
+h = start_hog("bighog", rate_mib=500, cap_mib=3072, seconds=25, events=events)
+fate = exited_by(h, 20)
+drain(0.5)
+stop(h); stop(d, signal.SIGTERM)
+result(idle_seconds=idle_seconds, idle_ticks=idle_ticks, idle_moves=idle_moves, pings=pings,
+       t0=t0, fate=fate,
+       signals=hog_signals("bighog"), events=read_events(events), floor=floor, log=daemon_log())
+""", timeout=90)
+    idle = [t for t in r["pings"] if r["t0"] <= t <= r["t0"] + r["idle_seconds"]]
+    gaps = [b - a for a, b in zip(idle, idle[1:])]
+    assert len(idle) >= 8 and max(gaps) <= 1.0 + 0.25, (idle, r["log"])   # half of WATCHDOG_USEC
+    # the 1 Hz loop made one pass a second (and more while the state changed); the quiet
+    # wait one at start, one for the reload, and one per move of the machine's MemAvailable
+    assert r["idle_ticks"] is not None, r["log"]
+    assert r["idle_ticks"] <= 3 + 2 * r["idle_moves"], (r["idle_ticks"], r["idle_moves"])
+    if r["idle_moves"] == 0:
+        assert r["idle_ticks"] < r["idle_seconds"] - 1, r["idle_ticks"]
+    assert r["fate"] == 0 and [s["signal"] for s in r["signals"]][:1] == [signal.SIGTERM], r["log"]
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert decision["target"] == "guard" and decision["reason"] == "mem-available-low"
+    assert decision["comm"] == "bighog"
+    # stopped at the floor, not after a long sleep: within what 500 MiB/s adds in 0.3 s
+    assert decision["host"]["mem_available_bytes"] >= r["floor"] - (150 << 20), decision
+
+
+def test_quiet_process_targets_are_looked_at_in_c_and_still_stopped_at_their_limit():
+    """Issue 18: a pid watch far from its limit is sampled by the quiet wait (in C, on
+    the schedule its headroom asks for) without a Python tick each time; once it grows
+    the loop takes over and it is stopped at its limit as before."""
+    r = run_scenario("""
+import signal, subprocess, sys
+GROW = '''
+import signal, sys, time
+signal.alarm(30)
+blocks = []
+rate, cap = (int(x) << 20 for x in sys.stdin.readline().split())
+t0 = time.monotonic()
+while sum(map(len, blocks)) < cap:
+    want = min(cap, int((time.monotonic() - t0) * rate) + (1 << 20))
+    while sum(map(len, blocks)) < want:
+        blocks.append(bytearray(1 << 20))
+    time.sleep(0.002)
+time.sleep(30)
+'''
+g = subprocess.Popen([sys.executable, "-c", GROW], stdin=subprocess.PIPE, text=True)
+events = EVENTS
+state_path = WORK + "/state.json"
+d = start_daemon(f'''
+[daemon]
+events = "{events}"
+state = "{state_path}"
+fill_rate = "1G"
+{NO_GUARD}
+[[watch]]
+name = "grower"
+pid = {g.pid}
+limit = "400M"
+action = "term"
+''')
+wait_for(lambda: "watching grower" in daemon_log(), 15)
+time.sleep(4.0)
+os.kill(d.pid, signal.SIGHUP)              # a reload: the state is written with the ticks so far
+wait_for(lambda: "reloaded" in daemon_log(), 10)
+ticks = lambda: state_ticks(state_path)
+wait_for(lambda: (ticks() or 0) > 1, 5)
+idle_ticks = ticks()
+time.sleep(1.0)
+g.stdin.write("300 900\\n")
+g.stdin.flush()
+fate = exited_by(g, 15)
+stop(g); stop(d, signal.SIGTERM)
+result(idle_ticks=idle_ticks, fate=fate, events=read_events(events), log=daemon_log())
+""".replace("{NO_GUARD}", NO_GUARD.replace("{", "{{").replace("}", "}}")), timeout=90)
+    # the 1 Hz-or-faster loop: (400M - ~10M) / 1G = 0.38 s, so about 11 passes in 4 s
+    assert r["idle_ticks"] is not None and r["idle_ticks"] <= 5, (r["idle_ticks"], r["log"])
+    assert r["fate"] == -signal.SIGTERM, r["log"]
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert decision["target"] == "grower" and decision["reason"] == "over-limit"
+    assert decision["usage_bytes"] < (400 << 20) + (48 << 20), decision   # 300 MiB/s, ms-scale looks

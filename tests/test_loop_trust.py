@@ -19,7 +19,7 @@ import pytest
 
 from memwatchd.config import parse_config
 from memwatchd.daemon import Daemon, Options
-from memwatchd.targets import exec_mark, read_names
+from memwatchd.targets import exec_mark, read_names, valid_mark
 from memwatchd.types import ConfigError
 
 from .pidns import needs_pidns, run_scenario
@@ -92,7 +92,7 @@ def test_survivors_of_a_watch_removed_by_reload_are_left_alone():
     r = run_scenario("""
 from memwatchd.config import parse_config
 from memwatchd.daemon import Daemon, Options
-from memwatchd.targets import exec_mark, read_names
+from memwatchd.targets import exec_mark, read_names, valid_mark
 sh = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \\"$HOG\\" 200 120 20 ignore {WORK}/h.signals /x hog & wait"],
                       env=dict(os.environ, HOG=HOG))
 def config(watches):
@@ -249,8 +249,8 @@ def test_names_read_at_attach_hold_only_if_no_exec_ran_during_the_read(tmp_path,
         assert (comm, cmdline, mark) == ("env", "env MEMWATCHD_TEST=1 python3", (777, "env", 1000, 1040))
     else:
         assert mark is None, (comm, cmdline, mark)
-    _fake_stat(proc / "stat", "python3", 0, 0)           # mid-exec: no argv yet, no mark at all
-    assert exec_mark(4242, str(tmp_path / "proc")) is None
+    _fake_stat(proc / "stat", "python3", 0, 0)           # mid-exec (or leader gone): no argv
+    assert not valid_mark(exec_mark(4242, str(tmp_path / "proc")))
 
 
 @needs_pidns
@@ -258,7 +258,7 @@ def test_names_of_a_settled_process_carry_its_mark():
     """A real process that is not exec'ing: read_names returns its names and the mark that
     the decision compares (so it does not read the cmdline again)."""
     r = run_scenario("""
-from memwatchd.targets import exec_mark, read_names
+from memwatchd.targets import exec_mark, read_names, valid_mark
 p = subprocess.Popen(["sleep", "30"])
 wait_for(lambda: open(f"/proc/{p.pid}/comm").read().strip() == "sleep", 5)
 names = read_names(p.pid)
@@ -437,8 +437,11 @@ time.sleep(1.0)
 h = start_hog("hog-m", rate_mib=300, cap_mib=300, seconds=15)
 fate = exited_by(h, 15)
 wait_for(lambda: any(e["type"] == "outcome" for e in read_events(EVENTS)), 5)
-fds = sorted(os.listdir(f"/proc/{{d.pid}}/fd"))
-pidfds = [fd for fd in fds if "pidfd" in os.readlink(f"/proc/{{d.pid}}/fd/{{fd}}")]
+def open_pidfds():   # the loop's and the release helper's (its dup closes once the call returns)
+    fds = sorted(os.listdir(f"/proc/{{d.pid}}/fd"))
+    return [fd for fd in fds if "pidfd" in os.readlink(f"/proc/{{d.pid}}/fd/{{fd}}")]
+wait_for(lambda: not open_pidfds(), 5)
+pidfds = open_pidfds()
 stop(d, signal.SIGTERM)
 result(fate=fate, events=read_events(EVENTS), pidfds=pidfds, log=daemon_log(), rc=d.returncode)
 """, timeout=60)

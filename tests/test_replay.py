@@ -211,14 +211,17 @@ grace = "1s"
 '''
 daemon = f'trace = "{trace_dir}"\\ntrace_size = "1M"'
 d = start_watching(watches, daemon)
-time.sleep(1.0)
+# it opens its ring segment before it says it started (a loaded machine can take seconds)
+assert wait_for(lambda: "memwatchd started" in daemon_log(), 30), daemon_log()
+time.sleep(0.5)
 a = start_hog("hog-a", rate_mib=60, cap_mib=400, events=EVENTS)
 b = start_hog("hog-b", rate_mib=25, cap_mib=400, on_term="ignore", events=EVENTS)
 fate = (exited_by(a, 15), exited_by(b, 15))
 wait_for(lambda: sum(e["type"] == "outcome" for e in read_events(EVENTS)) >= 3, 10)
 stop(d, signal.SIGTERM)
 d = start_watching(watches, daemon)      # a restart: the ring continues
-time.sleep(1.5)
+assert wait_for(lambda: "memwatchd started" in daemon_log(), 30), daemon_log()
+time.sleep(1.0)
 stop(d, signal.SIGTERM)
 from memwatchd.replay import replay_file, to_json
 from memwatchd.trace import segment_files

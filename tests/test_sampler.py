@@ -464,3 +464,105 @@ def test_sample_slots_reads_only_those(impl, hog_factory):
     assert table.rss(theirs) >= before + 30 * MiB
     with pytest.raises(IndexError):
         table.sample_slots([99])
+
+
+# ------------------------------------------------------------ the quiet wait (issue 18)
+
+def _meminfo(tmp_path, avail_kb):
+    path = tmp_path / "proc" / "meminfo"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"MemTotal:       16000000 kB\nMemFree:  100 kB\n"
+                     b"MemAvailable:    %d kB\nSwapTotal:        0 kB\nSwapFree:         0 kB\n"
+                     % avail_kb)
+    return path
+
+
+def test_wait_quiet_times_out_while_memavailable_stays_in_its_band(impl):
+    host = impl.HostReader()
+    avail = host.read().mem_available
+    r, w = os.pipe()
+    try:
+        t0 = time.monotonic()
+        why, ready, pings, seen, ago = impl.wait_quiet(host, [(r, select_POLLIN)], 0.35, 0.1,
+                                                       0, avail + (64 << 30))
+        took = time.monotonic() - t0
+        assert (why, ready, pings, ago) == (0, [], 0, 0.0)
+        assert 0.34 <= took < 3.0
+        assert abs(seen - avail) < (4 << 30)      # it read the real MemAvailable meanwhile
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_wait_quiet_returns_at_once_when_an_fd_fires(impl):
+    host = impl.HostReader()
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        t0 = time.monotonic()
+        why, ready, _pings, _seen, _ago = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 1.0,
+                                                          0, 1 << 62)
+        assert why == 1 and ready == [(r, select_POLLIN)]
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_wait_quiet_comes_back_when_memavailable_leaves_the_band(impl, tmp_path):
+    """A fixture meminfo (a host falling towards the guard's floor cannot be produced on
+    demand without GiBs): the wait ends at the first look after MemAvailable fell under
+    low, or rose above high; a meminfo without MemAvailable ends it too."""
+    path = _meminfo(tmp_path, 8_000_000)
+    host = impl.HostReader(root=str(tmp_path))
+    low, high = 7_000_000 * 1024, 9_000_000 * 1024
+    r, w = os.pipe()
+    try:
+        why, _, _, seen, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 0.25, 0.05, low, high)
+        assert why == 0 and seen == 8_000_000 * 1024
+        for avail_kb in (6_999_999, 9_000_001):
+            _meminfo(tmp_path, avail_kb)
+            t0 = time.monotonic()
+            why, _, _, seen, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 0.05, low, high)
+            assert why == 2 and seen == avail_kb * 1024
+            assert time.monotonic() - t0 < 2.0
+        path.write_bytes(b"MemTotal:       16000000 kB\n")
+        why, _, _, seen, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 0.05, low, high)
+        assert why == 2 and seen == -1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_wait_quiet_pings_a_real_notify_socket_at_its_cadence(impl, tmp_path):
+    import socket
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    sender.connect(str(tmp_path / "notify.sock"))
+    host = impl.HostReader()
+    r, w = os.pipe()
+    try:
+        why, _, pings, _, ago = impl.wait_quiet(host, [(r, select_POLLIN)], 1.0, 0.5, 0, 1 << 62,
+                                                sender.fileno(), 0.2, 0.05)
+        assert why == 0
+        got = []
+        listener.setblocking(False)
+        while True:
+            try:
+                got.append(listener.recv(64))
+            except BlockingIOError:
+                break
+        assert got == [b"WATCHDOG=1"] * pings and 4 <= pings <= 5, (pings, got)
+        assert 0.0 <= ago <= 0.2 + 0.1
+        listener.close()                          # systemd went away: the wait says so
+        why, _, pings, _, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 5.0, 1.0, 0, 1 << 62,
+                                              sender.fileno(), 0.2, 0.0)
+        assert why == 3 and pings == 0
+    finally:
+        sender.close()
+        os.close(r)
+        os.close(w)
+
+
+select_POLLIN = 1

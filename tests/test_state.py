@@ -156,27 +156,66 @@ def make_daemon(tmp_path, child_pid, clock):
     return Daemon(config, Options(psi_trigger=False, lock_memory=False), clock=clock)
 
 
-def test_publisher_writes_at_most_once_a_second(tmp_path):
-    child = subprocess.Popen(["sleep", "30"])
+GROWER = ("import sys\nblocks = []\nfor line in sys.stdin:\n"
+          "    blocks.append(bytearray(int(line)))\n    print('ok', flush=True)\n")
+
+
+def test_publisher_writes_on_change_at_most_once_a_second_and_a_heartbeat_when_idle(tmp_path):
+    """Issue 18: an unchanged state is not rewritten every second (only every
+    STATE_HEARTBEAT); a target whose usage moves is written on the next tick after a
+    second has passed, never twice in one second; `status` still calls it running
+    between heartbeats and stale once a heartbeat is missed."""
+    child = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     clock = FakeClock()
     daemon = make_daemon(tmp_path, child.pid, clock)
     path = tmp_path / "state.json"
-    try:
-        writes = []
-        for step in range(40):                  # 4 s of fake time in 100 ms ticks
+    writes = []
+
+    def run(seconds):
+        for _ in range(int(round(seconds * 10))):   # 100 ms ticks of fake time
             daemon.tick()
             daemon.publisher.after_tick(daemon, 0.001)
-            if path.exists():
-                st = os.stat(path)
-                if not writes or writes[-1] != st.st_ino:
-                    writes.append(st.st_ino)
+            st = os.stat(path)
+            if not writes or writes[-1][0] != st.st_ino:   # each write is a new inode (rename)
+                host = json.loads(path.read_text())["host"]
+                moved = writes and abs(host["mem_available_bytes"] - writes[-1][2]) >= max(
+                    state.HOST_MOVED, host["mem_total_bytes"] // 100)
+                if moved:   # the shared machine's MemAvailable moved: a change, rightly written
+                    writes[-1] = (st.st_ino, writes[-1][1], host["mem_available_bytes"])
+                else:
+                    writes.append((st.st_ino, clock.now, host["mem_available_bytes"]))
             clock.now += 0.1
-        assert 4 <= len(writes) <= 5, writes      # each write is a new inode (rename)
+
+    try:
+        run(10.0)                                  # idle: the first write only
+        assert len(writes) == 1, writes
+        view = json.loads(path.read_text())
+        assert view["daemon"]["state_heartbeat_seconds"] == state.STATE_HEARTBEAT
+        # 10 s after that write, by the real boot clock: still "running" (heartbeat 30 s)
+        assert state.liveness(view, now_boot=view["written_boottime"] + 10.0) == "running"
+        assert state.liveness(view, now_boot=view["written_boottime"]
+                              + state.STATE_HEARTBEAT + state.FRESH_FOR + 1) == "stale"
+        usage_before = view["targets"][0]["usage_bytes"]
+        child.stdin.write(f"{64 << 20}\n")         # the target really grows by 64 MiB
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "ok"
+        grew_at = clock.now
+        run(3.0)
+        assert len(writes) == 2, writes            # written once for the change, not again
+        assert writes[1][1] - grew_at <= 1.1       # within a second of fake time
+        view = json.loads(path.read_text())
+        assert view["targets"][0]["usage_bytes"] >= usage_before + (60 << 20)
+        run(state.STATE_HEARTBEAT + 1.0)           # idle again: one heartbeat write
+        assert len(writes) == 3, writes
+        assert writes[2][1] - writes[1][1] == pytest.approx(state.STATE_HEARTBEAT, abs=0.15)
+        gaps = [b[1] - a[1] for a, b in zip(writes, writes[1:])]
+        assert min(gaps) >= 1.0 - 1e-6             # never more than once a second
         view = json.loads(path.read_text())
         assert os.stat(path).st_mode & 0o777 == 0o600
         row, = view["targets"]
         assert row["target"] == "kid" and row["pid"] == child.pid and row["kind"] == "pid"
-        assert 0 < row["usage_bytes"] < 100 << 20 and row["limit_bytes"] == 1 << 30
+        assert 0 < row["usage_bytes"] < 200 << 20 and row["limit_bytes"] == 1 << 30
         assert row["headroom_bytes"] == row["limit_bytes"] - row["usage_bytes"]
         assert row["warn_bytes"] == 900 << 20 and row["interval_seconds"] > 0
         assert 0 <= row["sample_age_seconds"] <= 1.0
@@ -187,6 +226,54 @@ def test_publisher_writes_at_most_once_a_second(tmp_path):
         daemon.close()
         child.kill()
         child.wait()
+
+
+def test_a_record_or_a_reload_is_written_on_the_next_tick(tmp_path):
+    child = subprocess.Popen(["sleep", "30"])
+    clock = FakeClock()
+    daemon = make_daemon(tmp_path, child.pid, clock)
+    path = tmp_path / "state.json"
+    try:
+        daemon.tick()
+        daemon.publisher.after_tick(daemon, 0.001)
+        first = os.stat(path).st_ino
+        clock.now += 1.5
+        daemon.tick()
+        daemon.publisher.after_tick(daemon, 0.001)
+        assert os.stat(path).st_ino == first       # nothing changed: not rewritten
+        daemon.publisher.on_record({"type": "decision", "id": "1-9", "target": "kid",
+                                    "pid": child.pid, "action": "warn"})
+        daemon.tick()
+        daemon.publisher.after_tick(daemon, 0.001)
+        second = os.stat(path).st_ino
+        assert second != first
+        assert json.loads(path.read_text())["recent_actions"][0]["id"] == "1-9"
+        clock.now += 1.5
+        daemon.publisher.reconfigure(daemon.config)
+        daemon.tick()
+        daemon.publisher.after_tick(daemon, 0.001)
+        assert os.stat(path).st_ino != second
+    finally:
+        daemon.close()
+        child.kill()
+        child.wait()
+
+
+def test_liveness_follows_the_heartbeat_the_state_names():
+    """A state from a daemon before issue 18 (no heartbeat field) is stale after
+    FRESH_FOR; one that names its heartbeat, after heartbeat + FRESH_FOR; a bogus
+    heartbeat counts as none."""
+    base = me()
+    now = state.boottime()
+    old = dict(base, written_boottime=now - (state.FRESH_FOR + 1))
+    assert state.liveness(old, now_boot=now) == "stale"
+    beat = dict(base, daemon=dict(base["daemon"], state_heartbeat_seconds=30.0))
+    assert state.liveness(dict(beat, written_boottime=now - 20), now_boot=now) == "running"
+    assert state.liveness(dict(beat, written_boottime=now - 36), now_boot=now) == "stale"
+    for bogus in (True, "30", -1, 1e9):
+        bad = dict(base, daemon=dict(base["daemon"], state_heartbeat_seconds=bogus),
+                   written_boottime=now - 20)
+        assert state.liveness(bad, now_boot=now) == "stale", bogus
 
 
 def test_publisher_pairs_outcomes_with_their_decision_and_remembers_per_target(tmp_path):

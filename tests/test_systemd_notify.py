@@ -92,6 +92,34 @@ def test_status_is_one_line(listener):
     assert fields(msg) == {"STATUS": "killed foo) Z \\x0a<3>evil\\x0aREADY=1"}
 
 
+def test_status_is_sent_only_when_it_changes(listener):
+    """Issue 18: an idle daemon calls status() every second with the same text; systemd
+    gets it once. READY=1's STATUS counts as sent; after a reconnect it is sent again."""
+    n = Notifier(env_for(listener))
+    assert n.status("watching 3 targets") is True
+    assert n.status("watching 3 targets") is False
+    assert n.status("watching 4 targets") is True
+    n.ready("watching 5 targets")
+    assert n.status("watching 5 targets") is False
+    n.close()                               # as after a refused send: a fresh connection
+    assert n.status("watching 5 targets") is True
+    assert [fields(m).get("STATUS") for m in listener.drain()] == [
+        "watching 3 targets", "watching 4 targets", "watching 5 targets", "watching 5 targets"]
+
+
+def test_a_status_that_could_not_be_sent_is_sent_again(tmp_path):
+    path = str(tmp_path / "gone.sock")
+    n = Notifier({"NOTIFY_SOCKET": path})
+    assert n.status("watching 1 target") is False     # nobody listens yet
+    lst = Listener(path)
+    try:
+        assert n.status("watching 1 target") is True
+        assert fields(lst.recv()) == {"STATUS": "watching 1 target"}
+    finally:
+        lst.close()
+        n.close()
+
+
 def test_stopping(listener):
     n = Notifier(env_for(listener))
     n.stopping()

@@ -23,7 +23,26 @@ GOLDEN = sorted(f for f in os.listdir(DATA) if f.endswith(".trace.gz"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def rows_of(line: str) -> list:
+    """The readings of one trace line, in either form: {"t": "s", "r": [...]} or format 2's
+    [m, id, usage, id, usage, ...]."""
+    obj = json.loads(line)
+    if isinstance(obj, list):
+        return [obj[i:i + 2] for i in range(1, len(obj), 2)]
+    return obj.get("r", [])
+
+
+_V2 = []
+
+
 def golden_lines(name: str) -> list:
+    if name == "synthetic-v2":   # format 2 (compact lines), written once by the real Recorder
+        if not _V2:
+            import tempfile
+            with tempfile.TemporaryDirectory() as d:
+                synthetic(trace.FileSink(os.path.join(d, "t")), n=3, seconds=60.0, limit="600M").trace.close()
+                _V2.extend(open(os.path.join(d, "t"), "rb").read().splitlines(keepends=True))
+        return list(_V2)
     with gzip.open(os.path.join(DATA, name), "rb") as f:
         return f.read().splitlines(keepends=True)
 
@@ -50,7 +69,7 @@ def test_every_golden_trace_reads_without_damage_and_has_header_fields():
         t = trace.read_trace(os.path.join(DATA, name))
         assert t.damage == [], name
         h = t.header
-        assert h["format"] == trace.FORMAT and h["memwatchd"] and h["kernel"]
+        assert h["format"] == 1 and h["memwatchd"] and h["kernel"]   # recorded before format 2
         assert h["mem_total"] > 0 and "swap_total" in h and h["config"]["watch"]
         assert t.clean_end and t.runs and t.samples
         run = next(iter(t.runs.values()))
@@ -68,7 +87,7 @@ def test_idle_target_is_not_rewritten_and_a_move_of_more_than_1_in_256_is(tmp_pa
     daemon.run(30, usage=lambda i, t: base + (4096 if int(t) % 2 else 0))   # jitter: 1 page
     daemon.run(1, usage=lambda i, t: base + (base >> 7))                   # a real move
     daemon.trace.close()
-    rows = [r for line in path.read_text().splitlines() for r in json.loads(line).get("r", [])]
+    rows = [r for line in path.read_text().splitlines() for r in rows_of(line)]
     assert len(rows) == 2, rows
     assert len(rows[0]) == 4 and rows[1] == [1, base + (base >> 7)]
     t = trace.read_trace(str(path))
@@ -100,11 +119,13 @@ def test_a_target_parked_above_warn_is_written_at_its_crossings_and_replays_the_
         return 1100 * mib                                         # over the limit, sustained
     daemon.run(80, usage=usage)
     daemon.trace.close()
-    lines = [json.loads(l) for l in path.read_text().splitlines()]
-    t0 = lines[0]["m"]
-    parked = sum(len(l.get("r", [])) for l in lines if t0 + 5.5 < l["m"] < t0 + 59.5)
-    rearmed = sum(len(l.get("r", [])) for l in lines if t0 + 60.5 < l["m"] < t0 + 64.5)
-    live = [d for l in lines for d in l.get("d", [])]
+    text = path.read_text().splitlines()
+    lines = [json.loads(l) for l in text]
+    m = [l[0] if isinstance(l, list) else l["m"] for l in lines]
+    t0 = m[0]
+    parked = sum(len(rows_of(l)) for l, t in zip(text, m) if t0 + 5.5 < t < t0 + 59.5)
+    rearmed = sum(len(rows_of(l)) for l, t in zip(text, m) if t0 + 60.5 < t < t0 + 64.5)
+    live = [d for l in lines if isinstance(l, dict) for d in l.get("d", [])]
     assert [(d["kind"], d["reason"]) for d in live] == [
         ("warn", "warn-level"), ("warn", "warn-level"), ("signal", "over-limit")]
     # parked above warn for 54 s the daemon samples ~27 times a second (150 MiB of headroom at
@@ -118,7 +139,7 @@ def test_a_target_parked_above_warn_is_written_at_its_crossings_and_replays_the_
 
 def test_ring_drops_oldest_segments_keeps_its_cap_and_survives_a_restart(tmp_path):
     ring = tmp_path / "ring"
-    d = synthetic(trace.RingSink(str(ring), 2**20), n=20, seconds=900)
+    d = synthetic(trace.RingSink(str(ring), 2**20), n=30, seconds=900)   # ~1.1 MiB of format 2
     d.trace.close()
     files = trace.segment_files(str(ring))
     sizes = [os.path.getsize(f) for f in files]
@@ -127,9 +148,9 @@ def test_ring_drops_oldest_segments_keeps_its_cap_and_survives_a_restart(tmp_pat
     assert trace._segment_seq(files[0]) > 1            # the first ones were dropped
     first_seq = [trace._segment_seq(f) for f in files]
     t1 = trace.read_trace(str(ring))
-    assert t1.damage == [] and len(t1.runs) == 20      # segments continue the same runs
+    assert t1.damage == [] and len(t1.runs) == 30      # segments continue the same runs
     # a restart: a new segment after the last, what came before is kept
-    d2 = SyntheticDaemon(config_for(20), clock_start=d.now + 5)
+    d2 = SyntheticDaemon(config_for(30), clock_start=d.now + 5)
     d2.trace = trace.Recorder(trace.RingSink(str(ring), 2**20), d2.config, d2)
     d2.run(5)
     d2.trace.close()
@@ -198,8 +219,9 @@ def test_missing_file_and_empty_ring_directory_are_clear_errors(tmp_path):
 
 def _m(line: bytes):
     try:
-        return json.loads(line)["m"]
-    except (ValueError, KeyError, TypeError):
+        obj = json.loads(line)
+        return obj[0] if isinstance(obj, list) else obj["m"]
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
 
 
@@ -208,7 +230,7 @@ DAMAGE = st.lists(st.tuples(st.sampled_from(["cut", "swap", "drop", "garbage", "
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(GOLDEN), ops=DAMAGE, cut_at=st.integers(0, 10**6))
+@given(name=st.sampled_from(GOLDEN + ["synthetic-v2"]), ops=DAMAGE, cut_at=st.integers(0, 10**6))
 def test_replay_never_raises_on_damaged_traces_and_reports_the_damage(tmp_path, name, ops, cut_at):
     lines = golden_lines(name)
     for op, a, b in ops:
@@ -296,7 +318,7 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(GOLDEN), edits=st.lists(st.tuples(
+@given(name=st.sampled_from(GOLDEN + ["synthetic-v2"]), edits=st.lists(st.tuples(
     st.integers(0, 10**6), st.sampled_from(["t", "m", "r", "h", "g", "c", "d", "k", "id", "key",
                                             "watch", "kind", "config", "format", "e"]),
     JSON_VALUES), min_size=1, max_size=4))
@@ -307,7 +329,10 @@ def test_replay_never_raises_on_hostile_field_values(tmp_path, name, edits):
     for i, key, value in edits:
         i %= len(lines)
         obj = json.loads(lines[i])
-        obj[key] = value
+        if isinstance(obj, list):   # a compact line [m, id, usage, ...]: one of its elements
+            obj[sum(map(ord, key)) % len(obj)] = value
+        else:
+            obj[key] = value
         lines[i] = json.dumps(obj).encode() + b"\n"
     path = write(tmp_path / "hostile.trace", lines)
     try:
@@ -335,3 +360,187 @@ def test_a_recorded_config_from_before_units_were_required_still_loads():
     assert old["daemon"]["fill_rate"] == 4294967296 and "grace" in old["watch"][0]   # untouched
     again = parse_config(config_dict(c), "t")        # what is written now needs no help
     assert again.daemon == c.daemon and again.watches == c.watches
+
+
+# ------------------------------------------------------ the streaming reader
+
+EXPECTED = os.path.join(DATA, "replay-expected.json")
+
+
+def _golden_cases():
+    sys.path.insert(0, DATA)
+    try:
+        import replay_expected
+    finally:
+        sys.path.remove(DATA)
+    return replay_expected
+
+
+@pytest.mark.parametrize("name", _golden_cases().golden_traces())
+def test_streaming_replay_decides_exactly_as_the_full_reader_did_on_every_golden_trace(name):
+    """tests/data/replay-expected.json is what replay decided on each golden trace with the
+    old full reader (every sample in a list; main at 214d267, see tests/data/replay_expected.py),
+    with the recorded config, every limit halved and predict on/off. Streaming (each sample
+    replayed as it is read) must give the same decisions, matches, divergences, ticks and
+    notes; and so must today's read_trace (the list) replayed twice."""
+    cases = _golden_cases()
+    expected = json.load(open(EXPECTED))
+    path = os.path.join(DATA, name)
+    full = trace.read_trace(path)
+    for label, config in cases.variants(replay_recorded(full)).items():
+        want = expected[f"{name} {label}"]
+        streamed = trace.open_trace(path, stats=False)
+        got = cases.outcome(replay(streamed, config))
+        assert json.loads(json.dumps(got)) == want, (name, label)
+        assert streamed.samples is None and streamed.complete
+        assert json.loads(json.dumps(cases.outcome(replay(full, config)))) == want, (name, label)
+
+
+def replay_recorded(t):
+    from memwatchd.replay import recorded_config
+    return recorded_config(t)
+
+
+def test_a_streamed_trace_is_read_once_and_says_so():
+    t = trace.open_trace(os.path.join(DATA, "leak.trace.gz"))
+    replay(t)
+    with pytest.raises(RuntimeError, match="streamed already"):
+        replay(t)
+
+
+def _v2_trace(tmp_path, n=4, seconds=60.0) -> str:
+    """A format-2 trace from the real Recorder: compact lines and object lines mixed (job-0
+    leaks past its 600M limit at 50 s: a decision line)."""
+    path = tmp_path / "v2.trace"
+    synthetic(trace.FileSink(str(path)), n=n, seconds=seconds, limit="600M").trace.close()
+    return str(path)
+
+
+def test_the_recorder_writes_format_2_compact_lines_and_both_forms_read_the_same(tmp_path):
+    """Format 2's common line is [m, id, usage, ...]; written as the object form it stands for
+    ({"t": "s", "m": m, "r": [[id, usage], ...]}, format 1) the same trace reads to the same
+    samples and replays to the same decisions."""
+    path = _v2_trace(tmp_path)
+    lines = open(path).read().splitlines(keepends=True)
+    assert json.loads(lines[0])["format"] == 2
+    compact = [l for l in lines if l.startswith("[")]
+    assert len(compact) > len(lines) // 2                    # the common line
+    as_v1 = []
+    for line in lines:
+        obj = json.loads(line)
+        if isinstance(obj, list):
+            obj = {"t": "s", "m": obj[0], "r": [obj[i:i + 2] for i in range(1, len(obj), 2)]}
+        elif obj["t"] == "header":
+            obj["format"] = 1
+        as_v1.append(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+    v1 = write(tmp_path / "v1.trace", as_v1)
+    assert sum(map(len, as_v1)) > 1.2 * os.path.getsize(path)   # the compact line is smaller
+    a, b = trace.read_trace(path), trace.read_trace(v1)
+    assert a.damage == [] and b.damage == []
+    assert a.samples == b.samples and len(a.samples) > 100
+    da, db = replay(a).decisions, replay(b).decisions
+    assert da and [(d.t, d.key, d.reason, d.signal) for d in da] == [(d.t, d.key, d.reason, d.signal) for d in db]
+    # a compact line in a format-1 file is not a record of that format: reported
+    mixed = write(tmp_path / "mixed.trace", as_v1[:5] + [compact[0].encode()] + as_v1[5:])
+    t = trace.read_trace(mixed)
+    assert any(f"{mixed} line 6: not a trace record" in d for d in t.damage)
+
+
+def _cuts(line: str):
+    """Where a write can tear a line: after every character but the newline."""
+    return range(1, len(line) - 1)
+
+
+def test_a_torn_line_is_reported_with_file_and_line_and_never_merges_with_the_next(tmp_path):
+    """A write torn at any byte of a line (then the next line written after it, as after a
+    crash and restart) is reported naming the file and the torn line's number, in both line
+    forms; the lines around it are read. Per-line parsing: a torn line can never join its
+    neighbour into a valid record unnoticed."""
+    lines = open(_v2_trace(tmp_path, n=3)).read().splitlines(keepends=True)
+    picks = [i for i, l in enumerate(lines) if l.startswith("[")][5:8] + \
+        [i for i, l in enumerate(lines) if l.startswith('{"t":"s"') and '"d":' in l]
+    assert len(picks) == 4
+    expected = len(trace.read_trace(write(tmp_path / "whole.trace", [l.encode() for l in lines])).samples)
+    for i in picks:
+        for cut in _cuts(lines[i]):
+            torn = lines[:i] + [lines[i][:cut] + lines[i + 1]] + lines[i + 2:]
+            path = write(tmp_path / "torn.trace", [l.encode() for l in torn])
+            t = trace.read_trace(path)
+            assert any(d.startswith(f"{path} line {i + 1}: ") for d in t.damage), (i, cut, t.damage)
+            # the torn line and the one it swallowed are lost, nothing else
+            assert expected - 2 <= len(t.samples) <= expected - 1, (i, cut)
+    # garbage, invalid UTF-8 and a hostile compact line: reported by line too
+    for bad, what in [(b"\x00\xff{not json\n", "not JSON"), (b'[1.5,"x\xff",3]\n', "not JSON"),
+                      (b"[1.5,1]\n", "not a trace record"), (b"[1.5,1,true]\n", "malformed reading"),
+                      (b"[1.5,999,5]\n", "for a target whose record was lost")]:
+        path = write(tmp_path / "bad.trace", [l.encode() for l in lines[:10]] + [bad]
+                     + [l.encode() for l in lines[10:]])
+        t = trace.read_trace(path)
+        assert any(d.startswith(f"{path} line 11: ") and what in d for d in t.damage), (bad, t.damage)
+
+
+def test_replay_streams_a_long_trace_in_bounded_memory(tmp_path):
+    """An hour of 30 targets (a third of them moving every sample, one leaking past its limit
+    at the end), replayed as it is read: the Sample objects alive at any moment (counted by the
+    garbage collector, whoever holds them) stay within the reader's reorder window, while the
+    trace has 20 times as many; and the replay still sees the end (the leak's decision)."""
+    import gc
+    mib = 1 << 20
+    cfg = config_for(30)
+    header = {"t": "header", "format": 2, "memwatchd": "t", "kernel": "t", "boot_id": "b",
+              "mem_total": 24 << 30, "swap_total": 0, "m": 0.0, "w": 1.7e9, "continues": False,
+              "source": "synthetic", "config": trace.config_dict(cfg)}
+    out = [json.dumps(header)]
+    out += [json.dumps({"t": "target", "m": 0.0, "id": i + 1, "key": ["process", 1000 + i, 5000 + i],
+                        "watch": f"job-{i}", "kind": "process", "comm": "j", "cmdline": "j", "cgroup": "/"})
+            for i in range(30)]
+    out.append(json.dumps({"t": "s", "m": 0.0, "r": [[i + 1, 100 * mib, 1 << 30, None] for i in range(30)]}))
+    window, lines = 256, 0
+    for k in range(1, 5000):
+        t = k * 0.72
+        row = [round(t, 4)]
+        for i in range(0, 30, 3):
+            row += [i + 1, 100 * mib + (k % 50) * mib + i]
+        if k > 4990:
+            row += [2, (1 << 30) + k]          # job-1 passes its 1G limit at the very end
+        out.append(json.dumps(row))
+        lines += 1
+    path = tmp_path / "long.trace"
+    path.write_text("\n".join(out) + "\n")
+
+    def alive():
+        return sum(1 for o in gc.get_objects() if type(o) is trace.Sample)
+    streamed = trace.open_trace(str(path), stats=False, window=window)
+    inner = streamed.iter_samples()
+    peak = [0, 0]
+
+    def counting():
+        for s in inner:
+            peak[1] += 1
+            if peak[1] % 97 == 0:
+                peak[0] = max(peak[0], alive())
+            yield s
+    streamed._stream = counting()
+    result = replay(streamed)
+    assert peak[1] == lines + 1 and lines > 15 * window
+    assert 0 < peak[0] <= window + 3, peak          # the window, the one in hand, a spare
+    assert streamed.retained_peak == window + 1
+    assert [(d.key[1], d.reason) for d in result.decisions if d.kind == "signal"][:1] == [(1001, "over-limit")]
+    assert streamed.damage == []
+    # the same trace read whole holds every sample (what the stream avoids)
+    full = trace.read_trace(str(path))
+    assert alive() >= lines and len(full.samples) == lines + 1
+
+
+def test_lines_out_of_order_beyond_the_window_are_skipped_and_reported(tmp_path):
+    lines = open(_v2_trace(tmp_path, n=3, seconds=30.0)).read().splitlines(keepends=True)
+    late = next(i for i, l in enumerate(lines) if l.startswith("[") and i > 20)
+    moved = lines[:late] + lines[late + 1:] + [lines[late]]       # one sample moved to the end
+    path = write(tmp_path / "late.trace", [l.encode() for l in moved])
+    near = trace.read_trace(path)                                 # within the window: reordered
+    assert any("out of time order" in d and "replayed in time order" in d for d in near.damage)
+    assert [s.t for s in near.samples] == sorted(s.t for s in near.samples)
+    far = trace.open_trace(path, window=5)
+    samples = list(far.iter_samples())
+    assert len(samples) == len(near.samples) - 1
+    assert any("1 sample more than 5 samples out of time order, skipped" in d for d in far.damage)

@@ -4,6 +4,7 @@ its loop. Real processes in a private PID namespace; a real cgroup v2 where one 
 from __future__ import annotations
 
 import signal
+import sys
 
 import pytest
 
@@ -259,15 +260,18 @@ def test_long_cmdlines_and_a_backtracking_regex_never_hold_up_the_loop():
 
 def test_a_process_whose_main_thread_exited_is_watched_and_stopped():
     """`watch -- CMD` where CMD's main thread calls pthread_exit() while a worker holds
-    300 MiB: it is stopped for memory (exit 120), not left alone as "gone"."""
+    300 MiB: it is stopped for memory (exit 120), not left alone as "gone", and its record
+    names its command line (its leader's argv fields read 0: read from a live thread)."""
     r = run_scenario(r"""
 p = subprocess.run([sys.executable, "-m", "memwatchd", "watch", "--limit", "100M", "--grace",
-                    "1s", "--", sys.executable, "-c", LEADER_EXITS, str(300 << 20), "20"],
-                   capture_output=True, text=True, timeout=60)
-result(rc=p.returncode, err=p.stderr)
+                    "1s", "--events", EVENTS, "--", sys.executable, "-c", LEADER_EXITS,
+                    str(300 << 20), "20"], capture_output=True, text=True, timeout=60)
+result(rc=p.returncode, err=p.stderr, events=read_events(EVENTS))
 """)
     assert r["rc"] == 120, r["err"]
     assert "stopped" in r["err"] and "over its limit of 100 MiB" in r["err"]
+    decision = next(e for e in r["events"] if e["type"] == "decision")
+    assert (decision["cmdline"] or "").startswith(sys.executable + " -c \\x0aimport ctypes"), decision
 
 
 def test_the_guard_sees_a_process_whose_main_thread_exited():

@@ -26,6 +26,7 @@ ALLOWED_CAPS = {
     "CAP_IPC_LOCK",      # mlockall() beyond RLIMIT_MEMLOCK
     "CAP_SYS_RESOURCE",  # PSI triggers: open /proc/pressure/* and memory.pressure for writing
     "CAP_DAC_OVERRIDE",  # write cgroup.kill / memory.high / cgroup.freeze in delegated subtrees
+    "CAP_NET_ADMIN",     # LISTEN to the process-events connector (before Linux 6.6)
 }
 # System calls the daemon (and Python under it) cannot work without.
 REQUIRED_SYSCALLS = {
@@ -240,7 +241,8 @@ def test_file_system_sandbox(unit, service):
 
 
 def test_network_sandbox(unit, service):
-    assert set(words(service["RestrictAddressFamilies"])) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert set(words(service["RestrictAddressFamilies"])) == {"AF_UNIX", "AF_INET", "AF_INET6",
+                                                              "AF_NETLINK"}   # procevents
     assert service.get("PrivateNetwork", ["no"]) == ["no"]  # metrics on 127.0.0.1
     assert service.get("PrivateUsers", ["no"]) == ["no"]    # CAP_KILL must act on the host
 

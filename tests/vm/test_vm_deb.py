@@ -6,7 +6,8 @@ no pip), and then, against that install:
   - the package's promises: /usr/bin/memwatchd with the compiled sampler, the unit
     enabled and started by the install (dh_installsystemd, like earlyoom), the
     conffile root-owned with a mode the daemon accepts, /var/lib/memwatchd 0700,
-    memwatchd(8) installed, `systemd-analyze security` at most 2.3 (on Debian 12; on
+    memwatchd(8) installed, `systemd-analyze security` at most 2.5 (on Debian 12, 2.3 + CAP_NET_ADMIN and
+    AF_NETLINK for the process-events connector; on
     13, systemd 257 scores more settings: printed, and held below 3.0);
   - `systemctl enable --now memwatchd` after a disable, as the README says;
   - the hog-stopped scenario: a [[watch]] of hog.service with limit 300M, applied
@@ -177,7 +178,9 @@ def test_the_deb_installs_starts_stops_a_hog_upgrades_and_purges(suite, vm_image
     assert g("verify") == "", g("verify")
     exposure = float(g("security").split("Overall exposure level for memwatchd.service:")[1].split()[0])
     print(f"systemd-analyze security: {exposure}")
-    assert exposure <= (2.3 if suite == "bookworm" else 3.0), g("security")[-2000:]
+    # 2.3 before the process-events connector (CAP_NET_ADMIN 0.2, AF_NETLINK 0.1 minus the
+    # rounding systemd-analyze does): a new hardening loss still shows
+    assert exposure <= (2.5 if suite == "bookworm" else 3.0), g("security")[-2000:]
 
     assert g("is_active_after_disable") in ("inactive", "unknown")
     assert g("enable_now_rc") == "0", g("enable_now")

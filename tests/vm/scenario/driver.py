@@ -444,6 +444,7 @@ class Driver:
         problems = [m for _, prio, m in lines
                     if any(w in m for w in bad_words)
                     or (prio <= 3 and "reload failed, keeping the running configuration" not in m
+                        and "(disk congested or failing); acting anyway" not in m   # a slow disk
                         and "Failed with result 'watchdog'" not in m
                         and "Watchdog timeout" not in m and "dumped core" not in m
                         and "Main process exited, code=" not in m)]
