@@ -188,14 +188,14 @@ def check_config(
 
 
 WATCH_EPILOG = (
-    "\b\nSelectors: exactly one of -- COMMAND, --pid (repeatable), --pidfile, --cmdline, --unit "
-    "or --cgroup.\nDefaults are those of a [[watch]] in the config (grace 10s, sustain 0s, "
+    "\b\nSelectors: exactly one of -- COMMAND, --pid (repeatable), --pidfile, --cmdline, --unit, "
+    "--cgroup or --container.\nDefaults are those of a [[watch]] in the config (grace 10s, sustain 0s, "
     "action term).\n\b\nExit status: with -- COMMAND, the command's own (128+N if a signal N "
     f"ended it), or {EXIT_STOPPED_FOR_MEMORY} if memwatchd\nstopped its target for memory "
     "(also with --pid and the other selectors); 0 once every target is gone;\n"
     "2 for bad options, 5 if nothing matched. `memwatchd --help` lists every exit status.")
 
-SELECTOR_FLAGS = ("-- COMMAND", "--pid", "--pidfile", "--cmdline", "--unit", "--cgroup")
+SELECTOR_FLAGS = ("-- COMMAND", "--pid", "--pidfile", "--cmdline", "--unit", "--cgroup", "--container")
 
 
 @app.command(cls=_TakesCommand, epilog=WATCH_EPILOG, context_settings={"allow_interspersed_args": False},
@@ -211,6 +211,8 @@ def watch(
                                           help="Watch every process whose command line matches (Python re.search)."),
     unit: Optional[str] = typer.Option(None, "--unit", "-u", metavar="UNIT", help="Watch this systemd unit's cgroup."),
     cgroup: Optional[str] = typer.Option(None, "--cgroup", metavar="PATH", help="Watch a cgroup v2 directory (path or glob)."),
+    container: Optional[str] = typer.Option(None, "--container", metavar="GLOB",
+                                            help="Watch the running Docker/Podman containers whose name matches (sim-*)."),
     limit: str = typer.Option(..., "--limit", "-l", metavar="SIZE",
                               help="Act above this: 2G, 512M, 80% (of RAM, or of the cgroup's memory.max). "
                                    "A bare number is refused (write 4096B for bytes)."),
@@ -223,7 +225,7 @@ def watch(
                                           help="Act only once usage stays above --limit this long. Default 0s."),
     scope: Optional[str] = typer.Option(None, "--scope", metavar="SCOPE",
                                         help="process, tree or cgroup. Default: tree for a command, process for "
-                                             "--pid/--pidfile/--cmdline, cgroup for --unit/--cgroup."),
+                                             "--pid/--pidfile/--cmdline, cgroup for --unit/--cgroup/--container."),
     usage: Optional[str] = typer.Option(None, "--usage", metavar="HOW",
                                         help="How a cgroup is measured: current (default), anon or current-inactive_file."),
     interval: str = typer.Option("1s", "--interval", metavar="DURATION",
@@ -248,6 +250,7 @@ def watch(
       memwatchd watch --pidfile /run/build.pid --limit 8G --scope tree --sustain 2s
       memwatchd watch --cmdline '^python3 .*train' --limit 25% --action warn
       memwatchd watch --unit simulation.service --limit 80% --warn 70%
+      memwatchd watch --container 'sim-*' --limit 90% --grace 5s
     """
     import json
     import os
@@ -262,18 +265,19 @@ def watch(
     report.set_level(report.ERR if quiet else report.INFO if verbose else report.NOTICE)
 
     command = list(command or [])
-    given = [flag for flag, value in zip(SELECTOR_FLAGS, (command, pid, pidfile, cmdline, unit, cgroup))
+    given = [flag for flag, value in zip(SELECTOR_FLAGS, (command, pid, pidfile, cmdline, unit, cgroup,
+                                                              container))
              if value]
     if not given:
         raise usage_error("say what to watch: -- COMMAND, --pid PID, --pidfile FILE, --cmdline REGEX, "
-                          "--unit UNIT or --cgroup PATH")
+                          "--unit UNIT, --cgroup PATH or --container GLOB")
     if len(given) > 1:
         raise usage_error(f"{given[0]} and {given[1]} conflict: give only one of "
                           f"{', '.join(SELECTOR_FLAGS)}")
     selector = given[0]
-    cgroup_kind = selector in ("--unit", "--cgroup")
+    cgroup_kind = selector in ("--unit", "--cgroup", "--container")
     if scope == "cgroup" and not cgroup_kind:
-        raise usage_error(f"--scope cgroup conflicts with {selector}: a cgroup scope needs --unit or --cgroup")
+        raise usage_error(f"--scope cgroup conflicts with {selector}: a cgroup scope needs --unit, --cgroup or --container")
     if scope in ("process", "tree") and cgroup_kind:
         raise usage_error(f"--scope {scope} conflicts with {selector}: a unit or cgroup is measured whole "
                           "(--scope cgroup)")
@@ -308,8 +312,9 @@ def watch(
         watches = [dict(base, name=f"pid-{p}", pid=p) for p in pids]
     else:
         kind = selector[2:]
-        value = {"pidfile": pidfile, "cmdline": cmdline, "unit": unit, "cgroup": cgroup}[kind]
-        if kind in ("unit", "cgroup"):
+        value = {"pidfile": pidfile, "cmdline": cmdline, "unit": unit, "cgroup": cgroup,
+                 "container": container}[kind]
+        if kind in ("unit", "cgroup", "container"):
             from memwatchd.targets import host_support
             why = host_support().get(kind)
             if why:  # said plainly, not "matched nothing"

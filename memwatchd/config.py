@@ -29,8 +29,8 @@ DEFAULT_CONFIG_PATH = "/etc/memwatchd/memwatchd.toml"
 CGROUP_ROOT = "/sys/fs/cgroup"
 BUILTIN_SOURCE = "<built-in default>"
 
-SELECTOR_KINDS = ("pid", "pidfile", "unit", "cgroup", "cmdline")
-CGROUP_KINDS = ("unit", "cgroup")          # measured as a whole cgroup
+SELECTOR_KINDS = ("pid", "pidfile", "unit", "cgroup", "cmdline", "container")
+CGROUP_KINDS = ("unit", "cgroup", "container")   # measured as a whole cgroup
 ACTIONS = ("warn", "term", "kill", "throttle", "freeze")
 SCOPES = ("process", "tree", "cgroup")
 CGROUP_USAGES = ("current", "anon", "current-inactive_file")
@@ -485,6 +485,8 @@ def _parse_selector(t: _Table, kind: str) -> Union[int, str]:
         return t.abspath(kind, "", optional=False)
     if kind == "cgroup":
         return _cgroup_path(value, where)
+    if kind == "container":
+        return _container_glob(value, where)
     if not isinstance(value, str) or not value:
         raise _fail(where, "expected a non-empty string", value)
     if kind == "cmdline":
@@ -503,6 +505,24 @@ def _parse_selector(t: _Table, kind: str) -> Union[int, str]:
         value += ".service"
     if "@." in value:
         raise _fail(where, "a template unit needs an instance name (foo@bar.service)", t.data[kind])
+    return value
+
+
+# A Docker/Podman container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*) with shell-style glob characters.
+_CONTAINER_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
+
+
+def _container_glob(value: Any, where: str) -> str:
+    """A container name or glob, as `docker ps` shows names: "sim-a", "sim-*"."""
+    if isinstance(value, str) and value.startswith("/") and _CONTAINER_RE.fullmatch(value[1:]):
+        raise _fail(where, f'write the name as `docker ps` shows it, without the "/": '
+                           f'"{value[1:]}"', value)
+    if not isinstance(value, str) or not _CONTAINER_RE.fullmatch(value):
+        raise _fail(where, 'expected a container name or glob of letters, digits, _.- and '
+                           '* ? [ ] (at most 128), like "sim-*"', value)
+    if value.strip("*?") == "":
+        raise _fail(where, "a glob matching every container is almost surely not meant; "
+                           'name them, like "sim-*"', value)
     return value
 
 
@@ -549,7 +569,7 @@ def _parse_watch(data: Any, source: str, errors: list, index: int) -> Optional[W
     if kind is not None and cgroup_kind and scope != "cgroup":
         t.errors.append(t.fail("scope", f"a {kind} watch measures its whole cgroup; scope must be cgroup"))
     if kind is not None and not cgroup_kind and scope == "cgroup":
-        t.errors.append(t.fail("scope", f"scope cgroup needs a unit or cgroup selector, not {kind}"))
+        t.errors.append(t.fail("scope", f"scope cgroup needs a unit, cgroup or container selector, not {kind}"))
     action = t.attempt(t.choice, "action", "term", ACTIONS, fallback="term")
     if action in ("throttle", "freeze") and scope != "cgroup":
         t.errors.append(t.fail("action", f"{action} works on a cgroup; it needs scope cgroup "

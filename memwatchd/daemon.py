@@ -648,6 +648,8 @@ class Daemon:
             action=action, signal=decision.signal, dry_run=self.config.daemon.dry_run,
             **report.host_fields(fresh_host))
         record["scope"] = scope
+        record["container"] = escape(target.container) if getattr(target, "container", "") \
+            else None   # a container watch's container name (issue 12)
         # the time-to-exhaustion estimate (issue 15), null without predict
         record["predict"] = self.policy.estimate_host() if by_guard else \
             self.policy.estimate(decision.key)
@@ -686,7 +688,7 @@ class Daemon:
             env = actions.victim_env(target=decision.watch, pid=pid or "", comm=comm or "",
                                      cmdline=cmdline or "", cgroup=cgroup or "", usage=usage,
                                      limit=decision.limit, reason=decision.reason, action=action,
-                                     event_id=record["id"])
+                                     event_id=record["id"], container=record["container"] or "")
             try:
                 self.runner.start(target.watch.on_action, env, ON_ACTION_TIMEOUT)
             except (OSError, MemwatchdError) as e:
@@ -978,6 +980,9 @@ class Daemon:
 
     def _describe(self, key: tuple, target=None) -> str:
         if key[0] == "cgroup":
+            target = target or self.targets.targets.get(key)
+            if getattr(target, "container", ""):
+                return f"container {escape(target.container)} (cgroup {escape(key[1])})"
             return f"cgroup {escape(key[1])}"
         target = target or self.targets.targets.get(key)
         comm = target.comm if target is not None else read_comm(key[1])

@@ -114,6 +114,8 @@ def target_labels(t: Any) -> tuple:
     """(id, comm, cgroup) of a targets.Target, escape()d: a process chooses its own names.
     They never change while the target lives, so the Publisher computes them once."""
     cgroup = escape(t.cgroup)
+    if getattr(t, "container", ""):   # keyed by name: a re-created container is the same row
+        return escape(t.container), escape(t.comm), cgroup
     return (cgroup if t.is_cgroup else str(t.pid)), escape(t.comm), cgroup
 
 
@@ -134,6 +136,7 @@ def target_view(t: Any, now: float, last_action: Optional[dict] = None,
         "pid": None if t.is_cgroup else t.pid,
         "comm": comm,
         "cgroup": cgroup,
+        "container": ident if getattr(t, "container", "") else None,
         "usage_bytes": usage,
         "limit_bytes": limit,
         "warn_bytes": t.warn if sampled else None,
@@ -216,14 +219,17 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
 
 
 def action_key(summary: Dict[str, Any]) -> tuple:
-    """(watch name, pid as text or cgroup): which target row an action concerns."""
+    """(watch name, pid as text, container name or cgroup): which target row an action
+    concerns; a container counts by name, whatever id Docker gave it this time."""
     pid = summary.get("pid")
+    if summary.get("container"):
+        return summary.get("target"), summary["container"]
     return summary.get("target"), str(pid) if pid is not None else summary.get("cgroup")
 
 
 def action_summary(record: Dict[str, Any]) -> Dict[str, Any]:
     """The part of a decision record that `status` shows (already escaped by report)."""
-    keys = ("id", "time", "target", "pid", "comm", "cgroup", "action", "signal", "reason",
+    keys = ("id", "time", "target", "pid", "comm", "cgroup", "container", "action", "signal", "reason",
             "usage_bytes", "limit_bytes", "dry_run")
     out = {k: record.get(k) for k in keys}
     out["outcome"] = None

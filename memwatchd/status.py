@@ -243,7 +243,8 @@ def record_line(record: Dict[str, Any], now: Optional[float] = None) -> str:
                 f"{size(record.get('freed_bytes'))}" if record.get("exited") else "did not exit")
         return f"{when} outcome of {record.get('id')}: {fate}"
     who = (f"pid {record.get('pid')} {record.get('comm') or ''}".rstrip()
-           if record.get("pid") is not None else f"cgroup {record.get('cgroup')}")
+           if record.get("pid") is not None else f"container {record['container']}"
+           if record.get("container") else f"cgroup {record.get('cgroup')}")
     what = record.get("signal") or record.get("action")
     return (f"{when} {record.get('target')} {what}{' (dry run)' if record.get('dry_run') else ''} "
             f"{who} {size(record.get('usage_bytes'))}/{size(record.get('limit_bytes'))} "
@@ -336,7 +337,9 @@ def _percent_style(usage: int, limit: int, warn: Optional[int]) -> str:
     return "green"
 
 
-def _what(row: Dict[str, Any]) -> Text:
+def _what(row: Dict[str, Any], kind_shown: bool = False) -> Text:
+    if row.get("container"):
+        return Text(row["container"] if kind_shown else f"container {row['container']}")
     if row.get("pid") is None:
         return Text(row.get("cgroup") or "")
     return Text(f"{row['pid']} {row.get('comm') or ''}".rstrip())
@@ -407,7 +410,7 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
         else:
             pct = Text("-")
         headroom = row.get("headroom_bytes")
-        table.add_row(Text(row["target"]), row.get("kind", ""), _what(row), short_size(usage),
+        table.add_row(Text(row["target"]), row.get("kind", ""), _what(row, kind_shown=True), short_size(usage),
                       short_size(limit), pct,
                       Text(short_size(headroom),
                            style="bold red" if headroom is not None and headroom <= 0 else ""),
@@ -425,6 +428,7 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
         parts.append(Text("recent actions:", style="bold"))
         for a in recent[-5:]:
             who = f"{a['pid']} {a.get('comm') or ''}" if a.get("pid") is not None \
+                else f"container {a['container']}" if a.get("container") \
                 else (a.get("cgroup") or "")
             outcome = a.get("outcome") or {}
             if outcome.get("exited"):

@@ -57,7 +57,8 @@ def host_support(cgroup_root: str = CGROUP_ROOT) -> Dict[str, str]:
     rescan; process watches and the guard need neither."""
     off: Dict[str, str] = {}
     if not cgroup_v2_memory(cgroup_root):
-        off["cgroup"] = off["unit"] = f"{cgroup_root} is not cgroup v2 with the memory controller"
+        off["cgroup"] = off["unit"] = off["container"] = \
+            f"{cgroup_root} is not cgroup v2 with the memory controller"
     if not os.path.isdir(SYSTEMD_RUNTIME_DIR):
         off["unit"] = "needs systemd as PID 1"
     return off
@@ -325,7 +326,7 @@ class Target:
 
     __slots__ = ("key", "is_cgroup", "watch", "pid", "start_time", "slot", "members", "cgroup",
                  "comm", "cmdline", "usage", "limit", "warn", "next_due", "sampled_at", "interval",
-                 "unreclaimable", "ceiling", "names_mark")
+                 "unreclaimable", "ceiling", "names_mark", "container")
 
     def __init__(self, key: tuple, watch: WatchConfig, pid: int = 0, start_time: int = 0,
                  slot: int = -1, cgroup: str = "", comm: str = "", cmdline: str = "",
@@ -349,6 +350,7 @@ class Target:
         self.unreclaimable: Optional[int] = None   # cgroup: anon + shmem (the predictive trigger's)
         self.ceiling: Optional[int] = None         # cgroup: memory.max, None = "max"
         self.names_mark: Optional[tuple] = None    # process: exec_mark() its comm/cmdline hold for
+        self.container = ""                        # container watch: the container's name
 
 
 class TargetSet:
@@ -368,6 +370,8 @@ class TargetSet:
         self.pid_watches_done: Set[str] = set()
         self.unit_paths: Dict[str, str] = {}   # unit watch -> its cgroup when last seen running
         self.unit_shows: Dict[str, tuple] = {}  # unit watch -> (running `systemctl show`, started)
+        self.container_index = None             # containers.ContainerIndex, once a watch needs it
+        self.container_paths: Dict[str, Dict[str, str]] = {}  # container watch -> {cgroup: name}
         self.config = config
         self.mem_total = self.host.read().mem_total
         self.problems: List[str] = []     # resolution trouble, for the daemon to log
@@ -400,6 +404,8 @@ class TargetSet:
         self.pid_watches_done = {n for n in self.pid_watches_done if new.get(n) == old.get(n)}
         self.scans = {n: s for n, s in self.scans.items() if new.get(n) == old.get(n)}
         self.unit_paths = {n: p for n, p in self.unit_paths.items() if new.get(n) == old.get(n)}
+        self.container_paths = {n: p for n, p in self.container_paths.items()
+                                if new.get(n) == old.get(n)}
         self.config = config
         self.rescan_at.clear()
         self.warned.clear()
@@ -438,6 +444,8 @@ class TargetSet:
                 if now < self.rescan_at.get(watch.name, 0.0):
                     if watch.name in self.unit_paths:
                         added.extend(self._unit_restarted(watch, now))
+                    elif watch.name in self.container_paths:
+                        added.extend(self._containers_restarted(watch, now))
                     continue
                 self.rescan_at[watch.name] = now + RESCAN_INTERVAL
                 added.extend(self._resolve(watch, now))
@@ -509,7 +517,51 @@ class TargetSet:
                 if t.cgroup not in paths:
                     self.vanished.append(self.drop(t.key))
             return self._attach_cgroups(watch, [p for p in paths if p not in taken], now)
+        if watch.kind == "container":
+            return self._resolve_containers(watch, have, now)
         return []
+
+    def _resolve_containers(self, watch: WatchConfig, have: List[Target],
+                            now: float) -> List[Target]:
+        """Running containers whose name matches (memwatchd.containers: the cgroup tree
+        for who runs, the runtime's metadata for names; no socket, no CLI, bounded)."""
+        if self.container_index is None:
+            from memwatchd import containers
+            self.container_index = containers.ContainerIndex(self.cgroup_root)
+        index = self.container_index
+        found = {c.cgroup: c.name for c in index.matching(str(watch.selector))}
+        for problem in index.problems:
+            self._problem(f"watch {watch.name}: {problem}")
+        index.problems.clear()
+        if not found:
+            why = index.runtime_problem()
+            if why:
+                self._problem(f"watch {watch.name} (container {watch.selector}): {why}; "
+                              f"the other watches keep running")
+        for t in have:   # stopped, removed or renamed away: drop now
+            if found.get(t.cgroup) != t.container:
+                self.vanished.append(self.drop(t.key))
+        # Kept between rescans so a container restarted under the same id (--restart)
+        # is watched from its next tick (one stat each), like a restarted unit.
+        known = self.container_paths.setdefault(watch.name, {})
+        known.update(found)
+        while len(known) > 64:
+            del known[next(iter(known))]
+        return self._attach_containers(watch, found, now)
+
+    def _containers_restarted(self, watch: WatchConfig, now: float) -> List[Target]:
+        """Between rescans: a known container cgroup that is back (Docker restarted it)."""
+        watched = {t.cgroup for t in self.targets.values() if t.watch.name == watch.name}
+        back = {path: name for path, name in self.container_paths[watch.name].items()
+                if path not in watched and os.path.isdir(self.cgroup_root + path)}
+        return self._attach_containers(watch, back, now) if back else []
+
+    def _attach_containers(self, watch: WatchConfig, found: Dict[str, str],
+                           now: float) -> List[Target]:
+        added = self._attach_cgroups(watch, sorted(found), now)
+        for t in added:
+            t.container = found[t.cgroup]
+        return added
 
     def _scan(self, watch: WatchConfig) -> cmdmatch.CmdlineScan:
         """The cmdline watch's matching state (verdicts shared by rescans and events)."""

@@ -283,7 +283,7 @@ def test_the_shipped_example_passes_check_config_as_installed(tmp_path):
     target.chmod(0o600)
     r = invoke("check-config", str(target))
     assert r.exit_code == 0, r.output
-    assert "OK (5 watches, guard on)" in r.output
+    assert "OK (6 watches, guard on)" in r.output
 
 
 def test_watch_pidfile_and_cmdline_selectors(tmp_path):

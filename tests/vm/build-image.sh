@@ -87,6 +87,8 @@ in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.ti
 # The peers of the race (benchmarks/vm_race.py) are installed but never start on
 # their own: the race starts the one it measures, every other test runs without.
 in_root systemctl disable earlyoom.service systemd-oomd.service systemd-oomd.socket
+# Docker likewise: only tests/vm/test_vm_containers.py starts it (with its own daemon.json).
+in_root systemctl disable docker.service docker.socket containerd.service
 
 step "trim"
 apt_in_root clean

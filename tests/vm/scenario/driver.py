@@ -856,9 +856,10 @@ class Driver:
         self.scenario("baseline", go)
 
 
-def main():
+def main(driver_class=None):
+    """driver.py MODE RESULTS.json; driver_class: a Driver subclass (containers.py's)."""
     mode, results_path = sys.argv[1], sys.argv[2]
-    driver = Driver(results_path, mode)
+    driver = (driver_class or Driver)(results_path, mode)
     try:
         getattr(driver, mode)()
     except Exception:
