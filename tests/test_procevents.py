@@ -104,15 +104,17 @@ def test_threads_are_not_reported_as_new_processes():
         conn.close()
 
 
-def try_connector(argv_before: list, patch: str = "") -> str:
+def try_connector(argv_before: list, patch: str = "", python: str = sys.executable,
+                  path: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) -> str:
     """What a Connector() says in a fresh Python run under argv_before (unshare, setpriv):
-    "OPENED" or "UNAVAILABLE <why>"; patch runs first."""
+    "OPENED" or "UNAVAILABLE <why>" (else what it printed, stderr included); patch runs first."""
     code = (f"from memwatchd import procevents as p\n{patch}\n"
             "try:\n    p.Connector(); print('OPENED')\n"
             "except p.Unavailable as e:\n    print('UNAVAILABLE', e)\n")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    return subprocess.run(argv_before + [sys.executable, "-c", code], capture_output=True,
-                          text=True, env=env, timeout=30).stdout
+    env = dict(os.environ, PYTHONPATH=path)
+    run = subprocess.run(argv_before + [python, "-c", code], capture_output=True,
+                         text=True, env=env, timeout=30)
+    return run.stdout if run.stdout else f"(nothing on stdout; stderr: {run.stderr[-2000:]})"
 
 
 def test_the_connector_is_refused_outside_the_initial_namespaces(tmp_path):
@@ -136,7 +138,23 @@ def test_without_permission_the_kernel_refuses_or_allows_by_version():
     if os.geteuid() != 0:
         pytest.skip("needs root to become nobody")
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    out = try_connector(nobody)
+    # nobody may not be able to read this tree or run this venv's interpreter (a clone
+    # under /root, CI's 0700 temp copy): the module alone (it imports only the standard
+    # library), world-readable, run by the system's python3
+    import shutil
+    import tempfile
+    shared = tempfile.mkdtemp(prefix="memwatchd-nobody-", dir="/tmp")
+    try:
+        os.chmod(shared, 0o755)
+        os.mkdir(os.path.join(shared, "memwatchd"), 0o755)
+        open(os.path.join(shared, "memwatchd", "__init__.py"), "w").close()
+        shutil.copy(procevents.__file__, os.path.join(shared, "memwatchd", "procevents.py"))
+        for name in ("__init__.py", "procevents.py"):
+            os.chmod(os.path.join(shared, "memwatchd", name), 0o644)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        out = try_connector(nobody, python=python, path=shared)
+    finally:
+        shutil.rmtree(shared)
     assert "CapEff:\t0000000000000000" in subprocess.run(
         nobody + ["cat", "/proc/self/status"], capture_output=True, text=True).stdout
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
