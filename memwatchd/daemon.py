@@ -727,7 +727,7 @@ class Daemon:
         if mark is None or mark[0] != target.start_time:
             return target.comm, None if mark is None else target.cmdline   # exiting
         comm = mark[1]
-        if valid_mark(mark) and mark == target.names_mark:
+        if mark == target.names_mark:   # names_mark is only ever a valid mark
             return comm, target.cmdline
         cmdline = self._fresh_cmdline(target.pid, target.start_time)
         if cmdline is None and comm == target.comm and target.cmdline:
