@@ -10,7 +10,6 @@ them into ``Reading``s for the policy.
 from __future__ import annotations
 
 import collections
-import glob
 import os
 import stat
 import time
@@ -511,6 +510,7 @@ class TargetSet:
         if watch.kind == "cgroup":
             taken = {t.cgroup for t in have}
             pattern = self.cgroup_root + str(watch.selector)
+            import glob   # only cgroup-glob watches use it
             paths = [p[len(self.cgroup_root):] for p in sorted(glob.glob(pattern))
                      if os.path.isdir(p)]
             for t in have:  # removed since: drop now, whatever a kept fd still reads

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
+
+from tests.pidns import needs_pidns, run_scenario
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "memwatchd")
 
@@ -99,3 +103,95 @@ def test_memwatchd_has_no_import_cycle():
 def test_nothing_imports_the_console_script():
     """entry.py dispatches to cli.py; a module importing entry would close a circle."""
     assert not [name for name, deps in import_graph().items() if "entry" in deps and name != "__main__"]
+
+
+# ------------------------------------------------------------------ the daemon's import path
+# `memwatchd run` stays resident on every host and its RSS is a goal (issue 18:
+# benchmarks/footprint.py). These modules cost it from 0.1 to 18 MiB each and the guard-only
+# daemon needs none of them: the CLI's (typer, click, rich), the TOML parser (parsed in a
+# child, toml_child.py), typing/dataclasses (and the inspect/ast they pull in), socket.py (the
+# notify client uses _socket), subprocess (only unit watches and on_action), threading.
+NOT_IN_THE_DAEMON = ("typer", "click", "rich", "tomllib", "tomli", "typing", "dataclasses",
+                     "inspect", "ast", "socket", "sdnotify", "selectors", "subprocess",
+                     "threading", "asyncio", "prometheus_client", "difflib", "traceback")
+
+# Run as `memwatchd run` is (the console script calls memwatchd.entry.main), with a helper
+# thread (_thread: already loaded by offload.py) that, once the daemon has said READY=1 and
+# written its state file, writes sys.modules out and stops the daemon with SIGTERM.
+_DUMP_MODULES = r"""
+import _thread, os, signal, sys, time
+out, state, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+def dump():
+    deadline = time.monotonic() + 30
+    while not os.path.exists(state) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)                    # a few more passes of the loop and a watchdog ping
+    with open(out + ".tmp", "w") as f:
+        f.write("\n".join(sorted(sys.modules)))
+    os.rename(out + ".tmp", out)
+    os.kill(os.getpid(), signal.SIGTERM)
+_thread.start_new_thread(dump, ())
+sys.argv = ["memwatchd"] + argv
+from memwatchd.entry import main
+main()
+"""
+
+
+def _heavy(modules) -> list:
+    return sorted(m for m in modules if m.split(".")[0] in NOT_IN_THE_DAEMON)
+
+
+def test_importing_the_run_path_loads_no_heavy_module():
+    """What `memwatchd run` imports before it reads its config (entry -> daemon, notify)."""
+    code = ("import sys\nbefore = set(sys.modules)\n"
+            "from memwatchd import entry, daemon, systemd\n"
+            "print('\\n'.join(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(PACKAGE)).stdout.split()
+    assert "memwatchd.daemon" in out and "memwatchd.config" in out   # it really imported them
+    assert _heavy(out) == []
+
+
+@needs_pidns
+def test_the_running_guard_only_daemon_has_no_heavy_module_loaded():
+    """The real daemon, as the unit runs it (default config: guard, state file, a
+    NOTIFY_SOCKET with a watchdog), after READY=1, status and a state write: what its loop
+    imported lazily (the notify socket, the state file's encoder) counts too."""
+    res = run_scenario(r'''
+import socket
+notify_path = os.path.join(WORK, "notify.sock")
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+listener.bind(notify_path)
+listener.settimeout(20)
+state, out = os.path.join(WORK, "state.json"), os.path.join(WORK, "modules.txt")
+config = write_config(f"""
+[daemon]
+events = "{EVENTS}"
+state = "{state}"
+""")
+daemon = subprocess.Popen([sys.executable, "-c", DUMP, out, state, "run", "--config", config],
+                          env=dict(os.environ, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="2000000"),
+                          stderr=subprocess.PIPE, text=True)
+messages = []
+try:
+    while not any(m.startswith("READY=1") for m in messages):
+        messages.append(listener.recv(4096).decode())
+    code = daemon.wait(timeout=40)
+finally:
+    stop(daemon)
+listener.settimeout(0.5)
+try:
+    while True:
+        messages.append(listener.recv(4096).decode())
+except OSError:
+    pass
+with open(out) as f:
+    modules = f.read().split()
+result(code=code, modules=modules, messages=messages, state=os.path.exists(state),
+       stderr=daemon.stderr.read())
+'''.replace("DUMP", repr(_DUMP_MODULES)))
+    assert res["code"] == 0, res["stderr"]
+    assert res["state"] and any(m.startswith("READY=1") for m in res["messages"])
+    assert "WATCHDOG=1" in res["messages"]            # the notify socket really was used
+    assert "memwatchd.daemon" in res["modules"] and "memwatchd.state" in res["modules"]
+    assert _heavy(res["modules"]) == [], res["stderr"]
