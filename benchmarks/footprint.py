@@ -1,18 +1,22 @@
 """How much memory and CPU does the resident daemon cost at idle, next to a bare Python?
 
 Inside a private PID namespace, starts `memwatchd run` (as systemd would: the console
-script, else `python -m memwatchd`) with a config of 10 [[watch]] entries, one per
-idle `sleep` process (limit 1G, action term) plus the host guard (defaults), with a
-NOTIFY_SOCKET and WATCHDOG_USEC as under the unit, and, side
-by side, a bare `python3 -c "import time; time.sleep(...)"` from the same interpreter.
+script, else `python -m memwatchd`) with a NOTIFY_SOCKET and WATCHDOG_USEC as under the
+unit, and, side by side, a bare `python3 -c "import time; time.sleep(...)"` from the
+same interpreter.
 Samples both every 0.5 s for --seconds (default 60) and reports the steady-state VmRSS
 (median of the second half; RssAnon / RssFile split) and memwatchd's CPU time per
 minute at idle (schedstat, after a 5 s warm-up).
 
 Python's bytecode cache matters here: without .pyc files every module is compiled at
-start-up and the compiler's arenas inflate RSS. So it runs twice:
-  - "cached": PYTHONDONTWRITEBYTECODE unset, PYTHONPYCACHEPREFIX=<temp dir> warmed by a
-    first start: what a normal installation (pip writes .pyc files) does;
+start-up and the compiler's arenas inflate RSS. The modes:
+  - "guard": the default config (the host guard only, the state file on: events and
+    state in a temp dir), the .pyc cache warmed by a first start: the unit as installed,
+    and the goal's yardstick (issue 18);
+  - "cached": 10 [[watch]] entries, one per idle `sleep` process (limit 1G, action term)
+    plus the guard, no state file; PYTHONDONTWRITEBYTECODE unset,
+    PYTHONPYCACHEPREFIX=<temp dir> warmed by a first start: what a normal installation
+    (pip writes .pyc files) does;
   - "no-pyc": PYTHONDONTWRITEBYTECODE=1 with an empty PYTHONPYCACHEPREFIX: nothing is
     cached, every module (stdlib too) is compiled at start; the upper bound of what an
     environment with PYTHONDONTWRITEBYTECODE=1 sees.
@@ -22,13 +26,23 @@ start-up and the compiler's arenas inflate RSS. So it runs twice:
   - "predict": as "cached", with the predictive trigger on (issue 15): `[guard] predict`
     and `predict` on PREDICTING of the watches (write_predict_config); next to "cached"
     it is what the trends cost at idle.
+  - "packaged": as "guard", but on Debian's /usr/bin/python3 with this tree on
+    PYTHONPATH, started as debian/memwatchd.script starts it, next to that bare python:
+    the .deb as installed. The dev venv's interpreter carries what its site.py loads
+    (the editable install's finder imports pathlib, re, ipaddress, urllib: about 2 MiB
+    in every Python started from it, bare python too); a packaged install has none of
+    that. Skipped unless /usr/bin/python3 is the same major.minor as this Python (the
+    extension's ABI).
 Then, for the run path (memwatchd.entry -> config -> daemon), the RSS after each import
 and the packages it loads, so a regression names its culprit.
-Goal: steady-state VmRSS of `memwatchd run` at most 12 MiB. The last line (cached) is
-`rss_mib=<x> bare_python_rss_mib=<y> idle_cpu_ms_per_min=<z>`.
+Goal: steady-state VmRSS of the guard-only `memwatchd run` at most 12 MiB. The last line
+is `rss_mib=<x> bare_python_rss_mib=<y> idle_cpu_ms_per_min=<z>` for "guard" (for the
+first mode run if "guard" is not among them), then `watches_rss_mib=` ("cached"),
+`packaged_rss_mib=` and `packaged_bare_python_rss_mib=`, and the traced figures.
 
-Run: python benchmarks/footprint.py [--seconds 60] [--modes cached,no-pyc,traced,predict]
-(as root: needs unshare(1) for the namespace). About 4.5 minutes with the defaults.
+Run: python benchmarks/footprint.py [--seconds 60]
+     [--modes guard,cached,no-pyc,traced,predict,packaged]
+(as root: needs unshare(1) for the namespace). About 6.5 minutes with the defaults.
 """
 from __future__ import annotations
 
@@ -44,6 +58,7 @@ import time
 import _benchlib
 
 GOAL_MIB = 12.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TARGETS = 10
 
 IMPORTS_PY = r"""
@@ -98,6 +113,33 @@ def write_config(workdir: str, pids: list, trace: str = "") -> str:
         f'[daemon]\nevents = "{workdir}/events.jsonl"\nstate = ""\ntrace = "{trace}"\n', pids)
 
 
+def write_guard_config(workdir: str) -> str:
+    """The default config as the unit reads it (the shipped memwatchd.toml: the guard,
+    protect rules), with events and the state file (on, as by default) in workdir."""
+    with open(os.path.join(ROOT, "memwatchd", "data", "memwatchd.toml")) as f:
+        shipped = f.read()    # what debian/ and install-units install as /etc/memwatchd/memwatchd.toml
+    path = os.path.join(workdir, "memwatchd-guard.toml")
+    text = shipped.replace('"/var/lib/memwatchd/events.jsonl"', f'"{workdir}/events.jsonl"') \
+        .replace('"/run/memwatchd/state.json"', f'"{workdir}/state.json"')
+    if f'"{workdir}/state.json"' not in text or f'"{workdir}/events.jsonl"' not in text:
+        raise RuntimeError("the default config's events/state paths changed: update write_guard_config")
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+def packaged_python() -> str:
+    """Debian's python3 when it can load this tree's extension (same major.minor), else ''."""
+    deb = "/usr/bin/python3"
+    if not os.path.exists(deb):
+        return ""
+    out = subprocess.run([deb, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True)
+    return deb if out.stdout.strip() == "%d.%d" % sys.version_info[:2] else ""
+
+
+
 def write_predict_config(workdir: str, pids: list) -> str:
     """The "predict" mode's config (issue 15): the guard and PREDICTING of the watches
     with a 30 s horizon, so the daemon keeps a trend for the host and for each of them."""
@@ -117,7 +159,9 @@ PREDICTING = 3
 
 def mode_env(mode: str, cache_dir: str) -> dict:
     env = dict(os.environ, PYTHONPYCACHEPREFIX=cache_dir)
-    if mode in ("cached", "traced", "predict"):
+    if mode == "packaged":
+        env["PYTHONPATH"] = ROOT
+    if mode != "no-pyc":
         env.pop("PYTHONDONTWRITEBYTECODE", None)
     else:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -145,11 +189,15 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
     cache_dir = tempfile.mkdtemp(prefix=f"pycache-{mode}-", dir=workdir)
     env = mode_env(mode, cache_dir)
     notify = notify_listener(workdir, env)
-    daemon_cmd = _benchlib.memwatchd_command() + ["run", "--config", config]
-    bare_cmd = [sys.executable, "-c", f"import time; time.sleep({seconds + 30})"]
-    if mode in ("cached", "traced", "predict"):  # warm the cache: one start of each, then stop
+    python = packaged_python() if mode == "packaged" else sys.executable
+    if mode == "packaged":   # as debian/memwatchd.script starts it
+        daemon_cmd = [python, "-c", "from memwatchd.entry import main; main()", "run", "--config", config]
+    else:
+        daemon_cmd = _benchlib.memwatchd_command() + ["run", "--config", config]
+    bare_cmd = [python, "-c", f"import time; time.sleep({seconds + 30})"]
+    if mode != "no-pyc":  # warm the cache: one start of each, then stop
         warm = subprocess.Popen(daemon_cmd, env=env, stderr=subprocess.DEVNULL)
-        subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+        subprocess.run([python, "-c", "pass"], env=env, check=True)
         time.sleep(3.0)
         warm.send_signal(signal.SIGTERM)
         warm.wait(10)
@@ -217,6 +265,9 @@ def inner(args) -> int:
         return 2
     t_begin = time.monotonic()
     modes = args.modes.split(",")
+    if "packaged" in modes and not packaged_python():
+        print("packaged: skipped (no /usr/bin/python3 of this Python's major.minor)")
+        modes.remove("packaged")
     sleepers = [subprocess.Popen(["sleep", str(int(args.seconds * len(modes) + 120))])
                 for _ in range(N_TARGETS)]
     results = {}
@@ -224,11 +275,14 @@ def inner(args) -> int:
         with tempfile.TemporaryDirectory(prefix="memwatchd-bench-") as workdir:
             config = write_config(workdir, [p.pid for p in sleepers])
             traced = write_config(workdir, [p.pid for p in sleepers], os.path.join(workdir, "trace"))
-            configs = {"traced": traced, "predict": write_predict_config(workdir, [p.pid for p in sleepers])}
+            guard = write_guard_config(workdir)
+            configs = {"traced": traced, "predict": write_predict_config(workdir, [p.pid for p in sleepers]),
+                       "guard": guard, "packaged": guard}
             print(_benchlib.machine())
             print(f"`{' '.join(os.path.basename(c) for c in _benchlib.memwatchd_command())} run` with "
-                  f"{N_TARGETS} pid watches + the host guard, next to `{os.path.basename(sys.executable)} "
-                  f"-c 'import time; time.sleep()'`; {args.seconds:.0f} s per mode, VmRSS median of "
+                  f"the default config (guard, packaged) or {N_TARGETS} pid watches + the host guard (the "
+                  f"others), next to `{os.path.basename(sys.executable)} -c 'import time; time.sleep()'` "
+                  f"(packaged: {packaged_python() or '-'}); {args.seconds:.0f} s per mode, VmRSS median of "
                   f"the second half (MiB)")
             print(f"{'mode':<8} {'memwatchd VmRSS':>22} {'anon':>6} {'file':>6} {'peak':>6}"
                   f" {'bare python':>12} {'anon':>6} {'file':>6} {'ratio':>6} {'CPU ms/min':>11}")
@@ -241,8 +295,9 @@ def inner(args) -> int:
                       f" {r['cpu_ms_per_min']:>11.1f}"
                       + (f"  trace {r['trace_kib_per_min']:.1f} KiB/min" if mode == "traced" else ""),
                       flush=True)
-            head = results.get("cached") or next(iter(results.values()))
-            print(f"\nimports on the `run` path ({'cached' if 'cached' in results else modes[0]}; MiB):")
+            head_mode = "guard" if "guard" in results else modes[0]
+            head = results[head_mode]
+            print(f"\nimports on the `run` path ({head_mode}; MiB):")
             import_breakdown(head["env"])
     finally:
         for p in sleepers:
@@ -260,6 +315,9 @@ def inner(args) -> int:
     print(f"total run time {time.monotonic() - t_begin:.0f} s")
     print(f"rss_mib={head['rss']:.1f} bare_python_rss_mib={head['bare']:.1f} "
           f"idle_cpu_ms_per_min={head['cpu_ms_per_min']:.1f}"
+          + (f" watches_rss_mib={results['cached']['rss']:.1f}" if "cached" in results and head_mode != "cached" else "")
+          + (f" packaged_rss_mib={results['packaged']['rss']:.1f} packaged_bare_python_rss_mib="
+             f"{results['packaged']['bare']:.1f}" if "packaged" in results else "")
           + (f" traced_rss_mib={results['traced']['rss']:.1f} traced_idle_cpu_ms_per_min="
              f"{results['traced']['cpu_ms_per_min']:.1f} trace_kib_per_min="
              f"{results['traced']['trace_kib_per_min']:.1f}" if "traced" in results else ""))
@@ -269,7 +327,7 @@ def inner(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="sampling time per mode")
-    parser.add_argument("--modes", default="cached,no-pyc,traced,predict")
+    parser.add_argument("--modes", default="guard,cached,no-pyc,traced,predict,packaged")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     return _benchlib.inner_or_namespace(__file__, parser.parse_args(), inner)
 
