@@ -27,7 +27,8 @@ start-up and the compiler's arenas inflate RSS. The modes:
     and `predict` on PREDICTING of the watches (write_predict_config); next to "cached"
     it is what the trends cost at idle.
   - "packaged": as "guard", but on Debian's /usr/bin/python3 with this tree on
-    PYTHONPATH, started as debian/memwatchd.script starts it, next to that bare python:
+    PYTHONPATH, started by debian/memwatchd.script (the .deb's /usr/bin/memwatchd),
+    next to that bare python:
     the .deb as installed. The dev venv's interpreter carries what its site.py loads
     (the editable install's finder imports pathlib, re, ipaddress, urllib: about 2 MiB
     in every Python started from it, bare python too); a packaged install has none of
@@ -191,7 +192,7 @@ def measure(mode: str, config: str, seconds: float, workdir: str) -> dict:
     notify = notify_listener(workdir, env)
     python = packaged_python() if mode == "packaged" else sys.executable
     if mode == "packaged":   # as debian/memwatchd.script starts it
-        daemon_cmd = [python, "-c", "from memwatchd.entry import main; main()", "run", "--config", config]
+        daemon_cmd = [python, os.path.join(ROOT, "debian", "memwatchd.script"), "run", "--config", config]
     else:
         daemon_cmd = _benchlib.memwatchd_command() + ["run", "--config", config]
     bare_cmd = [python, "-c", f"import time; time.sleep({seconds + 30})"]

@@ -195,3 +195,29 @@ result(code=code, modules=modules, messages=messages, state=os.path.exists(state
     assert "WATCHDOG=1" in res["messages"]            # the notify socket really was used
     assert "memwatchd.daemon" in res["modules"] and "memwatchd.state" in res["modules"]
     assert _heavy(res["modules"]) == [], res["stderr"]
+
+
+def test_run_forgets_the_console_scripts_directory_and_still_imports(tmp_path):
+    """/usr/bin heads sys.path for /usr/bin/memwatchd: its finder would cache 1,300 names
+    for the daemon's life. forget_script_dir drops a script's directory (and that cache),
+    after which memwatchd's modules still import; `-c` (the working directory) is kept."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for i in range(50):
+        (bindir / f"tool-{i}").write_text("")
+    script = bindir / "memwatchd"
+    script.write_text(
+        "import sys\nimport memwatchd.entry as entry\n"
+        "first = sys.path[0]\ncached = first in sys.path_importer_cache\n"
+        "entry.forget_script_dir()\n"
+        "import memwatchd.daemon, memwatchd.cmdmatch, json\n"   # later imports still work
+        "print(first, cached, first in sys.path, first in sys.path_importer_cache)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(PACKAGE))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == [str(bindir), "True", "False", "False"]
+    code = ("import sys; import memwatchd.entry as e; e.forget_script_dir(); "
+            "print(repr(sys.path[0]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip()
+    assert out == "''"
