@@ -2,7 +2,7 @@
 
 Each datagram is one send() on a socket of the C-level `_socket` module, not through
 sdnotify: sdnotify's whole client is `socket.sendall(text.encode("latin-1"))`, and
-importing it loads `socket.py` (its enums, selectors, array, math: about 0.35 MiB of the
+importing it loads `socket.py` (its enums, selectors, array, math: about 0.4 MiB of the
 resident daemon, issue 18). Four things a watchdog daemon needs, which sdnotify did
 not do either:
   - the send never blocks: the socket is non-blocking. A plain AF_UNIX datagram
