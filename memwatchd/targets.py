@@ -977,6 +977,12 @@ class TargetSet:
         self.by_python[t.key] = t
         return t
 
+    def next_due(self) -> float:
+        """The earliest next_due of all targets (inf when none), without a Python step
+        per target the table schedules."""
+        due = self.processes.next_due() if self.in_table else float("inf")
+        return min(due, min((t.next_due for t in self.by_python.values()), default=due))
+
     def take_all_back(self) -> None:
         """Every target scheduled by the tick again (a reload, a trace: they see all)."""
         for slot in list(self.in_table):

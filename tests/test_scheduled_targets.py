@@ -143,3 +143,25 @@ def test_look_now_a_reload_and_force_reach_the_targets_the_table_schedules(hogs)
         assert t.usage > 0 and t.sampled_at == clock.now
     finally:
         d.close()
+
+
+def test_the_earliest_due_time_counts_the_tables_targets_and_the_ticks(hogs):
+    """TargetSet.next_due (what the loop may sleep until) is the minimum of every
+    target's next_due, wherever it is scheduled."""
+    a, b = hogs(32 * MiB), hogs(32 * MiB)
+    clock = FakeClock()
+    d = daemon_for([{"name": "a", "pid": a.pid, "limit": "2G", "action": "warn"},
+                    {"name": "b", "pid": b.pid, "limit": "2G", "warn": "1M", "action": "warn"}],
+                   clock)
+    try:
+        d.tick()
+        ts = d.targets
+        ta, tb = (next(t for t in ts.targets.values() if t.pid == p.pid) for p in (a, b))
+        assert ta.table is not None and tb.table is None   # b is over its warn level: Python
+        assert ts.next_due() == min(t.next_due for t in ts.targets.values())
+        ta.next_due = 1.0
+        assert ts.next_due() == 1.0
+        tb.next_due = 0.5
+        assert ts.next_due() == 0.5
+    finally:
+        d.close()
