@@ -137,7 +137,7 @@ class Daemon:
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
-        self.swaps = SwapWatcher(self.opts.proc_root)   # which swap is zram, for the guard
+        self.swaps = SwapWatcher(self.opts.proc_root, helpers=self.readers)   # zram, for the guard
         self.trace = None                  # trace.Recorder when [daemon] trace is set
         self._open_trace(config)
 
