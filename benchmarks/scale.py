@@ -6,8 +6,10 @@ compiled here; each capped at 64 MiB of address space and 10 minutes) and:
     (limit 4G, action term: nothing is ever near it) and the host guard on, as a
     config file would; times the first tick (it resolves the watch: attaches N
     targets), then ticks with every target forced due (no rescan in them), in CPU
-    time (time.process_time); splits each tick into the sampler part (one
-    ProcessTable.sample_slots over all N slots, timed alone) and the Python rest;
+    time (time.process_time; the quiet targets are scheduled by the ProcessTable, so
+    forcing them due sets the table's due times, and the tick reads them in one C pass);
+    splits each tick into the sampler part (one ProcessTable.sample_slots over all N
+    slots, timed alone) and the Python rest;
     times a rescan of the cmdline watch (every 2 s in the daemon); and profiles one
     forced tick (cProfile) to show where the Python part goes;
   - runs the real `memwatchd run` with that config and N = 1000 for --seconds
