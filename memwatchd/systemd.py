@@ -1,17 +1,15 @@
 """The only user of NOTIFY_SOCKET: readiness, reload, stop, status and watchdog pings.
 
-Each datagram is one send() on a socket of the C-level `_socket` module, not through
-sdnotify: sdnotify's whole client is `socket.sendall(text.encode("latin-1"))`, and
-importing it loads `socket.py` (its enums, selectors, array, math: about 0.4 MiB of the
-resident daemon, issue 18). Four things a watchdog daemon needs, which sdnotify did
-not do either:
+The datagrams go through sdnotify's SystemdNotifier.notify(), with four things
+sdnotify itself does not do, each needed by a watchdog daemon:
   - the send never blocks: the socket is non-blocking. A plain AF_UNIX datagram
     send waits while the receiver's queue is full (net.unix.max_dgram_qlen),
     which would freeze the daemon whenever PID 1 is slow; here it costs one
     dropped message (EAGAIN, counted).
-  - errors are counted and the first one is logged.
+  - errors are counted and the first one is logged (sdnotify, without debug,
+    swallows them; with debug=True they reach us).
   - a socket that PID 1 re-created (systemctl daemon-reexec) is reached again:
-    a refused send reconnects and retries once.
+    sdnotify connect()s once, so a refused send reconnects and retries once.
   - the environment is injectable (tests) and parsed once: NOTIFY_SOCKET path or
     "@abstract" as in sd_notify(3), WATCHDOG_USEC, WATCHDOG_PID.
 
@@ -51,7 +49,7 @@ class Notifier:
                  clock: Callable[[], float] = time.monotonic):
         env = os.environ if environ is None else environ
         self._clock = clock
-        self._socket = None    # a connected _socket.socket once a message is sent
+        self._notifier = None  # a connected sdnotify.SystemdNotifier once a message is sent
         self._address: Optional[str] = None
         self.errors = 0            # failed sends (the first is logged at WARNING)
         self.sent = 0              # datagrams sent
@@ -103,27 +101,34 @@ class Notifier:
     # ------------------------------------------------------------ messages
 
     def _connect(self):
-        """A non-blocking, close-on-exec datagram socket connected to NOTIFY_SOCKET."""
-        import _socket   # not socket.py: see the module docstring
-        sock = _socket.socket(_socket.AF_UNIX,
-                              _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK)
+        """sdnotify's notifier on a socket we open ourselves: its constructor would read
+        os.environ, open a blocking socket and swallow the errors."""
+        import socket
+
+        import sdnotify
+        notifier = sdnotify.SystemdNotifier.__new__(sdnotify.SystemdNotifier)
+        notifier.debug = True       # raise, so that errors are counted and logged
+        sock = socket.socket(socket.AF_UNIX,
+                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             sock.connect(self._address)
         except OSError:
             sock.close()
             raise
-        return sock
+        notifier.socket = sock
+        return notifier
 
     def _send(self, message: str) -> bool:
         if self._address is None:
             return False
-        data = message.encode("utf-8", "backslashreplace")
+        # sdnotify encodes with latin-1; this round trip hands it our UTF-8 bytes as they are.
+        state = message.encode("utf-8", "backslashreplace").decode("latin-1")
         for attempt in (1, 2):
-            reused = self._socket is not None
+            reused = self._notifier is not None
             try:
-                if self._socket is None:
-                    self._socket = self._connect()
-                self._socket.send(data)
+                if self._notifier is None:
+                    self._notifier = self._connect()
+                self._notifier.notify(state)
             except OSError as e:
                 # A socket re-created by PID 1 refuses the old connection: reconnect, and
                 # retry once if it was an old connection. A full queue (EAGAIN) keeps the
@@ -190,11 +195,11 @@ class Notifier:
         the seconds until the next ping is due. None without a watchdog or before the
         socket is connected (the first message connects it). Report what was sent with
         pinged(): the cadence goes on from there."""
-        if not self._watchdog_usec or self._socket is None:
+        if not self._watchdog_usec or self._notifier is None:
             return None
         every = self._watchdog_usec / 4e6
         first = 0.0 if self._last_ping is None else max(0.0, self._last_ping + every - self._clock())
-        return self._socket.fileno(), every, first
+        return self._notifier.socket.fileno(), every, first
 
     def pinged(self, n: int, ago: float = 0.0) -> None:
         """n WATCHDOG=1 datagrams were sent on ping_socket(), the last one ago seconds ago."""
@@ -204,6 +209,6 @@ class Notifier:
 
     def close(self) -> None:
         self._status = None   # a new connection may reach a new PID 1: say it again
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+        if self._notifier is not None:
+            self._notifier.socket.close()
+            self._notifier = None

@@ -189,12 +189,12 @@ def test_a_full_notify_queue_never_blocks_the_caller(listener):
     n = Notifier(env_for(listener))
     t0 = time.monotonic()
     n.status("s0")
-    sock = n._socket
+    sock = n._notifier.socket
     for i in range(1, 200):
         n.status(f"s{i}")
     assert time.monotonic() - t0 < 2.0
     assert n.errors > 0 and n.sent + n.errors == 200
-    assert n._socket is sock           # a full queue is no reason to reconnect
+    assert n._notifier.socket is sock           # a full queue is no reason to reconnect
     received = listener.drain()
     assert received == [f"STATUS=s{i}" for i in range(len(received))]   # in order, then dropped
 
