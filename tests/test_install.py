@@ -129,21 +129,21 @@ def test_root_installs_into_an_image_and_nothing_is_overwritten_without_force(tm
     assert [f.state for f in again.files] == ["unchanged"] and again.kept == [str(config)]
 
     # Someone's edits: the unit is refused, the config kept, both untouched.
-    unit.write_text(unit.read_text().replace("WatchdogSec=10s", "WatchdogSec=30s"))
+    unit.write_text(unit.read_text().replace("WatchdogSec=30s", "WatchdogSec=45s"))
     config.write_text("# mine\n")
     with pytest.raises(MemwatchdError, match="--force"):
         plan(tmp_path, trusted, prefix=None, root=str(img), config_path=install.CONFIG_PATH)
-    assert "WatchdogSec=30s" in unit.read_text() and config.read_text() == "# mine\n"
+    assert "WatchdogSec=45s" in unit.read_text() and config.read_text() == "# mine\n"
 
     # --force replaces both and keeps the old ones beside them.
     forced = plan(tmp_path, trusted, prefix=None, root=str(img), config_path=install.CONFIG_PATH,
                   force=True)
     assert [f.state for f in forced.files] == ["differs", "differs"]
-    assert "-WatchdogSec=30s" in forced.files[0].diff() and "+WatchdogSec=10s" in forced.files[0].diff()
+    assert "-WatchdogSec=45s" in forced.files[0].diff() and "+WatchdogSec=30s" in forced.files[0].diff()
     backups = install.install_units(forced)
     assert sorted(backups) == sorted([str(unit) + ".old", str(config) + ".old"])
-    assert "WatchdogSec=10s" in unit.read_text()
-    assert "WatchdogSec=30s" in Path(str(unit) + ".old").read_text()
+    assert "WatchdogSec=30s" in unit.read_text()
+    assert "WatchdogSec=45s" in Path(str(unit) + ".old").read_text()
     assert Path(str(config) + ".old").read_text() == "# mine\n"
 
 

@@ -151,7 +151,7 @@ def test_verify_is_clean(unit_path, tmp_path):
 
 
 @pytest.mark.parametrize("good, bad", [
-    ("WatchdogSec=10s", "WatchdogSecs=10s"),                      # typo'd key
+    ("WatchdogSec=30s", "WatchdogSecs=30s"),                      # typo'd key
     ("OOMScoreAdjust=-1000", "OOMScoreAdjust=-10000"),            # value out of range
     ("@system-service process_mrelease", "@system-service process_mreleas"),  # unknown syscall
 ])

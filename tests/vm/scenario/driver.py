@@ -615,7 +615,7 @@ class Driver:
                     and p["ActiveState"] == "active" and p["SubState"] == "running"):
                 return p
             return None
-        after = wait_for(back, 90, interval=0.5)
+        after = wait_for(back, 150, interval=0.5)   # WatchdogSec=30s, then a restart under TCG
         out["after"] = after
         out["sigstop_to_running_s"] = round(mono() - stopped_at, 1)
         self.check("watchdog: restarted, active/running again with a new pid",
