@@ -870,19 +870,23 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
     meminfo) without returning to Python while it stays within [low, high]; with a
     ping_fd (the connected NOTIFY_SOCKET), send WATCHDOG=1 every ping_every seconds,
     the first ping_in from now. A wake-up that needs nothing else costs a few syscalls
-    instead of a Python tick (issue 18). Returns (why, ready, pings, mem_available):
-    why 0 timeout, 1 an fd is ready (ready: its [(fd, revents)]), 2 MemAvailable left
-    the band (or could not be read), 3 a ping could not be sent (the caller's notifier
-    takes over), 4 a target needs a look; pings: how many were sent; mem_available:
-    the last read (-1: none); ping_ago: seconds since the last ping sent here (0.0 if
-    none). With a table, its slots are sampled every target_step seconds the same way
-    (sample_slots) and the wait ends (why 4) once a slot's RSS reaches its ceiling
-    (ceilings[k] for slots[k]) or a slot is no longer live.
+    instead of a Python tick (issue 18). With a table, its slots are sampled every
+    target_step seconds the same way (sample_slots) and the wait ends (why 4) once a
+    slot's RSS reaches its ceiling (ceilings[k] for slots[k]) or a slot is no longer live.
+    One wake-up does every look that is due within half the shortest period (merged:
+    a look or ping done a little early, never late), so the host look and the pings
+    ride on the targets' wake-ups instead of adding their own.
+    Returns (why, ready, pings, mem_available, ping_ago, wakes): why 0 timeout, 1 an
+    fd is ready (ready: its [(fd, revents)]), 2 MemAvailable left the band (or could
+    not be read), 3 a ping could not be sent (the caller's notifier takes over), 4 a
+    target needs a look; pings: how many were sent; mem_available: the last read (-1:
+    none); ping_ago: seconds since the last ping sent here (0.0 if none); wakes: how
+    many times the wait woke up by itself (its whole cost, besides the syscalls).
     """
     cdef Py_ssize_t n = len(fds), k
     cdef pollfd *pfds = <pollfd *>malloc(max(n, 1) * sizeof(pollfd))
-    cdef int why = 0, rc, pings = 0, wait_ms
-    cdef double now, deadline, next_look, next_ping, until, pinged_at = 0.0
+    cdef int why = 0, rc, pings = 0, wait_ms, wakes = 0
+    cdef double now, soon, slack, deadline, next_look, next_ping, until, pinged_at = 0.0
     cdef int64_t avail = -1
     cdef ssize_t got
     cdef int meminfo_fd = host.meminfo_fd
@@ -904,6 +908,12 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
             pfds[k].fd = fds[k][0]
             pfds[k].events = fds[k][1]
             pfds[k].revents = 0
+        slack = step      # half the shortest period: how early a merged look may be
+        if nslots > 0 and target_step < slack:
+            slack = target_step
+        if ping_fd >= 0 and ping_every < slack:
+            slack = ping_every
+        slack = slack / 2.0
         with nogil:
             now = monotonic_now()
             deadline = now + timeout
@@ -926,8 +936,10 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
                 if rc < 0 and errno != EINTR:
                     why = 1    # let Python's poll see what is wrong
                     break
+                wakes += 1
                 now = monotonic_now()
-                if now >= next_ping:
+                soon = now + slack if now < deadline else now   # returning: Python pings next
+                if next_ping <= soon:
                     if send(ping_fd, ping, 10, MSG_DONTWAIT | MSG_NOSIGNAL) != 10:
                         why = 3
                         break
@@ -936,14 +948,14 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
                     next_ping = now + ping_every
                 if now >= deadline:
                     break
-                if now >= next_look:
+                if next_look <= soon:
                     got = pread_retry(meminfo_fd, buf, BUFSIZE - 1)
                     avail = mem_available_c(buf, got) if got > 0 else -1
                     if avail < low or avail > high:
                         why = 2
                         break
                     next_look = now + step
-                if now >= next_sample:
+                if next_sample <= soon:
                     for j in range(nslots):
                         if not table._sample_one(idx[j]) or table.rss_bytes[idx[j]] >= ceil[j]:
                             why = 4
@@ -953,7 +965,8 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
         if table is not None and table.npending:
             table._rehome_pending()   # slots that read zeros: a live thread, or GONE
         ready = [(pfds[k].fd, pfds[k].revents) for k in range(n) if pfds[k].revents] if why == 1 else []
-        return why, ready, pings, avail, (monotonic_now() - pinged_at) if pings else 0.0
+        return (why, ready, pings, avail, (monotonic_now() - pinged_at) if pings else 0.0,
+                wakes)
     finally:
         free(pfds); free(idx); free(ceil)
 

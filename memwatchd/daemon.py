@@ -121,6 +121,7 @@ class Daemon:
         self.stopping = False
         self.reload_requested = False
         self.ticks = 0
+        self.quiet_wakes = 0   # wake-ups spent in the quiet wait (C), next to ticks (Python)
         self.actions_taken = 0
         self.last_action = ""
         self.seen_target = False
@@ -447,12 +448,15 @@ class Daemon:
         guard would, and the statm of every quiet process target as often as its own
         schedule asks, pings the watchdog, and comes back as soon as anything could need
         Python: MemAvailable nearing what the guard acts on (its SIGTERM floor plus what
-        fill_rate takes in one interval; the PSI gate) or moving as much as the state
-        file notes; a target's RSS reaching its ceiling (its warn level or limit less
-        what fill_rate adds in one look, or a move the state file notes) or the target
-        gone; an fd; anything else due. The same looks at the same times as the ticks
-        it replaces: reaction is unchanged. Returns the fds that fired, [] when the
-        loop should tick, None when the ordinary wait applies."""
+        fill_rate takes in one interval; the PSI gate) or moving by a tenth of MemTotal
+        (state.quiet_host_move: the state file's own 1% rule would hand every allocation
+        elsewhere on a shared host a Python tick; the state says how old its host numbers
+        are); a target's RSS reaching its ceiling (its warn level or limit less what
+        fill_rate adds in one look, or a move the state file notes) or the target gone;
+        an fd; anything else due. The same looks at the same times as the ticks it
+        replaces (one C wake-up does the host look, the pings and the targets' looks
+        that are due together): reaction is unchanged. Returns the fds that fired, []
+        when the loop should tick, None when the ordinary wait applies."""
         d, g, host = self.config.daemon, self.config.guard, self.host
         if (timeout <= 0 or host is None or host.mem_total <= 0
                 or host.mem_available < 0 or self.victims or self._held or self._tick_failed
@@ -465,7 +469,7 @@ class Daemon:
                     or self.policy.guard_interval(host) < d.interval):
                 return None
             term_below, _ = g.thresholds(host.mem_total)
-            moved = max(state.HOST_MOVED, host.mem_total // 100)
+            moved = state.quiet_host_move(host.mem_total)   # wide: the guard's band is below
             low = max(term_below + int(d.fill_rate * d.interval),
                       g.psi_available.resolve(host.mem_total), host.mem_available - moved)
             if host.mem_available <= low:
@@ -485,9 +489,10 @@ class Daemon:
         ping = self.notifier.ping_socket()
         if self.notifier.watchdog_interval and ping is None:
             return None
-        why, ready, pings, _avail, ping_ago = sampler.wait_quiet(
+        why, ready, pings, _avail, ping_ago, wakes = sampler.wait_quiet(
             self.targets.host, fds, until, look, low, high, *(ping or (-1, 0.0, 0.0)),
             *((self.targets.processes, slots, ceilings, step) if quiet else ()))
+        self.quiet_wakes += wakes
         self.notifier.pinged(pings, ping_ago)
         if why == 3:
             self.notifier.watchdog()   # the notifier's own send: reconnects, counts, logs

@@ -525,10 +525,11 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
     next_ping = now + ping_in if ping_fd >= 0 else deadline + 1.0
     slots = list(slots) if table is not None else []
     next_sample = now + target_step if slots else deadline + 1.0
-    pings, avail, pinged_at = 0, -1, 0.0
+    slack = min([step] + ([target_step] if slots else []) + ([ping_every] if ping_fd >= 0 else [])) / 2
+    pings, avail, pinged_at, wakes = 0, -1, 0.0, 0
 
     def out(why, ready=()):
-        return why, list(ready), pings, avail, (time.monotonic() - pinged_at) if pings else 0.0
+        return why, list(ready), pings, avail, (time.monotonic() - pinged_at) if pings else 0.0, wakes
 
     while True:
         until = min(deadline, next_look, next_ping, next_sample)
@@ -538,8 +539,10 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
             ready = []
         if ready:
             return out(1, ready)
+        wakes += 1
         now = time.monotonic()
-        if now >= next_ping:
+        soon = now + slack if now < deadline else now   # returning: Python pings next
+        if next_ping <= soon:
             try:
                 if os.write(ping_fd, b"WATCHDOG=1") != 10:
                     return out(3)
@@ -550,7 +553,7 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
             next_ping = now + ping_every
         if now >= deadline:
             return out(0)
-        if now >= next_look:
+        if next_look <= soon:
             try:
                 avail = max(-1, parse_keyed(_pread(host._meminfo_fd), (b"MemAvailable",), 1024)[0])
             except OSError:
@@ -558,7 +561,7 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
             if avail < low or avail > high:
                 return out(2)
             next_look = now + step
-        if now >= next_sample:
+        if next_sample <= soon:
             table.sample_slots(slots)
             if any(table.status(s) != _types.OK or table.rss(s) >= c for s, c in zip(slots, ceilings)):
                 return out(4)
