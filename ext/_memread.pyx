@@ -790,30 +790,55 @@ cdef class CgroupTable:
 # -------------------------------------------------------------- HostReader
 
 MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
+# pages brought back in: from swap, and file pages evicted recently (workingset_refault
+# before Linux 5.9 split it into _anon and _file; anon refaults are swap-ins anyway)
+VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault"]
+DEF VMSTAT_BUFSIZE = 16384
 
 
 cdef class HostReader:
-    """/proc/meminfo and /proc/pressure/memory, kept open and re-read."""
+    """/proc/meminfo and /proc/pressure/memory, kept open and re-read; /proc/vmstat's
+    refault counters too while MemAvailable is under ``refaults_below`` bytes."""
     cdef int meminfo_fd
     cdef int psi_fd
+    cdef int vmstat_fd
     cdef list keys
     cdef char buf[BUFSIZE]
+    cdef public int64_t refaults_below
 
     def __cinit__(self, root="/"):
         self.meminfo_fd = -1
         self.psi_fd = -1
+        self.vmstat_fd = -1
+        self.refaults_below = -1
         self.keys = MEMINFO_KEYS
         proc = os.path.join(root, "proc")
         self.meminfo_fd = open(os.fsencode(os.path.join(proc, "meminfo")), O_RDONLY | O_CLOEXEC)
         if self.meminfo_fd < 0:
             raise OSError(errno, os.strerror(errno), os.path.join(proc, "meminfo"))
         self.psi_fd = open(os.fsencode(os.path.join(proc, "pressure", "memory")), O_RDONLY | O_CLOEXEC)
+        self.vmstat_fd = open(os.fsencode(os.path.join(proc, "vmstat")), O_RDONLY | O_CLOEXEC)
 
     def __dealloc__(self):
         if self.meminfo_fd >= 0:
             close(self.meminfo_fd)
         if self.psi_fd >= 0:
             close(self.psi_fd)
+        if self.vmstat_fd >= 0:
+            close(self.vmstat_fd)
+
+    cdef object _refaults(self):
+        """Bytes refaulted since boot (pswpin + file refaults), None if unreadable."""
+        cdef char vbuf[VMSTAT_BUFSIZE]
+        cdef int64_t v[3]
+        cdef ssize_t n = pread_retry(self.vmstat_fd, vbuf, VMSTAT_BUFSIZE - 1)
+        if n <= 0:
+            return None
+        v[0] = v[1] = v[2] = _types.UNKNOWN
+        parse_keyed_c(vbuf, n, VMSTAT_KEYS, v, 1)
+        if v[0] < 0 or (v[1] < 0 and v[2] < 0):
+            return None
+        return (v[0] + (v[1] if v[1] >= 0 else v[2])) * PAGE_SIZE
 
     @property
     def has_psi(self):
@@ -837,7 +862,10 @@ cdef class HostReader:
             memset(psi, 0, sizeof(psi))
             if n >= 0 and parse_psi_c(self.buf, n, psi) == 0:
                 pressure = _pressure_from(psi)
-        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure)
+        refaults = None
+        if self.vmstat_fd >= 0 and 0 <= mem[1] < self.refaults_below:
+            refaults = self._refaults()
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults)
 
 
 cdef inline double monotonic_now() noexcept nogil:

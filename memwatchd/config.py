@@ -47,7 +47,7 @@ KEYS: Dict[str, Tuple[str, ...]] = {
     "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state",
                "trace", "trace_size"),
     "guard": ("enabled", "min_available", "kill_available", "count_swap", "psi_full", "psi_full_kill",
-              "psi_some", "psi_window", "psi_available", "grace", "predict"),
+              "psi_some", "psi_window", "psi_available", "psi_refaults", "grace", "predict"),
     "protect": ("names", "cgroups"),
     "metrics": ("listen", "textfile"),
     "watch": ("name",) + SELECTOR_KINDS + (
@@ -123,6 +123,7 @@ _GUARD_DEFAULTS = {
     "psi_some": 0.0,                 # % of psi_window some task stalled: SIGTERM (0 = off)
     "psi_window": 2.0,               # seconds of pressure history, measured since the last action
     "psi_available": Size(percent=20.0),  # pressure counts only with MemAvailable below this
+    "psi_refaults": 4 * 2**20,       # ...and while evicted pages come back at this many bytes/s
     "grace": 5.0,
     "predict": 0.0,                  # horizon of the host's predictive trigger; 0 = off
 }
@@ -703,12 +704,17 @@ def _parse_guard(data: Any, source: str, errors: list) -> GuardConfig:
     if not 1.0 <= psi_window <= 60.0:
         t.errors.append(t.fail("psi_window", "expected a duration from 1s to 60s"))
     psi_available = t.attempt(t.size, "psi_available", g.psi_available, fallback=g.psi_available)
+    psi_refaults = t.attempt(t.size, "psi_refaults", Size(bytes=g.psi_refaults),
+                             fallback=Size(bytes=g.psi_refaults))
+    if psi_refaults.bytes is None:
+        t.errors.append(t.fail("psi_refaults", "expected an absolute size per second, like 4M (0 = off)"))
+        psi_refaults = Size(bytes=g.psi_refaults)
     return GuardConfig(
         enabled=t.attempt(t.get, "enabled", g.enabled, bool, "true or false"),
         min_available=min_available, kill_available=kill_available,
         count_swap=t.attempt(t.get, "count_swap", g.count_swap, bool, "true or false"),
         psi_full=psi_full, psi_full_kill=psi_full_kill, psi_some=percent("psi_some", g.psi_some),
-        psi_window=psi_window, psi_available=psi_available,
+        psi_window=psi_window, psi_available=psi_available, psi_refaults=psi_refaults.bytes,
         grace=t.attempt(t.duration, "grace", g.grace),
         predict=t.attempt(_predict_horizon, t, fallback=0.0),
     )

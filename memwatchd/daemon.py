@@ -138,7 +138,8 @@ class Daemon:
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
-        self.swaps = SwapWatcher(self.opts.proc_root)   # which swap is zram, for the guard
+        self.swaps = SwapWatcher(self.opts.proc_root, helpers=self.readers)   # zram, for the guard
+        self._read_refaults_below(config)
         self.trace = None                  # trace.Recorder when [daemon] trace is set
         self._open_trace(config)
 
@@ -579,6 +580,7 @@ class Daemon:
             self._held.pop(key, None)
         self.policy.reconfigure(config)
         self.publisher.reconfigure(config)
+        self._read_refaults_below(config)
         if self.quarantined:
             log(NOTICE, f"reload: watching again {', '.join(sorted(self.quarantined))}")
         self.quarantined.clear()
@@ -587,6 +589,14 @@ class Daemon:
             self.events.close()
             self.events = offload.EventWriter(events)
         self._open_trace(config)
+
+    def _read_refaults_below(self, config: Config) -> None:
+        """The host reader adds /proc/vmstat's refault counters only where the guard's
+        pressure trigger can use them: MemAvailable under psi_available."""
+        g = config.guard
+        on = g.enabled and g.psi_refaults > 0 and (g.psi_full > 0 or g.psi_some > 0)
+        self.targets.host.refaults_below = (g.psi_available.resolve(self.targets.mem_total)
+                                            if on else -1)
 
     def _open_trace(self, config: Config) -> None:
         """Start, move, stop or re-head the trace for this config. memwatchd.trace is

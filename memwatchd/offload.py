@@ -48,6 +48,13 @@ class _Call:
         self.result: Any = None
         self.error: Optional[BaseException] = None
 
+    def finished(self, wait: float = 0.0) -> bool:
+        """True once the call has returned (waiting up to ``wait`` seconds for it)."""
+        if self.done.acquire(True, wait) if wait > 0 else self.done.acquire(False):
+            self.done.release()
+            return True
+        return False
+
 
 class Helpers:
     """Short-lived helper threads for calls that may block in the kernel."""
@@ -85,6 +92,11 @@ class Helpers:
         """Run fn(*args) in a helper thread and do not wait (fn reports its own errors).
         False if every helper is busy: nothing was started."""
         return self._spawn(fn, args) is not None
+
+    def begin(self, fn: Callable, args: tuple = ()) -> Optional[_Call]:
+        """Run fn(*args) in a helper thread; the call, to look at later with
+        ``finished()`` (None if every helper is busy: nothing was started)."""
+        return self._spawn(fn, args)
 
     def call(self, fn: Callable, args: tuple = (), wait: float = 0.0) -> Tuple[bool, Any]:
         """(True, result) if fn(*args) returned within ``wait`` seconds; (False, None) if

@@ -85,7 +85,7 @@ class GuardState:
         self.term_at = 0.0
         self.killed = False
         self.cooldown_until = 0.0
-        self.pressure: deque = deque()   # (time, some_total_us, full_total_us)
+        self.pressure: deque = deque()   # (time, some_total_us, full_total_us, refaults)
 
 
 def is_quiet(r: Reading, state: Optional[TargetState]) -> bool:
@@ -137,16 +137,31 @@ def pressure_gate(guard: GuardConfig, host: HostSample) -> bool:
     return 0 <= host.mem_available < guard.psi_available.resolve(host.mem_total)
 
 
-def pressure_share(history: Sequence[tuple]) -> Optional[Tuple[float, float]]:
-    """(some %, full %) of the time stalled over the history kept, None while it spans
-    less than PSI_MIN_SPAN (just started, or just acted)."""
+def pressure_share(history: Sequence[tuple]) -> Optional[Tuple[float, float, Optional[float]]]:
+    """(some %, full %, refaults) over the history kept (entries: time, some and full
+    totals in µs, refaulted bytes or None), None while it spans less than PSI_MIN_SPAN
+    (just started, or just acted). refaults: bytes/s brought back in over the same span,
+    None unless both ends have the counter."""
     if len(history) < 2:
         return None
-    (t0, some0, full0), (t1, some1, full1) = history[0], history[-1]
-    span = t1 - t0
+    first, last = history[0], history[-1]
+    span = last[0] - first[0]
     if span < PSI_MIN_SPAN:
         return None
-    return (max(0.0, (some1 - some0) / (span * 1e4)), max(0.0, (full1 - full0) / (span * 1e4)))
+    r0, r1 = (first[3], last[3]) if len(first) > 3 and len(last) > 3 else (None, None)
+    refaults = max(0.0, (r1 - r0) / span) if r0 is not None and r1 is not None else None
+    return (max(0.0, (last[1] - first[1]) / (span * 1e4)),
+            max(0.0, (last[2] - first[2]) / (span * 1e4)), refaults)
+
+
+def thrashing(guard: GuardConfig, share: Sequence) -> bool:
+    """Pressure is a stall to act on only while what reclaim evicts comes back: swap-ins
+    and file refaults at psi_refaults bytes/s or more. Reclaim of cold pages (a job whose
+    untouched pages go to swap, measured at 0-600 refaults/s in the guest while PSI
+    full read 15-31%) stalls the allocating task, not the host. Without the counter
+    (not read, old kernel) or with psi_refaults = 0, pressure alone decides."""
+    refaults = share[2] if len(share) > 2 else None
+    return guard.psi_refaults <= 0 or refaults is None or refaults >= guard.psi_refaults
 
 
 def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRAM,
@@ -155,8 +170,9 @@ def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRA
 
     Headroom (MemAvailable plus free swap at its worth) under kill_available or
     min_available; else, with MemAvailable under psi_available, the stall share
-    measured since the last action (``share``, see pressure_share) at psi_full_kill,
-    psi_full or psi_some.
+    measured since the last action (``share``, see pressure_share) at psi_full_kill
+    (frozen half the time: whatever the cause), or at psi_full or psi_some while pages
+    come back at psi_refaults (see thrashing).
     """
     if not guard.enabled or host.mem_total <= 0 or host.mem_available < 0:
         return None, ""
@@ -167,9 +183,11 @@ def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRA
     if room < term_below:
         return "term", REASON_GUARD_LOW
     if share is not None and pressure_gate(guard, host):
-        some, full = share
+        some, full = share[0], share[1]
         if guard.psi_full_kill > 0 and full >= guard.psi_full_kill:
             return "kill", REASON_GUARD_PSI_CRITICAL
+        if not thrashing(guard, share):
+            return None, ""
         if guard.psi_full > 0 and full >= guard.psi_full:
             return "term", REASON_GUARD_PSI
         if guard.psi_some > 0 and some >= guard.psi_some:
@@ -460,7 +478,7 @@ class Policy:
             hist.clear()
             return None
         if not hist or now - hist[-1][0] >= PSI_STEP:
-            hist.append((now, p.some_total_us, p.full_total_us))
+            hist.append((now, p.some_total_us, p.full_total_us, host.refaults))
         window = self.config.guard.psi_window
         while len(hist) > 2 and now - hist[1][0] >= window:
             hist.popleft()

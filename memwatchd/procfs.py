@@ -473,24 +473,46 @@ def _cgroup_sample(current, mmax, high, swap, events, stat, pressure) -> CgroupS
 # -------------------------------------------------------------- HostReader
 
 MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
+# pages brought back in: from swap, and file pages evicted recently (workingset_refault
+# before Linux 5.9 split it into _anon and _file; anon refaults are swap-ins anyway)
+VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault"]
+VMSTAT_BUFSIZE = 16384
+
+
+def _open_optional(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 class HostReader:
-    """/proc/meminfo and /proc/pressure/memory, kept open and re-read."""
+    """/proc/meminfo and /proc/pressure/memory, kept open and re-read; /proc/vmstat's
+    refault counters too while MemAvailable is under ``refaults_below`` bytes."""
 
     def __init__(self, root: str = "/"):
         proc = os.path.join(root, "proc")
         self._meminfo_fd = os.open(os.path.join(proc, "meminfo"), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._psi_fd = os.open(os.path.join(proc, "pressure", "memory"),
-                                   os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._psi_fd = -1
+        self._psi_fd = _open_optional(os.path.join(proc, "pressure", "memory"))
+        self._vmstat_fd = _open_optional(os.path.join(proc, "vmstat"))
+        self.refaults_below = -1
 
     def __del__(self):
-        for fd in (getattr(self, "_meminfo_fd", -1), getattr(self, "_psi_fd", -1)):
+        for fd in (getattr(self, "_meminfo_fd", -1), getattr(self, "_psi_fd", -1),
+                   getattr(self, "_vmstat_fd", -1)):
             if fd >= 0:
                 os.close(fd)
+
+    def _refaults(self) -> Optional[int]:
+        """Bytes refaulted since boot (pswpin + file refaults), None if unreadable."""
+        try:
+            data = os.pread(self._vmstat_fd, VMSTAT_BUFSIZE - 1, 0)
+        except OSError:
+            return None
+        swapins, file_new, file_old = parse_keyed(data, VMSTAT_KEYS, 1)
+        if swapins < 0 or (file_new < 0 and file_old < 0):
+            return None
+        return (swapins + (file_new if file_new >= 0 else file_old)) * PAGE_SIZE
 
     @property
     def has_psi(self) -> bool:
@@ -507,7 +529,10 @@ class HostReader:
                 values = None
             if values is not None:
                 pressure = _pressure_from(values)
-        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure)
+        refaults = None
+        if self._vmstat_fd >= 0 and 0 <= mem[1] < self.refaults_below:
+            refaults = self._refaults()
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults)
 
 
 def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, high: int,

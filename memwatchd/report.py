@@ -227,11 +227,11 @@ def count(n: int, one: str, many: str = "") -> str:
 _GUARD_MEASURES = {
     "mem-available-critical": "MemAvailable {avail}{swap} is below the kill floor {kill}",
     "psi-full-high": "all tasks stalled on memory {psi_limit} or more of the last {window} "
-                     "(full avg10 {psi}), MemAvailable {avail}",
+                     "(full avg10 {psi}){refaults}, MemAvailable {avail}",
     "psi-full-critical": "all tasks stalled on memory {psi_kill} or more of the last {window} "
                          "(full avg10 {psi}), MemAvailable {avail}",
     "psi-some-high": "some task stalled on memory {psi_some} or more of the last {window} "
-                     "(some avg10 {psi_s}), MemAvailable {avail}",
+                     "(some avg10 {psi_s}){refaults}, MemAvailable {avail}",
     "grace-expired": "still running after the guard's grace; MemAvailable {avail}, floor {term}",
     "predicted-exhaustion": "MemAvailable {avail}{swap} is predicted to reach the floor {term} soon",
 }
@@ -266,7 +266,10 @@ def decision_text(watch: str, usage: Optional[int], limit: Optional[int], reason
         psi_limit=f"{getattr(guard, 'psi_full', 0):g}%",
         psi_kill=f"{getattr(guard, 'psi_full_kill', 0):g}%",
         psi_some=f"{getattr(guard, 'psi_some', 0):g}%",
-        window=f"{getattr(guard, 'psi_window', 0):g} s")
+        window=f"{getattr(guard, 'psi_window', 0):g} s",
+        refaults=(f" with evicted pages coming back at {format_size(guard.psi_refaults)}/s or more"
+                  if getattr(guard, "psi_refaults", 0) > 0 and getattr(host, "refaults", None) is not None
+                  else ""))
     return f"at {format_size(usage)}, the largest it may stop: {measured} ({reason})"
 
 

@@ -98,8 +98,14 @@ class Pressure(namedtuple("Pressure", "some_avg10 some_avg60 some_avg300 some_to
     __slots__ = ()
 
 
-class HostSample(namedtuple("HostSample", "mem_total mem_available swap_total swap_free pressure")):
-    """/proc/meminfo and /proc/pressure/memory, in bytes; pressure is None where PSI is missing."""
+class HostSample(namedtuple("HostSample", "mem_total mem_available swap_total swap_free pressure refaults",
+                            defaults=(None,))):
+    """/proc/meminfo and /proc/pressure/memory, in bytes; pressure is None where PSI is missing.
+
+    refaults: bytes brought back in since boot (/proc/vmstat pswpin + file workingset
+    refaults, in pages x page size), read only while MemAvailable is under the reader's
+    ``refaults_below`` (the guard's pressure gate); None when not read or missing.
+    """
 
     __slots__ = ()
 

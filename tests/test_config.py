@@ -211,6 +211,9 @@ def test_guard_pressure_and_swap_keys():
     assert g.psi_full == 70 and g.psi_full_kill == 70
     d = parse_config({}, SRC).guard
     assert (d.count_swap, d.psi_full, d.psi_full_kill, d.psi_some, d.psi_window) == (True, 10, 50, 0, 2)
+    assert d.psi_refaults == 4 * 2**20
+    assert parse_config({"guard": {"psi_refaults": "16M"}}, SRC).guard.psi_refaults == 16 * 2**20
+    assert parse_config({"guard": {"psi_refaults": 0}}, SRC).guard.psi_refaults == 0   # off
 
 
 def test_accepted_edge_values():
@@ -312,6 +315,9 @@ BAD = [
     ({"guard": {"psi_window": "0.5s"}}, "guard.psi_window", "0.5s"),
     ({"guard": {"psi_window": "2m"}}, "guard.psi_window", "2m"),
     ({"guard": {"psi_available": "lots"}}, "guard.psi_available", "lots"),
+    ({"guard": {"psi_refaults": "5%"}}, "guard.psi_refaults", "5%"),
+    ({"guard": {"psi_refaults": "fast"}}, "guard.psi_refaults", "fast"),
+    ({"guard": {"psi_refaults": -1}}, "guard.psi_refaults", -1),
     ({"guard": {"count_swap": "yes"}}, "guard.count_swap", "yes"),
     ({"guard": {"enabled": "yes"}}, "guard.enabled", "yes"),
     ({"guard": {"grace": "1x"}}, "guard.grace", "1x"),

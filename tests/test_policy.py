@@ -294,7 +294,63 @@ def test_guard_pressure_some_and_off():
 def test_pressure_share_from_totals():
     assert P.pressure_share([(0.0, 0, 0)]) is None
     assert P.pressure_share([(0.0, 0, 0), (0.5, 400_000, 0)]) is None     # < PSI_MIN_SPAN
-    assert P.pressure_share([(0.0, 0, 0), (1.0, 300_000, 0), (2.0, 1_000_000, 500_000)]) == (50.0, 25.0)
+    assert P.pressure_share([(0.0, 0, 0), (1.0, 300_000, 0), (2.0, 1_000_000, 500_000)]) == (50.0, 25.0, None)
+    # refaulted bytes beside the totals: their rate over the same span, when both ends have them
+    assert P.pressure_share([(0.0, 0, 0, 10 * MiB), (2.0, 1_000_000, 500_000, 18 * MiB)]) == \
+        (50.0, 25.0, 4 * MiB)
+    assert P.pressure_share([(0.0, 0, 0, None), (2.0, 1_000_000, 500_000, 18 * MiB)])[2] is None
+
+
+@pytest.mark.parametrize("share, refaults_per_s, expected", [
+    # reclaim of cold pages: PSI full well over psi_full, few pages coming back -> not a stall
+    ((40.0, 30.0), 600 * 4096, (None, "")),
+    ((40.0, 30.0), 0, (None, "")),
+    # the same stall with pages coming back (swap-ins, file refaults) -> a thrash
+    ((40.0, 30.0), 4 * MiB, ("term", P.REASON_GUARD_PSI)),
+    ((40.0, 12.0), 50 * MiB, ("term", P.REASON_GUARD_PSI)),
+    ((40.0, 8.0), 50 * MiB, (None, "")),                    # refaults alone are no stall
+    # frozen half the time: SIGKILL whatever the cause
+    ((90.0, 60.0), 0, ("kill", P.REASON_GUARD_PSI_CRITICAL)),
+    # the counter unknown (not read, kernel without it): pressure alone decides
+    ((40.0, 30.0), None, ("term", P.REASON_GUARD_PSI)),
+])
+def test_guard_pressure_counts_only_while_pages_come_back(share, refaults_per_s, expected):
+    assert P.guard_level(GuardConfig(), host(1), share=share + (refaults_per_s,)) == expected
+    off = GuardConfig()._replace(psi_refaults=0)   # psi_refaults = 0: pressure alone decides
+    if expected[0] is None and share[1] >= off.psi_full:
+        assert P.guard_level(off, host(1), share=share + (refaults_per_s,)) == ("term", P.REASON_GUARD_PSI)
+    some = GuardConfig()._replace(psi_full=0.0, psi_some=30.0)
+    assert P.guard_level(some, host(1), share=(40.0, 0.0, 0)) == (None, "")
+    assert P.guard_level(some, host(1), share=(40.0, 0.0, 8 * MiB)) == ("term", P.REASON_GUARD_PSI_SOME)
+
+
+def test_cold_reclaim_then_thrash_episode():
+    """Through the Policy, from HostSamples as the reader makes them: 10 s of PSI full
+    at 30% while a job's cold pages go to swap (refaults 1 MiB/s) fire nothing; when the
+    evicted pages start coming back (20 MiB/s) the same stall is a thrash within the
+    window; a sample without the counter keeps pressure deciding alone."""
+    pol = P.Policy(default_config())
+    cands = [cand(60, 500), cand(61, 900)]
+    fired_at = None
+    refaults = 0
+    for step in range(0, 160):
+        now = step * 0.1
+        rate = MiB if now < 10.0 else 20 * MiB
+        refaults += int(rate * 0.1)
+        sample = host(1)._replace(pressure=stalls(now * 0.4, now * 0.3), refaults=refaults)
+        if pol.guard_wants_victim(now, sample):
+            got = pol.guard_evaluate(now, sample, cands)
+            assert kinds(got) == [("signal", signal.SIGTERM, P.REASON_GUARD_PSI)]
+            fired_at = now
+            break
+    assert fired_at is not None and 10.0 < fired_at <= 10.0 + GuardConfig().psi_window + 0.3, fired_at
+    pol = P.Policy(default_config())
+    for step in range(0, 20):   # no counter in the samples (None): pressure alone, as before
+        now = step * 0.1
+        sample = host(1)._replace(pressure=stalls(now * 0.4, now * 0.3))
+        if pol.guard_wants_victim(now, sample):
+            break
+    assert now <= 1.1
 
 
 def test_guard_pressure_table():

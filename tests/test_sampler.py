@@ -240,6 +240,53 @@ def test_real_host(impl):
     assert 0 < sample.mem_available <= sample.mem_total == psutil.virtual_memory().total
 
 
+def _vmstat_refaults():
+    with open("/proc/vmstat") as f:
+        v = dict(line.split() for line in f)
+    return (int(v["pswpin"]) + int(v.get("workingset_refault_file", v.get("workingset_refault", 0)))) \
+        * os.sysconf("SC_PAGESIZE")
+
+
+def test_real_host_refaults_are_read_only_under_the_gate(impl):
+    """/proc/vmstat is read only while MemAvailable is under refaults_below (the guard's
+    pressure gate): it is 4 KiB of text the loop does not need otherwise."""
+    host = impl.HostReader()
+    assert host.read().refaults is None                  # off by default (-1)
+    host.refaults_below = 1 << 62                        # every MemAvailable is under it
+    before = _vmstat_refaults()
+    got = host.read().refaults
+    assert before <= got <= _vmstat_refaults()
+    host.refaults_below = host.read().mem_available // 2
+    assert host.read().refaults is None
+
+
+@pytest.mark.parametrize("vmstat, expected_pages", [
+    (b"nr_free_pages 1\nworkingset_refault_anon 500\nworkingset_refault_file 70\npswpin 30\n", 100),
+    (b"workingset_refault 70\npswpout 9\npswpin 30\n", 100),      # before Linux 5.9
+    (b"pswpin 30\nworkingset_refault_file_x 70\n", None),          # no file refaults: unknown
+    (b"workingset_refault_file 70\n", None),                        # no pswpin: unknown
+    (b"", None),
+])
+def test_fake_host_refault_counters(impl, tmp_path, vmstat, expected_pages):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "meminfo").write_bytes(b"MemTotal: 16000 kB\nMemAvailable: 800 kB\n")
+    (tmp_path / "proc" / "vmstat").write_bytes(vmstat)
+    host = impl.HostReader(root=str(tmp_path))
+    host.refaults_below = 1000 * 1024
+    page = os.sysconf("SC_PAGESIZE")
+    assert host.read().refaults == (None if expected_pages is None else expected_pages * page)
+    host.refaults_below = 800 * 1024                     # MemAvailable not under it
+    assert host.read().refaults is None
+
+
+def test_fake_host_without_vmstat(impl, tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "meminfo").write_bytes(b"MemTotal: 16000 kB\nMemAvailable: 800 kB\n")
+    host = impl.HostReader(root=str(tmp_path))
+    host.refaults_below = 1 << 40
+    assert host.read().refaults is None and host.read().mem_available == 800 * 1024
+
+
 def _fake_cgroup(path, **files):
     path.mkdir(parents=True)
     defaults = {

@@ -59,3 +59,41 @@ def test_guard_counts_real_zram_reading(tmp_path):
     # 1 GiB free on a 3:1 device is worth 2/3 GiB: 0.1 + 0.67 GiB < 5% of 16 GiB (0.8)
     assert policy.guard_level(GuardConfig(), host, dev) == ("term", policy.REASON_GUARD_LOW)
     assert policy.guard_level(GuardConfig(), host) == (None, "")   # counted as disk swap: enough
+
+
+def test_a_read_the_kernel_holds_up_does_not_hold_up_the_loop(tmp_path):
+    """/proc/swaps waits on the swapon mutex; here a FIFO stands in for it (its open
+    blocks until a writer comes, in the kernel, as that open does). The watcher keeps
+    the last reading, answers within its READ_WAIT, never starts a second read, and
+    takes the new reading once the first returns."""
+    import os
+    import threading
+    import time
+
+    from memwatchd import offload, swapinfo
+    root = lay_out(tmp_path, [], {})
+    fifo = tmp_path / "proc" / "swaps"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    helpers = offload.Helpers()
+    w = SwapWatcher(root, root, helpers=helpers)
+    t0 = time.monotonic()
+    assert w.update(0.0, 2097148 * 1024) == NO_ZRAM     # the read is stuck: last reading kept
+    assert w.update(0.5, 2097148 * 1024) == NO_ZRAM
+    assert w.update(2.0, 2097148 * 1024) == NO_ZRAM     # due again: still the one read
+    assert time.monotonic() - t0 < 1.0
+    assert w.stuck and helpers.alive == 1
+    (tmp_path / "sys" / "block" / "zram0").mkdir(parents=True)
+    (tmp_path / "sys" / "block" / "zram0" / "mm_stat").write_text(f"{GiB} {GiB // 4} {GiB // 4} 0 0\n")
+
+    def writer():
+        with open(fifo, "w") as f:   # unblocks the reader's open
+            f.write(HEADER + "/dev/zram0 partition 2097148 1048576 100\n")
+    threading.Thread(target=writer).start()
+    deadline = time.monotonic() + 5
+    while w.stuck and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dev = w.update(2.1, 2097148 * 1024)
+    assert dev.zram_total == 2097148 * 1024 and dev.zram_orig == GiB
+    assert not w.stuck and helpers.alive == 0
+    assert swapinfo.READ_WAIT < 0.1

@@ -67,6 +67,9 @@ VARIANTS = {
     "benign_cold_predict": ("benign_cold", 'predict = "30s"'),
     # on request: the same counting MemAvailable only (what the host trend did before)
     "benign_cold_predict_noswap": ("benign_cold", 'predict = "30s"\ncount_swap = false'),
+    # on request: the cold-page control with the pressure trigger off (the whole run's
+    # stall and page rates, which a kill on pressure cuts short)
+    "benign_cold_nopsi": ("benign_cold", "psi_full = 0"),
 }
 DEFAULT_VARIANTS = ("leak_swap_predict", "benign_cold_predict")   # in every memwatchd boot (CI too)
 MEMWATCHD_CONFIG = "/etc/memwatchd/memwatchd.toml"
@@ -230,9 +233,29 @@ class LoginProbe(threading.Thread):
             self.stop.wait(max(0.0, t + 2.0 - mono()))
 
 
+VMSTAT_KEYS = ("pswpin", "pswpout", "pgmajfault", "pgsteal_kswapd", "pgsteal_direct",
+               "workingset_refault_anon", "workingset_refault_file", "workingset_activate_anon",
+               "workingset_activate_file", "workingset_restore_anon", "workingset_restore_file")
+
+
+def vmstat():
+    """The /proc/vmstat counters of VMSTAT_KEYS (pages, cumulative; 0 where missing)."""
+    out = dict.fromkeys(VMSTAT_KEYS, 0)
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key in out:
+                    out[key] = int(value)
+    except (OSError, ValueError):
+        pass
+    return [out[k] for k in VMSTAT_KEYS]
+
+
 class PressureLog(threading.Thread):
-    """/proc/pressure/memory totals every 0.25 s: the stall share over 2 s windows
-    (what the guard's psi_window measures by default), for choosing its defaults."""
+    """/proc/pressure/memory totals and the reclaim/refault counters of /proc/vmstat
+    every 0.25 s: the stall share over 2 s windows (what the guard's psi_window
+    measures by default) and the page rates beside it, for choosing its defaults."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -246,19 +269,24 @@ class PressureLog(threading.Thread):
                     totals = [int(line.rsplit("total=", 1)[1]) for line in f]
             except (OSError, ValueError, IndexError):
                 return
-            self.rows.append((mono(), totals[0], totals[1] if len(totals) > 1 else 0))
+            self.rows.append((mono(), totals[0], totals[1] if len(totals) > 1 else 0, vmstat()))
             self.stop.wait(0.25)
 
     def shares(self, window=2.0):
         """[(t, some %, full %)] over the window ending at each row."""
+        return [row[:3] for row in self.windows(window)]
+
+    def windows(self, window=2.0):
+        """[(t, some %, full %, {vmstat key: pages/s})] over the window ending at each row."""
         out, j = [], 0
-        for t, some, full in self.rows:
+        for t, some, full, vm in self.rows:
             while self.rows[j][0] < t - window:
                 j += 1
-            t0, some0, full0 = self.rows[j]
+            t0, some0, full0, vm0 = self.rows[j]
             if t - t0 >= window * 0.9:
                 out.append((round(t, 2), round((some - some0) / (t - t0) / 1e4, 1),
-                            round((full - full0) / (t - t0) / 1e4, 1)))
+                            round((full - full0) / (t - t0) / 1e4, 1),
+                            {k: round((b - a) / (t - t0)) for k, a, b in zip(VMSTAT_KEYS, vm0, vm)}))
         return out
 
 
@@ -364,6 +392,10 @@ def run_scenario(name, spec, guardian):
     out["probes"] = [(round(t - start, 1), round(d, 2),
                       next(((x[1], x[2]) for x in shares if x[0] >= t + d), None)) for t, d in probe.times]
     out["psi_2s"] = [(round(t - start, 1), some, full) for t, some, full in shares[::4]]
+    # page rates (pages/s over 2 s) beside the stall share, every 0.5 s: what tells a
+    # thrash (refaults, swap-ins) from reclaim of cold pages (swap-outs, steals)
+    out["vmstat_2s"] = [(round(t - start, 1), some, full, vm)
+                        for t, some, full, vm in pressure.windows()[::2]]
     out["seconds"] = round(end - start, 1)
     out["heartbeat"] = heartbeat(start, end)
     out["login_worst_s"] = round(max((t for _, t in probe.times), default=0.0), 2)

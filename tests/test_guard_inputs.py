@@ -1,0 +1,79 @@
+"""What the daemon hands the guard: the refault counters under the pressure gate, and a
+zram reading that a stuck /proc/swaps cannot hold up. A temp tree laid out like /proc
+stands in for a host at 10% MemAvailable under pressure (a real one costs GiBs)."""
+from __future__ import annotations
+
+import os
+import time
+
+from memwatchd.config import parse_config
+from memwatchd.daemon import Daemon, Options
+
+MiB = 1 << 20
+PAGE = os.sysconf("SC_PAGESIZE")
+
+
+def lay_out(root, avail_kb, full_us=0, refault_pages=0, swap_kb=0):
+    proc = root / "proc"
+    (proc / "pressure").mkdir(parents=True, exist_ok=True)
+    (proc / "meminfo").write_text(f"MemTotal: 1000000 kB\nMemAvailable: {avail_kb} kB\n"
+                                  f"SwapTotal: {swap_kb} kB\nSwapFree: {swap_kb} kB\n")
+    (proc / "pressure" / "memory").write_text(
+        f"some avg10=0.00 avg60=0.00 avg300=0.00 total={full_us}\n"
+        f"full avg10=0.00 avg60=0.00 avg300=0.00 total={full_us}\n")
+    (proc / "vmstat").write_text(f"workingset_refault_anon 0\nworkingset_refault_file {refault_pages}\n"
+                                 f"pswpin 0\n")
+
+
+def daemon(root, guard=None):
+    config = parse_config({"daemon": {"events": "", "state": ""}, "guard": guard or {}}, "t")
+    return Daemon(config, Options(proc_root=str(root), psi_trigger=False, lock_memory=False))
+
+
+def test_the_guard_gets_refaults_only_under_its_pressure_gate_and_reload_follows(tmp_path):
+    lay_out(tmp_path, avail_kb=500_000, refault_pages=1000)     # 50%: above psi_available (20%)
+    d = daemon(tmp_path)
+    assert d.targets.host.refaults_below == 200_000 * 1024
+    d.tick()
+    assert d.host.refaults is None                              # gate closed: vmstat not read
+    lay_out(tmp_path, avail_kb=100_000, full_us=0, refault_pages=1000)
+    d.tick()
+    assert d.host.refaults == 1000 * PAGE
+    lay_out(tmp_path, avail_kb=100_000, full_us=600_000, refault_pages=1000 + 2 * MiB // PAGE)
+    time.sleep(0.06)
+    d.tick()
+    assert d.host.refaults == 1000 * PAGE + 2 * MiB
+    assert [entry[3] for entry in d.policy.guard.pressure] == [1000 * PAGE, 1000 * PAGE + 2 * MiB]
+    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+                                 "guard": {"psi_refaults": 0}}, "t"))
+    assert d.targets.host.refaults_below == -1
+    d.tick()
+    assert d.host.refaults is None                              # off: pressure alone decides
+    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+                                 "guard": {"psi_available": "50M"}}, "t"))
+    assert d.targets.host.refaults_below == 50 * MiB
+    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+                                 "guard": {"psi_full": 0, "psi_some": 0}}, "t"))
+    assert d.targets.host.refaults_below == -1                  # no pressure trigger: no need
+
+
+def test_a_stuck_proc_swaps_does_not_hold_up_the_tick(tmp_path):
+    """The guest's loop once blocked opening /proc/swaps during a swapon until systemd's
+    watchdog killed it; a FIFO's open blocks the same way, in the kernel."""
+    lay_out(tmp_path, avail_kb=100_000, swap_kb=500_000)
+    os.mkfifo(tmp_path / "proc" / "swaps")
+    d = daemon(tmp_path)
+    try:
+        started = time.monotonic()
+        for _ in range(5):
+            d.tick()
+        assert time.monotonic() - started < 1.0
+        assert d.swaps.stuck and d.readers.alive == 1           # one read, kept waiting
+    finally:
+        with open(tmp_path / "proc" / "swaps", "w") as f:   # lets the reader's open return
+            f.write("Filename Type Size Used Priority\n/swapfile file 500000 0 -2\n")
+        deadline = time.monotonic() + 5
+        while d.readers.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+    d.tick()
+    assert not d.swaps.stuck and d.readers.alive == 0
