@@ -483,7 +483,7 @@ class Daemon:
             later.append(now + self.publisher.every)
         quiet, step = self._quiet_targets(later)
         if quiet:
-            slots, ceilings = [t.slot for t, _ in quiet], [c for _, c in quiet]
+            slots, ceilings, steps = zip(*((t.slot, c, s) for t, c, s in quiet))
         until = min(later) - now
         if until < 2 * min(look, step):
             return None
@@ -492,20 +492,20 @@ class Daemon:
             return None
         why, ready, pings, _avail, ping_ago, wakes = sampler.wait_quiet(
             self.targets.host, fds, until, look, low, high, *(ping or (-1, 0.0, 0.0)),
-            *((self.targets.processes, slots, ceilings, step) if quiet else ()))
+            *((self.targets.processes, slots, ceilings, step, steps) if quiet else ()))
         self.quiet_wakes += wakes
         self.notifier.pinged(pings, ping_ago)
         if why == 3:
             self.notifier.watchdog()   # the notifier's own send: reconnects, counts, logs
         if why == 4 or why == 0:
-            for target, _ in quiet:    # looked at in C: the tick reads them again now
+            for target, _, _ in quiet:   # looked at in C: the tick reads them again now
                 target.next_due = 0.0
         return ready
 
     def _quiet_targets(self, later: List[float]) -> tuple:
-        """([(target, RSS ceiling)], step) for the quiet wait: the single-process targets
-        that nothing in the policy is pending on, looked at every step seconds; every
-        other target adds its next due time to later."""
+        """([(target, RSS ceiling, its step)], shortest step) for the quiet wait: the
+        single-process targets that nothing in the policy is pending on, each looked at
+        every its-step seconds; every other target adds its next due time to later."""
         d, policy = self.config.daemon, self.policy
         candidates = []
         for t in self.targets.targets.values():
@@ -535,10 +535,12 @@ class Daemon:
                 quiet.append((t, level, moved))
         if not quiet:
             return [], QUIET_MAX
-        step = max(d.min_interval, min(d.interval, min(steps)))
-        reach = int(fill * step)
-        quiet = [(t, min(level - reach, t.usage + moved)) for t, level, moved in quiet]
-        return quiet, step
+        # each on its own schedule: one close to its limit does not make the far ones read
+        # as often (at a wake-up the C wait reads every slot due before the next one)
+        steps = [max(d.min_interval, min(d.interval, room)) for room in steps]
+        quiet = [(t, min(level - int(fill * own), t.usage + moved), own)
+                 for (t, level, moved), own in zip(quiet, steps)]
+        return quiet, min(steps)
 
     def _events_for_a_watch(self) -> bool:
         """Read the process events that woke the wait; True if one concerns a watch (or

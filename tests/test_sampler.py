@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -638,6 +639,37 @@ def test_wait_quiet_merges_the_host_look_and_the_pings_into_the_targets_wake_ups
     finally:
         listener.close()
         sender.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_wait_quiet_reads_each_slot_on_its_own_schedule(impl):
+    """Per-slot steps: a slot far from its limit (every 1.5 s) is not read as often as
+    a close one (every 0.1 s), nor later than its own step. Seen through a process that
+    dies at 0.2 s in the slow slot: the wait ends (why 4) at that slot's first look,
+    about 1.5 s, not at the fast slot's next look."""
+    import subprocess
+    host = impl.HostReader()
+    table = impl.ProcessTable(capacity=2)
+    doomed = subprocess.Popen(["sleep", "30"])
+    fast, slow = table.add(os.getpid()), table.add(doomed.pid)
+    r, w = os.pipe()
+    try:
+        t0 = time.monotonic()
+        threading.Timer(0.2, lambda: (doomed.kill(), doomed.wait())).start()
+        why, _, _, _, _, wakes = impl.wait_quiet(
+            host, [(r, select_POLLIN)], 10.0, 1.0, 0, 1 << 62, -1, 0.0, 0.0,
+            table, [fast, slow], [1 << 50, 1 << 50], 0.1, [0.1, 1.5])
+        took = time.monotonic() - t0
+        assert why == 4 and table.status(slow) != 0, (why, table.status(slow))
+        assert 1.35 <= took <= 1.5 + 1.0, took
+        assert wakes >= 10     # the fast slot's looks went on meanwhile
+        with pytest.raises(ValueError):
+            impl.wait_quiet(host, [], 0.1, 1.0, 0, 1 << 62, -1, 0.0, 0.0,
+                            table, [fast, slow], [1, 1], 0.1, [0.1])
+    finally:
+        doomed.kill()
+        doomed.wait()
         os.close(r)
         os.close(w)
 
