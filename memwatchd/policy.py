@@ -157,8 +157,9 @@ def pressure_share(history: Sequence[tuple]) -> Optional[Tuple[float, float, Opt
 def thrashing(guard: GuardConfig, share: Sequence) -> bool:
     """Pressure is a stall to act on only while what reclaim evicts comes back: swap-ins
     and file refaults at psi_refaults bytes/s or more. Reclaim of cold pages (a job whose
-    untouched pages go to swap, measured at 0-600 refaults/s in the guest while PSI
-    full read 15-31%) stalls the allocating task, not the host. Without the counter
+    untouched pages go to swap: 0-600 refaults/s in the guest while PSI full read
+    15-65%, the heartbeat never paused 0.5 s) stalls the allocating task, which is all
+    "full" needs when it is the only one running, not the host. Without the counter
     (not read, old kernel) or with psi_refaults = 0, pressure alone decides."""
     refaults = share[2] if len(share) > 2 else None
     return guard.psi_refaults <= 0 or refaults is None or refaults >= guard.psi_refaults
@@ -170,9 +171,8 @@ def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRA
 
     Headroom (MemAvailable plus free swap at its worth) under kill_available or
     min_available; else, with MemAvailable under psi_available, the stall share
-    measured since the last action (``share``, see pressure_share) at psi_full_kill
-    (frozen half the time: whatever the cause), or at psi_full or psi_some while pages
-    come back at psi_refaults (see thrashing).
+    measured since the last action (``share``, see pressure_share) at psi_full_kill,
+    psi_full or psi_some, while evicted pages come back at psi_refaults (see thrashing).
     """
     if not guard.enabled or host.mem_total <= 0 or host.mem_available < 0:
         return None, ""
@@ -184,10 +184,10 @@ def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRA
         return "term", REASON_GUARD_LOW
     if share is not None and pressure_gate(guard, host):
         some, full = share[0], share[1]
-        if guard.psi_full_kill > 0 and full >= guard.psi_full_kill:
-            return "kill", REASON_GUARD_PSI_CRITICAL
         if not thrashing(guard, share):
             return None, ""
+        if guard.psi_full_kill > 0 and full >= guard.psi_full_kill:
+            return "kill", REASON_GUARD_PSI_CRITICAL
         if guard.psi_full > 0 and full >= guard.psi_full:
             return "term", REASON_GUARD_PSI
         if guard.psi_some > 0 and some >= guard.psi_some:

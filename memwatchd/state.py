@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, Optional
 
 from memwatchd import __version__, report, sampler
-from memwatchd.files import write_atomic
+from memwatchd.files import BackgroundWriter, write_atomic
 from memwatchd.report import ERR, escape, log
 from memwatchd.types import MemwatchdError
 
@@ -274,6 +274,7 @@ class Publisher:
         self._records = 0                 # event records seen (any is a change)
         self._failed = False
         self._host_age = 0.0              # seconds between this tick's host read and its end
+        self._writer = BackgroundWriter(self._written_state)   # off the loop (files.py)
         self._self_table = None
         self._self_slot = -1
         self.started_at = time.time()
@@ -472,14 +473,22 @@ class Publisher:
         path = self.config.daemon.state
         try:
             data = json.dumps(view, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-            write_atomic(path, data.encode("ascii") + b"\n", 0o600)
+        except (ValueError, TypeError) as e:
+            self._written_state(path, e)
+            return
+        self._writer.submit(path, data.encode("ascii") + b"\n", 0o600)
+
+    def _written_state(self, path: str, error: Optional[BaseException]) -> None:
+        """After each state write (in the writer's thread): log a failure once per streak."""
+        if error is None:
             self._failed = False
-        except (OSError, ValueError, TypeError) as e:
-            if not self._failed:  # once per failure streak, not once a second
-                log(ERR, f"could not write the state file {path}: {e}")
-            self._failed = True
+            return
+        if not self._failed:  # once per failure streak, not once a second
+            log(ERR, f"could not write the state file {path}: {error}")
+        self._failed = True
 
     def close(self) -> None:
+        self._writer.flush(1.0)   # the last state written, unless the disk holds it up
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

@@ -340,3 +340,44 @@ def test_without_metrics_prometheus_client_is_never_imported(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
     assert (tmp_path / "s.json").exists()
+
+
+def test_a_state_write_the_kernel_holds_up_does_not_hold_up_the_loop(tmp_path, monkeypatch):
+    """Writing state.json on /run allocates pages, which under a thrash reclaims for
+    seconds (the guest's loop blocked in that open() until systemd's watchdog killed
+    memwatchd). A reclaim stall cannot be made on demand here, so an open() that waits
+    on a gate stands in for it. The writer waits its 50 ms once, takes newer content
+    meanwhile without waiting, and writes the newest once the kernel lets it."""
+    import os
+    import threading
+    import time
+
+    from memwatchd import files
+    results = []
+    writer = files.BackgroundWriter(lambda path, error: results.append((path, error)))
+    path = tmp_path / "state.json"
+    assert writer.submit(str(path), b"one\n") and path.read_bytes() == b"one\n"
+    assert results == [(str(path), None)]
+    gate, real_open = threading.Event(), os.open
+
+    def held_open(name, *args, **kwargs):
+        if os.path.dirname(str(name)) == str(tmp_path):
+            gate.wait(10)
+        return real_open(name, *args, **kwargs)
+    monkeypatch.setattr(files.os, "open", held_open)
+    started = time.monotonic()
+    assert not writer.submit(str(path), b"two\n")
+    assert time.monotonic() - started < 0.5 and writer.busy
+    started = time.monotonic()
+    assert not writer.submit(str(path), b"three\n")     # held up already: no wait at all
+    assert time.monotonic() - started < 0.02
+    gate.set()
+    assert writer.flush(5) and not writer.busy
+    assert path.read_bytes() == b"three\n"               # the newest content, last
+    assert [e for _, e in results] == [None, None, None]  # "two" was in flight: it finished
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
+    monkeypatch.setattr(files.os, "open", real_open)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "state.json").mkdir()             # cannot be replaced by a file
+    assert writer.submit(str(tmp_path / "ro" / "state.json"), b"x\n")
+    assert results[-1][0].endswith("ro/state.json") and isinstance(results[-1][1], OSError)
