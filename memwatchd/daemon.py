@@ -137,6 +137,7 @@ class Daemon:
         self._psi_fd = -1
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
+        self.host_read_at = 0.0
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
         self.swaps = SwapWatcher(self.opts.proc_root, helpers=self.readers)   # zram, for the guard
         self._read_refaults_below(config)
@@ -285,6 +286,7 @@ class Daemon:
             log(INFO, f"{target.watch.name}: {self._describe(target.key, target)} is gone")
         self._quarantine_failed()
         self.host = host = self.targets.host.read()
+        self.host_read_at = self.clock()   # the state says how old its host numbers are
         self.policy.zram = self.swaps.update(now, host.swap_total)
         decisions = self.policy.evaluate(now, readings, host)
         self._quarantine_failed()

@@ -273,7 +273,6 @@ class Publisher:
         self._shown: Optional[tuple] = None   # what the last state write showed: see _changed()
         self._records = 0                 # event records seen (any is a change)
         self._failed = False
-        self._host_age = 0.0              # seconds between this tick's host read and its end
         self._writer = BackgroundWriter(self._written_state)   # off the loop (files.py)
         self._self_table = None
         self._self_slot = -1
@@ -383,7 +382,6 @@ class Publisher:
         if self.metrics is not None:
             self.metrics.tick_seconds.observe(tick_seconds)
         now = daemon.clock()
-        self._host_age = tick_seconds   # the tick reads the host first: as old as the tick
         if self.every is None or now - self._written < STATE_EVERY:
             return
         write = bool(self.config.daemon.state) and (
@@ -464,7 +462,7 @@ class Publisher:
                           info, self.recent, self.last_by_target, self.labels,
                           self.actions_last_hour(),
                           policy.estimate if policy is not None and policy.trends else None,
-                          self._host_age)
+                          now - getattr(daemon, "host_read_at", now))
         if policy is not None:
             view["guard"]["predict"] = policy.estimate_host()   # [guard] predict
         return view
