@@ -330,6 +330,13 @@ cdef class ProcessTable:
     A statm of zeros is first checked off the hot path (memwatchd.threadgroup):
     if the main thread exited while others live, the slot reads a live thread's
     statm from then on; only a whole thread group that exited is GONE.
+
+    The table also keeps the schedule of the slots handed to it (issue 18):
+    schedule(slot, quiet_below, limit, ...) with a ceiling the policy computed,
+    then sample_scheduled(now, ...) reads the scheduled slots that are due,
+    gives each quiet one its next due time (headroom / fill rate, clamped, as
+    policy.interval_for) and returns only the loud, failing or gone ones, so
+    the caller touches no quiet target at all.
     """
     cdef int *fds
     cdef signed char *via_thread   # the slot reads /proc/<pid>/task/<tid>/statm
@@ -340,6 +347,12 @@ cdef class ProcessTable:
     cdef int64_t *start_times
     cdef int64_t *pids
     cdef signed char *statuses
+    cdef signed char *in_schedule  # the slot's schedule is kept here
+    cdef int64_t *quiet_below      # its RSS ceiling (from the policy)
+    cdef int64_t *limits           # what its headroom is counted to
+    cdef double *due
+    cdef double *sampled
+    cdef double *intervals
     cdef Py_ssize_t capacity
     cdef Py_ssize_t used
     cdef list free_slots
@@ -362,11 +375,22 @@ cdef class ProcessTable:
         free(self.fds); free(self.rss_bytes); free(self.vms_bytes)
         free(self.start_times); free(self.pids); free(self.statuses)
         free(self.via_thread); free(self.pending)
+        free(self.in_schedule); free(self.quiet_below); free(self.limits)
+        free(self.due); free(self.sampled); free(self.intervals)
 
     cdef _grow(self, Py_ssize_t newcap):
         self.via_thread = <signed char *>realloc(self.via_thread, newcap)
         self.pending = <Py_ssize_t *>realloc(self.pending, newcap * sizeof(Py_ssize_t))
         if self.via_thread == NULL or self.pending == NULL:
+            raise MemoryError()
+        self.in_schedule = <signed char *>realloc(self.in_schedule, newcap)
+        self.quiet_below = <int64_t *>realloc(self.quiet_below, newcap * sizeof(int64_t))
+        self.limits = <int64_t *>realloc(self.limits, newcap * sizeof(int64_t))
+        self.due = <double *>realloc(self.due, newcap * sizeof(double))
+        self.sampled = <double *>realloc(self.sampled, newcap * sizeof(double))
+        self.intervals = <double *>realloc(self.intervals, newcap * sizeof(double))
+        if (self.in_schedule == NULL or self.quiet_below == NULL or self.limits == NULL
+                or self.due == NULL or self.sampled == NULL or self.intervals == NULL):
             raise MemoryError()
         self.fds = <int *>realloc(self.fds, newcap * sizeof(int))
         self.rss_bytes = <int64_t *>realloc(self.rss_bytes, newcap * sizeof(int64_t))
@@ -420,6 +444,7 @@ cdef class ProcessTable:
         self.vms_bytes[slot] = 0
         self.statuses[slot] = _types.OK
         self.via_thread[slot] = 0
+        self.in_schedule[slot] = 0
         return slot
 
     def remove(self, Py_ssize_t slot):
@@ -430,6 +455,7 @@ cdef class ProcessTable:
         self.fds[slot] = -1
         self.statuses[slot] = _types.GONE
         self.pids[slot] = 0
+        self.in_schedule[slot] = 0
         self.free_slots.append(slot)
 
     cdef inline bint _sample_one(self, Py_ssize_t i) noexcept nogil:
@@ -524,6 +550,88 @@ cdef class ProcessTable:
     cdef inline _check(self, Py_ssize_t slot):
         if slot < 0 or slot >= self.used:
             raise IndexError(slot)
+
+    # -------------------------------------------------- the table's own schedule
+
+    def schedule(self, Py_ssize_t slot, int64_t quiet_below, int64_t limit, double sampled_at,
+                 double due_at, double interval):
+        """Keep this slot's schedule here: sample_scheduled reads it when due and hands
+        it back only once it is loud (RSS at or above quiet_below), not OK or gone."""
+        self._check(slot)
+        self.in_schedule[slot] = 1
+        self.quiet_below[slot] = quiet_below
+        self.limits[slot] = limit
+        self.sampled[slot] = sampled_at
+        self.due[slot] = due_at
+        self.intervals[slot] = interval
+
+    def unschedule(self, Py_ssize_t slot):
+        """The caller schedules this slot again."""
+        self._check(slot)
+        self.in_schedule[slot] = 0
+
+    def sample_scheduled(self, double now, int64_t fill_rate, double min_interval,
+                         double max_interval):
+        """Read every scheduled slot due by now. A quiet one is given its next due time
+        (headroom to its limit over fill_rate, clamped, as policy.interval_for); the
+        others leave the schedule and are returned, in slot order."""
+        cdef Py_ssize_t i
+        cdef int64_t room
+        cdef double every
+        cdef list loud = []
+        if fill_rate <= 0:
+            raise ValueError("fill_rate must be positive")
+        with nogil:
+            for i in range(self.used):
+                if self.in_schedule[i] and self.due[i] <= now:
+                    self._sample_one(i)
+        if self.npending:   # read zeros: a live thread's statm, or GONE
+            self._rehome_pending()
+        for i in range(self.used):
+            if not self.in_schedule[i] or self.due[i] > now:
+                continue
+            if self.statuses[i] != S_OK or self.rss_bytes[i] >= self.quiet_below[i]:
+                self.in_schedule[i] = 0
+                loud.append(i)
+                continue
+            room = self.limits[i] - self.rss_bytes[i]
+            if room <= 0:
+                every = min_interval
+            else:
+                every = max(min_interval, min(max_interval, <double>room / <double>fill_rate))
+            self.sampled[i] = now
+            self.intervals[i] = every
+            self.due[i] = now + every
+        return loud
+
+    def scheduled(self, Py_ssize_t slot):
+        self._check(slot)
+        return bool(self.in_schedule[slot])
+
+    def due_at(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.due[slot]
+
+    def set_due(self, Py_ssize_t slot, double due_at):
+        self._check(slot)
+        self.due[slot] = due_at
+
+    def sampled_at(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.sampled[slot]
+
+    def interval(self, Py_ssize_t slot):
+        self._check(slot)
+        return self.intervals[slot]
+
+    def next_due(self):
+        """The earliest due time of the scheduled slots (inf when none)."""
+        cdef Py_ssize_t i
+        cdef double best = float("inf")
+        for i in range(self.used):
+            if self.in_schedule[i] and self.due[i] < best:
+                best = self.due[i]
+        return best
 
     def rss(self, Py_ssize_t slot):
         self._check(slot)

@@ -118,7 +118,7 @@ _GUARD_DEFAULTS = {
     "min_available": Size(percent=5.0),
     "kill_available": Size(percent=2.0),
     "count_swap": True,              # headroom = MemAvailable + free swap (zram at its net worth)
-    "psi_full": 10.0,                # % of psi_window all tasks stalled: SIGTERM (0 = off)
+    "psi_full": 5.0,                 # % of psi_window all tasks stalled: SIGTERM (0 = off)
     "psi_full_kill": 50.0,           # ... SIGKILL at once (0 = off)
     "psi_some": 0.0,                 # % of psi_window some task stalled: SIGTERM (0 = off)
     "psi_window": 2.0,               # seconds of pressure history, measured since the last action

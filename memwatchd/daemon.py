@@ -279,6 +279,8 @@ class Daemon:
             self.targets.discovery_changed = False
             log(INFO, f"new processes are found by {self.targets.discovery}")
         self._log_problems()
+        if self.trace is not None and self.targets.in_table:
+            self.targets.take_all_back()
         readings, gone = self.targets.sample_due(now)
         for target in gone:
             self.policy.forget(target.key)
@@ -314,11 +316,17 @@ class Daemon:
                     self._log_exception("the host guard", e)
                 else:
                     self._quarantine(decision.watch, e)
+        in_table = self.trace is None   # a trace records every reading the policy sees
         for reading in readings:
             target = self.targets.targets.get(reading.key)
             if target is not None:
                 target.interval = self.policy.interval_for(reading)
                 target.next_due = now + target.interval
+                if in_table and target.watch.scope == "process" and not target.is_cgroup \
+                        and reading.watch not in self.quarantined:
+                    below = self.policy.quiet_below(reading)
+                    if below is not None:   # quiet: the table schedules it until it is loud
+                        self.targets.hand_to_table(target, below)
         self.follow_victims(self.clock())
         if now >= self._revisit_at and self._held:
             self._revisit_at = now + REVISIT_EVERY

@@ -434,6 +434,17 @@ class Policy:
         trend = self.trends.get(key)
         return _estimate_dict(trend.estimate) if trend is not None else None
 
+    def quiet_below(self, reading: Reading) -> Optional[int]:
+        """The usage this target's readings stay quiet below (is_quiet: no decision, no
+        state change) while its next look is interval_for's plain headroom / fill_rate
+        schedule; None while the policy must see every reading (a warning, crossing or
+        action pending, a trend to feed). Below it the sampler may keep the target's
+        schedule itself (ProcessTable.schedule) and hands it back at the first reading
+        at or above it: the only decision taken outside the policy, on its ceiling."""
+        if not self.quiet(reading) or (self.trends and reading.key in self.trends):
+            return None
+        return reading.limit if reading.warn is None else min(reading.limit, reading.warn)
+
     def interval_for(self, reading: Reading) -> float:
         """When this target should next be sampled (seconds from now)."""
         d = self.config.daemon

@@ -168,8 +168,16 @@ def _open_at(name: str, dirfd: int) -> int:
 
 # ------------------------------------------------------------ ProcessTable
 
+def _quiet_interval(headroom: int, fill_rate: int, min_interval: float, max_interval: float) -> float:
+    """policy.next_interval, as the table's own schedule computes it (tested equal)."""
+    if headroom <= 0:
+        return min_interval
+    return max(min_interval, min(max_interval, headroom / fill_rate))
+
+
 class ProcessTable:
-    """A set of processes whose statm is sampled together (see ext/_memread.pyx)."""
+    """A set of processes whose statm is sampled together (see ext/_memread.pyx),
+    and the schedule of the slots handed to it (schedule / sample_scheduled)."""
 
     def __init__(self, root: str = "/", capacity: int = 64):
         self._proc = os.path.join(root, "proc")
@@ -181,6 +189,15 @@ class ProcessTable:
         self._starts: List[int] = []
         self._via_thread: List[bool] = []   # reads /proc/<pid>/task/<tid>/statm
         self._free: List[int] = []
+        # the table's own schedule (issue 18): per slot, whether it is scheduled here,
+        # the RSS it is quiet below and the limit its headroom is counted to (both from
+        # the policy), when it is due, when it was last sampled, its current interval
+        self._scheduled: List[bool] = []
+        self._quiet_below: List[int] = []
+        self._limit: List[int] = []
+        self._due: List[float] = []
+        self._sampled_at: List[float] = []
+        self._interval: List[float] = []
 
     def __del__(self):
         for fd in getattr(self, "_fds", ()):
@@ -215,10 +232,11 @@ class ProcessTable:
         else:
             slot = len(self._fds)
             for column in (self._fds, self._rss, self._vms, self._status, self._pids, self._starts,
-                           self._via_thread):
+                           self._via_thread, self._scheduled, self._quiet_below, self._limit,
+                           self._due, self._sampled_at, self._interval):
                 column.append(0)
         self._fds[slot], self._pids[slot], self._starts[slot] = fd, pid, start
-        self._via_thread[slot] = False
+        self._via_thread[slot] = self._scheduled[slot] = False
         self._rss[slot] = self._vms[slot] = 0
         self._status[slot] = OK
         return slot
@@ -231,6 +249,7 @@ class ProcessTable:
         self._fds[slot] = -1
         self._status[slot] = GONE
         self._pids[slot] = 0
+        self._scheduled[slot] = False
         self._free.append(slot)
 
     def _sample_one(self, i: int) -> bool:
@@ -283,6 +302,65 @@ class ProcessTable:
         for i in slots:
             self._check(i)
         return sum(self._sample_one(i) for i in slots)
+
+    # -------------------------------------------------- the table's own schedule
+
+    def schedule(self, slot: int, quiet_below: int, limit: int, sampled_at: float,
+                 due_at: float, interval: float) -> None:
+        """Keep this slot's schedule here: sample_scheduled reads it when due and hands
+        it back only once it is loud (RSS at or above quiet_below), not OK or gone."""
+        self._check(slot)
+        self._scheduled[slot] = True
+        self._quiet_below[slot], self._limit[slot] = quiet_below, limit
+        self._sampled_at[slot], self._due[slot], self._interval[slot] = sampled_at, due_at, interval
+
+    def unschedule(self, slot: int) -> None:
+        """The caller schedules this slot again."""
+        self._check(slot)
+        self._scheduled[slot] = False
+
+    def sample_scheduled(self, now: float, fill_rate: int, min_interval: float,
+                         max_interval: float) -> List[int]:
+        """Read every scheduled slot due by now. A quiet one is given its next due time
+        (headroom to its limit over fill_rate, clamped, as policy.interval_for); the
+        others leave the schedule and are returned, in slot order."""
+        loud = []
+        for i in range(len(self._fds)):
+            if not self._scheduled[i] or self._due[i] > now:
+                continue
+            if not self._sample_one(i) or self._rss[i] >= self._quiet_below[i]:
+                self._scheduled[i] = False
+                loud.append(i)
+                continue
+            self._sampled_at[i] = now
+            self._interval[i] = every = _quiet_interval(self._limit[i] - self._rss[i], fill_rate,
+                                                        min_interval, max_interval)
+            self._due[i] = now + every
+        return loud
+
+    def scheduled(self, slot: int) -> bool:
+        self._check(slot)
+        return self._scheduled[slot]
+
+    def due_at(self, slot: int) -> float:
+        self._check(slot)
+        return self._due[slot]
+
+    def set_due(self, slot: int, due_at: float) -> None:
+        self._check(slot)
+        self._due[slot] = due_at
+
+    def sampled_at(self, slot: int) -> float:
+        self._check(slot)
+        return self._sampled_at[slot]
+
+    def interval(self, slot: int) -> float:
+        self._check(slot)
+        return self._interval[slot]
+
+    def next_due(self) -> float:
+        """The earliest due time of the scheduled slots (inf when none)."""
+        return min((d for d, on in zip(self._due, self._scheduled) if on), default=float("inf"))
 
     def _close(self, slot: int) -> None:
         os.close(self._fds[slot])

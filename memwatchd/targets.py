@@ -325,8 +325,8 @@ class Target:
     """One watched process (or process tree) or cgroup."""
 
     __slots__ = ("key", "is_cgroup", "watch", "pid", "start_time", "slot", "members", "cgroup",
-                 "comm", "cmdline", "usage", "limit", "warn", "next_due", "sampled_at", "interval",
-                 "unreclaimable", "ceiling", "names_mark", "container")
+                 "comm", "cmdline", "_usage", "limit", "warn", "_next_due", "_sampled_at",
+                 "_interval", "unreclaimable", "ceiling", "names_mark", "container", "table")
 
     def __init__(self, key: tuple, watch: WatchConfig, pid: int = 0, start_time: int = 0,
                  slot: int = -1, cgroup: str = "", comm: str = "", cmdline: str = "",
@@ -341,16 +341,56 @@ class Target:
         self.cgroup = cgroup                # below the cgroup root ("/system.slice/x.service")
         self.comm = comm
         self.cmdline = cmdline
-        self.usage = 0
+        self.table = None   # the ProcessTable while it keeps this target's schedule
+        self._usage = 0
         self.limit = 0
         self.warn: Optional[int] = None
-        self.next_due = next_due
-        self.sampled_at = 0.0
-        self.interval = 0.0
+        self._next_due = next_due
+        self._sampled_at = 0.0
+        self._interval = 0.0
         self.unreclaimable: Optional[int] = None   # cgroup: anon + shmem (the predictive trigger's)
         self.ceiling: Optional[int] = None         # cgroup: memory.max, None = "max"
         self.names_mark: Optional[tuple] = None    # process: exec_mark() its comm/cmdline hold for
         self.container = ""                        # container watch: the container's name
+
+    # While the ProcessTable keeps a quiet process's schedule (TargetSet.hand_to_table,
+    # issue 18) the tick does not touch the target: its usage, last sample, interval and
+    # next due time are the table's, so `status`, the state file and metrics see what
+    # the table last read, and setting next_due (0.0: look now) reaches the table.
+    @property
+    def usage(self) -> int:
+        return self._usage if self.table is None else self.table.rss(self.slot)
+
+    @usage.setter
+    def usage(self, value: int) -> None:
+        self._usage = value
+
+    @property
+    def next_due(self) -> float:
+        return self._next_due if self.table is None else self.table.due_at(self.slot)
+
+    @next_due.setter
+    def next_due(self, value: float) -> None:
+        if self.table is None:
+            self._next_due = value
+        else:
+            self.table.set_due(self.slot, value)
+
+    @property
+    def sampled_at(self) -> float:
+        return self._sampled_at if self.table is None else self.table.sampled_at(self.slot)
+
+    @sampled_at.setter
+    def sampled_at(self, value: float) -> None:
+        self._sampled_at = value
+
+    @property
+    def interval(self) -> float:
+        return self._interval if self.table is None else self.table.interval(self.slot)
+
+    @interval.setter
+    def interval(self, value: float) -> None:
+        self._interval = value
 
 
 class TargetSet:
@@ -366,6 +406,8 @@ class TargetSet:
         self.host = sampler.HostReader(root=proc_root)
         self.never = set(never)
         self.targets: Dict[tuple, Target] = {}
+        self.by_python: Dict[tuple, Target] = {}   # the targets the tick schedules (not in_table)
+        self.in_table: Dict[int, Target] = {}      # slot -> target whose schedule the table keeps
         self.rescan_at: Dict[str, float] = {}
         self.pid_watches_done: Set[str] = set()
         self.unit_paths: Dict[str, str] = {}   # unit watch -> its cgroup when last seen running
@@ -396,6 +438,7 @@ class TargetSet:
     def reconfigure(self, config: Config) -> List[tuple]:
         """Adopt a new config: targets of removed or changed watches are dropped;
         unchanged watches keep their targets (and a pid watch is not re-attached)."""
+        self.take_all_back()   # limits, pace and the policy's ceilings may all change
         new = {w.name: w for w in config.watches}
         old = {w.name: w for w in self.config.watches}
         dropped = [k for k, t in self.targets.items() if new.get(t.watch.name) != t.watch]
@@ -818,7 +861,7 @@ class TargetSet:
             target.names_mark = mark if mark is not None and mark[0] == start else None
             if watch.scope == "tree":
                 target.members[(pid, start)] = slot
-            self.targets[key] = target
+            self.targets[key] = self.by_python[key] = target
             added.append(target)
         return added
 
@@ -866,7 +909,7 @@ class TargetSet:
                 continue
             target = Target(key, watch, slot=slot, cgroup=path, comm=path.rsplit("/", 1)[-1],
                             next_due=now)
-            self.targets[key] = target
+            self.targets[key] = self.by_python[key] = target
             added.append(target)
         return added
 
@@ -887,6 +930,9 @@ class TargetSet:
         target = self.targets.pop(key, None)
         if target is None:
             return None
+        self.by_python.pop(key, None)
+        if target.table is not None:
+            self._take_back(target.slot)
         if target.is_cgroup:
             self.cgroups.remove(target.slot)
         else:
@@ -907,11 +953,50 @@ class TargetSet:
                 continue
             target.members[(member[0], self.processes.start_time(slot))] = slot
 
+    def hand_to_table(self, t: Target, quiet_below: int) -> bool:
+        """Let the ProcessTable keep this single process's schedule while its usage
+        stays below quiet_below (policy.quiet_below: the policy's ceiling, the only
+        decision the table takes); the tick then touches it only once the table hands
+        it back (loud, unreadable or gone: sample_due). True if handed."""
+        if t.table is not None or t.is_cgroup or t.watch.scope != "process" or t.slot < 0:
+            return False
+        self.processes.schedule(t.slot, quiet_below, t.limit, t.sampled_at, t.next_due,
+                                t.interval)
+        t.table = self.processes
+        del self.by_python[t.key]
+        self.in_table[t.slot] = t
+        return True
+
+    def _take_back(self, slot: int) -> Target:
+        """The tick schedules this slot's target again, from what the table last read."""
+        t = self.in_table.pop(slot)
+        t._usage, t._sampled_at, t._interval, t._next_due = t.usage, t.sampled_at, t.interval, \
+            t.next_due
+        t.table = None
+        self.processes.unschedule(slot)
+        self.by_python[t.key] = t
+        return t
+
+    def next_due(self) -> float:
+        """The earliest next_due of all targets (inf when none), without a Python step
+        per target the table schedules."""
+        due = self.processes.next_due() if self.in_table else float("inf")
+        return min(due, min((t.next_due for t in self.by_python.values()), default=due))
+
+    def take_all_back(self) -> None:
+        """Every target scheduled by the tick again (a reload, a trace: they see all)."""
+        for slot in list(self.in_table):
+            self._take_back(slot)
+
     def sample_due(self, now: float, force: bool = False) -> Tuple[List[Reading], List[Target]]:
-        """Read the targets that are due (all with force); return readings and gone targets."""
+        """Read the targets that are due (all with force); return readings and gone targets.
+        The quiet processes the table schedules are read there, in C, and come back here
+        only when they are loud, unreadable or gone."""
         vanished, self.vanished = self.vanished, []
+        if force:
+            self.take_all_back()
         due, slots, cgroup_slots = [], [], []
-        for t in self.targets.values():  # one pass: at idle this loop is most of a tick
+        for t in self.by_python.values():  # one pass: at idle this loop is most of a tick
             if not force and t.next_due > now:
                 continue
             due.append(t)
@@ -922,6 +1007,11 @@ class TargetSet:
                 slots.extend(t.members.values())
             else:
                 slots.append(t.slot)
+        if self.in_table:
+            d = self.config.daemon
+            for slot in self.processes.sample_scheduled(now, d.fill_rate, d.min_interval,
+                                                        d.interval):
+                due.append(self._take_back(slot))
         if not due:
             return [], vanished
         if slots:

@@ -210,7 +210,7 @@ def test_guard_pressure_and_swap_keys():
     g = parse_config({"guard": {"psi_full_avg10": 70}}, SRC).guard
     assert g.psi_full == 70 and g.psi_full_kill == 70
     d = parse_config({}, SRC).guard
-    assert (d.count_swap, d.psi_full, d.psi_full_kill, d.psi_some, d.psi_window) == (True, 10, 50, 0, 2)
+    assert (d.count_swap, d.psi_full, d.psi_full_kill, d.psi_some, d.psi_window) == (True, 5, 50, 0, 2)
     assert d.psi_refaults == 4 * 2**20
     assert parse_config({"guard": {"psi_refaults": "16M"}}, SRC).guard.psi_refaults == 16 * 2**20
     assert parse_config({"guard": {"psi_refaults": 0}}, SRC).guard.psi_refaults == 0   # off

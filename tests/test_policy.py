@@ -275,8 +275,8 @@ def stalls(some_s, full_s):
 
 @pytest.mark.parametrize("avail_gib, share, expected", [
     (1.0, (90.0, 60.0), ("kill", P.REASON_GUARD_PSI_CRITICAL)),  # >= psi_full_kill 50
-    (1.0, (40.0, 12.0), ("term", P.REASON_GUARD_PSI)),           # >= psi_full 10
-    (1.0, (40.0, 8.0), (None, "")),                              # some alone: off by default
+    (1.0, (40.0, 6.0), ("term", P.REASON_GUARD_PSI)),            # >= psi_full 5
+    (1.0, (40.0, 4.0), (None, "")),                              # some alone: off by default
     (5.0, (90.0, 60.0), (None, "")),   # MemAvailable above psi_available (20% = 3.2 GiB)
     (1.0, None, (None, "")),           # not enough history (just started, or just acted)
 ])
@@ -286,7 +286,7 @@ def test_guard_pressure_levels(avail_gib, share, expected):
 
 def test_guard_pressure_some_and_off():
     g = GuardConfig()._replace(psi_some=30.0)
-    assert P.guard_level(g, host(1), share=(40.0, 8.0)) == ("term", P.REASON_GUARD_PSI_SOME)
+    assert P.guard_level(g, host(1), share=(40.0, 4.0)) == ("term", P.REASON_GUARD_PSI_SOME)
     off = GuardConfig()._replace(psi_full=0.0, psi_full_kill=0.0)
     assert P.guard_level(off, host(1), share=(99.0, 99.0)) == (None, "")
 
@@ -308,7 +308,7 @@ def test_pressure_share_from_totals():
     # the same stall with pages coming back (swap-ins, file refaults) -> a thrash
     ((40.0, 30.0), 4 * MiB, ("term", P.REASON_GUARD_PSI)),
     ((40.0, 12.0), 50 * MiB, ("term", P.REASON_GUARD_PSI)),
-    ((40.0, 8.0), 50 * MiB, (None, "")),                    # refaults alone are no stall
+    ((40.0, 4.0), 50 * MiB, (None, "")),                    # refaults alone are no stall
     # "full" at 65% while cold pages go to swap (measured: the allocating job alone stalls)
     ((90.0, 65.0), 0, (None, "")),
     ((90.0, 60.0), 8 * MiB, ("kill", P.REASON_GUARD_PSI_CRITICAL)),

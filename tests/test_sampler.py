@@ -158,6 +158,82 @@ def test_add_missing_pid_raises_target_gone(impl):
         impl.ProcessTable().add(2 ** 22 + 7)  # above pid_max's ceiling: never exists
 
 
+# ------------------------------------------------ the table's own schedule (issue 18)
+
+FILL, MIN_INTERVAL, MAX_INTERVAL = 1 << 30, 0.01, 1.0
+
+
+def test_the_table_reads_scheduled_slots_when_due_and_hands_back_only_loud_or_gone_ones(
+        impl, hog_factory):
+    """A scheduled slot is read only once due; a quiet one gets its next due time and
+    stays; one at or above its ceiling leaves the schedule and is returned in the pass
+    that read it; so is one whose process is gone. Unscheduled slots are never read."""
+    grower, quiet = hog_factory(64 * MiB), hog_factory(64 * MiB)
+    plain = hog_factory(64 * MiB)
+    table = impl.ProcessTable()
+    slot, calm, other = table.add(grower.pid), table.add(quiet.pid), table.add(plain.pid)
+    table.sample()
+    base, plain_base = table.rss(slot), table.rss(other)
+    table.schedule(slot, base + 32 * MiB, base + (4 << 30), 100.0, 101.0, 1.0)
+    table.schedule(calm, 1 << 50, table.rss(calm) + (4 << 30), 100.0, 100.5, 1.0)
+    assert table.scheduled(slot) and table.scheduled(calm) and not table.scheduled(other)
+    assert table.next_due() == 100.5
+    grower.grow()
+    plain.grow()
+    assert table.sample_scheduled(100.4, FILL, MIN_INTERVAL, MAX_INTERVAL) == []  # none due
+    assert table.rss(slot) == base and table.sampled_at(slot) == 100.0
+    assert table.sample_scheduled(100.6, FILL, MIN_INTERVAL, MAX_INTERVAL) == []  # calm: quiet
+    assert table.sampled_at(calm) == 100.6
+    assert table.due_at(calm) == pytest.approx(101.6)   # 4 GiB at 1 GiB/s, clamped to 1 s
+    assert table.interval(calm) == MAX_INTERVAL
+    assert table.rss(slot) == base                      # not due yet: not read
+    assert table.sample_scheduled(101.0, FILL, MIN_INTERVAL, MAX_INTERVAL) == [slot]
+    assert not table.scheduled(slot) and table.scheduled(calm)
+    assert table.rss(slot) >= base + 60 * MiB
+    assert table.rss(other) == plain_base               # never scheduled: never read by it
+    assert table.sample_scheduled(200.0, FILL, MIN_INTERVAL, MAX_INTERVAL) == []  # calm again
+    assert table.next_due() == pytest.approx(201.0)
+    quiet.kill()
+    table.set_due(calm, 0.0)                            # "look now"
+    assert table.sample_scheduled(200.1, FILL, MIN_INTERVAL, MAX_INTERVAL) == [calm]
+    assert table.status(calm) == GONE and not table.scheduled(calm)
+    assert table.next_due() == float("inf")
+    table.schedule(other, 1 << 50, 1 << 40, 0.0, 0.0, 0.0)
+    table.remove(other)                                  # a removed slot leaves the schedule
+    again = table.add(plain.pid)
+    assert again == other and not table.scheduled(again)
+
+
+def test_the_tables_schedule_is_the_policys_interval(impl):
+    """The table's next due time for a quiet slot is Policy.interval_for's, for every
+    headroom (none or negative, below the fastest look, in between, above the slowest)."""
+    from memwatchd.config import parse_config
+    from memwatchd.policy import Policy
+    from memwatchd.types import Reading
+    config = parse_config({"daemon": {"events": "", "state": "", "fill_rate": "1G",
+                                      "min_interval": "10ms", "interval": "1s"},
+                           "guard": {"enabled": False},
+                           "watch": [{"name": "w", "pid": 1, "limit": "1G"}]}, "test")
+    policy, d = Policy(config), config.daemon
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        table = impl.ProcessTable()
+        slot = table.add(sleeper.pid)
+        for headroom in (-MiB, 0, 1, MiB, 10 * MiB, 100 * MiB, 512 * MiB, 1 << 30, 8 << 30):
+            table.sample_slots([slot])
+            limit = table.rss(slot) + headroom
+            table.schedule(slot, 1 << 50, limit, 0.0, 5.0, 0.0)
+            assert table.sample_scheduled(5.0, d.fill_rate, d.min_interval, d.interval) == []
+            want = policy.interval_for(Reading(("process", sleeper.pid, 0), "w",
+                                               table.rss(slot), limit, None, None, None))
+            assert table.interval(slot) == pytest.approx(want, rel=1e-12), headroom
+            assert table.due_at(slot) == pytest.approx(5.0 + want, rel=1e-12), headroom
+            table.unschedule(slot)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_add_remove_reuses_slots_and_leaks_no_fd(impl):
     table = impl.ProcessTable()
     before = len(os.listdir("/proc/self/fd"))
