@@ -14,6 +14,8 @@ daemon's CPU time from /proc/PID/task/*/schedstat at the end of every window (de
 median window (and the range), VmRSS (median of the samples), and the ratio to
 earlyoom, the median of the per-window ratios (same window, same load).
 Goals (issue 18): guard only <= 1.0x earlyoom; guard + 10 pid watches <= 3x.
+It also prints what woke each memwatchd (Python ticks and quiet wake-ups in C per minute,
+from its state file's daemon.ticks / daemon.quiet_wakes) and the load average at the end.
 The last line is `guard_vs_earlyoom=X ten_vs_earlyoom=X earlyoom_ms_per_min=X`.
 
 Run: python benchmarks/idle.py [--seconds 120] [--window 10]
@@ -22,6 +24,7 @@ Run: python benchmarks/idle.py [--seconds 120] [--window 10]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -62,6 +65,18 @@ def vm_rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
+def loop_counts(workdir: str, name: str):
+    """(written_boottime, daemon.ticks, daemon.quiet_wakes) from a daemon's state file
+    (as of its last write), None before the first: what wakes it, Python or C."""
+    try:
+        with open(os.path.join(workdir, f"{name}-state.json")) as f:
+            data = json.load(f)
+        return (data["written_boottime"], data["daemon"]["ticks"],
+                data["daemon"].get("quiet_wakes", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def inner(args) -> int:
     if os.getpid() != 1:
         print("refusing to run outside a private PID namespace", file=sys.stderr)
@@ -100,6 +115,7 @@ def inner(args) -> int:
             cpu = {key: [_benchlib.cpu_ns(p.pid)] for key, p in procs.items()}
             stamps = [time.monotonic()]
             rss = {key: [] for key in procs}
+            passes = {key: [loop_counts(workdir, key)] for key in sockets}
             end = stamps[0] + args.seconds
             while time.monotonic() < end - 0.01:
                 window_end = min(end, stamps[-1] + args.window)
@@ -112,6 +128,8 @@ def inner(args) -> int:
                         raise RuntimeError(f"{key} exited: {proc.stderr.read()}")
                     cpu[key].append(_benchlib.cpu_ns(proc.pid))
                     rss[key].append(vm_rss_mib(proc.pid))
+                    if key in sockets:
+                        passes[key].append(loop_counts(workdir, key))
                 stamps.append(time.monotonic())
         finally:
             for proc in procs.values():
@@ -141,6 +159,14 @@ def inner(args) -> int:
                 kinds[line.split("=", 1)[0]] = kinds.get(line.split("=", 1)[0], 0) + 1
         print(f"{key}: notify datagrams in {args.seconds:.0f} s: {len(sock_notes)} "
               f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")
+    for key, counts in passes.items():
+        counts = [c for c in counts if c is not None]
+        if len(counts) >= 2 and counts[-1][0] > counts[0][0]:
+            span = (counts[-1][0] - counts[0][0]) / 60.0
+            print(f"{key}: per minute, as the state file counts them: Python ticks "
+                  f"{(counts[-1][1] - counts[0][1]) / span:.1f}, quiet wakes in C "
+                  f"{(counts[-1][2] - counts[0][2]) / span:.1f}")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"goals: guard only <= 1.0x earlyoom: {'met' if ratios['guard'] <= 1.0 else 'MISSED'}; "
           f"guard + {N_WATCHES} pid watches <= 3x: {'met' if ratios['ten'] <= 3.0 else 'MISSED'}")
     print(f"guard_vs_earlyoom={ratios['guard']:.2f} ten_vs_earlyoom={ratios['ten']:.2f} "

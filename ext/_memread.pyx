@@ -1000,25 +1000,33 @@ cdef int64_t mem_available_c(const char *buf, ssize_t n) noexcept nogil:
 
 def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, int64_t high,
                int ping_fd=-1, double ping_every=0.0, double ping_in=0.0,
-               ProcessTable table=None, slots=(), ceilings=(), double target_step=0.0):
+               ProcessTable table=None, slots=(), ceilings=(), double target_step=0.0,
+               steps=()):
     """The idle loop's wait, in C: poll fds (a list of (fd, events)) for up to timeout
     seconds, and every step seconds re-read MemAvailable (one pread of the HostReader's
     meminfo) without returning to Python while it stays within [low, high]; with a
     ping_fd (the connected NOTIFY_SOCKET), send WATCHDOG=1 every ping_every seconds,
     the first ping_in from now. A wake-up that needs nothing else costs a few syscalls
-    instead of a Python tick (issue 18). Returns (why, ready, pings, mem_available):
-    why 0 timeout, 1 an fd is ready (ready: its [(fd, revents)]), 2 MemAvailable left
-    the band (or could not be read), 3 a ping could not be sent (the caller's notifier
-    takes over), 4 a target needs a look; pings: how many were sent; mem_available:
-    the last read (-1: none); ping_ago: seconds since the last ping sent here (0.0 if
-    none). With a table, its slots are sampled every target_step seconds the same way
-    (sample_slots) and the wait ends (why 4) once a slot's RSS reaches its ceiling
-    (ceilings[k] for slots[k]) or a slot is no longer live.
+    instead of a Python tick (issue 18). With a table, its slots are sampled every
+    target_step seconds the same way (sample_slots) and the wait ends (why 4) once a
+    slot's RSS reaches its ceiling (ceilings[k] for slots[k]) or a slot is no longer live;
+    with steps, slots[k] is sampled every steps[k] seconds instead (each on its own
+    schedule: a slot far from its limit is not read as often as the closest one).
+    One wake-up does every look that is due within half the shortest period (merged:
+    a look or ping done a little early, never late), so the host look and the pings
+    ride on the targets' wake-ups instead of adding their own; and when it samples, it
+    samples every slot due before the fastest slot's next look (no wake-up of their own).
+    Returns (why, ready, pings, mem_available, ping_ago, wakes): why 0 timeout, 1 an
+    fd is ready (ready: its [(fd, revents)]), 2 MemAvailable left the band (or could
+    not be read), 3 a ping could not be sent (the caller's notifier takes over), 4 a
+    target needs a look; pings: how many were sent; mem_available: the last read (-1:
+    none); ping_ago: seconds since the last ping sent here (0.0 if none); wakes: how
+    many times the wait woke up by itself (its whole cost, besides the syscalls).
     """
     cdef Py_ssize_t n = len(fds), k
     cdef pollfd *pfds = <pollfd *>malloc(max(n, 1) * sizeof(pollfd))
-    cdef int why = 0, rc, pings = 0, wait_ms
-    cdef double now, deadline, next_look, next_ping, until, pinged_at = 0.0
+    cdef int why = 0, rc, pings = 0, wait_ms, wakes = 0
+    cdef double now, soon, slack, deadline, next_look, next_ping, until, pinged_at = 0.0
     cdef int64_t avail = -1
     cdef ssize_t got
     cdef int meminfo_fd = host.meminfo_fd
@@ -1027,25 +1035,42 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
     cdef Py_ssize_t nslots = len(slots) if table is not None else 0, j
     cdef Py_ssize_t *idx = <Py_ssize_t *>malloc(max(nslots, 1) * sizeof(Py_ssize_t))
     cdef int64_t *ceil = <int64_t *>malloc(max(nslots, 1) * sizeof(int64_t))
-    cdef double next_sample
-    if pfds == NULL or idx == NULL or ceil == NULL:
-        free(pfds); free(idx); free(ceil)
+    cdef double *every = <double *>malloc(max(nslots, 1) * sizeof(double))
+    cdef double *due = <double *>malloc(max(nslots, 1) * sizeof(double))
+    cdef double next_sample, fastest = target_step
+    if pfds == NULL or idx == NULL or ceil == NULL or every == NULL or due == NULL:
+        free(pfds); free(idx); free(ceil); free(every); free(due)
         raise MemoryError()
     try:
+        if len(steps) and len(steps) != nslots:
+            raise ValueError("steps: one per slot")
         for j in range(nslots):
             idx[j] = slots[j]
             table._check(idx[j])
             ceil[j] = ceilings[j]
+            every[j] = steps[j] if len(steps) else target_step
+            if j == 0 or every[j] < fastest:
+                fastest = every[j]
         for k in range(n):
             pfds[k].fd = fds[k][0]
             pfds[k].events = fds[k][1]
             pfds[k].revents = 0
+        slack = step      # half the shortest period: how early a merged look may be
+        if nslots > 0 and fastest < slack:
+            slack = fastest
+        if ping_fd >= 0 and ping_every < slack:
+            slack = ping_every
+        slack = slack / 2.0
         with nogil:
             now = monotonic_now()
             deadline = now + timeout
             next_look = now + step
             next_ping = now + ping_in if ping_fd >= 0 else deadline + 1.0
-            next_sample = now + target_step if nslots > 0 else deadline + 1.0
+            next_sample = deadline + 1.0
+            for j in range(nslots):
+                due[j] = now + every[j]
+                if due[j] < next_sample:
+                    next_sample = due[j]
             while True:
                 until = deadline
                 if next_look < until:
@@ -1062,8 +1087,10 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
                 if rc < 0 and errno != EINTR:
                     why = 1    # let Python's poll see what is wrong
                     break
+                wakes += 1
                 now = monotonic_now()
-                if now >= next_ping:
+                soon = now + slack if now < deadline else now   # returning: Python pings next
+                if next_ping <= soon:
                     if send(ping_fd, ping, 10, MSG_DONTWAIT | MSG_NOSIGNAL) != 10:
                         why = 3
                         break
@@ -1072,26 +1099,31 @@ def wait_quiet(HostReader host, fds, double timeout, double step, int64_t low, i
                     next_ping = now + ping_every
                 if now >= deadline:
                     break
-                if now >= next_look:
+                if next_look <= soon:
                     got = pread_retry(meminfo_fd, buf, BUFSIZE - 1)
                     avail = mem_available_c(buf, got) if got > 0 else -1
                     if avail < low or avail > high:
                         why = 2
                         break
                     next_look = now + step
-                if now >= next_sample:
+                if next_sample <= soon:
+                    next_sample = deadline + 1.0
                     for j in range(nslots):
-                        if not table._sample_one(idx[j]) or table.rss_bytes[idx[j]] >= ceil[j]:
-                            why = 4
+                        if due[j] < now + fastest:   # due before the next such wake-up
+                            if not table._sample_one(idx[j]) or table.rss_bytes[idx[j]] >= ceil[j]:
+                                why = 4
+                            due[j] = now + every[j]
+                        if due[j] < next_sample:
+                            next_sample = due[j]
                     if why == 4:
                         break
-                    next_sample = now + target_step
         if table is not None and table.npending:
             table._rehome_pending()   # slots that read zeros: a live thread, or GONE
         ready = [(pfds[k].fd, pfds[k].revents) for k in range(n) if pfds[k].revents] if why == 1 else []
-        return why, ready, pings, avail, (monotonic_now() - pinged_at) if pings else 0.0
+        return (why, ready, pings, avail, (monotonic_now() - pinged_at) if pings else 0.0,
+                wakes)
     finally:
-        free(pfds); free(idx); free(ceil)
+        free(pfds); free(idx); free(ceil); free(every); free(due)
 
 
 # ------------------------------------------------ syscalls the stdlib lacks

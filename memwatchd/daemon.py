@@ -121,6 +121,7 @@ class Daemon:
         self.stopping = False
         self.reload_requested = False
         self.ticks = 0
+        self.quiet_wakes = 0   # wake-ups spent in the quiet wait (C), next to ticks (Python)
         self.actions_taken = 0
         self.last_action = ""
         self.seen_target = False
@@ -136,6 +137,7 @@ class Daemon:
         self._psi_fd = -1
         self._wake_r = self._wake_w = -1   # a pipe: signal handlers wake poll() through it
         self.host: Optional[HostSample] = None
+        self.host_read_at = 0.0
         self.publisher = state.Publisher(config, self.opts.proc_root)   # state file, metrics
         self.swaps = SwapWatcher(self.opts.proc_root, helpers=self.readers)   # zram, for the guard
         self._read_refaults_below(config)
@@ -286,6 +288,7 @@ class Daemon:
             log(INFO, f"{target.watch.name}: {self._describe(target.key, target)} is gone")
         self._quarantine_failed()
         self.host = host = self.targets.host.read()
+        self.host_read_at = self.clock()   # the state says how old its host numbers are
         self.policy.zram = self.swaps.update(now, host.swap_total)
         decisions = self.policy.evaluate(now, readings, host)
         self._quarantine_failed()
@@ -456,12 +459,15 @@ class Daemon:
         guard would, and the statm of every quiet process target as often as its own
         schedule asks, pings the watchdog, and comes back as soon as anything could need
         Python: MemAvailable nearing what the guard acts on (its SIGTERM floor plus what
-        fill_rate takes in one interval; the PSI gate) or moving as much as the state
-        file notes; a target's RSS reaching its ceiling (its warn level or limit less
-        what fill_rate adds in one look, or a move the state file notes) or the target
-        gone; an fd; anything else due. The same looks at the same times as the ticks
-        it replaces: reaction is unchanged. Returns the fds that fired, [] when the
-        loop should tick, None when the ordinary wait applies."""
+        fill_rate takes in one interval; the PSI gate) or moving by a tenth of MemTotal
+        (state.quiet_host_move: the state file's own 1% rule would hand every allocation
+        elsewhere on a shared host a Python tick; the state says how old its host numbers
+        are); a target's RSS reaching its ceiling (its warn level or limit less what
+        fill_rate adds in one look, or a move the state file notes) or the target gone;
+        an fd; anything else due. The same looks at the same times as the ticks it
+        replaces (one C wake-up does the host look, the pings and the targets' looks
+        that are due together): reaction is unchanged. Returns the fds that fired, []
+        when the loop should tick, None when the ordinary wait applies."""
         d, g, host = self.config.daemon, self.config.guard, self.host
         if (timeout <= 0 or host is None or host.mem_total <= 0
                 or host.mem_available < 0 or self.victims or self._held or self._tick_failed
@@ -474,7 +480,7 @@ class Daemon:
                     or self.policy.guard_interval(host) < d.interval):
                 return None
             term_below, _ = g.thresholds(host.mem_total)
-            moved = max(state.HOST_MOVED, host.mem_total // 100)
+            moved = state.quiet_host_move(host.mem_total)   # wide: the guard's band is below
             low = max(term_below + int(d.fill_rate * d.interval),
                       g.psi_available.resolve(host.mem_total), host.mem_available - moved)
             if host.mem_available <= low:
@@ -487,28 +493,29 @@ class Daemon:
             later.append(now + self.publisher.every)
         quiet, step = self._quiet_targets(later)
         if quiet:
-            slots, ceilings = [t.slot for t, _ in quiet], [c for _, c in quiet]
+            slots, ceilings, steps = zip(*((t.slot, c, s) for t, c, s in quiet))
         until = min(later) - now
         if until < 2 * min(look, step):
             return None
         ping = self.notifier.ping_socket()
         if self.notifier.watchdog_interval and ping is None:
             return None
-        why, ready, pings, _avail, ping_ago = sampler.wait_quiet(
+        why, ready, pings, _avail, ping_ago, wakes = sampler.wait_quiet(
             self.targets.host, fds, until, look, low, high, *(ping or (-1, 0.0, 0.0)),
-            *((self.targets.processes, slots, ceilings, step) if quiet else ()))
+            *((self.targets.processes, slots, ceilings, step, steps) if quiet else ()))
+        self.quiet_wakes += wakes
         self.notifier.pinged(pings, ping_ago)
         if why == 3:
             self.notifier.watchdog()   # the notifier's own send: reconnects, counts, logs
         if why == 4 or why == 0:
-            for target, _ in quiet:    # looked at in C: the tick reads them again now
+            for target, _, _ in quiet:   # looked at in C: the tick reads them again now
                 target.next_due = 0.0
         return ready
 
     def _quiet_targets(self, later: List[float]) -> tuple:
-        """([(target, RSS ceiling)], step) for the quiet wait: the single-process targets
-        that nothing in the policy is pending on, looked at every step seconds; every
-        other target adds its next due time to later."""
+        """([(target, RSS ceiling, its step)], shortest step) for the quiet wait: the
+        single-process targets that nothing in the policy is pending on, each looked at
+        every its-step seconds; every other target adds its next due time to later."""
         d, policy = self.config.daemon, self.policy
         candidates = []
         for t in self.targets.targets.values():
@@ -538,10 +545,12 @@ class Daemon:
                 quiet.append((t, level, moved))
         if not quiet:
             return [], QUIET_MAX
-        step = max(d.min_interval, min(d.interval, min(steps)))
-        reach = int(fill * step)
-        quiet = [(t, min(level - reach, t.usage + moved)) for t, level, moved in quiet]
-        return quiet, step
+        # each on its own schedule: one close to its limit does not make the far ones read
+        # as often (at a wake-up the C wait reads every slot due before the next one)
+        steps = [max(d.min_interval, min(d.interval, room)) for room in steps]
+        quiet = [(t, min(level - int(fill * own), t.usage + moved), own)
+                 for (t, level, moved), own in zip(quiet, steps)]
+        return quiet, min(steps)
 
     def _events_for_a_watch(self) -> bool:
         """Read the process events that woke the wait; True if one concerns a watch (or

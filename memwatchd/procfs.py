@@ -618,7 +618,7 @@ class HostReader:
 def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, high: int,
                ping_fd: int = -1, ping_every: float = 0.0, ping_in: float = 0.0,
                table: Optional["ProcessTable"] = None, slots=(), ceilings=(),
-               target_step: float = 0.0):
+               target_step: float = 0.0, steps=()):
     """The compiled wait_quiet's twin (ext/_memread.pyx says what it does): the same
     results, at a Python wake-up's cost for every step."""
     import select
@@ -629,11 +629,17 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
     deadline, next_look = now + timeout, now + step
     next_ping = now + ping_in if ping_fd >= 0 else deadline + 1.0
     slots = list(slots) if table is not None else []
-    next_sample = now + target_step if slots else deadline + 1.0
-    pings, avail, pinged_at = 0, -1, 0.0
+    every = list(steps) if len(steps) else [target_step] * len(slots)
+    if len(every) != len(slots):
+        raise ValueError("steps: one per slot")
+    due = [now + e for e in every]
+    fastest = min(every, default=target_step)
+    next_sample = min(due, default=deadline + 1.0)
+    slack = min([step] + ([fastest] if slots else []) + ([ping_every] if ping_fd >= 0 else [])) / 2
+    pings, avail, pinged_at, wakes = 0, -1, 0.0, 0
 
     def out(why, ready=()):
-        return why, list(ready), pings, avail, (time.monotonic() - pinged_at) if pings else 0.0
+        return why, list(ready), pings, avail, (time.monotonic() - pinged_at) if pings else 0.0, wakes
 
     while True:
         until = min(deadline, next_look, next_ping, next_sample)
@@ -643,8 +649,10 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
             ready = []
         if ready:
             return out(1, ready)
+        wakes += 1
         now = time.monotonic()
-        if now >= next_ping:
+        soon = now + slack if now < deadline else now   # returning: Python pings next
+        if next_ping <= soon:
             try:
                 if os.write(ping_fd, b"WATCHDOG=1") != 10:
                     return out(3)
@@ -655,7 +663,7 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
             next_ping = now + ping_every
         if now >= deadline:
             return out(0)
-        if now >= next_look:
+        if next_look <= soon:
             try:
                 avail = max(-1, parse_keyed(_pread(host._meminfo_fd), (b"MemAvailable",), 1024)[0])
             except OSError:
@@ -663,11 +671,15 @@ def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, hig
             if avail < low or avail > high:
                 return out(2)
             next_look = now + step
-        if now >= next_sample:
-            table.sample_slots(slots)
-            if any(table.status(s) != _types.OK or table.rss(s) >= c for s, c in zip(slots, ceilings)):
+        if next_sample <= soon:
+            now_due = [k for k in range(len(slots)) if due[k] < now + fastest]   # before the next
+            table.sample_slots([slots[k] for k in now_due])
+            for k in now_due:
+                due[k] = now + every[k]
+            if any(table.status(slots[k]) != _types.OK or table.rss(slots[k]) >= ceilings[k]
+                   for k in now_due):
                 return out(4)
-            next_sample = now + target_step
+            next_sample = min(due)
 
 
 # ------------------------------------------------ syscalls the stdlib lacks

@@ -38,6 +38,7 @@ STATE_HEARTBEAT = 30.0   # an unchanged state is rewritten this often (it proves
 FRESH_FOR = 5.0       # `status`: stale once older than the daemon's heartbeat plus this
 MOVED_BYTES = 2**20   # a usage that moved by max(this, 1/64 of its limit) is a change
 HOST_MOVED = 64 * 2**20   # MemAvailable that moved by max(this, 1% of MemTotal) is a change
+QUIET_HOST_SHARE = 10     # ... but the idle daemon's quiet wait comes back for 1/10 of MemTotal
 PSI_MOVED = 1.0       # a PSI avg10 (percent) that moved by this is a change
 RECENT = 10           # actions kept in the state file
 COUNTED_TARGETS = 256  # targets whose actions of the last hour are counted
@@ -98,6 +99,15 @@ def liveness(state: Optional[Dict[str, Any]], now_boot: Optional[float] = None,
     return "running"
 
 
+def quiet_host_move(mem_total: int) -> int:
+    """How far MemAvailable may move before an idle daemon's quiet wait (daemon._wait_quiet)
+    hands back to Python to write it down: 1/QUIET_HOST_SHARE of MemTotal (at least
+    HOST_MOVED). Narrower would cost a Python tick for every allocation of the host's other
+    processes (issue 18); what the guard acts on ends the wait by its own rule (its floor,
+    the PSI gate), and the state says how old its host numbers are (host.sample_age_seconds)."""
+    return max(HOST_MOVED, mem_total // QUIET_HOST_SHARE)
+
+
 def fresh_for(state: Dict[str, Any]) -> float:
     """How old this daemon's state may get while its loop runs: its heartbeat (the
     longest it leaves an unchanged state unwritten) plus FRESH_FOR of slack. A state
@@ -150,12 +160,14 @@ def target_view(t: Any, now: float, last_action: Optional[dict] = None,
     }
 
 
-def host_view(host: Any) -> Optional[Dict[str, Any]]:
-    """A types.HostSample as plain data (psi None where the kernel has no PSI)."""
+def host_view(host: Any, age: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """A types.HostSample as plain data (psi None where the kernel has no PSI); age: how
+    many seconds before now it was read (None: just now, as `status` samples it)."""
     if host is None:
         return None
     p = host.pressure
     return {
+        "sample_age_seconds": round(max(0.0, age or 0.0), 6),
         "mem_total_bytes": host.mem_total,
         "mem_available_bytes": host.mem_available,
         "swap_total_bytes": host.swap_total,
@@ -184,12 +196,13 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
                last_by_target: Optional[Dict[tuple, dict]] = None,
                labels: Optional[Dict[tuple, tuple]] = None,
                counts: Optional[Dict[tuple, int]] = None,
-               estimate: Optional[Any] = None) -> Dict[str, Any]:
+               estimate: Optional[Any] = None, host_age: Optional[float] = None) -> Dict[str, Any]:
     """What `status` shows and the state file holds. daemon=None: sampled by `status` itself.
     last_by_target maps action_key() to the last action on that target, counts to the
     number of actions on it in the last hour; labels caches target_labels() by target key
     across calls (the caller prunes it); estimate is the policy's key -> time-to-exhaustion
-    estimate (Policy.estimate), None outside the daemon."""
+    estimate (Policy.estimate), None outside the daemon; host_age: how old the host
+    sample is (host_view)."""
     last_by_target = last_by_target or {}
     counts = counts or {}
     labels = {} if labels is None else labels
@@ -211,7 +224,7 @@ def build_view(targets: Iterable[Any], host: Any, now: float, config: Any,
         "config": config.source,
         "dry_run": config.daemon.dry_run,
         "daemon": daemon,
-        "host": host_view(host),
+        "host": host_view(host, host_age),
         "guard": guard_view(config.guard, getattr(host, "mem_total", None)),
         "watches": [w.name for w in config.watches],
         "targets": rows,
@@ -434,6 +447,7 @@ class Publisher:
             "discovery": getattr(daemon.targets, "discovery", ""),   # "" when nothing needs it
             "rss_bytes": self.rss(),
             "ticks": daemon.ticks,
+            "quiet_wakes": getattr(daemon, "quiet_wakes", 0),
             "actions_taken": daemon.actions_taken,
             "victims": len(daemon.victims),
             "quarantined": dict(getattr(daemon, "quarantined", {})),
@@ -447,7 +461,8 @@ class Publisher:
         view = build_view(targets.values(), daemon.host, now, self.config,
                           info, self.recent, self.last_by_target, self.labels,
                           self.actions_last_hour(),
-                          policy.estimate if policy is not None and policy.trends else None)
+                          policy.estimate if policy is not None and policy.trends else None,
+                          now - getattr(daemon, "host_read_at", now))
         if policy is not None:
             view["guard"]["predict"] = policy.estimate_host()   # [guard] predict
         return view

@@ -66,7 +66,7 @@ def collect(config: Config, proc_root: str = "/", cgroup_root: str = CGROUP_ROOT
                 view["recent_actions"] = saved.get("recent_actions") or []
     view["state_file"] = path or None
     view["age_seconds"] = age = max(0.0, state.boottime() - view["written_boottime"])
-    for row in view["targets"]:   # as of now, not as of the state write
+    for row in view["targets"] + [view.get("host") or {}]:   # as of now, not of the write
         if row.get("sample_age_seconds") is not None:
             row["sample_age_seconds"] = round(row["sample_age_seconds"] + age, 6)
     return view
@@ -390,6 +390,9 @@ def status_renderable(view: Dict[str, Any], now: Optional[float] = None) -> Grou
                         ("yellow" if psi["some_avg10"] >= 10 else ""))
         else:
             line.append(" · no PSI")
+        host_age = host.get("sample_age_seconds")
+        if host_age is not None and host_age >= 2:   # an idle daemon's: not presented as fresh
+            line.append(f" · sampled {duration(host_age)} ago", style="dim")
     parts.append(line)
     guard = view.get("guard") or {}
     if guard.get("enabled") and guard.get("term_below_bytes") is not None:

@@ -351,7 +351,10 @@ sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 sock.bind(path)
 sock.settimeout(0.05)
 pings = []
-moved = max(64 << 20, psutil.virtual_memory().total // 100)   # state.HOST_MOVED's rule
+# the quiet wait's band (the shared machine's own moves beyond it rightly hand the wait
+# back to Python): a tenth of MemTotal (state.quiet_host_move), the guard's floor plus
+# fill_rate x interval (1.5 GiB under MemAvailable here) below
+moved = min(1536 << 20, max(64 << 20, psutil.virtual_memory().total // 10))
 ref, moves = psutil.virtual_memory().available, 0
 def drain(seconds):
     global ref, moves

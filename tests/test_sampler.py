@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -606,7 +607,7 @@ def test_wait_quiet_times_out_while_memavailable_stays_in_its_band(impl):
     r, w = os.pipe()
     try:
         t0 = time.monotonic()
-        why, ready, pings, seen, ago = impl.wait_quiet(host, [(r, select_POLLIN)], 0.35, 0.1,
+        why, ready, pings, seen, ago, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 0.35, 0.1,
                                                        0, avail + (64 << 30))
         took = time.monotonic() - t0
         assert (why, ready, pings, ago) == (0, [], 0, 0.0)
@@ -623,7 +624,7 @@ def test_wait_quiet_returns_at_once_when_an_fd_fires(impl):
     try:
         os.write(w, b"x")
         t0 = time.monotonic()
-        why, ready, _pings, _seen, _ago = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 1.0,
+        why, ready, _pings, _seen, _ago, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 1.0,
                                                           0, 1 << 62)
         assert why == 1 and ready == [(r, select_POLLIN)]
         assert time.monotonic() - t0 < 1.0
@@ -641,16 +642,16 @@ def test_wait_quiet_comes_back_when_memavailable_leaves_the_band(impl, tmp_path)
     low, high = 7_000_000 * 1024, 9_000_000 * 1024
     r, w = os.pipe()
     try:
-        why, _, _, seen, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 0.25, 0.05, low, high)
+        why, _, _, seen, _, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 0.25, 0.05, low, high)
         assert why == 0 and seen == 8_000_000 * 1024
         for avail_kb in (6_999_999, 9_000_001):
             _meminfo(tmp_path, avail_kb)
             t0 = time.monotonic()
-            why, _, _, seen, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 0.05, low, high)
+            why, _, _, seen, _, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 0.05, low, high)
             assert why == 2 and seen == avail_kb * 1024
             assert time.monotonic() - t0 < 2.0
         path.write_bytes(b"MemTotal:       16000000 kB\n")
-        why, _, _, seen, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 0.05, low, high)
+        why, _, _, seen, _, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 30.0, 0.05, low, high)
         assert why == 2 and seen == -1
     finally:
         os.close(r)
@@ -666,7 +667,7 @@ def test_wait_quiet_pings_a_real_notify_socket_at_its_cadence(impl, tmp_path):
     host = impl.HostReader()
     r, w = os.pipe()
     try:
-        why, _, pings, _, ago = impl.wait_quiet(host, [(r, select_POLLIN)], 1.0, 0.5, 0, 1 << 62,
+        why, _, pings, _, ago, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 1.0, 0.5, 0, 1 << 62,
                                                 sender.fileno(), 0.2, 0.05)
         assert why == 0
         got = []
@@ -679,7 +680,7 @@ def test_wait_quiet_pings_a_real_notify_socket_at_its_cadence(impl, tmp_path):
         assert got == [b"WATCHDOG=1"] * pings and 4 <= pings <= 5, (pings, got)
         assert 0.0 <= ago <= 0.2 + 0.1
         listener.close()                          # systemd went away: the wait says so
-        why, _, pings, _, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 5.0, 1.0, 0, 1 << 62,
+        why, _, pings, _, _, _ = impl.wait_quiet(host, [(r, select_POLLIN)], 5.0, 1.0, 0, 1 << 62,
                                               sender.fileno(), 0.2, 0.0)
         assert why == 3 and pings == 0
     finally:
@@ -687,5 +688,65 @@ def test_wait_quiet_pings_a_real_notify_socket_at_its_cadence(impl, tmp_path):
         os.close(r)
         os.close(w)
 
+
+
+def test_wait_quiet_merges_the_host_look_and_the_pings_into_the_targets_wake_ups(impl, tmp_path):
+    """One wake-up does every look due within half the shortest period: targets every
+    0.1 s, the host every 0.4 s, a ping every 0.8 s over 2 s is about 20 wake-ups, not
+    the 20 + 5 + 2.5 of one wake-up each; every look still happens (the host was read,
+    the pings were sent, the target was sampled: its RSS is known)."""
+    import socket
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    sender.connect(str(tmp_path / "notify.sock"))
+    host = impl.HostReader()
+    table = impl.ProcessTable(capacity=1)
+    slot = table.add(os.getpid())
+    r, w = os.pipe()
+    try:
+        t0 = time.monotonic()
+        why, _, pings, seen, _, wakes = impl.wait_quiet(
+            host, [(r, select_POLLIN)], 2.0, 0.4, 0, 1 << 62, sender.fileno(), 0.8, 0.8,
+            table, [slot], [1 << 50], 0.1)
+        took = time.monotonic() - t0
+        assert why == 0 and seen > 0 and 2 <= pings <= 3 and table.rss(slot) > 0
+        assert wakes <= round(took / 0.1) + 2, (wakes, took)
+    finally:
+        listener.close()
+        sender.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_wait_quiet_reads_each_slot_on_its_own_schedule(impl):
+    """Per-slot steps: a slot far from its limit (every 1.5 s) is not read as often as
+    a close one (every 0.1 s), nor later than its own step. Seen through a process that
+    dies at 0.2 s in the slow slot: the wait ends (why 4) at that slot's first look,
+    about 1.5 s, not at the fast slot's next look."""
+    import subprocess
+    host = impl.HostReader()
+    table = impl.ProcessTable(capacity=2)
+    doomed = subprocess.Popen(["sleep", "30"])
+    fast, slow = table.add(os.getpid()), table.add(doomed.pid)
+    r, w = os.pipe()
+    try:
+        t0 = time.monotonic()
+        threading.Timer(0.2, lambda: (doomed.kill(), doomed.wait())).start()
+        why, _, _, _, _, wakes = impl.wait_quiet(
+            host, [(r, select_POLLIN)], 10.0, 1.0, 0, 1 << 62, -1, 0.0, 0.0,
+            table, [fast, slow], [1 << 50, 1 << 50], 0.1, [0.1, 1.5])
+        took = time.monotonic() - t0
+        assert why == 4 and table.status(slow) != 0, (why, table.status(slow))
+        assert 1.35 <= took <= 1.5 + 1.0, took
+        assert wakes >= 10     # the fast slot's looks went on meanwhile
+        with pytest.raises(ValueError):
+            impl.wait_quiet(host, [], 0.1, 1.0, 0, 1 << 62, -1, 0.0, 0.0,
+                            table, [fast, slow], [1, 1], 0.1, [0.1])
+    finally:
+        doomed.kill()
+        doomed.wait()
+        os.close(r)
+        os.close(w)
 
 select_POLLIN = 1

@@ -137,6 +137,21 @@ def test_hostile_names_are_shown_not_interpreted():
     assert "[blink]evil[/]" in text and "[red]x" in text
 
 
+def test_old_host_numbers_say_how_old_they_are():
+    """An idle daemon writes MemAvailable down only when it moved by a tenth of MemTotal or
+    at the heartbeat (issue 18): the text view says how old the host line is once it is
+    seconds old, and says nothing for a fresh one."""
+    host = {"mem_total_bytes": 8 << 30, "mem_available_bytes": 6 << 30, "psi": None}
+    for age, shown in ((25.0, "sampled 25 s ago"), (0.2, None)):
+        view = {"running": False, "message": "m", "guard": {}, "watches": [], "targets": [],
+                "host": dict(host, sample_age_seconds=age)}
+        console = Console(record=True, width=200)
+        console.print(status.status_renderable(view))
+        text = console.export_text()
+        assert "MemAvailable 6 GiB of 8 GiB" in text
+        assert (shown in text) if shown else ("sampled" not in text), text
+
+
 def test_a_target_acted_on_again_and_again_says_how_often():
     last = {"time": "2024-01-01T00:00:00.000Z", "action": "kill", "signal": "SIGKILL",
             "reason": "over-limit"}
@@ -299,6 +314,8 @@ result(view=json.loads(out.stdout), text=text.stdout, rc=out.returncode, err=out
     assert rows["big"]["sample_age_seconds"] <= view["age_seconds"] + rows["big"]["interval_seconds"] + 0.5
     assert view["age_seconds"] < state.fresh_for(view)
     assert view["daemon"]["state_heartbeat_seconds"] == state.STATE_HEARTBEAT
+    # the host numbers say how old they are too, as of now: the tick that wrote them read them
+    assert view["age_seconds"] <= view["host"]["sample_age_seconds"] <= view["age_seconds"] + 1.0
     assert "running" in r["text"] and "hog-big" in r["text"] and "RSS" in r["text"]
     after = r["after"]
     assert after["running"] is False and "not running" in after["message"]
