@@ -387,7 +387,7 @@ class Daemon:
 
     def _sleep(self) -> None:
         now = self.clock()
-        due = [t.next_due for t in self.targets.targets.values()]
+        due = [self.targets.next_due()]   # no Python step per target the table schedules
         if self.host is not None:
             due.append(now + self.policy.guard_interval(self.host))
         if self.victims or self.targets.busy:   # busy: a cmdline pass resumes (targets)
