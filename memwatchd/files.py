@@ -90,10 +90,7 @@ class BackgroundWriter:
             _thread.start_new_thread(self._run, ())
         except RuntimeError:   # no thread to be had (RLIMIT_NPROC, memory): write here
             self._run()
-        if self._done.acquire(True, wait):
-            self._done.release()
-            return True
-        return False
+        return self.flush(wait)
 
     def flush(self, wait: float) -> bool:
         """Wait up to ``wait`` seconds for the writes in flight; True once none is."""
