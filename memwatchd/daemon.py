@@ -606,7 +606,8 @@ class Daemon:
         """The host reader adds /proc/vmstat's refault counters only where the guard's
         pressure trigger can use them: MemAvailable under psi_available."""
         g = config.guard
-        on = g.enabled and g.psi_refaults > 0 and (g.psi_full > 0 or g.psi_some > 0)
+        on = g.enabled and g.psi_refaults > 0 and (g.psi_full > 0 or g.psi_full_kill > 0
+                                                    or g.psi_some > 0)
         self.targets.host.refaults_below = (g.psi_available.resolve(self.targets.mem_total)
                                             if on else -1)
 

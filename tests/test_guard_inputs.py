@@ -54,6 +54,9 @@ def test_the_guard_gets_refaults_only_under_its_pressure_gate_and_reload_follows
     assert d.targets.host.refaults_below == 50 * MiB
     d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
                                  "guard": {"psi_full": 0, "psi_some": 0}}, "t"))
+    assert d.targets.host.refaults_below == 200_000 * 1024      # psi_full_kill alone is gated too
+    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+                                 "guard": {"psi_full": 0, "psi_full_kill": 0, "psi_some": 0}}, "t"))
     assert d.targets.host.refaults_below == -1                  # no pressure trigger: no need
 
 
