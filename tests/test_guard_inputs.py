@@ -11,6 +11,8 @@ from memwatchd.daemon import Daemon, Options
 
 MiB = 1 << 20
 PAGE = os.sysconf("SC_PAGESIZE")
+# dry_run: the guard runs for real but can signal nothing (and the fake tree has no pids)
+DAEMON = {"events": "", "state": "", "dry_run": True}
 
 
 def lay_out(root, avail_kb, full_us=0, refault_pages=0, swap_kb=0):
@@ -26,7 +28,7 @@ def lay_out(root, avail_kb, full_us=0, refault_pages=0, swap_kb=0):
 
 
 def daemon(root, guard=None):
-    config = parse_config({"daemon": {"events": "", "state": ""}, "guard": guard or {}}, "t")
+    config = parse_config({"daemon": DAEMON, "guard": guard or {}}, "t")
     return Daemon(config, Options(proc_root=str(root), psi_trigger=False, lock_memory=False))
 
 
@@ -44,18 +46,18 @@ def test_the_guard_gets_refaults_only_under_its_pressure_gate_and_reload_follows
     d.tick()
     assert d.host.refaults == 1000 * PAGE + 2 * MiB
     assert [entry[3] for entry in d.policy.guard.pressure] == [1000 * PAGE, 1000 * PAGE + 2 * MiB]
-    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+    d.apply_config(parse_config({"daemon": DAEMON,
                                  "guard": {"psi_refaults": 0}}, "t"))
     assert d.targets.host.refaults_below == -1
     d.tick()
     assert d.host.refaults is None                              # off: pressure alone decides
-    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+    d.apply_config(parse_config({"daemon": DAEMON,
                                  "guard": {"psi_available": "50M"}}, "t"))
     assert d.targets.host.refaults_below == 50 * MiB
-    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+    d.apply_config(parse_config({"daemon": DAEMON,
                                  "guard": {"psi_full": 0, "psi_some": 0}}, "t"))
     assert d.targets.host.refaults_below == 200_000 * 1024      # psi_full_kill alone is gated too
-    d.apply_config(parse_config({"daemon": {"events": "", "state": ""},
+    d.apply_config(parse_config({"daemon": DAEMON,
                                  "guard": {"psi_full": 0, "psi_full_kill": 0, "psi_some": 0}}, "t"))
     assert d.targets.host.refaults_below == -1                  # no pressure trigger: no need
 
