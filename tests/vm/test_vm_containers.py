@@ -19,13 +19,13 @@ image import included); the image's Docker packages add about 30 s to its build.
 """
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 import harness
-from test_vm_scenarios import assert_checks   # the same results format (scenario/driver.py)
+# the same results format (scenario/driver.py)
+from test_vm_scenarios import assert_checks, finished_results
 
 pytestmark = pytest.mark.vm
 
@@ -53,15 +53,7 @@ def boot(mode, image, wheels, run_dir):
     result = harness.run_guest(
         SCRIPT.format(mode=mode), wheels_dir=wheels if mode == "protected" else None,
         extra_files=guest_files(), image=image, run_dir=run_dir, mem_mb=1024, timeout=900)
-    assert not result.timed_out, result.describe()
-    assert result.exit_code == 0, result.describe()
-    results = result.read_json("results.json")
-    results["boot_seconds"] = round(result.duration, 1)
-    keep = os.environ.get("MEMWATCHD_VM_RESULTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(result.share_dir / "results.json", Path(keep) / ("containers-%s.json" % mode))
-    return result, results
+    return result, finished_results(result, "containers-%s.json" % mode)
 
 
 def summary(results):

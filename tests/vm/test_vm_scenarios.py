@@ -68,6 +68,12 @@ def boot(mode, image, wheels, run_dir, timeout):
         SCRIPT.format(mode=mode, reload="" if mode == "protected" else "systemctl daemon-reload"),
         wheels_dir=wheels if mode == "protected" else None, extra_files=guest_files(), image=image, run_dir=run_dir,
         mem_mb=1024, timeout=timeout)
+    return result, finished_results(result, "%s.json" % mode)
+
+
+def finished_results(result, keep_as):
+    """The driver's results.json of a boot that must have run to the end, with its boot
+    time; a copy kept as keep_as in $MEMWATCHD_VM_RESULTS when that is set."""
     assert not result.timed_out, result.describe()
     assert result.exit_code == 0, result.describe()
     results = result.read_json("results.json")
@@ -75,8 +81,8 @@ def boot(mode, image, wheels, run_dir, timeout):
     keep = os.environ.get("MEMWATCHD_VM_RESULTS")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(result.share_dir / "results.json", Path(keep) / ("%s.json" % mode))
-    return result, results
+        shutil.copy(result.share_dir / "results.json", Path(keep) / keep_as)
+    return results
 
 
 @pytest.fixture(scope="module")
