@@ -123,8 +123,9 @@ cdef inline int parse_statm_c(const char *buf, ssize_t n, int64_t *vms_pages, in
         return -1
     return 0
 
-cdef int64_t parse_stat_start_time_c(const char *buf, ssize_t n) nogil:
-    """Field 22 of /proc/<pid>/stat, counted after the LAST ')' (comm may hold ')')."""
+cdef int64_t parse_stat_field_c(const char *buf, ssize_t n, int want) nogil:
+    """Numeric field ``want`` (> 2) of /proc/<pid>/stat, counted after the LAST ')'
+    (comm may hold ')'); -1 if malformed."""
     cdef ssize_t i = n - 1
     cdef const char *p
     cdef const char *end = buf + n
@@ -139,13 +140,17 @@ cdef int64_t parse_stat_start_time_c(const char *buf, ssize_t n) nogil:
         if p[0] == b' ':
             field += 1
             p += 1
-            if field == 22:
+            if field == want:
                 if parse_uint(p, end, &v) == NULL:
                     return -1
                 return v
         else:
             p += 1
     return -1
+
+cdef inline int64_t parse_stat_start_time_c(const char *buf, ssize_t n) nogil:
+    """Field 22 (starttime) of /proc/<pid>/stat."""
+    return parse_stat_field_c(buf, n, 22)
 
 cdef int parse_keyed_c(const char *buf, ssize_t n, list keys, int64_t *out, int64_t scale_kb) except -1:
     """Lines "key value [kB]" (memory.stat, memory.events) or "Key:  value kB" (meminfo).
@@ -345,6 +350,7 @@ cdef class ProcessTable:
     cdef int64_t *rss_bytes
     cdef int64_t *vms_bytes
     cdef int64_t *start_times
+    cdef int64_t *majflts          # majflt (stat field 12) when the slot was added
     cdef int64_t *pids
     cdef signed char *statuses
     cdef signed char *in_schedule  # the slot's schedule is kept here
@@ -373,7 +379,7 @@ cdef class ProcessTable:
                 if self.fds[i] >= 0:
                     close(self.fds[i])
         free(self.fds); free(self.rss_bytes); free(self.vms_bytes)
-        free(self.start_times); free(self.pids); free(self.statuses)
+        free(self.start_times); free(self.majflts); free(self.pids); free(self.statuses)
         free(self.via_thread); free(self.pending)
         free(self.in_schedule); free(self.quiet_below); free(self.limits)
         free(self.due); free(self.sampled); free(self.intervals)
@@ -396,10 +402,12 @@ cdef class ProcessTable:
         self.rss_bytes = <int64_t *>realloc(self.rss_bytes, newcap * sizeof(int64_t))
         self.vms_bytes = <int64_t *>realloc(self.vms_bytes, newcap * sizeof(int64_t))
         self.start_times = <int64_t *>realloc(self.start_times, newcap * sizeof(int64_t))
+        self.majflts = <int64_t *>realloc(self.majflts, newcap * sizeof(int64_t))
         self.pids = <int64_t *>realloc(self.pids, newcap * sizeof(int64_t))
         self.statuses = <signed char *>realloc(self.statuses, newcap)
         if (self.fds == NULL or self.rss_bytes == NULL or self.vms_bytes == NULL
-                or self.start_times == NULL or self.pids == NULL or self.statuses == NULL):
+                or self.start_times == NULL or self.majflts == NULL or self.pids == NULL
+                or self.statuses == NULL):
             raise MemoryError()
         self.capacity = newcap
 
@@ -409,7 +417,7 @@ cdef class ProcessTable:
         cdef int dirfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         cdef int fd, statfd, err
         cdef ssize_t n
-        cdef int64_t start
+        cdef int64_t start, majflt
         if dirfd < 0:
             _types.raise_for_status(status_of(errno), f"process {pid}")
         try:
@@ -422,6 +430,7 @@ cdef class ProcessTable:
             if n < 0:
                 _types.raise_for_status(status_of(err), f"process {pid}")
             start = parse_stat_start_time_c(self.buf, n)
+            majflt = parse_stat_field_c(self.buf, n, 12)
             if start < 0:
                 raise _types.TargetGone(f"process {pid}: unreadable stat")
             fd = openat(dirfd, b"statm", O_RDONLY | O_CLOEXEC)
@@ -440,6 +449,7 @@ cdef class ProcessTable:
         self.fds[slot] = fd
         self.pids[slot] = pid
         self.start_times[slot] = start
+        self.majflts[slot] = majflt
         self.rss_bytes[slot] = 0
         self.vms_bytes[slot] = 0
         self.statuses[slot] = _types.OK
@@ -652,6 +662,11 @@ cdef class ProcessTable:
     def start_time(self, Py_ssize_t slot):
         self._check(slot)
         return self.start_times[slot]
+
+    def major_faults(self, Py_ssize_t slot):
+        """Its major page faults (stat field 12) when the slot was added; -1 unreadable."""
+        self._check(slot)
+        return self.majflts[slot]
 
     def __len__(self):
         return self.used - len(self.free_slots)
@@ -900,7 +915,7 @@ cdef class CgroupTable:
 MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
 # pages brought back in: from swap, and file pages evicted recently (workingset_refault
 # before Linux 5.9 split it into _anon and _file; anon refaults are swap-ins anyway)
-VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault"]
+VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault", b"pgmajfault"]
 DEF VMSTAT_BUFSIZE = 16384
 
 
@@ -936,17 +951,18 @@ cdef class HostReader:
             close(self.vmstat_fd)
 
     cdef object _refaults(self):
-        """Bytes refaulted since boot (pswpin + file refaults), None if unreadable."""
+        """(bytes refaulted since boot: pswpin + file refaults, major faults since boot or
+        None), or (None, None) if unreadable."""
         cdef char vbuf[VMSTAT_BUFSIZE]
-        cdef int64_t v[3]
+        cdef int64_t v[4]
         cdef ssize_t n = pread_retry(self.vmstat_fd, vbuf, VMSTAT_BUFSIZE - 1)
         if n <= 0:
-            return None
-        v[0] = v[1] = v[2] = _types.UNKNOWN
+            return None, None
+        v[0] = v[1] = v[2] = v[3] = _types.UNKNOWN
         parse_keyed_c(vbuf, n, VMSTAT_KEYS, v, 1)
         if v[0] < 0 or (v[1] < 0 and v[2] < 0):
-            return None
-        return (v[0] + (v[1] if v[1] >= 0 else v[2])) * PAGE_SIZE
+            return None, None
+        return (v[0] + (v[1] if v[1] >= 0 else v[2])) * PAGE_SIZE, (v[3] if v[3] >= 0 else None)
 
     @property
     def has_psi(self):
@@ -970,10 +986,10 @@ cdef class HostReader:
             memset(psi, 0, sizeof(psi))
             if n >= 0 and parse_psi_c(self.buf, n, psi) == 0:
                 pressure = _pressure_from(psi)
-        refaults = None
+        refaults = major_faults = None
         if self.vmstat_fd >= 0 and 0 <= mem[1] < self.refaults_below:
-            refaults = self._refaults()
-        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults)
+            refaults, major_faults = self._refaults()
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults)
 
 
 cdef inline double monotonic_now() noexcept nogil:

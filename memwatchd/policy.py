@@ -28,6 +28,9 @@ PSI_INTERVAL = 0.25      # sampling period while pressure builds with memory low
 GUARD_FASTER = 5         # near its floor the guard samples this many times per min_interval
 RESTING_MAX = 4096       # cooldowns kept for forgotten targets (the daemon's memory is locked)
 PREDICT_SAMPLES = 50     # a predicted exhaustion is sampled at least this often before it
+ANYONE_THRASH = 2        # refaults at this many times psi_refaults are a thrash whoever faults
+OWN_SPAN = 0.5           # seconds of the largest process's own major faults to attribute a thrash
+OWN_SHARE = 0.5          # ...which must be this fraction of its share of the RSS, or more
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
 REASON_WARN = "warn-level"
@@ -78,7 +81,8 @@ class GuardState:
     and the pressure totals of the last psi_window seconds (emptied at every action,
     so pressure fires again only if it is measured high after the last one)."""
 
-    __slots__ = ("victim", "term_at", "killed", "cooldown_until", "pressure")
+    __slots__ = ("victim", "term_at", "killed", "cooldown_until", "pressure", "suspect",
+                 "suspect_next")
 
     def __init__(self) -> None:
         self.victim: Optional[Candidate] = None
@@ -86,6 +90,10 @@ class GuardState:
         self.killed = False
         self.cooldown_until = 0.0
         self.pressure: deque = deque()   # (time, some_total_us, full_total_us, refaults)
+        # (key, time, its major faults, the host's) of the process a pressure trigger
+        # would stop, until its own faults say whether it is part of the thrash
+        self.suspect: Optional[tuple] = None
+        self.suspect_next = 0.0   # no /proc scan for it before this time (one per OWN_SPAN)
 
 
 def is_quiet(r: Reading, state: Optional[TargetState]) -> bool:
@@ -163,6 +171,34 @@ def thrashing(guard: GuardConfig, share: Sequence) -> bool:
     (not read, old kernel) or with psi_refaults = 0, pressure alone decides."""
     refaults = share[2] if len(share) > 2 else None
     return guard.psi_refaults <= 0 or refaults is None or refaults >= guard.psi_refaults
+
+
+def own_thrash(guard: GuardConfig, share: Sequence, victim: Candidate, since: Optional[tuple],
+               host: HostSample, total_rss: int, now: float) -> Optional[bool]:
+    """Whether a pressure trigger may stop ``victim``: True, False, or None (not known
+    yet: measure its faults from now, ``since`` = (key, time, its major faults, the
+    host's) taken OWN_SPAN earlier).
+
+    A hot leak's own pages come back (it keeps touching what went to swap); a job
+    whose cold pages go to swap pushes the *others'* pages out, and theirs come back
+    (measured in the guest: 4.1-5.0 MiB/s of swap-ins, the same rate a hot leak shows
+    when the guard must act, while the cold job itself faulted nothing). So below
+    ANYONE_THRASH x psi_refaults the largest process is a thrash's cause only if its
+    share of the host's major faults is at least OWN_SHARE of its share of the RSS
+    (ten equal workers that fault alike each qualify). Above it (a page-cache thrash:
+    15-83 MiB/s of file refaults, none of them the hog's), or where the counters are
+    unknown (an old kernel, a replayed trace), pressure and refaults decide alone."""
+    refaults = share[2] if len(share) > 2 else None
+    if (guard.psi_refaults <= 0 or refaults is None
+            or refaults >= ANYONE_THRASH * guard.psi_refaults
+            or victim.major_faults < 0 or host.major_faults is None):
+        return True
+    if since is None or since[0] != victim.key or now - since[1] < OWN_SPAN:
+        return None
+    own, everyone = victim.major_faults - since[2], host.major_faults - since[3]
+    if everyone <= 0:
+        return False
+    return own / everyone >= OWN_SHARE * victim.rss / max(victim.rss, total_rss)
 
 
 def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRAM,
@@ -487,6 +523,7 @@ class Policy:
         hist, p = self.guard.pressure, host.pressure
         if p is None or not pressure_gate(self.config.guard, host):
             hist.clear()
+            self.guard.suspect = None
             return None
         if not hist or now - hist[-1][0] >= PSI_STEP:
             hist.append((now, p.some_total_us, p.full_total_us, host.refaults))
@@ -501,12 +538,30 @@ class Policy:
     def guard_wants_victim(self, now: float, host: HostSample) -> bool:
         """True when the guard fires and has no victim in flight: the daemon should
         list candidates and call ``guard_evaluate``."""
-        level, _ = self.guard_level_now(now, host)
+        level, reason = self.guard_level_now(now, host)
         if level is None and self.config.guard.enabled and self.config.guard.predict > 0:  # issue 15
             level = self._predict_host(now, host)
         if level is None or self.guard.victim is not None:
             return False
+        if reason in PSI_REASONS and self.guard.suspect is not None and now < self.guard.suspect_next:
+            return False   # its own faults are being measured: no /proc scan until they can tell
         return level == "kill" or now >= self.guard.cooldown_until
+
+    def _victim_thrashes(self, now: float, host: HostSample, victim: Candidate,
+                         candidates: Sequence[Candidate]) -> bool:
+        """own_thrash over the suspect kept in the guard's state: measured from the
+        first tick pressure would stop this victim, restarted psi_window later if it
+        stays out of the thrash (its faults are weighed over the recent past only)."""
+        g, st = self.config.guard, self.guard
+        since = st.suspect
+        if since is not None and since[0] != victim.key:
+            since = None   # another process is the largest now: measure it afresh
+        own = own_thrash(g, pressure_share(st.pressure) or (), victim, since, host,
+                         sum(c.rss for c in candidates), now)
+        if since is None or (own is False and now - since[1] >= g.psi_window):
+            st.suspect = (victim.key, now, victim.major_faults, host.major_faults)
+        st.suspect_next = now + OWN_SPAN
+        return own is True
 
     def _predict_host(self, now: float, host: HostSample) -> Optional[str]:
         """Feed the host's trend with what is used of what the guard counts (RAM, plus
@@ -570,6 +625,9 @@ class Policy:
         victim = choose_victim(candidates, self.config, never)
         if victim is None:
             return []
+        if reason in PSI_REASONS and not self._victim_thrashes(now, host, victim, candidates):
+            return []
+        st.suspect = None
         st.victim, st.term_at = victim, now
         st.killed = level == "kill"
         st.pressure.clear()   # pressure must be measured high again, after this action

@@ -77,6 +77,13 @@ def parse_stat_start_time(data: bytes) -> int:
     return value
 
 
+def _stat_major_faults(data: bytes) -> int:
+    """Field 12 (majflt) of /proc/<pid>/stat; -1 if malformed."""
+    fields = data[data.rfind(b")") + 1:].split(b" ")
+    value, _ = _leading_uint(fields[10]) if len(fields) > 10 else (None, None)
+    return -1 if value is None else value
+
+
 def parse_keyed(data: bytes, keys: Sequence, scale_kb: int = 1024) -> List[int]:
     """Lines "key value" or "Key: value kB": values of keys (bytes), UNKNOWN where absent."""
     wanted = [k if isinstance(k, bytes) else k.encode() for k in keys]
@@ -189,6 +196,7 @@ class ProcessTable:
         self._status: List[int] = []
         self._pids: List[int] = []
         self._starts: List[int] = []
+        self._majflts: List[int] = []   # majflt (stat field 12) when the slot was added
         self._via_thread: List[bool] = []   # reads /proc/<pid>/task/<tid>/statm
         self._free: List[int] = []
         # the table's own schedule (issue 18): per slot, whether it is scheduled here,
@@ -222,6 +230,7 @@ class ProcessTable:
                 finally:
                     os.close(statfd)
                 start = parse_stat_start_time(stat)
+                majflt = _stat_major_faults(stat)
                 fd = _open_at("statm", dirfd)
             except OSError as e:
                 raise_for_status(status_for_errno(e.errno), what)
@@ -234,10 +243,12 @@ class ProcessTable:
         else:
             slot = len(self._fds)
             for column in (self._fds, self._rss, self._vms, self._status, self._pids, self._starts,
+                           self._majflts,
                            self._via_thread, self._scheduled, self._quiet_below, self._limit,
                            self._due, self._sampled_at, self._interval):
                 column.append(0)
         self._fds[slot], self._pids[slot], self._starts[slot] = fd, pid, start
+        self._majflts[slot] = majflt
         self._via_thread[slot] = self._scheduled[slot] = False
         self._rss[slot] = self._vms[slot] = 0
         self._status[slot] = OK
@@ -391,6 +402,11 @@ class ProcessTable:
     def start_time(self, slot: int) -> int:
         self._check(slot)
         return self._starts[slot]
+
+    def major_faults(self, slot: int) -> int:
+        """Its major page faults (stat field 12) when the slot was added; -1 unreadable."""
+        self._check(slot)
+        return self._majflts[slot]
 
     def __len__(self) -> int:
         return len(self._fds) - len(self._free)
@@ -555,7 +571,7 @@ def _cgroup_sample(current, mmax, high, swap, events, stat, pressure) -> CgroupS
 MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
 # pages brought back in: from swap, and file pages evicted recently (workingset_refault
 # before Linux 5.9 split it into _anon and _file; anon refaults are swap-ins anyway)
-VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault"]
+VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault", b"pgmajfault"]
 VMSTAT_BUFSIZE = 16384
 
 
@@ -583,16 +599,18 @@ class HostReader:
             if fd >= 0:
                 os.close(fd)
 
-    def _refaults(self) -> Optional[int]:
-        """Bytes refaulted since boot (pswpin + file refaults), None if unreadable."""
+    def _refaults(self) -> tuple:
+        """(bytes refaulted since boot: pswpin + file refaults, major faults since boot or
+        None), or (None, None) if unreadable."""
         try:
             data = os.pread(self._vmstat_fd, VMSTAT_BUFSIZE - 1, 0)
         except OSError:
-            return None
-        swapins, file_new, file_old = parse_keyed(data, VMSTAT_KEYS, 1)
+            return None, None
+        swapins, file_new, file_old, majflt = parse_keyed(data, VMSTAT_KEYS, 1)
         if swapins < 0 or (file_new < 0 and file_old < 0):
-            return None
-        return (swapins + (file_new if file_new >= 0 else file_old)) * PAGE_SIZE
+            return None, None
+        return ((swapins + (file_new if file_new >= 0 else file_old)) * PAGE_SIZE,
+                majflt if majflt >= 0 else None)
 
     @property
     def has_psi(self) -> bool:
@@ -609,10 +627,10 @@ class HostReader:
                 values = None
             if values is not None:
                 pressure = _pressure_from(values)
-        refaults = None
+        refaults = major_faults = None
         if self._vmstat_fd >= 0 and 0 <= mem[1] < self.refaults_below:
-            refaults = self._refaults()
-        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults)
+            refaults, major_faults = self._refaults()
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults)
 
 
 def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, high: int,

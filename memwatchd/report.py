@@ -267,10 +267,20 @@ def decision_text(watch: str, usage: Optional[int], limit: Optional[int], reason
         psi_kill=f"{getattr(guard, 'psi_full_kill', 0):g}%",
         psi_some=f"{getattr(guard, 'psi_some', 0):g}%",
         window=f"{getattr(guard, 'psi_window', 0):g} s",
-        refaults=(f" with evicted pages coming back at {format_size(guard.psi_refaults)}/s or more"
-                  if getattr(guard, "psi_refaults", 0) > 0 and getattr(host, "refaults", None) is not None
-                  else ""))
+        refaults=_refaults_text(guard, host))
     return f"at {format_size(usage)}, the largest it may stop: {measured} ({reason})"
+
+
+def _refaults_text(guard, host) -> str:
+    """What the refault rule (policy.thrashing, policy.own_thrash) measured, if it did."""
+    rate = getattr(guard, "psi_refaults", 0)
+    if rate <= 0 or getattr(host, "refaults", None) is None:
+        return ""
+    own = ""
+    if getattr(host, "major_faults", None) is not None:
+        from memwatchd.policy import ANYONE_THRASH
+        own = f" (its own among them, or {format_size(ANYONE_THRASH * rate)}/s in all)"
+    return f" with evicted pages coming back at {format_size(rate)}/s or more{own}"
 
 
 # ------------------------------------------------------------------ event log

@@ -1101,6 +1101,6 @@ class TargetSet:
                     if comm in self.config.protect.names else (-1, False)
                 out.append(Candidate(("process", pid, table.start_time(slot)), pid, comm,
                                      read_cgroup(pid, self.proc), table.rss(slot), uid,
-                                     root_exe))
+                                     root_exe, table.major_faults(slot)))
             table.remove(slot)
         return out

@@ -98,13 +98,16 @@ class Pressure(namedtuple("Pressure", "some_avg10 some_avg60 some_avg300 some_to
     __slots__ = ()
 
 
-class HostSample(namedtuple("HostSample", "mem_total mem_available swap_total swap_free pressure refaults",
-                            defaults=(None,))):
+class HostSample(namedtuple("HostSample",
+                            "mem_total mem_available swap_total swap_free pressure refaults major_faults",
+                            defaults=(None, None))):
     """/proc/meminfo and /proc/pressure/memory, in bytes; pressure is None where PSI is missing.
 
     refaults: bytes brought back in since boot (/proc/vmstat pswpin + file workingset
     refaults, in pages x page size), read only while MemAvailable is under the reader's
     ``refaults_below`` (the guard's pressure gate); None when not read or missing.
+    major_faults: /proc/vmstat pgmajfault (every process's major faults since boot), read
+    with refaults; what a candidate's own major faults are a share of (policy.own_thrash).
     """
 
     __slots__ = ()
@@ -151,8 +154,8 @@ class Reading(namedtuple("Reading", "key watch usage limit warn unreclaimable ce
     __slots__ = ()
 
 
-class Candidate(namedtuple("Candidate", "key pid comm cgroup rss uid exe_root_owned",
-                           defaults=(-1, False))):
+class Candidate(namedtuple("Candidate", "key pid comm cgroup rss uid exe_root_owned major_faults",
+                           defaults=(-1, False, -1))):
     """A process the host guard may choose (listed only when the guard fires).
 
     key is ("process", pid, start_time); cgroup is below the cgroup root,
@@ -160,7 +163,9 @@ class Candidate(namedtuple("Candidate", "key pid comm cgroup rss uid exe_root_ow
     exe_root_owned (its executable is a root-owned regular file that nobody else
     may write; None when the kernel does not let memwatchd look) say whether its
     name could have been forged: any user can call a process "sshd". targets
-    fills them for processes with a protected name.
+    fills them for processes with a protected name. major_faults: its major page faults
+    (stat field 12, -1 unknown), to tell whether its own pages come back (a thrash) or
+    only the others' (its growth pushed them out: policy.own_thrash).
     """
 
     __slots__ = ()

@@ -82,3 +82,36 @@ def test_a_stuck_proc_swaps_does_not_hold_up_the_tick(tmp_path):
             time.sleep(0.01)
     d.tick()
     assert not d.swaps.stuck and d.readers.alive == 0
+
+
+def test_guard_candidates_carry_their_own_major_faults(tmp_path):
+    """The guard weighs the largest process's own major faults against the host's
+    (policy.own_thrash): each candidate carries its stat field 12 as the scan read it.
+    A child faults a dropped file's pages back in through a mapping; the real /proc
+    is only read here (guard_candidates lists, it never signals)."""
+    import subprocess
+    import sys
+    from memwatchd.targets import TargetSet
+    path = tmp_path / "pages"
+    path.write_bytes(os.urandom(8 * MiB))
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import mmap, os, sys\n"
+        "f = open(sys.argv[1], 'rb'); os.fsync(f.fileno())\n"
+        "os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "sum(m[i] for i in range(0, len(m), mmap.PAGESIZE))\n"
+        "print('ready', flush=True); sys.stdin.read()\n"), str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            majflt = int(f.read().rsplit(b")", 1)[1].split()[9])
+        found = [c for c in TargetSet(parse_config({}, "t"), never={os.getpid()}).guard_candidates()
+                 if c.pid == child.pid]
+        assert len(found) == 1 and found[0].major_faults == majflt
+        if majflt == 0:
+            import pytest
+            pytest.skip("this filesystem kept the pages (tmpfs?): no major fault to count")
+    finally:
+        child.kill()
+        child.wait()

@@ -356,6 +356,100 @@ def test_cold_reclaim_then_thrash_episode():
     assert now <= 1.1
 
 
+def faulting(c, major_faults):
+    return c._replace(major_faults=major_faults)
+
+
+@pytest.mark.parametrize("why, refaults_mib, victim_mib, total_mib, own, everyone, span, expected", [
+    # a hot leak: most of the RSS, most of the host's major faults (the guest: 86-96%)
+    ("hot leak", 5, 700, 900, 90, 100, 0.5, True),
+    # a job whose cold pages go to swap: the others' pages come back, not its own
+    ("cold job", 5, 700, 900, 2, 100, 0.5, False),
+    # one of ten equal workers faulting alike: a tenth of the RSS, a tenth of the faults
+    ("ten workers", 5, 100, 1000, 10, 100, 0.5, True),
+    ("ten workers, this one idle", 5, 100, 1000, 4, 100, 0.5, False),
+    ("nobody faulted", 5, 700, 900, 0, 0, 0.5, False),
+    # at ANYONE_THRASH x psi_refaults (a page-cache thrash: the hog faults nothing) whoever's
+    ("page-cache thrash", 8, 700, 900, 0, 100, 0.5, True),
+    ("not measured long enough", 5, 700, 900, 90, 100, 0.2, None),
+])
+def test_own_thrash_table(why, refaults_mib, victim_mib, total_mib, own, everyone, span, expected):
+    g = GuardConfig()   # psi_refaults 4 MiB/s: 8 MiB/s is a thrash whoever faults
+    victim = faulting(cand(61, victim_mib), 1000 + own)
+    since = (victim.key, 10.0, 1000, 50000)
+    sample = host(0.5)._replace(refaults=1, major_faults=50000 + everyone)
+    share = (40.0, 30.0, refaults_mib * MiB)
+    assert P.own_thrash(g, share, victim, since, sample, total_mib * MiB, 10.0 + span) is expected, why
+
+
+def test_own_thrash_unknown_counters_leave_pressure_to_decide():
+    """An old kernel (no pgmajfault), a candidate whose stat could not be read, a replayed
+    trace (no counters), psi_refaults = 0: the rule cannot attribute, so it does not veto."""
+    g = GuardConfig()
+    c = faulting(cand(61, 700), 1000)
+    since = (c.key, 0.0, 1000, 50000)
+    share = (40.0, 30.0, 5 * MiB)
+    sample = host(0.5)._replace(major_faults=50100)
+    assert P.own_thrash(g, share, c, since, sample, 900 * MiB, 1.0) is False
+    assert P.own_thrash(g, share, c, since, sample._replace(major_faults=None), 900 * MiB, 1.0) is True
+    assert P.own_thrash(g, share, cand(61, 700), since, sample, 900 * MiB, 1.0) is True   # -1
+    assert P.own_thrash(g, (40.0, 30.0, None), c, since, sample, 900 * MiB, 1.0) is True
+    assert P.own_thrash(g._replace(psi_refaults=0), share, c, since, sample, 900 * MiB, 1.0) is True
+    assert P.own_thrash(g, share, c, None, sample, 900 * MiB, 1.0) is None   # not measured yet
+    other = (("process", 99, 5), 0.0, 1000, 50000)
+    assert P.own_thrash(g, share, c, other, sample, 900 * MiB, 1.0) is None  # another process's
+
+
+def _cold_then_hot(pol, cands_at, seconds, own_rate_at, refault_rate=5 * MiB, step=0.05):
+    """Drive the Policy with HostSamples as the reader makes them: PSI full 30% with
+    refaults at refault_rate, the host faulting 100 times a second, the largest
+    candidate own_rate_at(now) of them; returns (first decision time or None, scans)."""
+    refaults = host_faults = 0
+    own = 1000.0
+    scans = 0
+    for i in range(int(seconds / step)):
+        now = i * step
+        refaults += int(refault_rate * step)
+        host_faults += int(100 * step)
+        own += own_rate_at(now) * step
+        sample = host(1)._replace(pressure=stalls(now * 0.4, now * 0.3), refaults=refaults,
+                                  major_faults=host_faults)
+        if pol.guard_wants_victim(now, sample):
+            scans += 1
+            got = pol.guard_evaluate(now, sample, cands_at(int(own)))
+            if got:
+                assert kinds(got) == [("signal", signal.SIGTERM, P.REASON_GUARD_PSI)]
+                return now, scans
+    return None, scans
+
+
+def test_cold_job_is_spared_until_its_own_pages_come_back():
+    """The benign cold-page job: a thrash by the host's counters (PSI full 30%, 5 MiB/s of
+    refaults, the rate a hot leak shows when the guard must act) but the largest process
+    faults 2 of the host's 100 times a second: nothing for 10 s, and the /proc scans that
+    weigh it come at most once per OWN_SPAN (not every tick). When its own pages start
+    coming back (90 of 100) it is stopped within the attribution span."""
+    pol = P.Policy(default_config())
+    cands_at = lambda own: [cand(60, 150), faulting(cand(61, 700), own)]   # noqa: E731
+    fired, scans = _cold_then_hot(pol, cands_at, 16.0, lambda now: 2 if now < 10.0 else 90)
+    assert fired is not None and 10.0 < fired <= 10.0 + 2 * P.OWN_SPAN + 0.1, fired
+    assert scans <= 10.0 / P.OWN_SPAN + 5, scans
+
+
+def test_hot_leak_waits_only_the_attribution_span():
+    """A hot leak (90 of the host's 100 faults/s its own) is stopped OWN_SPAN after
+    pressure would first have stopped it; a page-cache thrash (20 MiB/s of refaults,
+    the hog faulting nothing) at once, as without the rule."""
+    plain, _ = _cold_then_hot(P.Policy(default_config()), lambda own: [cand(61, 700)], 6.0,
+                              lambda now: 0)               # no counters on the candidate: -1
+    own_cands = lambda own: [cand(60, 150), faulting(cand(61, 700), own)]  # noqa: E731
+    hot, _ = _cold_then_hot(P.Policy(default_config()), own_cands, 6.0, lambda now: 90)
+    assert plain is not None and plain < hot <= plain + P.OWN_SPAN + 0.1, (plain, hot)
+    cache, _ = _cold_then_hot(P.Policy(default_config()), own_cands, 6.0, lambda now: 0,
+                              refault_rate=20 * MiB)
+    assert cache == plain
+
+
 def test_guard_pressure_table():
     """Pressure after a kill: the history restarts at every action, and a second kill
     needs the pressure measured high again after it, with MemAvailable still low (the

@@ -64,6 +64,32 @@ def test_start_time_is_field_22(impl):
     assert abs(created - psutil.Process().create_time()) < 1.5
 
 
+def _stat_majflt(pid):
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[9])
+
+
+def test_major_faults_are_field_12(impl, tmp_path):
+    """A slot keeps the process's major faults as of its add (what the guard weighs a
+    candidate's own part of a thrash by): make some (a file's pages dropped from the
+    page cache, then read through a mapping) and read them back."""
+    import mmap
+    path = tmp_path / "pages"
+    path.write_bytes(os.urandom(4 * MiB))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        before = _stat_majflt(os.getpid())
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            sum(m[i] for i in range(0, len(m), mmap.PAGESIZE))
+    faulted = _stat_majflt(os.getpid())
+    if faulted == before:
+        pytest.skip("this filesystem kept the pages (tmpfs?): no major fault to count")
+    table = impl.ProcessTable()
+    slot = table.add(os.getpid())
+    assert before < faulted <= table.major_faults(slot) <= _stat_majflt(os.getpid())
+
+
 def test_readings_follow_a_growing_process(impl, hog_factory):
     hog = hog_factory(64 * MiB)
     table = impl.ProcessTable()
@@ -281,6 +307,7 @@ def test_fake_proc_tree(impl, tmp_path):
     table = impl.ProcessTable(root=str(tmp_path))
     slot = table.add(77)
     assert table.start_time(slot) == 123456
+    assert table.major_faults(slot) == 0
     assert table.sample() == 1
     page = os.sysconf("SC_PAGESIZE")
     assert (table.rss(slot), table.vms(slot)) == (200 * page, 300 * page)
@@ -352,8 +379,39 @@ def test_fake_host_refault_counters(impl, tmp_path, vmstat, expected_pages):
     host.refaults_below = 1000 * 1024
     page = os.sysconf("SC_PAGESIZE")
     assert host.read().refaults == (None if expected_pages is None else expected_pages * page)
+    assert host.read().major_faults is None              # no pgmajfault line in these
+    (tmp_path / "proc" / "vmstat").write_bytes(vmstat + b"pgmajfault 321\n")
+    assert host.read().major_faults == (None if expected_pages is None else 321)
     host.refaults_below = 800 * 1024                     # MemAvailable not under it
-    assert host.read().refaults is None
+    assert host.read().refaults is None and host.read().major_faults is None
+
+
+@pytest.mark.parametrize("stat, majflt", [
+    (b"9 (a) b) S 1 1 1 0 -1 0 5 6 4242 8 1 1 0 0 20 0 1 0 777 0 0\n", 4242),  # ')' in comm
+    (b"9 (x) S 1 1 1 0 -1 0 5 6 x42 8 1 1 0 0 20 0 1 0 777 0 0\n", -1),      # not a number
+])
+def test_fake_major_faults(impl, tmp_path, stat, majflt):
+    """Field 12 counted after the last ')' (a user names the process), -1 if unreadable:
+    the guard then treats the candidate's part in a thrash as unknown (pressure decides)."""
+    pid_dir = tmp_path / "proc" / "9"
+    pid_dir.mkdir(parents=True)
+    (pid_dir / "stat").write_bytes(stat)
+    (pid_dir / "statm").write_bytes(b"300 200 1 1 0 50 0\n")
+    table = impl.ProcessTable(root=str(tmp_path))
+    slot = table.add(9)
+    assert (table.major_faults(slot), table.start_time(slot)) == (majflt, 777)
+
+
+def test_real_host_major_faults_beside_refaults(impl):
+    """pgmajfault is read with the refault counters, under the same gate."""
+    host = impl.HostReader()
+    assert host.read().major_faults is None
+    host.refaults_below = 1 << 62
+    with open("/proc/vmstat") as f:
+        before = int(dict(line.split() for line in f)["pgmajfault"])
+    got = host.read().major_faults
+    with open("/proc/vmstat") as f:
+        assert before <= got <= int(dict(line.split() for line in f)["pgmajfault"])
 
 
 def test_fake_host_without_vmstat(impl, tmp_path):

@@ -236,10 +236,14 @@ class LoginProbe(threading.Thread):
 VMSTAT_KEYS = ("pswpin", "pswpout", "pgmajfault", "pgsteal_kswapd", "pgsteal_direct",
                "workingset_refault_anon", "workingset_refault_file", "workingset_activate_anon",
                "workingset_activate_file", "workingset_restore_anon", "workingset_restore_file")
+RACE_UNITS = ("race-hog", "race-job", "race-reader")
+UNIT_KEYS = ("pgmajfault", "workingset_refault_anon", "workingset_refault_file")
+VMSTAT_KEYS += tuple(u + "." + k for u in RACE_UNITS for k in UNIT_KEYS)
 
 
 def vmstat():
-    """The /proc/vmstat counters of VMSTAT_KEYS (pages, cumulative; 0 where missing)."""
+    """The /proc/vmstat counters of VMSTAT_KEYS (pages, cumulative; 0 where missing), and
+    the race units' own (memory.stat of their cgroups, "race-hog.pgmajfault")."""
     out = dict.fromkeys(VMSTAT_KEYS, 0)
     try:
         with open("/proc/vmstat") as f:
@@ -249,6 +253,15 @@ def vmstat():
                     out[key] = int(value)
     except (OSError, ValueError):
         pass
+    for unit in RACE_UNITS:   # whose pages come back: each race unit's own faults
+        try:
+            with open("/sys/fs/cgroup/system.slice/%s.service/memory.stat" % unit) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if unit + "." + key in out:
+                        out[unit + "." + key] = int(value)
+        except (OSError, ValueError):
+            pass
     return [out[k] for k in VMSTAT_KEYS]
 
 
