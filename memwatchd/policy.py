@@ -82,7 +82,7 @@ class GuardState:
     so pressure fires again only if it is measured high after the last one)."""
 
     __slots__ = ("victim", "term_at", "killed", "cooldown_until", "pressure", "suspect",
-                 "suspect_next")
+                 "suspect_next", "judged_at")
 
     def __init__(self) -> None:
         self.victim: Optional[Candidate] = None
@@ -90,10 +90,12 @@ class GuardState:
         self.killed = False
         self.cooldown_until = 0.0
         self.pressure: deque = deque()   # (time, some_total_us, full_total_us, refaults)
-        # (key, time, its major faults, the host's) of the process a pressure trigger
-        # would stop, until its own faults say whether it is part of the thrash
-        self.suspect: Optional[tuple] = None
+        # (key, time, its major faults, the host's) of the process a pressure trigger would
+        # stop, one per OWN_SPAN while pressure is high (refaults or not), the last ones
+        # kept: when pages start coming back, its own share of them is known at once
+        self.suspect: deque = deque()
         self.suspect_next = 0.0   # no /proc scan for it before this time (one per OWN_SPAN)
+        self.judged_at = -1e9     # when its faults last said "not its thrash"
 
 
 def is_quiet(r: Reading, state: Optional[TargetState]) -> bool:
@@ -523,7 +525,7 @@ class Policy:
         hist, p = self.guard.pressure, host.pressure
         if p is None or not pressure_gate(self.config.guard, host):
             hist.clear()
-            self.guard.suspect = None
+            self.guard.suspect.clear()
             return None
         if not hist or now - hist[-1][0] >= PSI_STEP:
             hist.append((now, p.some_total_us, p.full_total_us, host.refaults))
@@ -541,26 +543,49 @@ class Policy:
         level, reason = self.guard_level_now(now, host)
         if level is None and self.config.guard.enabled and self.config.guard.predict > 0:  # issue 15
             level = self._predict_host(now, host)
-        if level is None or self.guard.victim is not None:
+        st = self.guard
+        if st.victim is not None:
             return False
-        if reason in PSI_REASONS and self.guard.suspect is not None and now < self.guard.suspect_next:
-            return False   # its own faults are being measured: no /proc scan until they can tell
-        return level == "kill" or now >= self.guard.cooldown_until
+        if level is None:   # pressure high without pages coming back: keep the suspect's faults
+            return (host.major_faults is not None and now >= st.suspect_next
+                    and now >= st.cooldown_until and self._pressure_high(host))
+        if reason in PSI_REASONS:   # at most one /proc scan per OWN_SPAN until its faults can tell
+            ready = bool(st.suspect) and now - st.suspect[0][1] >= OWN_SPAN
+            if (not ready and st.suspect and now < st.suspect_next) or now - st.judged_at < OWN_SPAN:
+                return False
+        return level == "kill" or now >= st.cooldown_until
+
+    def _pressure_high(self, host: HostSample) -> bool:
+        """Pressure at a trigger's level whether or not pages come back (the refault rule
+        aside): while it lasts the suspect's faults are kept (one scan per OWN_SPAN)."""
+        share = pressure_share(self.guard.pressure)
+        return share is not None and guard_level(
+            self.config.guard._replace(psi_refaults=0), host, self.zram, share)[1] in PSI_REASONS
+
+    def _note_suspect(self, now: float, host: HostSample, victim: Optional[Candidate]) -> None:
+        st = self.guard
+        if victim is None or victim.major_faults < 0 or host.major_faults is None:
+            return
+        if st.suspect and st.suspect[-1][0] != victim.key:
+            st.suspect.clear()   # another process is the largest now: measure it afresh
+        st.suspect.append((victim.key, now, victim.major_faults, host.major_faults))
+        while len(st.suspect) > 1 and now - st.suspect[1][1] >= OWN_SPAN:
+            st.suspect.popleft()   # the newest OWN_SPAN old or more is all own_thrash needs
+        st.suspect_next = now + OWN_SPAN
 
     def _victim_thrashes(self, now: float, host: HostSample, victim: Candidate,
                          candidates: Sequence[Candidate]) -> bool:
-        """own_thrash over the suspect kept in the guard's state: measured from the
-        first tick pressure would stop this victim, restarted psi_window later if it
-        stays out of the thrash (its faults are weighed over the recent past only)."""
-        g, st = self.config.guard, self.guard
-        since = st.suspect
+        """own_thrash over the suspect's faults kept since pressure rose: the victim's
+        share of the host's major faults since the newest of them OWN_SPAN old or more."""
+        st = self.guard
+        since = next((b for b in reversed(st.suspect) if now - b[1] >= OWN_SPAN), None)
         if since is not None and since[0] != victim.key:
-            since = None   # another process is the largest now: measure it afresh
-        own = own_thrash(g, pressure_share(st.pressure) or (), victim, since, host,
-                         sum(c.rss for c in candidates), now)
-        if since is None or (own is False and now - since[1] >= g.psi_window):
-            st.suspect = (victim.key, now, victim.major_faults, host.major_faults)
-        st.suspect_next = now + OWN_SPAN
+            since = None
+        own = own_thrash(self.config.guard, pressure_share(st.pressure) or (), victim, since,
+                         host, sum(c.rss for c in candidates), now)
+        self._note_suspect(now, host, victim)
+        if own is False:
+            st.judged_at = now
         return own is True
 
     def _predict_host(self, now: float, host: HostSample) -> Optional[str]:
@@ -620,6 +645,8 @@ class Policy:
             if level is None and now - st.term_at >= g.grace:
                 st.victim = None  # the host recovered and the victim lives: leave it be
             return []
+        if level is None and candidates and now >= st.cooldown_until:
+            self._note_suspect(now, host, choose_victim(candidates, self.config, never))
         if level is None or not (level == "kill" or now >= st.cooldown_until):
             return []
         victim = choose_victim(candidates, self.config, never)
@@ -627,7 +654,7 @@ class Policy:
             return []
         if reason in PSI_REASONS and not self._victim_thrashes(now, host, victim, candidates):
             return []
-        st.suspect = None
+        st.suspect.clear()
         st.victim, st.term_at = victim, now
         st.killed = level == "kill"
         st.pressure.clear()   # pressure must be measured high again, after this action

@@ -402,14 +402,16 @@ def test_own_thrash_unknown_counters_leave_pressure_to_decide():
 
 def _cold_then_hot(pol, cands_at, seconds, own_rate_at, refault_rate=5 * MiB, step=0.05):
     """Drive the Policy with HostSamples as the reader makes them: PSI full 30% with
-    refaults at refault_rate, the host faulting 100 times a second, the largest
-    candidate own_rate_at(now) of them; returns (first decision time or None, scans)."""
+    refaults at refault_rate (bytes/s, or a function of the time), the host faulting 100
+    times a second, the largest candidate own_rate_at(now) of them; returns (first
+    decision time or None, scans)."""
     refaults = host_faults = 0
     own = 1000.0
     scans = 0
+    rate_at = refault_rate if callable(refault_rate) else (lambda now: refault_rate)
     for i in range(int(seconds / step)):
         now = i * step
-        refaults += int(refault_rate * step)
+        refaults += int(rate_at(now) * step)
         host_faults += int(100 * step)
         own += own_rate_at(now) * step
         sample = host(1)._replace(pressure=stalls(now * 0.4, now * 0.3), refaults=refaults,
@@ -448,6 +450,15 @@ def test_hot_leak_waits_only_the_attribution_span():
     cache, _ = _cold_then_hot(P.Policy(default_config()), own_cands, 6.0, lambda now: 0,
                               refault_rate=20 * MiB)
     assert cache == plain
+    # pressure first, pages coming back 3 s later (the leak as measured: reclaim, then
+    # swap-ins): its faults were kept while pressure rose, so no wait at all
+    late = lambda now: 5 * MiB if now >= 3.0 else 0   # noqa: E731
+    plain_late, _ = _cold_then_hot(P.Policy(default_config()), lambda own: [cand(61, 700)], 8.0,
+                                   lambda now: 0, refault_rate=late)
+    hot_late, scans = _cold_then_hot(P.Policy(default_config()), own_cands, 8.0, lambda now: 90,
+                                     refault_rate=late)
+    assert 3.0 < plain_late and hot_late <= plain_late + 0.1, (plain_late, hot_late)
+    assert scans <= hot_late / P.OWN_SPAN + 2, scans   # one scan per OWN_SPAN while it rose
 
 
 def test_guard_pressure_table():
