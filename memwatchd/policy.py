@@ -183,12 +183,12 @@ def own_thrash(guard: GuardConfig, share: Sequence, victim: Candidate, since: Op
 
     A hot leak's own pages come back (it keeps touching what went to swap); a job
     whose cold pages go to swap pushes the *others'* pages out, and theirs come back
-    (measured in the guest: 4.1-5.0 MiB/s of swap-ins, the same rate a hot leak shows
-    when the guard must act, while the cold job itself faulted nothing). So below
+    (measured in the guest: 4.4-5.0 MiB/s, the rate a hot leak shows when the guard must
+    act, while the cold job had 0% of the host's major faults; a hot leak 56-97%). So below
     ANYONE_THRASH x psi_refaults the largest process is a thrash's cause only if its
     share of the host's major faults is at least OWN_SHARE of its share of the RSS
     (ten equal workers that fault alike each qualify). Above it (a page-cache thrash:
-    15-83 MiB/s of file refaults, none of them the hog's), or where the counters are
+    12-104 MiB/s of file refaults, none of them the hog's), or where the counters are
     unknown (an old kernel, a replayed trace), pressure and refaults decide alone."""
     refaults = share[2] if len(share) > 2 else None
     if (guard.psi_refaults <= 0 or refaults is None
