@@ -579,8 +579,6 @@ class Policy:
         share of the host's major faults since the newest of them OWN_SPAN old or more."""
         st = self.guard
         since = next((b for b in reversed(st.suspect) if now - b[1] >= OWN_SPAN), None)
-        if since is not None and since[0] != victim.key:
-            since = None
         own = own_thrash(self.config.guard, pressure_share(st.pressure) or (), victim, since,
                          host, sum(c.rss for c in candidates), now)
         self._note_suspect(now, host, victim)

@@ -62,16 +62,22 @@ def parse_statm(data: bytes):
     return vms, rss
 
 
-def parse_stat_start_time(data: bytes) -> int:
-    """Field 22 of /proc/<pid>/stat, counted after the LAST ')' (comm may hold ')')."""
+def _stat_field(data: bytes, field: int) -> Optional[int]:
+    """Numeric field ``field`` (> 2) of /proc/<pid>/stat, counted after the LAST ')'
+    (comm may hold ')'); None if malformed (the twin of parse_stat_field_c)."""
     close = data.rfind(b")")
     if close < 0:
-        raise ValueError("malformed stat")
+        return None
     # After ')' fields are separated by single spaces; field 3 follows the first one.
     fields = data[close + 1:].split(b" ")
-    if len(fields) < 21:
-        raise ValueError("malformed stat")
-    value, _ = _leading_uint(fields[20])
+    if len(fields) <= field - 2:
+        return None
+    return _leading_uint(fields[field - 2])[0]
+
+
+def parse_stat_start_time(data: bytes) -> int:
+    """Field 22 (starttime) of /proc/<pid>/stat; ValueError if malformed."""
+    value = _stat_field(data, 22)
     if value is None:
         raise ValueError("malformed stat")
     return value
@@ -79,8 +85,7 @@ def parse_stat_start_time(data: bytes) -> int:
 
 def _stat_major_faults(data: bytes) -> int:
     """Field 12 (majflt) of /proc/<pid>/stat; -1 if malformed."""
-    fields = data[data.rfind(b")") + 1:].split(b" ")
-    value, _ = _leading_uint(fields[10]) if len(fields) > 10 else (None, None)
+    value = _stat_field(data, 12)
     return -1 if value is None else value
 
 
