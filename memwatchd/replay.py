@@ -216,10 +216,15 @@ class _Replayer:
         if freed:
             self.note("memory a replay-only kill would have freed is added back to MemAvailable "
                       "(an approximation: the kernel may not return all of it at once)")
-        pressure = None if h[2] is None and h[3] is None else \
-            Pressure(some_avg10=h[2] or 0.0, full_avg10=h[3] or 0.0)
+        pressure = None
+        if h[2] is not None or h[3] is not None:
+            if h[4] is None and self.guard_on and (h[2] or h[3]):   # a stall it cannot weigh
+                self.note("the trace has no PSI totals (written before trace format 3): the "
+                          "guard's pressure triggers could not be replayed, only MemAvailable")
+            pressure = Pressure(some_avg10=h[2] or 0.0, full_avg10=h[3] or 0.0,
+                                some_total_us=h[4] or 0, full_total_us=h[5] or 0)
         self.host = HostSample(self.mem_total, min(self.mem_total, h[0] + freed), self.swap_total,
-                               h[1], pressure)
+                               h[1], pressure, h[6], h[7])
 
     # -- the loop
 
@@ -373,8 +378,9 @@ class _Replayer:
             if abs(at - t) > 1.0:
                 self.note("the guard fired at a time the trace has no process list for: it chose "
                           "from the nearest one recorded")
-            return [Candidate(("process", pid, start), pid, comm, cgroup, rss)
-                    for pid, start, comm, cgroup, rss in cands if ("process", pid, start) not in gone]
+            return [Candidate(("process", pid, start), pid, comm, cgroup, rss, uid, root_owned, faults)
+                    for pid, start, comm, cgroup, rss, faults, uid, root_owned in cands
+                    if ("process", pid, start) not in gone]
         self.note("the trace has no process list (the guard never fired while recording): the "
                   "replayed guard chose among the watched processes only")
         out = []

@@ -32,7 +32,8 @@ from memwatchd.policy import WARN_REARM
 from memwatchd.report import ERR, count, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 2                     # 2: the compact sample line; 1 (no such line) is read too
+FORMAT = 3                     # 3: PSI totals and fault counters in h, c; 2: the compact
+                               # sample line; 1 and 2 are read too
 DEFAULT_SIZE = 64 * 2**20      # the ring's cap, [daemon] trace_size
 SEGMENTS = 8                   # the ring is this many segment files: dropping one frees 1/8
 MIN_SEGMENT = 64 * 1024
@@ -407,7 +408,8 @@ class Recorder:
         if gone_ids:
             line["g"] = gone_ids
         if candidates:
-            line["c"] = [[c.pid, c.key[2], c.comm, c.cgroup, c.rss] for c in candidates]
+            line["c"] = [[c.pid, c.key[2], c.comm, c.cgroup, c.rss, c.major_faults, c.uid,
+                          c.exe_root_owned] for c in candidates]
         if decisions:
             line["d"] = [decision_dict(d) for d in decisions]
         self._write(line)
@@ -419,25 +421,35 @@ class Recorder:
 
     def _host_row(self, host) -> Optional[list]:
         """The host, when it moved: MemAvailable or swap by more than MemTotal/1024, a PSI avg10
-        by a point, or on every tick while MemAvailable is within 4x the guard's floor."""
+        by a point, or on every tick while MemAvailable is within 4x the guard's floor. Under
+        the pressure gate (psi_available) on every tick that changed anything: the guard's
+        pressure triggers take rates over time from the PSI totals and fault counters, so a
+        replay needs each value at the time the live policy saw it."""
         if host is None:
             return None
         p = host.pressure
         prev = self.host_last
+        near = False
         if prev is not None:
             if self._near[0] != host.mem_total:
                 guard = self.config.guard
                 floor = guard.thresholds(host.mem_total)[0] if guard.enabled else -1
-                self._near = (host.mem_total, NEAR_FLOOR * floor, host.mem_total >> 10)
-            _, near, band = self._near
+                gate = guard.psi_available.resolve(host.mem_total) if guard.enabled else -1
+                self._near = (host.mem_total, max(NEAR_FLOOR * floor, gate), host.mem_total >> 10)
+            _, below, band = self._near
             avail = host.mem_available
-            if (avail >= near and -band <= avail - prev[0] <= band
+            near = avail < below
+            if (not near and -band <= avail - prev[0] <= band   # (idle: nothing built)
                     and -band <= host.swap_free - prev[1] <= band
                     and (p is None if prev[2] is None else
                          p is not None and _close(p.some_avg10, prev[2]) and _close(p.full_avg10, prev[3]))):
                 return None
-        row = [host.mem_available, host.swap_free, None if p is None else p.some_avg10,
-               None if p is None else p.full_avg10]
+        row = [host.mem_available, host.swap_free,
+               None if p is None else p.some_avg10, None if p is None else p.full_avg10,
+               None if p is None else p.some_total_us, None if p is None else p.full_total_us,
+               host.refaults, host.major_faults]
+        if near and row == prev:
+            return None
         self.host_last = row
         return row
 
@@ -543,8 +555,10 @@ class Sample(namedtuple("Sample", "t rows host gone candidates decisions keyfram
     """One line of readings as the daemon's policy saw them at time ``t`` (trace time).
 
     rows: [(run id, usage, limit, warn, stat list or None)]; host: (mem_available,
-    swap_free, psi_some_avg10, psi_full_avg10) or None; gone: [run id]; candidates:
-    [(pid, start_time, comm, cgroup, rss)] or None; decisions: [dict] the live policy's
+    swap_free, psi_some_avg10, psi_full_avg10, psi_some_total_us, psi_full_total_us,
+    refaults, major_faults) or None, the last four None where the trace has none (before
+    format 3); gone: [run id]; candidates: [(pid, start_time, comm, cgroup, rss,
+    major_faults, uid, exe_root_owned)] or None (-1, -1, False before format 3); decisions: [dict] the live policy's
     output; keyframe: the first sample of a ring segment. A tuple: one per line, cheap."""
 
     __slots__ = ()
@@ -979,19 +993,26 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple],
         hurt(f"{at()}: {count(unknown, 'reading')} for a target whose record was lost, skipped")
     host = obj.get("h")
     if host is not None:
-        if not (isinstance(host, list) and len(host) == 4 and _int(host[0]) == host[0]
-                and _int(host[1]) == host[1]):
+        if not (isinstance(host, list) and len(host) in (4, 8) and _int(host[0]) == host[0]
+                and _int(host[1]) == host[1]
+                and all(x is None or _int(x) == x for x in host[4:])):
             hurt(f"{at()}: malformed host sample, skipped")
             host = None
         else:
-            host = (host[0], host[1], _num(host[2]), _num(host[3]))
+            host = (host[0], host[1], _num(host[2]), _num(host[3]), *host[4:8]) \
+                if len(host) == 8 else (host[0], host[1], _num(host[2]), _num(host[3]),
+                                        None, None, None, None)
     g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
     gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if isinstance(g, list) else ()
     cands = None
     if c is not None:
-        cands = [tuple(x) for x in c if isinstance(x, list) and len(x) == 5
+        cands = [tuple(x) if len(x) == 8 else (*x, -1, -1, False) for x in c
+                 if isinstance(x, list) and len(x) in (5, 8)
                  and _int(x[0]) == x[0] and _int(x[1]) == x[1] and isinstance(x[2], str)
-                 and isinstance(x[3], str) and _int(x[4]) == x[4]] if isinstance(c, list) else []
+                 and isinstance(x[3], str) and _int(x[4]) == x[4]
+                 and (len(x) == 5 or (_int(x[5]) == x[5] and _int(x[6]) == x[6]
+                                      and (x[7] is None or type(x[7]) is bool)))] \
+            if isinstance(c, list) else []
     decisions = [x for x in d if isinstance(x, dict) and _key(x.get("key"))] \
         if isinstance(d, list) else ()
     if not (rows or host or gone or cands or decisions):

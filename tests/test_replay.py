@@ -441,3 +441,96 @@ def test_the_guard_is_told_by_structure_not_by_name(tmp_path):
     assert [d.key for d in guard] == [key] and result.stopped() == {}
     guard[0].by_guard = False            # the same decision, from a watch that is named "guard"
     assert list(result.stopped()) == [key]
+
+
+# ------------------------------------------------------------------ the guard's pressure triggers
+
+def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
+    """The live guard path, call for call as Daemon.tick makes it (host sample,
+    guard_wants_victim, the candidate list, guard_evaluate, the recorder's tick), on a
+    virtual clock and written by the real Recorder: MemAvailable at 12% of 4 GiB (under
+    psi_available, above the floor), all tasks stalled 30% of the time, pages coming back
+    at 5 MiB/s (between psi_refaults and twice it: whose they are decides), 1280 major
+    faults a second on the host, of which the job makes job_faults_per_s. The largest
+    process is a root sshd (protected: live knows it is root's own binary), then the job.
+    Returns (trace path, the live decisions)."""
+    from memwatchd import trace
+    from memwatchd.types import Candidate, HostSample, Pressure
+    from tests.trace_lib import SyntheticDaemon
+    config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True},
+                           "protect": {"names": ["sshd"]}}, "pressure.toml")
+    total = 4 << 30
+    daemon = SyntheticDaemon(config)
+    path = tmp_path / f"pressure-{job_faults_per_s}.trace"
+    daemon.host = HostSample(total, total // 2, 0, 0, Pressure())
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    policy, live = daemon.policy, []
+    start = daemon.now
+    for step in range(int(seconds / 0.1)):
+        now = daemon.now = start + step * 0.1
+        dt = now - start
+        daemon.host = host = HostSample(
+            total, total * 12 // 100, 0, 0,
+            Pressure(some_avg10=35.0, full_avg10=30.0, some_total_us=int(5e9 + 0.35e6 * dt),
+                     full_total_us=int(4e9 + 0.3e6 * dt)),
+            refaults=int(9e9 + 5 * MiB * dt), major_faults=int(7e6 + 1280 * dt))
+        decisions = policy.evaluate(now, [], host)
+        candidates = []
+        if policy.guard_wants_victim(now, host):
+            candidates = [
+                Candidate(("process", 301, 11), 301, "sshd", "/system.slice/ssh.service", 2 << 30,
+                          0, True, int(1e4)),
+                Candidate(("process", 402, 22), 402, "job", "/user.slice", 1536 << 20, 1000,
+                          False, int(2e5 + job_faults_per_s * dt)),
+                Candidate(("process", 503, 33), 503, "editor", "/user.slice", 100 << 20, 1000,
+                          False, int(3e4 + 10 * dt))]
+        decisions += policy.guard_evaluate(now, host, candidates, ())
+        daemon.trace.tick(now, [], [], host, candidates, decisions)
+        live += [(round(now - start, 3), d.key, d.reason, d.signal) for d in decisions]
+    daemon.trace.close()
+    return str(path), live
+
+
+def _replayed(result, start):
+    return [(round(d.t - start, 3), d.key, d.reason, d.signal) for d in result.decisions
+            if d.signal is not None]
+
+
+@pytest.mark.parametrize("job_faults_per_s", [0, 1000])
+def test_a_replayed_pressure_trigger_weighs_the_same_faults_the_live_guard_did(tmp_path, job_faults_per_s):
+    """Issue 19 in traces: the PSI totals, refaults and major faults the guard's pressure
+    triggers take rates of, and each candidate's own faults, uid and whether its binary is
+    root's, are recorded (trace format 3), so the replay decides what the live guard did:
+    the cold job (its own pages never come back) is spared; the hot one is stopped at the
+    same moment for the same reason; the protected sshd, the largest, is never chosen."""
+    import signal as signals_mod
+    path, live = _live_pressure_trace(tmp_path, job_faults_per_s)
+    t = read_trace(path)
+    assert t.damage == [] and t.header["format"] == 3
+    got = replay(t)
+    if job_faults_per_s:
+        assert [(k, r, s) for _, k, r, s in live] == [
+            (("process", 402, 22), "psi-full-high", signals_mod.SIGTERM)], live
+    else:
+        assert live == []
+    assert _replayed(got, t.start) == [(at, k, r, signals_mod.Signals(s).name) for at, k, r, s in live]
+    assert not any("PSI totals" in n for n in got.notes), got.notes
+    # the same trace without what format 3 added (as format 2 wrote it): the replay cannot
+    # weigh the stall, and says so
+    lines = []
+    for line in open(path):
+        obj = json.loads(line)
+        if isinstance(obj, dict) and obj.get("t") == "header":
+            obj["format"] = 2
+        if isinstance(obj, dict) and "h" in obj:
+            obj["h"] = obj["h"][:4]
+        if isinstance(obj, dict) and "c" in obj:
+            obj["c"] = [c[:5] for c in obj["c"]]
+        lines.append(json.dumps(obj) + "\n")
+    old = tmp_path / "format-2.trace"
+    old.write_text("".join(lines))
+    t2 = read_trace(str(old))
+    assert t2.damage == []
+    got2 = replay(t2)
+    assert _replayed(got2, t2.start) == []
+    assert any("no PSI totals" in n for n in got2.notes), got2.notes
