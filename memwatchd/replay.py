@@ -378,7 +378,15 @@ class _Replayer:
             if abs(at - t) > 1.0:
                 self.note("the guard fired at a time the trace has no process list for: it chose "
                           "from the nearest one recorded")
-            return [Candidate(("process", pid, start), pid, comm, cgroup, rss, uid, root_owned, faults)
+            # a list's major faults are the moment it was taken: the same count again at
+            # another time would read as a process whose pages never come back, so where the
+            # live guard did not look, its own-faults rule is left out (pressure decides)
+            fresh = abs(at - t) < 1e-3
+            if not fresh and any(c[5] >= 0 for c in cands):
+                self.note("the replayed guard looked where the live one did not: without the "
+                          "processes' own page faults then, pressure and refaults decided alone")
+            return [Candidate(("process", pid, start), pid, comm, cgroup, rss, uid, root_owned,
+                              faults if fresh else -1)
                     for pid, start, comm, cgroup, rss, faults, uid, root_owned in cands
                     if ("process", pid, start) not in gone]
         self.note("the trace has no process list (the guard never fired while recording): the "

@@ -534,3 +534,20 @@ def test_a_replayed_pressure_trigger_weighs_the_same_faults_the_live_guard_did(t
     got2 = replay(t2)
     assert _replayed(got2, t2.start) == []
     assert any("no PSI totals" in n for n in got2.notes), got2.notes
+
+
+def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_rule_out(tmp_path):
+    """Started half a second into the hot leak, the replayed guard's pressure history is
+    younger than the live one's: it looks for the largest process at moments the live
+    guard did not, where the trace has only an older list. That list's fault counts are
+    not this moment's (the same count again would read as a cold job), so the replay lets
+    pressure and refaults decide there, says so, and still stops the job."""
+    import signal as signals_mod
+    path, live = _live_pressure_trace(tmp_path, 1000)
+    t = read_trace(path)
+    got = replay(t, start=t.start + 0.5)
+    taken = _replayed(got, t.start)
+    assert [(k, r, s) for _, k, r, s in taken] == [
+        (("process", 402, 22), "psi-full-high", signals_mod.SIGTERM.name)], taken
+    assert taken[0][0] >= live[0][0], (taken, live)
+    assert any("looked where the live one did not" in n for n in got.notes), got.notes
