@@ -28,7 +28,8 @@ from memwatchd.config import Config, parse_config
 from memwatchd.policy import Policy, guard_level, is_quiet
 from memwatchd.report import count
 from memwatchd.trace import Trace, TraceError, loadable_config, open_trace
-from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, Reading
+from memwatchd.types import (NO_ZRAM, Candidate, ConfigError, HostSample, Pressure, Reading,
+                             SwapDevices)
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 _new_reading = tuple.__new__   # a Reading without the namedtuple's argument handling (per row)
@@ -223,8 +224,10 @@ class _Replayer:
                           "guard's pressure triggers could not be replayed, only MemAvailable")
             pressure = Pressure(some_avg10=h[2] or 0.0, full_avg10=h[3] or 0.0,
                                 some_total_us=h[4] or 0, full_total_us=h[5] or 0)
-        self.host = HostSample(self.mem_total, min(self.mem_total, h[0] + freed), self.swap_total,
-                               h[1], pressure, h[6], h[7])
+        self.host = HostSample(self.mem_total, min(self.mem_total, h[0] + freed),
+                               self.swap_total if h[8] is None else h[8], h[1], pressure,
+                               h[6], h[7])
+        self.policy.zram = NO_ZRAM if h[9] is None else SwapDevices(*h[9])
 
     # -- the loop
 

@@ -421,14 +421,18 @@ class Recorder:
 
     def _host_row(self, host) -> Optional[list]:
         """The host, when it moved: MemAvailable or swap by more than MemTotal/1024, a PSI avg10
-        by a point, or on every tick while MemAvailable is within 4x the guard's floor. Under
-        the pressure gate (psi_available) on every tick that changed anything: the guard's
-        pressure triggers take rates over time from the PSI totals and fault counters, so a
-        replay needs each value at the time the live policy saw it."""
+        by a point, swap added or removed, zram's figures, or on every tick while MemAvailable
+        is within 4x the guard's floor. Under the pressure gate (psi_available) on every tick
+        that changed anything: the guard's pressure triggers take rates over time from the PSI
+        totals and fault counters, so a replay needs each value at the time the live policy
+        saw it. Swap is often switched on after the daemon started (a swapfile, zram set up
+        at boot), so its size is not the header's alone."""
         if host is None:
             return None
         p = host.pressure
         prev = self.host_last
+        zram = self.daemon.policy.zram   # the daemon's latest swapinfo reading
+        zram = list(zram) if zram.zram_total > 0 else None
         near = False
         if prev is not None:
             if self._near[0] != host.mem_total:
@@ -441,13 +445,14 @@ class Recorder:
             near = avail < below
             if (not near and -band <= avail - prev[0] <= band   # (idle: nothing built)
                     and -band <= host.swap_free - prev[1] <= band
+                    and (len(prev) < 10 or (host.swap_total == prev[8] and zram == prev[9]))
                     and (p is None if prev[2] is None else
                          p is not None and _close(p.some_avg10, prev[2]) and _close(p.full_avg10, prev[3]))):
                 return None
         row = [host.mem_available, host.swap_free,
                None if p is None else p.some_avg10, None if p is None else p.full_avg10,
                None if p is None else p.some_total_us, None if p is None else p.full_total_us,
-               host.refaults, host.major_faults]
+               host.refaults, host.major_faults, host.swap_total, zram]
         if near and row == prev:
             return None
         self.host_last = row
@@ -556,8 +561,8 @@ class Sample(namedtuple("Sample", "t rows host gone candidates decisions keyfram
 
     rows: [(run id, usage, limit, warn, stat list or None)]; host: (mem_available,
     swap_free, psi_some_avg10, psi_full_avg10, psi_some_total_us, psi_full_total_us,
-    refaults, major_faults) or None, the last four None where the trace has none (before
-    format 3); gone: [run id]; candidates: [(pid, start_time, comm, cgroup, rss,
+    refaults, major_faults, swap_total, zram: (zram_total, zram_free, zram_orig, zram_ram)
+    or None) or None, the last six None where the trace has none (before format 3); gone: [run id]; candidates: [(pid, start_time, comm, cgroup, rss,
     major_faults, uid, exe_root_owned)] or None (-1, -1, False before format 3); decisions: [dict] the live policy's
     output; keyframe: the first sample of a ring segment. A tuple: one per line, cheap."""
 
@@ -993,15 +998,19 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple],
         hurt(f"{at()}: {count(unknown, 'reading')} for a target whose record was lost, skipped")
     host = obj.get("h")
     if host is not None:
-        if not (isinstance(host, list) and len(host) in (4, 8) and _int(host[0]) == host[0]
+        if not (isinstance(host, list) and len(host) in (4, 10) and _int(host[0]) == host[0]
                 and _int(host[1]) == host[1]
-                and all(x is None or _int(x) == x for x in host[4:])):
+                and all(x is None or _int(x) == x for x in host[4:9])
+                and (len(host) == 4 or host[9] is None or (
+                    isinstance(host[9], list) and len(host[9]) == 4
+                    and all(_int(x) == x for x in host[9])))):
             hurt(f"{at()}: malformed host sample, skipped")
             host = None
         else:
-            host = (host[0], host[1], _num(host[2]), _num(host[3]), *host[4:8]) \
-                if len(host) == 8 else (host[0], host[1], _num(host[2]), _num(host[3]),
-                                        None, None, None, None)
+            host = (host[0], host[1], _num(host[2]), _num(host[3]), *host[4:9],
+                    None if host[9] is None else tuple(host[9])) \
+                if len(host) == 10 else (host[0], host[1], _num(host[2]), _num(host[3]),
+                                         None, None, None, None, None, None)
     g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
     gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if isinstance(g, list) else ()
     cands = None

@@ -14,7 +14,7 @@ from memwatchd.config import Size, parse_config
 from memwatchd.replay import recorded_config, replay
 from memwatchd.suggest import suggest
 from memwatchd.trace import read_trace
-from memwatchd.types import ConfigError
+from memwatchd.types import Candidate, ConfigError
 
 from .pidns import needs_pidns, run_scenario
 
@@ -551,3 +551,46 @@ def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_
         (("process", 402, 22), "psi-full-high", signals_mod.SIGTERM.name)], taken
     assert taken[0][0] >= live[0][0], (taken, live)
     assert any("looked where the live one did not" in n for n in got.notes), got.notes
+
+
+def test_swap_switched_on_after_the_start_and_zram_replay_as_the_live_guard_counted_them(tmp_path):
+    """The daemon starts before swap is on (the header says none: a swapfile or zram set up
+    later in boot); then a 1 GiB zram device holds the host up while MemAvailable sits at
+    3%, under the 5% floor: the live guard counts the free zram at its worth in RAM (half,
+    at 2:1) and acts only once it is used up. The trace's host rows carry the swap's size
+    and zram's figures (format 3), so the replay acts at that moment too, not at once (the
+    header's no swap) nor later (zram counted as disk swap)."""
+    from memwatchd import trace
+    from memwatchd.types import HostSample, SwapDevices
+    from tests.trace_lib import SyntheticDaemon
+    config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True,
+                                                                  "psi_full": 0}}, "zram.toml")
+    total = 4 << 30
+    daemon = SyntheticDaemon(config)
+    path = tmp_path / "zram.trace"
+    daemon.host = HostSample(total, total // 2, 0, 0, None)
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    policy, live, start = daemon.policy, [], daemon.now
+    for step in range(200):
+        now = daemon.now = start + step * 0.1
+        used = min(1 << 30, step * (8 << 20))              # zram fills at 80 MiB/s
+        stored = used // 2                                 # 2:1
+        policy.zram = SwapDevices(1 << 30, (1 << 30) - used, used, stored)
+        daemon.host = host = HostSample(total, total * 3 // 100, 1 << 30, (1 << 30) - used, None)
+        decisions = policy.evaluate(now, [], host)
+        candidates = []
+        if policy.guard_wants_victim(now, host):
+            candidates = [Candidate(("process", 402, 22), 402, "job", "/user.slice", 3 << 30)]
+        decisions += policy.guard_evaluate(now, host, candidates, ())
+        daemon.trace.tick(now, [], [], host, candidates, decisions)
+        live += [(round(now - start, 3), d.key, d.reason) for d in decisions if d.signal]
+    daemon.trace.close()
+    t = read_trace(str(path))
+    assert t.swap_total == 0 and t.damage == []
+    assert live and live[0][0] > 5.0, live      # not at once: the zram held it up
+    result = replay(t)
+    got = [(round(d.t - t.start, 3), d.key, d.reason) for d in result.decisions if d.signal]
+    assert got[:1] == live[:1], (got, live)
+    # and it never fired before: the live guard listed processes only when it fired, so a
+    # replayed guard firing earlier would have found no list (and said so)
+    assert not any("no process list" in n for n in result.notes), result.notes
