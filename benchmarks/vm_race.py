@@ -30,6 +30,7 @@ Run: sudo .venv/bin/python benchmarks/vm_race.py [--guardians none,memwatchd] [-
 """
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -54,13 +55,16 @@ def main() -> int:
         wheels = Path(tmp) / "wheels"
         harness.build_wheels(race_lib.REPO, wheels)
         for guardian in args.guardians.split(","):
-            _, race = race_lib.boot(guardian, image, wheels, Path(tmp) / guardian, scenarios)
+            result, race = race_lib.boot(guardian, image, wheels, Path(tmp) / guardian, scenarios)
             races[guardian] = race
             print("%s: boot %.0f s, %s, errors %s" % (guardian, race["boot_seconds"], race.get("accel"),
                                                       race.get("errors") or "none"), flush=True)
             if args.keep:
                 Path(args.keep).mkdir(parents=True, exist_ok=True)
                 (Path(args.keep) / ("%s.json" % guardian)).write_text(json.dumps(race, indent=1))
+                for ring in result.share_dir.glob("trace-*"):   # a traced variant's ring
+                    shutil.copytree(ring, Path(args.keep) / ("%s-%s" % (guardian, ring.name)),
+                                    dirs_exist_ok=True)
     facts = next(iter(races.values())).get("facts", {}) if races else {}
     print("\nguest: Debian 12, kernel %s, %d MiB, 2 vCPUs, %s; %s; total %.0f s" % (
         facts.get("kernel"), (facts.get("mem_total") or 0) >> 20,

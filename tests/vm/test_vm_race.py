@@ -123,3 +123,44 @@ def test_predict_leaves_the_cold_page_job_alone(race):
     assert s["guard_keys"] == 'predict = "30s"' and s["swap_ok"], detail
     assert s["heartbeat_alive"] and s["bystander_alive"] and s["oom_kills"] == 0, detail
     assert not [a for a in s["memwatchd_actions"] if a["reason"] == "predicted-exhaustion"], detail
+
+
+# scenario/race.py VARIANTS with `[daemon] trace` on: whether the hog is the one to stop.
+# CI runs leak_swap_traced (DEFAULT_VARIANTS); the others on request
+TRACED = {"leak_swap_traced": True, "leak_zram_traced": True, "benign_cold_traced": False}
+
+
+@pytest.mark.parametrize("name", sorted(TRACED))
+def test_a_replay_of_a_traced_scenario_takes_the_live_guards_decisions(race, name):
+    """Issue 19 in traces: a scenario once more with `[daemon] trace` on, then `memwatchd
+    replay` of the daemon's own ring over the scenario's span, with the config it ran. The
+    guard's pressure triggers take rates of PSI totals, refaults and the largest process's
+    own major faults, and its headroom counts swap that was switched on after the daemon
+    started (the variant restarts it before the scenario makes its swap), so a trace without
+    them replays other decisions (measured: a SIGKILL where live sent SIGTERM, a SIGTERM in
+    the cold-page control); with them the replay takes every decision the live guard took,
+    at the same sample, and none it did not. Tracing on, the outcome is the plain
+    scenario's: the hog stopped and nothing else, or in the control nobody."""
+    selected = race_lib.env_scenarios()
+    if (selected and name not in selected) or (not selected and name != "leak_swap_traced"):
+        pytest.skip("%s not selected by MEMWATCHD_VM_RACE_SCENARIOS" % name)
+    s = race["scenarios"][name]
+    detail = json.dumps(s, indent=1)[:6000]
+    assert s["daemon_keys"].startswith("trace = ") and s["swap_ok"], detail
+    if TRACED[name]:
+        assert s["right_kill"] and not s["wrong_kills"], detail
+    else:
+        assert not s["killed"] and not s["wrong_kills"], detail
+    assert s["bystander_alive"] and s["oom_kills"] == 0, detail
+    replayed = s["replay"]
+    summary = replayed["summary"]
+    assert replayed["rc"] == 0 and summary is not None, detail
+    assert summary["damage"] == [], detail
+    assert not any("no PSI totals" in n or "no process list" in n for n in summary["notes"]), detail
+    live = [a for a in s["memwatchd_actions"] if a["action"] != "warn"]
+    assert bool(live) == TRACED[name], detail
+    assert summary["reproduced"] >= len(live), detail
+    assert summary["live_not_taken"] == 0 and summary["new"] == 0, detail
+    guard = [d for d in replayed["decisions"] if d["watch"] == "guard" and d["signal"]]
+    assert [d["reason"] for d in guard][:1] == [a["reason"] for a in live][:1], detail
+    assert all(d["live"] is not None for d in guard), detail

@@ -48,11 +48,15 @@ OOMD_DROPINS = {
 }
 
 
+MEMWATCHD_TRACE = "/var/lib/memwatchd/trace"   # a variant's trace ring ([daemon] trace)
+
+
 # memwatchd variants (issue 15): a scenario run again, under memwatchd only, with keys
-# added to the [guard] table of its installed config for that run (restored after):
-# name -> (the scenario it repeats, the TOML lines). Run after every plain scenario, so
-# those run exactly as before. A name "scenario#N" (for MEMWATCHD_VM_RACE_SCENARIOS or
-# --scenarios) runs a scenario or a variant once more, for medians.
+# added to the [guard] table (or the table named third) of its installed config for that
+# run (restored after): name -> (the scenario it repeats, the TOML lines[, table]). Run
+# after every plain scenario, so those run exactly as before. A name "scenario#N" (for
+# MEMWATCHD_VM_RACE_SCENARIOS or --scenarios) runs a scenario or a variant once more, for
+# medians.
 VARIANTS = {
     "leak_swap_predict": ("leak_swap", 'predict = "30s"'),
     # on request only (not in DEFAULT_VARIANTS): the headroom trigger alone, without and
@@ -70,8 +74,17 @@ VARIANTS = {
     # on request: the cold-page control with the pressure trigger off (the whole run's
     # stall and page rates, which a kill on pressure cuts short)
     "benign_cold_nopsi": ("benign_cold", "psi_full = 0"),
+    # issue 19 in traces: the hot leak with the daemon's trace on, then `memwatchd replay`
+    # of the scenario's span with the config it ran: the replayed guard must take the
+    # decisions the live one took (its pressure triggers weigh PSI totals and page faults,
+    # which the trace must hold, and swap switched on after the daemon started); the
+    # cold-page control and the zram leak the same way on request
+    "leak_swap_traced": ("leak_swap", 'trace = "%s"' % MEMWATCHD_TRACE, "daemon"),
+    "benign_cold_traced": ("benign_cold", 'trace = "%s"' % MEMWATCHD_TRACE, "daemon"),
+    "leak_zram_traced": ("leak_zram", 'trace = "%s"' % MEMWATCHD_TRACE, "daemon"),
 }
-DEFAULT_VARIANTS = ("leak_swap_predict", "benign_cold_predict")   # in every memwatchd boot (CI too)
+DEFAULT_VARIANTS = ("leak_swap_predict", "benign_cold_predict",   # in every memwatchd boot
+                    "leak_swap_traced")                            # (CI too)
 MEMWATCHD_CONFIG = "/etc/memwatchd/memwatchd.toml"
 MEMWATCHD_EVENTS = "/var/lib/memwatchd/events.jsonl"
 
@@ -158,20 +171,46 @@ def guardian_log(name, since):
     return lines[-30:]
 
 
-def memwatchd_guard_keys(lines):
-    """Add ``lines`` to memwatchd's [guard] table (none: restore the installed config) and
-    restart it (Type=notify: back when it says READY). The text it had, or None."""
+def memwatchd_guard_keys(lines, table="guard"):
+    """Add ``lines`` to memwatchd's [guard] table, or ``table`` (none: restore the installed
+    config) and restart it (Type=notify: back when it says READY)."""
     saved = getattr(memwatchd_guard_keys, "saved", None)
     if saved is None:
         with open(MEMWATCHD_CONFIG) as f:
             saved = memwatchd_guard_keys.saved = f.read()
-    text = saved.replace("[guard]\n", "[guard]\n" + lines + "\n", 1) if lines else saved
+    head = "[%s]\n" % table
+    text = saved.replace(head, head + lines + "\n", 1) if lines else saved
     if lines and text == saved:
-        raise RuntimeError("no [guard] table in " + MEMWATCHD_CONFIG)
+        raise RuntimeError("no %s table in %s" % (head.strip(), MEMWATCHD_CONFIG))
     write(MEMWATCHD_CONFIG, text)
     r = run("systemctl", "restart", "memwatchd.service", timeout=300)
     if r.returncode != 0 or show("memwatchd.service", "ActiveState")["ActiveState"] != "active":
         raise RuntimeError("memwatchd did not restart with %r: %s" % (lines, r.stderr.strip()))
+
+
+def memwatchd_replay(span, keep):
+    """`memwatchd replay` of the daemon's own trace over a scenario's span (UTC, a second
+    either side), with the config it ran: its summary and its decisions. The ring is
+    copied to ``keep`` (the host keeps it with --keep)."""
+    import shutil
+    shutil.copytree(MEMWATCHD_TRACE, keep, dirs_exist_ok=True)
+    def iso(wall):
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + ".%03d" % (wall % 1 * 1000)
+    r = run("memwatchd", "replay", MEMWATCHD_TRACE, "--json", "--config", MEMWATCHD_CONFIG,
+            "--from", iso(span[0] - 1), "--to", iso(span[1] + 1), timeout=600)
+    out = {"rc": r.returncode, "stderr": r.stderr[-2000:], "summary": None, "decisions": []}
+    for line in r.stdout.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("type") == "summary":
+            out["summary"] = {k: record.get(k) for k in (
+                "decisions", "reproduced", "live_not_taken", "new", "notes", "damage", "seconds")}
+        elif record.get("type") == "replay":
+            out["decisions"].append({k: record.get(k) for k in (
+                "t", "watch", "target", "reason", "signal", "live", "diverged")})
+    return out
 
 
 def events_size():
@@ -438,6 +477,7 @@ def run_scenario(name, spec, guardian):
     out["wrong_kills"] = [u for u in killed if u != right] + \
         [s for s in ("heartbeat", "bystander") if not out[s + "_alive"]]
     out["guardian_log"] = guardian_log(guardian, start)
+    out["wall_span"] = [start_wall, start_wall + (mono() - start)]
     if guardian == "memwatchd":
         out["memwatchd_actions"] = memwatchd_actions(events_at, start_wall)
     swap_off()
@@ -456,24 +496,27 @@ def main():
     run("systemctl", "start", "heartbeat.service", "bystander.service")
     time.sleep(3)
     specs = scenarios(m["MemTotal"], meminfo()["MemAvailable"])
-    runs = [(name, spec, "") for name, spec in specs.items() if not wanted or name in wanted]
+    runs = [(name, spec, ("", "guard")) for name, spec in specs.items() if not wanted or name in wanted]
     for name in (wanted or (DEFAULT_VARIANTS if guardian == "memwatchd" else ())):
         base = name.split("#", 1)[0]
         if base in VARIANTS and guardian == "memwatchd":
-            runs.append((name, specs[VARIANTS[base][0]], VARIANTS[base][1]))
+            runs.append((name, specs[VARIANTS[base][0]], (VARIANTS[base] + ("guard",))[1:3]))
         elif base in specs and base != name:
-            runs.append((name, specs[base], ""))
-    for name, spec, guard_keys in runs:
+            runs.append((name, specs[base], ("", "guard")))
+    for name, spec, (keys, table) in runs:
         print("[%8.1f] %s under %s" % (mono(), name, guardian), flush=True)
         try:
-            if guard_keys:
-                memwatchd_guard_keys(guard_keys)
+            if keys:
+                memwatchd_guard_keys(keys, table)
             try:
-                results["scenarios"][name] = run_scenario(name.split("#", 1)[0], spec, guardian)
-                if guard_keys:
-                    results["scenarios"][name]["guard_keys"] = guard_keys
+                s = results["scenarios"][name] = run_scenario(name.split("#", 1)[0], spec, guardian)
+                if keys:
+                    s[table + "_keys"] = keys
+                if table == "daemon" and MEMWATCHD_TRACE in keys:
+                    s["replay"] = memwatchd_replay(s["wall_span"], os.path.join(
+                        os.path.dirname(results_path), "trace-" + name.replace("#", "-")))
             finally:
-                if guard_keys:
+                if keys:
                     memwatchd_guard_keys("")
         except Exception as e:   # recorded; the host side reports it
             import traceback
