@@ -251,7 +251,8 @@ class _Replayer:
                 self.started = True
                 active = [rid for rid, r in held.items() if not quiet(r)]
             if active or (self.host is not None and (self.guard_on or self.policy.guard.victim)
-                          and (s.host is not None or s.gone or s.decisions)):
+                          and (s.host is not None or s.gone or s.decisions
+                               or s.candidates is not None)):   # (the live guard looked)
                 self.tick(t, active)
         if self.until_end:
             self.end = self.trace.end

@@ -422,11 +422,11 @@ class Recorder:
     def _host_row(self, host) -> Optional[list]:
         """The host, when it moved: MemAvailable or swap by more than MemTotal/1024, a PSI avg10
         by a point, swap added or removed, zram's figures, or on every tick while MemAvailable
-        is within 4x the guard's floor. Under the pressure gate (psi_available) on every tick
-        that changed anything: the guard's pressure triggers take rates over time from the PSI
-        totals and fault counters, so a replay needs each value at the time the live policy
-        saw it. Swap is often switched on after the daemon started (a swapfile, zram set up
-        at boot), so its size is not the header's alone."""
+        is within 4x the guard's floor or under the pressure gate (psi_available): there the
+        guard's pressure triggers take rates over time from the PSI totals and fault
+        counters, and keep a history of them, so a replay needs every tick's values at the
+        time the live policy saw them. Swap is often switched on after the daemon started
+        (a swapfile, zram set up at boot), so its size is not the header's alone."""
         if host is None:
             return None
         p = host.pressure
@@ -453,8 +453,6 @@ class Recorder:
                None if p is None else p.some_avg10, None if p is None else p.full_avg10,
                None if p is None else p.some_total_us, None if p is None else p.full_total_us,
                host.refaults, host.major_faults, host.swap_total, zram]
-        if near and row == prev:
-            return None
         self.host_last = row
         return row
 
