@@ -32,8 +32,8 @@ from memwatchd.policy import WARN_REARM
 from memwatchd.report import ERR, count, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 3                     # 3: PSI totals and fault counters in h, c; 2: the compact
-                               # sample line; 1 and 2 are read too
+FORMAT = 3                     # 3: PSI totals, fault counters, swap size and zram in h,
+                               # faults and owner in c; 2: the compact line; 1, 2 read too
 DEFAULT_SIZE = 64 * 2**20      # the ring's cap, [daemon] trace_size
 SEGMENTS = 8                   # the ring is this many segment files: dropping one frees 1/8
 MIN_SEGMENT = 64 * 1024
@@ -560,9 +560,11 @@ class Sample(namedtuple("Sample", "t rows host gone candidates decisions keyfram
     rows: [(run id, usage, limit, warn, stat list or None)]; host: (mem_available,
     swap_free, psi_some_avg10, psi_full_avg10, psi_some_total_us, psi_full_total_us,
     refaults, major_faults, swap_total, zram: (zram_total, zram_free, zram_orig, zram_ram)
-    or None) or None, the last six None where the trace has none (before format 3); gone: [run id]; candidates: [(pid, start_time, comm, cgroup, rss,
-    major_faults, uid, exe_root_owned)] or None (-1, -1, False before format 3); decisions: [dict] the live policy's
-    output; keyframe: the first sample of a ring segment. A tuple: one per line, cheap."""
+    or None) or None, the last six None before format 3; gone: [run id]; candidates:
+    [(pid, start_time, comm, cgroup, rss, major_faults, uid, exe_root_owned)] or None
+    (-1, -1, False for the last three before format 3); decisions: [dict] the live
+    policy's output; keyframe: the first sample of a ring segment. A tuple: one per line,
+    cheap."""
 
     __slots__ = ()
 
