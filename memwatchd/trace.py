@@ -431,9 +431,8 @@ class Recorder:
             return None
         p = host.pressure
         prev = self.host_last
-        zram = self.daemon.policy.zram   # the daemon's latest swapinfo reading
-        zram = list(zram) if zram.zram_total > 0 else None
-        near = False
+        zram = self.daemon.policy.zram   # the daemon's latest swapinfo reading (a tuple:
+        zram = zram if zram.zram_total > 0 else None   # written as an array, nothing built)
         if prev is not None:
             if self._near[0] != host.mem_total:
                 guard = self.config.guard
@@ -442,10 +441,9 @@ class Recorder:
                 self._near = (host.mem_total, max(NEAR_FLOOR * floor, gate), host.mem_total >> 10)
             _, below, band = self._near
             avail = host.mem_available
-            near = avail < below
-            if (not near and -band <= avail - prev[0] <= band   # (idle: nothing built)
+            if (avail >= below and -band <= avail - prev[0] <= band   # (idle: nothing built)
                     and -band <= host.swap_free - prev[1] <= band
-                    and (len(prev) < 10 or (host.swap_total == prev[8] and zram == prev[9]))
+                    and host.swap_total == prev[8] and zram == prev[9]
                     and (p is None if prev[2] is None else
                          p is not None and _close(p.some_avg10, prev[2]) and _close(p.full_avg10, prev[3]))):
                 return None
@@ -1007,10 +1005,9 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple],
             hurt(f"{at()}: malformed host sample, skipped")
             host = None
         else:
-            host = (host[0], host[1], _num(host[2]), _num(host[3]), *host[4:9],
-                    None if host[9] is None else tuple(host[9])) \
-                if len(host) == 10 else (host[0], host[1], _num(host[2]), _num(host[3]),
-                                         None, None, None, None, None, None)
+            added = (*host[4:9], None if host[9] is None else tuple(host[9])) \
+                if len(host) == 10 else (None,) * 6          # (before format 3)
+            host = (host[0], host[1], _num(host[2]), _num(host[3]), *added)
     g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
     gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if isinstance(g, list) else ()
     cands = None
