@@ -21,6 +21,7 @@ decision records (when, why, the victim's size). Then, under memwatchd, its vari
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -171,13 +172,13 @@ def guardian_log(name, since):
     return lines[-30:]
 
 
-def memwatchd_guard_keys(lines, table="guard"):
+def memwatchd_config_keys(lines, table="guard"):
     """Add ``lines`` to memwatchd's [guard] table, or ``table`` (none: restore the installed
     config) and restart it (Type=notify: back when it says READY)."""
-    saved = getattr(memwatchd_guard_keys, "saved", None)
+    saved = getattr(memwatchd_config_keys, "saved", None)
     if saved is None:
         with open(MEMWATCHD_CONFIG) as f:
-            saved = memwatchd_guard_keys.saved = f.read()
+            saved = memwatchd_config_keys.saved = f.read()
     head = "[%s]\n" % table
     text = saved.replace(head, head + lines + "\n", 1) if lines else saved
     if lines and text == saved:
@@ -192,7 +193,6 @@ def memwatchd_replay(span, keep):
     """`memwatchd replay` of the daemon's own trace over a scenario's span (UTC, a second
     either side), with the config it ran: its summary and its decisions. The ring is
     copied to ``keep`` (the host keeps it with --keep)."""
-    import shutil
     shutil.copytree(MEMWATCHD_TRACE, keep, dirs_exist_ok=True)
     def iso(wall):
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + ".%03d" % (wall % 1 * 1000)
@@ -507,7 +507,7 @@ def main():
         print("[%8.1f] %s under %s" % (mono(), name, guardian), flush=True)
         try:
             if keys:
-                memwatchd_guard_keys(keys, table)
+                memwatchd_config_keys(keys, table)
             try:
                 s = results["scenarios"][name] = run_scenario(name.split("#", 1)[0], spec, guardian)
                 if keys:
@@ -517,7 +517,7 @@ def main():
                         os.path.dirname(results_path), "trace-" + name.replace("#", "-")))
             finally:
                 if keys:
-                    memwatchd_guard_keys("")
+                    memwatchd_config_keys("")
         except Exception as e:   # recorded; the host side reports it
             import traceback
             results["errors"].append("%s: %s" % (name, traceback.format_exc()))
