@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal as signals_mod
 import pytest
 from typer.testing import CliRunner
 
-from memwatchd import toml_child
+from memwatchd import toml_child, trace
 from memwatchd.cli import app
 from memwatchd.config import Size, parse_config
 from memwatchd.replay import recorded_config, replay
 from memwatchd.suggest import suggest
 from memwatchd.trace import read_trace
-from memwatchd.types import Candidate, ConfigError
+from memwatchd.types import Candidate, ConfigError, HostSample, Pressure, SwapDevices
 
 from .pidns import needs_pidns, run_scenario
+from .trace_lib import SyntheticDaemon
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 MiB = 1 << 20
@@ -454,9 +456,6 @@ def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
     faults a second on the host, of which the job makes job_faults_per_s. The largest
     process is a root sshd (protected: live knows it is root's own binary), then the job.
     Returns (trace path, the live decisions)."""
-    from memwatchd import trace
-    from memwatchd.types import Candidate, HostSample, Pressure
-    from tests.trace_lib import SyntheticDaemon
     config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True},
                            "protect": {"names": ["sshd"]}}, "pressure.toml")
     total = 4 << 30
@@ -503,7 +502,6 @@ def test_a_replayed_pressure_trigger_weighs_the_same_faults_the_live_guard_did(t
     root's, are recorded (trace format 3), so the replay decides what the live guard did:
     the cold job (its own pages never come back) is spared; the hot one is stopped at the
     same moment for the same reason; the protected sshd, the largest, is never chosen."""
-    import signal as signals_mod
     path, live = _live_pressure_trace(tmp_path, job_faults_per_s)
     t = read_trace(path)
     assert t.damage == [] and t.header["format"] == 3
@@ -542,7 +540,6 @@ def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_
     guard did not, where the trace has only an older list. That list's fault counts are
     not this moment's (the same count again would read as a cold job), so the replay lets
     pressure and refaults decide there, says so, and still stops the job."""
-    import signal as signals_mod
     path, live = _live_pressure_trace(tmp_path, 1000)
     t = read_trace(path)
     got = replay(t, start=t.start + 0.5)
@@ -560,9 +557,6 @@ def test_swap_switched_on_after_the_start_and_zram_replay_as_the_live_guard_coun
     at 2:1) and acts only once it is used up. The trace's host rows carry the swap's size
     and zram's figures (format 3), so the replay acts at that moment too, not at once (the
     header's no swap) nor later (zram counted as disk swap)."""
-    from memwatchd import trace
-    from memwatchd.types import HostSample, SwapDevices
-    from tests.trace_lib import SyntheticDaemon
     config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True,
                                                                   "psi_full": 0}}, "zram.toml")
     total = 4 << 30
