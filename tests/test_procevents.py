@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from memwatchd import cmdmatch, procevents
 from memwatchd.config import load_config
 from memwatchd.targets import NO_PROC_EVENTS, TargetSet
 from tests.pidns import needs_pidns, run_scenario
+from tests.prometheus_lib import free_port
 
 MiB = 1 << 20
 
@@ -439,10 +439,7 @@ def test_forks_that_concern_no_watch_do_not_wake_the_tick(tmp_path, tag):
     dry_run, guard off: nothing can be signalled."""
     pytest.importorskip("prometheus_client")
     connector_or_skip().close()
-    free = socket.socket()
-    free.bind(("127.0.0.1", 0))
-    port = free.getsockname()[1]
-    free.close()
+    port = free_port()
     tree = sleeper(tag, 60)
     daemon = dry_run_daemon(tmp_path, f'name = "t"\npid = {tree.pid}\nscope = "tree"\n'
                                       f'limit = "1G"\n', subprocess.DEVNULL,
