@@ -159,6 +159,8 @@ class _Replayer:
         self.rid_of: Dict[tuple, int] = {}
         self.killed: Dict[int, float] = {}
         self.freed: Dict[tuple, int] = {}
+        self.stopped: set = set()        # keys the replayed guard stopped: never chosen again
+        self.live_stopped: set = set()   # keys the live guard stopped (not dry-run): freed live
         self.due_at: Dict[int, float] = {}
         self.heap: list = []
         self.host_raw = None
@@ -320,6 +322,7 @@ class _Replayer:
             self.result.live.append(live)
             if by_guard and d.get("kind") == "signal" and not self.live_dry_run:
                 self.freed.pop(key, None)
+                self.live_stopped.add(key)
 
     def advance(self, until: float) -> None:
         """The virtual ticks before ``until``: targets not quiet, at their own intervals."""
@@ -376,7 +379,7 @@ class _Replayer:
                     break
 
     def guard_candidates(self, t: float) -> List[Candidate]:
-        gone = set(self.freed)
+        gone = self.stopped | set(self.freed)
         if self.candidates:
             at, cands = self.candidates   # the latest before t: samples come in time order
             if abs(at - t) > 1.0:
@@ -414,7 +417,9 @@ class _Replayer:
         if d.by_guard:
             if sig == "SIGTERM":
                 self.note("a process the replayed guard sent SIGTERM is assumed to exit at once")
-            self.freed[d.key] = d.usage or 0
+            self.stopped.add(d.key)
+            if d.key not in self.live_stopped:   # (else the trace's figures have it freed)
+                self.freed[d.key] = d.usage or 0
             self.policy.forget(d.key)
             if rid is not None and rid in self.held:
                 self.kill(t, rid)

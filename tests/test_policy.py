@@ -461,6 +461,89 @@ def test_hot_leak_waits_only_the_attribution_span():
     assert scans <= hot_late / P.OWN_SPAN + 2, scans   # one scan per OWN_SPAN while it rose
 
 
+def _notes(key, rss_by_time):
+    """Suspect entries as the Policy keeps them: (key, time, its faults, the host's, rss)."""
+    return [(key, t, 1000, 50000, int(mib * MiB)) for t, mib in rss_by_time]
+
+
+@pytest.mark.parametrize("why, rss_by_time, now_mib, now, expected", [
+    # the hot leak as measured in the guest: 750 to 780 MiB in 3.4 s, the others squeezed
+    ("hot leak keeps its pages", [(0.0, 750), (0.6, 754), (1.1, 757), (1.7, 760), (2.7, 765)],
+     780, 3.4, True),
+    # the cold-page job: growing for half a second, then reclaim takes its cold pages
+    ("cold job yields", [(0.0, 766), (0.6, 775), (1.1, 769), (1.6, 752), (2.1, 747)], 733, 3.2, False),
+    ("grew, but fell below its start on the way", [(0.0, 750), (1.0, 745), (2.0, 770)], 790, 3.0, False),
+    # a large steady process (a database) while something else grows: not its doing
+    ("steady", [(0.0, 700), (1.0, 701), (2.0, 702)], 703, 3.0, False),
+    ("grows slower than psi_refaults", [(0.0, 700), (1.5, 704)], 711, 3.0, False),
+    ("growth over less than SQUEEZE_SPAN", [(0.0, 750), (1.0, 760)], 780, 2.5, False),
+    ("no notes yet", [], 780, 3.4, False),
+])
+def test_squeezes_table(why, rss_by_time, now_mib, now, expected):
+    g = GuardConfig()   # psi_refaults 4 MiB/s
+    victim = cand(61, now_mib)
+    assert P.squeezes(g, victim, _notes(victim.key, rss_by_time), now) is expected, why
+
+
+def test_squeezes_needs_the_same_process_and_the_rule_on():
+    g = GuardConfig()
+    victim = cand(61, 780)
+    grew = _notes(victim.key, [(0.0, 750), (1.0, 760), (2.0, 770)])
+    assert P.squeezes(g, victim, grew, 3.0)
+    assert not P.squeezes(g._replace(psi_refaults=0), victim, grew, 3.0)   # 0: pressure alone
+    other = _notes(("process", 99, 5), [(0.0, 750), (1.0, 760), (2.0, 770)])
+    assert not P.squeezes(g, victim, other, 3.0)
+    assert not P.squeezes(g, victim, other[:1] + grew[1:], 3.0)   # the largest changed on the way
+    assert not P.squeezes(g, victim, [n[:4] for n in grew], 3.0)  # notes without a size
+
+
+def _squeeze_run(pol, rss_at, seconds, full_at=lambda now: 0.3, step=0.05):
+    """Drive the Policy with HostSamples as the reader makes them: PSI full at full_at(now)
+    of each step, pages coming back at 1 MiB/s (under psi_refaults), the largest candidate
+    rss_at(now) MiB; returns the first decision time (None: none) and its decisions."""
+    refaults = host_faults = 0
+    some = full = 0.0
+    for i in range(int(seconds / step)):
+        now = i * step
+        refaults += int(MiB * step)
+        host_faults += int(100 * step)
+        full += full_at(now) * step
+        some += min(1.0, full_at(now) * 1.5) * step
+        sample = host(1)._replace(pressure=stalls(some, full), refaults=refaults,
+                                  major_faults=host_faults)
+        if pol.guard_wants_victim(now, sample):
+            cands = [cand(60, 150), faulting(cand(61, int(rss_at(now))), 1000)]
+            got = pol.guard_evaluate(now, sample, cands)
+            if got:
+                return now, got
+    return None, []
+
+
+def test_a_stall_that_feeds_the_largest_process_stops_it():
+    """PSI full 30%, pages coming back at 1 MiB/s only (the others' idle pages go to swap,
+    so few return): the largest process growing 9 MiB/s (the leak squeezing the others,
+    as measured) is SIGTERMed once it has grown through SQUEEZE_SPAN of that pressure; the
+    same stall while it shrinks (the cold-page job) or holds steady stops nobody."""
+    fired, got = _squeeze_run(P.Policy(default_config()), lambda now: 750 + 9 * now, 10.0)
+    assert kinds(got) == [("signal", signal.SIGTERM, P.REASON_GUARD_PSI)]
+    assert got[0].key == ("process", 61, 1061)
+    assert P.PSI_MIN_SPAN + P.SQUEEZE_SPAN <= fired <= P.PSI_MIN_SPAN + P.SQUEEZE_SPAN + 2 * P.OWN_SPAN, fired
+    assert _squeeze_run(P.Policy(default_config()), lambda now: 766 - 25 * max(0.0, now - 1.5), 10.0)[0] is None
+    assert _squeeze_run(P.Policy(default_config()), lambda now: 700, 10.0)[0] is None
+    off = default_config()._replace(guard=GuardConfig()._replace(psi_refaults=0))   # pressure alone
+    assert _squeeze_run(P.Policy(off), lambda now: 700, 10.0)[0] is not None
+
+
+def test_growth_counts_only_through_pressure_without_a_lull():
+    """Growth before a lull in pressure is no evidence after it: PSI full 30% for 2 s
+    (high over psi_window for less than SQUEEZE_SPAN), then nothing for 3 s, then 30%
+    again: the growth is measured afresh, SQUEEZE_SPAN after pressure is high again
+    (kept across the lull, it would fire as soon as pressure returns)."""
+    lull = lambda now: 0.0 if 2.0 <= now < 5.0 else 0.3   # noqa: E731
+    fired, _ = _squeeze_run(P.Policy(default_config()), lambda now: 750 + 9 * now, 12.0, full_at=lull)
+    assert fired is not None and fired >= 5.0 + P.SQUEEZE_SPAN, fired
+
+
 def test_guard_pressure_table():
     """Pressure after a kill: the history restarts at every action, and a second kill
     needs the pressure measured high again after it, with MemAvailable still low (the

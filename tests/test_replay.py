@@ -447,20 +447,22 @@ def test_the_guard_is_told_by_structure_not_by_name(tmp_path):
 
 # ------------------------------------------------------------------ the guard's pressure triggers
 
-def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
+def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0,
+                         refaults_per_s: int = 5 * MiB, job_growth_per_s: int = 0):
     """The live guard path, call for call as Daemon.tick makes it (host sample,
     guard_wants_victim, the candidate list, guard_evaluate, the recorder's tick), on a
     virtual clock and written by the real Recorder: MemAvailable at 12% of 4 GiB (under
     psi_available, above the floor), all tasks stalled 30% of the time, pages coming back
     at 5 MiB/s (between psi_refaults and twice it: whose they are decides), 1280 major
     faults a second on the host, of which the job makes job_faults_per_s. The largest
-    process is a root sshd (protected: live knows it is root's own binary), then the job.
-    Returns (trace path, the live decisions)."""
+    process is a root sshd (protected: live knows it is root's own binary), then the job,
+    growing job_growth_per_s bytes a second (refaults_per_s other than 5 MiB/s: pages
+    coming back at that rate). Returns (trace path, the live decisions)."""
     config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True},
                            "protect": {"names": ["sshd"]}}, "pressure.toml")
     total = 4 << 30
     daemon = SyntheticDaemon(config)
-    path = tmp_path / f"pressure-{job_faults_per_s}.trace"
+    path = tmp_path / f"pressure-{job_faults_per_s}-{refaults_per_s}-{job_growth_per_s}.trace"
     daemon.host = HostSample(total, total // 2, 0, 0, Pressure())
     daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
     policy, live = daemon.policy, []
@@ -472,14 +474,15 @@ def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
             total, total * 12 // 100, 0, 0,
             Pressure(some_avg10=35.0, full_avg10=30.0, some_total_us=int(5e9 + 0.35e6 * dt),
                      full_total_us=int(4e9 + 0.3e6 * dt)),
-            refaults=int(9e9 + 5 * MiB * dt), major_faults=int(7e6 + 1280 * dt))
+            refaults=int(9e9 + refaults_per_s * dt), major_faults=int(7e6 + 1280 * dt))
         decisions = policy.evaluate(now, [], host)
         candidates = []
         if policy.guard_wants_victim(now, host):
             candidates = [
                 Candidate(("process", 301, 11), 301, "sshd", "/system.slice/ssh.service", 2 << 30,
                           0, True, int(1e4)),
-                Candidate(("process", 402, 22), 402, "job", "/user.slice", 1536 << 20, 1000,
+                Candidate(("process", 402, 22), 402, "job", "/user.slice",
+                          (1536 << 20) + int(job_growth_per_s * dt), 1000,
                           False, int(2e5 + job_faults_per_s * dt)),
                 Candidate(("process", 503, 33), 503, "editor", "/user.slice", 100 << 20, 1000,
                           False, int(3e4 + 10 * dt))]
@@ -534,6 +537,25 @@ def test_a_replayed_pressure_trigger_weighs_the_same_faults_the_live_guard_did(t
     assert any("no PSI totals" in n for n in got2.notes), got2.notes
 
 
+@pytest.mark.parametrize("job_growth_per_s", [0, 9 * MiB])
+def test_a_replayed_stall_that_feeds_the_largest_process_is_judged_as_live(tmp_path, job_growth_per_s):
+    """Pages coming back at 1 MiB/s only (under psi_refaults), the job faulting nothing: the
+    live guard stops it only while it grows through the stall (policy.squeezes), from the
+    RSS in the candidate lists it recorded; the replay takes the same decision at the same
+    moment, and none for the job that holds steady."""
+    path, live = _live_pressure_trace(tmp_path, 0, seconds=8.0, refaults_per_s=MiB,
+                                      job_growth_per_s=job_growth_per_s)
+    t = read_trace(path)
+    assert t.damage == []
+    if job_growth_per_s:
+        assert [(k, r, s) for _, k, r, s in live] == [
+            (("process", 402, 22), "psi-full-high", signals_mod.SIGTERM)], live
+    else:
+        assert live == []
+    got = replay(t)
+    assert _replayed(got, t.start) == [(at, k, r, signals_mod.Signals(s).name) for at, k, r, s in live]
+
+
 def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_rule_out(tmp_path):
     """Started half a second into the hot leak, the replayed guard's pressure history is
     younger than the live one's: it looks for the largest process at moments the live
@@ -548,6 +570,48 @@ def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_
         (("process", 402, 22), "psi-full-high", signals_mod.SIGTERM.name)], taken
     assert taken[0][0] >= live[0][0], (taken, live)
     assert any("looked where the live one did not" in n for n in got.notes), got.notes
+
+
+def test_a_whole_days_trace_replays_every_incident_the_live_guard_stopped(tmp_path):
+    """Two incidents in one trace (the daemon's ring holds a whole boot): MemAvailable under
+    the floor at 1 s (the guard SIGTERMs job A, which exits, and memory comes back), then
+    again at 10 s (job B). A replayed decision the live guard took too must not add A's
+    memory back to MemAvailable: the trace's figures have it freed already, and counting it
+    twice hid every later incident (measured on a race boot's ring: the leak after the fast
+    hog was not replayed at all)."""
+    config = parse_config({"guard": {"enabled": True, "psi_full": 0}}, "day.toml")
+    total = 4 << 30
+    daemon = SyntheticDaemon(config)
+    path = tmp_path / "day.trace"
+    daemon.host = HostSample(total, total // 2, 0, 0, None)
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    policy, live, start = daemon.policy, [], daemon.now
+    a = Candidate(("process", 402, 22), 402, "job-a", "/user.slice", 3 << 30)
+    b = Candidate(("process", 503, 33), 503, "job-b", "/user.slice", 2 << 30)
+    for step in range(150):
+        now = daemon.now = start + step * 0.1
+        dt = now - start
+        low = 1.0 <= dt < 1.5 or 10.0 <= dt < 10.5
+        daemon.host = host = HostSample(total, total * (3 if low else 50) // 100, 0, 0, None)
+        decisions = policy.evaluate(now, [], host)
+        candidates = []
+        if policy.guard_wants_victim(now, host):
+            candidates = [b] if dt >= 1.5 else [a, b]
+        decisions += policy.guard_evaluate(now, host, candidates, ())
+        daemon.trace.tick(now, [], [], host, candidates, decisions)
+        live += [(round(dt, 3), d.key, d.reason) for d in decisions if d.signal]
+        if dt >= 1.5 and policy.guard.victim is not None and policy.guard.victim.key == a.key:
+            policy.forget(a.key)   # A exited on its SIGTERM (the daemon sees it gone)
+        if dt >= 10.5 and policy.guard.victim is not None:
+            policy.forget(b.key)
+    daemon.trace.close()
+    assert [k for _, k, _ in live] == [a.key, b.key], live
+    t = read_trace(str(path))
+    result = replay(t)
+    got = [(round(d.t - t.start, 3), d.key, d.reason) for d in result.decisions if d.signal]
+    assert got == live, (got, live)
+    assert result.diverged_at == {}, result.diverged_at
+    assert not any("added back" in n for n in result.notes), result.notes
 
 
 def test_swap_switched_on_after_the_start_and_zram_replay_as_the_live_guard_counted_them(tmp_path):

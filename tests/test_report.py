@@ -490,6 +490,12 @@ def test_guard_lines_say_what_the_guard_measured():
     psi = report.decision_text("guard", 766 << 20, 48 << 20, "psi-full-high", host=host, guard=guard)
     assert psi.startswith("at 766 MiB, the largest it may stop: all tasks stalled on memory 20% or "
                           "more of the last 2 s (full avg10 31.5%), MemAvailable 40 MiB")
+    counted = report.decision_text("guard", 766 << 20, 48 << 20, "psi-full-high", guard=guard,
+                                   host=host._replace(refaults=1, major_faults=1))
+    assert counted.endswith(
+        "with evicted pages coming back at 4 MiB/s or more (its own among them, or 8 MiB/s in "
+        "all), or with it growing 4 MiB/s or more through 3 s of it, MemAvailable 40 MiB "
+        "(psi-full-high)"), counted
     swapped = report.decision_text("guard", 766 << 20, 48 << 20, "mem-available-low", guard=guard,
                                    host=host._replace(swap_total=1 << 30, swap_free=4 << 20))
     assert "MemAvailable 40 MiB plus free swap (SwapFree 4 MiB, zram at its worth) is below" in swapped

@@ -18,6 +18,11 @@ pause over 0.5 s to the last one), how every unit ended (killed by a signal, or
 ran out its time), kernel OOM kills, the bystander alive; under memwatchd also its
 decision records (when, why, the victim's size). Then, under memwatchd, its variants
 (VARIANTS: a scenario again with [guard] keys added, e.g. predict). Standard library only.
+
+"trace_all" in the scenario list (on request, memwatchd only): the daemon traces the whole
+boot ([daemon] trace set once, before the first scenario, so the plain runs run on one
+daemon as they do without it), and every scenario is replayed from its span, the ring
+kept beside RESULTS.json: to see tick by tick what the guard saw in a full boot.
 """
 import json
 import os
@@ -50,6 +55,7 @@ OOMD_DROPINS = {
 
 
 MEMWATCHD_TRACE = "/var/lib/memwatchd/trace"   # a variant's trace ring ([daemon] trace)
+TRACE_ALL = "trace_all"
 
 
 # memwatchd variants (issue 15): a scenario run again, under memwatchd only, with keys
@@ -503,8 +509,15 @@ def main():
             runs.append((name, specs[VARIANTS[base][0]], (VARIANTS[base] + ("guard",))[1:3]))
         elif base in specs and base != name:
             runs.append((name, specs[base], ("", "guard")))
+    trace_all = guardian == "memwatchd" and TRACE_ALL in (wanted or ())
+    if trace_all:   # the installed config with the trace on is what variants restore
+        memwatchd_config_keys('trace = "%s"' % MEMWATCHD_TRACE, "daemon")
+        with open(MEMWATCHD_CONFIG) as f:
+            memwatchd_config_keys.saved = f.read()
     for name, spec, (keys, table) in runs:
         print("[%8.1f] %s under %s" % (mono(), name, guardian), flush=True)
+        if trace_all and MEMWATCHD_TRACE in keys:
+            keys = ""   # a traced variant: the daemon traces already
         try:
             if keys:
                 memwatchd_config_keys(keys, table)
@@ -512,7 +525,7 @@ def main():
                 s = results["scenarios"][name] = run_scenario(name.split("#", 1)[0], spec, guardian)
                 if keys:
                     s[table + "_keys"] = keys
-                if table == "daemon" and MEMWATCHD_TRACE in keys:
+                if trace_all or (table == "daemon" and MEMWATCHD_TRACE in keys):
                     s["replay"] = memwatchd_replay(s["wall_span"], os.path.join(
                         os.path.dirname(results_path), "trace-" + name.replace("#", "-")))
             finally:
