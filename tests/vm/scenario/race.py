@@ -282,13 +282,14 @@ VMSTAT_KEYS = ("pswpin", "pswpout", "pgmajfault", "pgsteal_kswapd", "pgsteal_dir
                "workingset_refault_anon", "workingset_refault_file", "workingset_activate_anon",
                "workingset_activate_file", "workingset_restore_anon", "workingset_restore_file")
 RACE_UNITS = ("race-hog", "race-job", "race-reader")
-UNIT_KEYS = ("pgmajfault", "workingset_refault_anon", "workingset_refault_file")
-VMSTAT_KEYS += tuple(u + "." + k for u in RACE_UNITS for k in UNIT_KEYS)
+UNIT_KEYS = ("pgmajfault", "workingset_refault_anon", "workingset_refault_file", "anon")
+VMSTAT_KEYS += tuple(u + "." + k for u in RACE_UNITS for k in UNIT_KEYS + ("swap",))
 
 
 def vmstat():
     """The /proc/vmstat counters of VMSTAT_KEYS (pages, cumulative; 0 where missing), and
-    the race units' own (memory.stat of their cgroups, "race-hog.pgmajfault")."""
+    the race units' own (memory.stat of their cgroups, "race-hog.pgmajfault"; "anon" and
+    "swap", memory.swap.current, in bytes: whether the hog grows in RAM or into swap)."""
     out = dict.fromkeys(VMSTAT_KEYS, 0)
     try:
         with open("/proc/vmstat") as f:
@@ -305,6 +306,11 @@ def vmstat():
                     key, _, value = line.partition(" ")
                     if unit + "." + key in out:
                         out[unit + "." + key] = int(value)
+        except (OSError, ValueError):
+            pass
+        try:
+            with open("/sys/fs/cgroup/system.slice/%s.service/memory.swap.current" % unit) as f:
+                out[unit + ".swap"] = int(f.read())
         except (OSError, ValueError):
             pass
     return [out[k] for k in VMSTAT_KEYS]
