@@ -572,6 +572,15 @@ def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_
     assert any("looked where the live one did not" in n for n in got.notes), got.notes
 
 
+def _recording(path, config, total):
+    """A SyntheticDaemon of ``config`` on a host of ``total`` bytes (half of it available),
+    its trace written to ``path`` by the real Recorder: (daemon, path)."""
+    daemon = SyntheticDaemon(config)
+    daemon.host = HostSample(total, total // 2, 0, 0, None)
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    return daemon, path
+
+
 def test_a_whole_days_trace_replays_every_incident_the_live_guard_stopped(tmp_path):
     """Two incidents in one trace (the daemon's ring holds a whole boot): MemAvailable under
     the floor at 1 s (the guard SIGTERMs job A, which exits, and memory comes back), then
@@ -581,10 +590,7 @@ def test_a_whole_days_trace_replays_every_incident_the_live_guard_stopped(tmp_pa
     hog was not replayed at all)."""
     config = parse_config({"guard": {"enabled": True, "psi_full": 0}}, "day.toml")
     total = 4 << 30
-    daemon = SyntheticDaemon(config)
-    path = tmp_path / "day.trace"
-    daemon.host = HostSample(total, total // 2, 0, 0, None)
-    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    daemon, path = _recording(tmp_path / "day.trace", config, total)
     policy, live, start = daemon.policy, [], daemon.now
     a = Candidate(("process", 402, 22), 402, "job-a", "/user.slice", 3 << 30)
     b = Candidate(("process", 503, 33), 503, "job-b", "/user.slice", 2 << 30)
@@ -624,10 +630,7 @@ def test_swap_switched_on_after_the_start_and_zram_replay_as_the_live_guard_coun
     config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True,
                                                                   "psi_full": 0}}, "zram.toml")
     total = 4 << 30
-    daemon = SyntheticDaemon(config)
-    path = tmp_path / "zram.trace"
-    daemon.host = HostSample(total, total // 2, 0, 0, None)
-    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    daemon, path = _recording(tmp_path / "zram.trace", config, total)
     policy, live, start = daemon.policy, [], daemon.now
     for step in range(200):
         now = daemon.now = start + step * 0.1
