@@ -207,7 +207,8 @@ def own_thrash(guard: GuardConfig, share: Sequence, victim: Candidate, since: Op
 
 def squeezes(guard: GuardConfig, victim: Candidate, notes: Sequence[tuple], now: float) -> bool:
     """Whether ``victim`` grows at the others' expense under a stall that brings few pages
-    back (below psi_refaults, so thrashing() does not count it): its RSS rose by
+    back (below psi_refaults, so thrashing() does not count it), or only the others'
+    (own_thrash False): its RSS rose by
     psi_refaults bytes/s or more over SQUEEZE_SPAN and more, and never fell below where it
     started. ``notes``: the suspect entries (key, time, its major faults, the host's, its
     rss) taken while pressure was high, oldest first.
@@ -688,8 +689,10 @@ class Policy:
         victim = choose_victim(candidates, self.config, never)
         if victim is None:
             return []
-        if reason in PSI_REASONS and not squeeze and not self._victim_thrashes(now, host, victim, candidates):
-            return []
+        if reason in PSI_REASONS and not squeeze:   # pages come back: whose, or does it squeeze
+            squeeze = squeezes(g, victim, st.suspect, now)   # (before this tick's note)
+            if not self._victim_thrashes(now, host, victim, candidates) and not squeeze:
+                return []
         st.suspect.clear()
         st.victim, st.term_at = victim, now
         st.killed = level == "kill"

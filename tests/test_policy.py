@@ -497,15 +497,16 @@ def test_squeezes_needs_the_same_process_and_the_rule_on():
     assert not P.squeezes(g, victim, [n[:4] for n in grew], 3.0)  # notes without a size
 
 
-def _squeeze_run(pol, rss_at, seconds, full_at=lambda now: 0.3, step=0.05):
+def _squeeze_run(pol, rss_at, seconds, full_at=lambda now: 0.3, step=0.05, refault_rate=MiB):
     """Drive the Policy with HostSamples as the reader makes them: PSI full at full_at(now)
-    of each step, pages coming back at 1 MiB/s (under psi_refaults), the largest candidate
-    rss_at(now) MiB; returns the first decision time (None: none) and its decisions."""
+    of each step, pages coming back at refault_rate (1 MiB/s: under psi_refaults), none
+    of them the largest candidate's, which has rss_at(now) MiB; returns the first decision
+    time (None: none) and its decisions."""
     refaults = host_faults = 0
     some = full = 0.0
     for i in range(int(seconds / step)):
         now = i * step
-        refaults += int(MiB * step)
+        refaults += int(refault_rate * step)
         host_faults += int(100 * step)
         full += full_at(now) * step
         some += min(1.0, full_at(now) * 1.5) * step
@@ -532,6 +533,18 @@ def test_a_stall_that_feeds_the_largest_process_stops_it():
     assert _squeeze_run(P.Policy(default_config()), lambda now: 700, 10.0)[0] is None
     off = default_config()._replace(guard=GuardConfig()._replace(psi_refaults=0))   # pressure alone
     assert _squeeze_run(P.Policy(off), lambda now: 700, 10.0)[0] is not None
+
+
+def test_a_stall_whose_returning_pages_are_the_others_stops_the_largest_if_it_grows():
+    """Pages coming back at 5 MiB/s (over psi_refaults, under twice it), none of them the
+    largest process's: the own-faults rule spares it while it holds steady (the cold job's
+    case), but not while it grows through the stall (the others' pages are what it took)."""
+    run = lambda rss_at: _squeeze_run(P.Policy(default_config()), rss_at, 10.0,  # noqa: E731
+                                      refault_rate=5 * MiB)
+    assert run(lambda now: 700)[0] is None
+    fired, got = run(lambda now: 750 + 9 * now)
+    assert kinds(got) == [("signal", signal.SIGTERM, P.REASON_GUARD_PSI)] and got[0].key[1] == 61
+    assert fired <= P.PSI_MIN_SPAN + P.SQUEEZE_SPAN + 2 * P.OWN_SPAN, fired
 
 
 def test_growth_counts_only_through_pressure_without_a_lull():
