@@ -124,7 +124,6 @@ _GUARD_DEFAULTS = {
     "psi_window": 2.0,               # seconds of pressure history, measured since the last action
     "psi_available": Size(percent=20.0),  # pressure counts only with MemAvailable below this
     "psi_refaults": 4 * 2**20,       # ...and while evicted pages come back at this many bytes/s
-                                     # (or the largest process grows by it: policy.squeezes)
     "grace": 5.0,
     "predict": 0.0,                  # horizon of the host's predictive trigger; 0 = off
 }

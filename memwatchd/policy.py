@@ -31,7 +31,6 @@ PREDICT_SAMPLES = 50     # a predicted exhaustion is sampled at least this often
 ANYONE_THRASH = 2        # refaults at this many times psi_refaults are a thrash whoever faults
 OWN_SPAN = 0.5           # seconds of the largest process's own major faults to attribute a thrash
 OWN_SHARE = 0.5          # ...which must be this fraction of its share of the RSS, or more
-SQUEEZE_SPAN = 3.0       # seconds the largest process must grow under pressure to be its cause
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
 REASON_WARN = "warn-level"
@@ -91,10 +90,9 @@ class GuardState:
         self.killed = False
         self.cooldown_until = 0.0
         self.pressure: deque = deque()   # (time, some_total_us, full_total_us, refaults)
-        # (key, time, its major faults, the host's, its rss) of the process a pressure
-        # trigger would stop, one per OWN_SPAN while pressure is high (refaults or not), the
-        # last SQUEEZE_SPAN kept: when pages start coming back its own share of them is
-        # known at once, and whether it grew while the others were squeezed (squeezes)
+        # (key, time, its major faults, the host's) of the process a pressure trigger would
+        # stop, one per OWN_SPAN while pressure is high (refaults or not), the last ones
+        # kept: when pages start coming back, its own share of them is known at once
         self.suspect: deque = deque()
         self.suspect_next = 0.0   # no /proc scan for it before this time (one per OWN_SPAN)
         self.judged_at = -1e9     # when its faults last said "not its thrash"
@@ -203,30 +201,6 @@ def own_thrash(guard: GuardConfig, share: Sequence, victim: Candidate, since: Op
     if everyone <= 0:
         return False
     return own / everyone >= OWN_SHARE * victim.rss / max(victim.rss, total_rss)
-
-
-def squeezes(guard: GuardConfig, victim: Candidate, notes: Sequence[tuple], now: float) -> bool:
-    """Whether ``victim`` grows at the others' expense under a stall that brings few pages
-    back (below psi_refaults, so thrashing() does not count it), or only the others'
-    (own_thrash False): its RSS rose by
-    psi_refaults bytes/s or more over SQUEEZE_SPAN and more, and never fell below where it
-    started. ``notes``: the suspect entries (key, time, its major faults, the host's, its
-    rss) taken while pressure was high, oldest first.
-
-    Reclaim takes what is not in use. A job whose cold pages go to swap yields them at
-    once (measured in the guest: 766 MiB, then 607 MiB 6 s later, while PSI full read
-    12-42%). A hot leak yields nothing: reclaim swaps and evicts the others' pages
-    instead, and few of them come back because they were idle (750 to 780 MiB in 3.4 s
-    while the rest fell from 115 to 49 MiB, refaults under 4 MiB/s; left alone, that
-    stall froze the guest's heartbeat for 10.5 s)."""
-    if guard.psi_refaults <= 0 or not notes:
-        return False
-    first = notes[0]
-    span = now - first[1]
-    if (span < SQUEEZE_SPAN or len(first) < 5 or first[0] != victim.key
-            or any(n[0] != victim.key or n[4] < first[4] for n in notes)):
-        return False
-    return victim.rss - first[4] >= guard.psi_refaults * span
 
 
 def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRAM,
@@ -572,26 +546,21 @@ class Policy:
         st = self.guard
         if st.victim is not None:
             return False
-        if level is None:   # pressure high without pages coming back: keep the suspect's
-            if self._pressure_level(host)[0] is None:    # faults and size; once it falls,
-                st.suspect.clear()                       # what it did before is no evidence
-                return False
-            return host.major_faults is not None and now >= st.suspect_next and now >= st.cooldown_until
+        if level is None:   # pressure high without pages coming back: keep the suspect's faults
+            return (host.major_faults is not None and now >= st.suspect_next
+                    and now >= st.cooldown_until and self._pressure_high(host))
         if reason in PSI_REASONS:   # at most one /proc scan per OWN_SPAN until its faults can tell
             ready = bool(st.suspect) and now - st.suspect[0][1] >= OWN_SPAN
             if (not ready and st.suspect and now < st.suspect_next) or now - st.judged_at < OWN_SPAN:
                 return False
         return level == "kill" or now >= st.cooldown_until
 
-    def _pressure_level(self, host: HostSample) -> Tuple[Optional[str], str]:
-        """A pressure trigger's level and reason whether or not pages come back (the
-        refault rule aside), (None, "") below them: while it lasts the suspect's faults
-        and size are kept (one scan per OWN_SPAN), and a suspect that squeezes is stopped."""
+    def _pressure_high(self, host: HostSample) -> bool:
+        """Pressure at a trigger's level whether or not pages come back (the refault rule
+        aside): while it lasts the suspect's faults are kept (one scan per OWN_SPAN)."""
         share = pressure_share(self.guard.pressure)
-        if share is None:
-            return None, ""
-        level, reason = guard_level(self.config.guard._replace(psi_refaults=0), host, self.zram, share)
-        return (level, reason) if reason in PSI_REASONS else (None, "")
+        return share is not None and guard_level(
+            self.config.guard._replace(psi_refaults=0), host, self.zram, share)[1] in PSI_REASONS
 
     def _note_suspect(self, now: float, host: HostSample, victim: Optional[Candidate]) -> None:
         st = self.guard
@@ -599,9 +568,9 @@ class Policy:
             return
         if st.suspect and st.suspect[-1][0] != victim.key:
             st.suspect.clear()   # another process is the largest now: measure it afresh
-        st.suspect.append((victim.key, now, victim.major_faults, host.major_faults, victim.rss))
-        while len(st.suspect) > 1 and now - st.suspect[1][1] >= SQUEEZE_SPAN:
-            st.suspect.popleft()   # the newest SQUEEZE_SPAN old or more is all either rule needs
+        st.suspect.append((victim.key, now, victim.major_faults, host.major_faults))
+        while len(st.suspect) > 1 and now - st.suspect[1][1] >= OWN_SPAN:
+            st.suspect.popleft()   # the newest OWN_SPAN old or more is all own_thrash needs
         st.suspect_next = now + OWN_SPAN
 
     def _victim_thrashes(self, now: float, host: HostSample, victim: Candidate,
@@ -674,25 +643,15 @@ class Policy:
             if level is None and now - st.term_at >= g.grace:
                 st.victim = None  # the host recovered and the victim lives: leave it be
             return []
-        squeeze = False
         if level is None and candidates and now >= st.cooldown_until:
-            # pressure without pages coming back: stop the largest only if it squeezes
-            victim = choose_victim(candidates, self.config, never)
-            level, reason = self._pressure_level(host)
-            squeeze = (level is not None and victim is not None
-                       and squeezes(g, victim, st.suspect, now))
-            self._note_suspect(now, host, victim)
-            if not squeeze:
-                return []
+            self._note_suspect(now, host, choose_victim(candidates, self.config, never))
         if level is None or not (level == "kill" or now >= st.cooldown_until):
             return []
         victim = choose_victim(candidates, self.config, never)
         if victim is None:
             return []
-        if reason in PSI_REASONS and not squeeze:   # pages come back: whose, or does it squeeze
-            squeeze = squeezes(g, victim, st.suspect, now)   # (before this tick's note)
-            if not self._victim_thrashes(now, host, victim, candidates) and not squeeze:
-                return []
+        if reason in PSI_REASONS and not self._victim_thrashes(now, host, victim, candidates):
+            return []
         st.suspect.clear()
         st.victim, st.term_at = victim, now
         st.killed = level == "kill"

@@ -272,16 +272,14 @@ def decision_text(watch: str, usage: Optional[int], limit: Optional[int], reason
 
 
 def _refaults_text(guard, host) -> str:
-    """What the refault rule (policy.thrashing, policy.own_thrash, policy.squeezes)
-    measured, if it did."""
+    """What the refault rule (policy.thrashing, policy.own_thrash) measured, if it did."""
     rate = getattr(guard, "psi_refaults", 0)
     if rate <= 0 or getattr(host, "refaults", None) is None:
         return ""
     own = ""
     if getattr(host, "major_faults", None) is not None:
-        from memwatchd.policy import ANYONE_THRASH, SQUEEZE_SPAN
-        own = (f" (its own among them, or {format_size(ANYONE_THRASH * rate)}/s in all),"
-               f" or with it growing {format_size(rate)}/s or more through {SQUEEZE_SPAN:g} s of it")
+        from memwatchd.policy import ANYONE_THRASH
+        own = f" (its own among them, or {format_size(ANYONE_THRASH * rate)}/s in all)"
     return f" with evicted pages coming back at {format_size(rate)}/s or more{own}"
 
 
