@@ -300,8 +300,9 @@ def vmstat():
     except (OSError, ValueError):
         pass
     for unit in RACE_UNITS:   # whose pages come back: each race unit's own faults
+        cgroup = "/sys/fs/cgroup/system.slice/%s.service/" % unit
         try:
-            with open("/sys/fs/cgroup/system.slice/%s.service/memory.stat" % unit) as f:
+            with open(cgroup + "memory.stat") as f:
                 for line in f:
                     key, _, value = line.partition(" ")
                     if unit + "." + key in out:
@@ -309,7 +310,7 @@ def vmstat():
         except (OSError, ValueError):
             pass
         try:
-            with open("/sys/fs/cgroup/system.slice/%s.service/memory.swap.current" % unit) as f:
+            with open(cgroup + "memory.swap.current") as f:
                 out[unit + ".swap"] = int(f.read())
         except (OSError, ValueError):
             pass
