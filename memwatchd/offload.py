@@ -17,6 +17,12 @@ a bounded time:
   gave up waiting for is still not written, later ones are not waited for at all,
   so a congested disk costs the loop ``wait`` once, not once per action.
 
+- ``TraceWriter``: the same for the trace (``[daemon] trace``, ``record --out``): one
+  thread writes the recorder's lines in order and the loop never waits for it. Past
+  TRACE_BACKLOG bytes waiting, the recorder drops lines and starts a new segment once the
+  disk has caught up (trace.Recorder): under a swap storm the guest's disk wrote 1-3 MiB/s
+  and the loop, writing its trace itself, saw nothing for 17 s.
+
 Raw ``_thread`` locks and a deque, not threading/queue: the daemon's resident memory is a
 goal (threading costs about 0.25 MiB, _queue 32 KiB; a helper thread about 16 KiB while
 it lives).
@@ -36,7 +42,9 @@ from memwatchd.report import ERR, NOTICE, log
 MAX_HELPERS = 4       # helper threads alive at once (each blocked one holds ~16 KiB)
 QUEUE_MAX = 1024      # records waiting for the disk; beyond that they go to the journal only
 
-__all__ = ["Helpers", "EventWriter", "MAX_HELPERS", "QUEUE_MAX"]
+TRACE_BACKLOG = 2 << 20   # trace bytes waiting for the disk before the recorder drops lines
+
+__all__ = ["Helpers", "EventWriter", "TraceWriter", "MAX_HELPERS", "QUEUE_MAX", "TRACE_BACKLOG"]
 
 
 class _Call:
@@ -110,6 +118,17 @@ class Helpers:
         return True, call.result
 
 
+def _hand_over(queue: collections.deque, wake, item) -> None:
+    """Queue item for a writer thread that waits on ``wake`` (held while the queue is empty;
+    the loop is the only producer)."""
+    queue.append(item)
+    if wake.locked():
+        try:
+            wake.release()
+        except RuntimeError:   # the writer took it meanwhile: it sees the item anyway
+            pass
+
+
 class EventWriter:
     """The events file, appended and fsync'ed by one writer thread in submission order.
 
@@ -158,12 +177,7 @@ class EventWriter:
             self._stopped.release()
 
     def _put(self, item: Optional[tuple]) -> None:
-        self._queue.append(item)
-        if self._wake.locked():
-            try:
-                self._wake.release()
-            except RuntimeError:   # the writer took it meanwhile: it sees the item anyway
-                pass
+        _hand_over(self._queue, self._wake, item)
 
     def append(self, record: Dict[str, Any], wait: float) -> bool:
         """Queue record; True once it is on disk (fsync'ed), False if that took longer than
@@ -204,3 +218,94 @@ class EventWriter:
                          "giving up on them")
                 return   # the writer still owns the fd
         self.log_file.close()
+
+
+_ROTATE = object()   # TraceWriter's queue: start the sink's next segment here
+
+
+class TraceWriter:
+    """A trace sink (trace.RingSink or trace.FileSink) written by one thread, in order.
+
+    The loop's write() only queues the bytes. ``behind()`` says the disk holds more than
+    ``backlog`` bytes up: the recorder then stops writing until it has caught up. A write
+    error in the thread stops the writing; the loop's next call raises it, and the recorder
+    stops recording and says so (as it did when it wrote itself). The byte counts are each
+    changed by one thread only (``queued`` by the loop, ``written`` by the writer)."""
+
+    def __init__(self, sink, backlog: int = TRACE_BACKLOG):
+        self.sink = sink
+        self.path = sink.path
+        self.backlog = backlog
+        self.segment_size = getattr(sink, "segment_size", 0)
+        self.queued = 0          # bytes handed in (the loop's thread)
+        self.written = 0         # bytes the sink took or that were dropped after an error (the writer's)
+        self._segment = 0        # bytes handed in since the last rotate
+        self.error: Optional[OSError] = None
+        self._queue: collections.deque = collections.deque()
+        self._wake = _thread.allocate_lock()   # held while the queue is empty
+        self._wake.acquire()
+        self._stopped = _thread.allocate_lock()
+        self._started = False
+
+    def behind(self) -> bool:
+        return self.queued - self.written > self.backlog
+
+    def full(self) -> bool:
+        """The ring's current segment has its share (RingSink.full, counted as handed in)."""
+        return 0 < self.segment_size <= self._segment
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queued += len(data)
+        self._segment += len(data)
+        self._put(data)
+
+    def rotate(self) -> None:
+        self._segment = 0
+        self._put(_ROTATE)
+
+    def _put(self, item) -> None:
+        if not self._started:
+            self._stopped.acquire()
+            _thread.start_new_thread(self._run, ())
+            self._started = True
+        _hand_over(self._queue, self._wake, item)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                while not self._queue:
+                    self._wake.acquire()
+                item = self._queue.popleft()
+                if item is None:
+                    return
+                if self.error is not None:   # stopped by an error: count what is dropped
+                    self.written += len(item) if item is not _ROTATE else 0
+                    continue
+                try:
+                    if item is _ROTATE:
+                        self.sink.rotate()
+                        continue
+                    chunks = [item]   # everything queued up to the next rotate, in one write
+                    while self._queue and type(self._queue[0]) is bytes:
+                        chunks.append(self._queue.popleft())
+                    data = b"".join(chunks)
+                    self.sink.write(data)
+                    self.written += len(data)
+                except OSError as e:
+                    self.error = e
+        finally:
+            self._stopped.release()
+
+    def close(self, wait: float = 5.0) -> None:
+        """Write what is queued (up to ``wait`` seconds on a stuck disk), then close the sink."""
+        if self._started:
+            self._put(None)
+            if not self._stopped.acquire(True, wait):
+                log(ERR, f"trace {self.path}: {self.queued - self.written} bytes not yet written "
+                         f"after {wait:.0f}s; giving up on them")
+                return   # the writer still owns the sink
+            self._stopped.release()
+            self._started = False
+        self.sink.close()

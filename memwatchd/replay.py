@@ -260,6 +260,11 @@ class _Replayer:
             self.end = self.trace.end
         self.result.end = self.end
         self.advance(self.end + 1e-9)
+        for h in self.trace.headers:   # the recorder's gaps (trace.Recorder._held_up)
+            if isinstance(h.get("dropped"), int) and isinstance(h.get("dropped_since"), (int, float)):
+                self.note(f"the daemon's disk held its trace up: {h['dropped']} ticks from "
+                          f"{_clock(self.trace, h['dropped_since'])} to {_clock(self.trace, h['m'])} "
+                          "were not recorded, and the replay saw nothing there")
 
     def apply(self, s) -> List[int]:
         """Take in one sample; the run ids whose new reading the policy is not quiet on."""

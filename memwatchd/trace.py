@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 from memwatchd import __version__
 from memwatchd.policy import WARN_REARM
-from memwatchd.report import ERR, count, log
+from memwatchd.report import ERR, NOTICE, count, log
 from memwatchd.types import MemwatchdError
 
 FORMAT = 3                     # 3: PSI totals, fault counters, swap size and zram in h,
@@ -155,6 +155,9 @@ class FileSink:
     def full(self) -> bool:
         return False
 
+    def rotate(self) -> None:
+        """One file has no segments: the new header and keyframe follow in it."""
+
     def close(self) -> None:
         self._file.close()
 
@@ -253,11 +256,18 @@ class Recorder:
     """Writes what the daemon's policy consumes. Three calls from the loop: ``tick`` after
     the policy decided, ``event`` for each decision/outcome record, ``reconfigure`` on reload.
 
-    Never raises into the loop: a write error is logged once and recording stops.
+    Never raises into the loop: a write error is logged once and recording stops. Never
+    waits on the disk either: ``sink`` is written by offload.TraceWriter's thread, and while
+    the disk holds more than its backlog up, ticks are not written (dropped, counted); the
+    first tick after it caught up starts a new segment (a header naming the gap, and a
+    keyframe), so every segment still replays on its own and a replay says what is missing.
     """
 
     def __init__(self, sink, config, daemon):
-        self.sink = sink
+        from memwatchd.offload import TraceWriter
+        self.sink = TraceWriter(sink)
+        self.dropped = 0              # ticks not written while the disk held the trace up
+        self.dropped_since = 0.0
         self.daemon = daemon          # for its targets (names, cgroup stats) and policy state
         self.config = config
         self.broken = False
@@ -274,12 +284,33 @@ class Recorder:
     # -- the loop's calls
 
     def tick(self, now: float, readings, gone, host, candidates, decisions) -> None:
-        if not self.broken:
+        if not self.broken and not self._held_up(now):
             self._safely(self._tick, now, readings, gone, host, candidates, decisions)
 
     def event(self, record: dict) -> None:
-        if not self.broken:
-            self._safely(self._event, self.daemon.clock(), record)
+        now = self.daemon.clock()
+        if not self.broken and not self._held_up(now):
+            self._safely(self._event, now, record)
+
+    def _held_up(self, now: float) -> bool:
+        """True while the disk holds the trace up (this tick or event is dropped); at the
+        first call after it caught up, the new segment that marks the gap."""
+        if self.sink.behind():
+            if not self.dropped:
+                self.dropped_since = now
+                log(NOTICE, f"trace {self.sink.path}: the disk holds up {self.sink.backlog >> 20} MiB "
+                            "of it; not recording until it catches up")
+            self.dropped += 1
+            return True
+        if self.dropped:
+            log(NOTICE, f"trace {self.sink.path}: recording again after "
+                        f"{now - self.dropped_since:.1f}s ({self.dropped} ticks or events not recorded)")
+            for key in [k for k in self.ids if not _still_there(k, self.daemon.targets)]:
+                self._forget(key)   # ended during the gap: the keyframe must not revive it
+            gap = {"dropped": self.dropped, "dropped_since": round(self.dropped_since, 4)}
+            self.dropped = 0
+            self._safely(self._rotate, now, gap)
+        return False
 
     def reconfigure(self, config) -> None:
         """A reload: a new header with the new config (target ids start again)."""
@@ -316,18 +347,20 @@ class Recorder:
     def _write(self, obj) -> None:
         self.sink.write(_encode(obj).encode() + b"\n")
 
-    def _header(self, now: float, continues: bool) -> None:
+    def _header(self, now: float, continues: bool, gap: Optional[dict] = None) -> None:
         host = self.daemon.targets.host.read()
-        self._write({"t": "header", "format": FORMAT, "memwatchd": __version__, "kernel": _kernel(),
-                     "boot_id": _boot_id(), "mem_total": host.mem_total, "swap_total": host.swap_total,
-                     "m": round(now, 4), "w": round(time.time(), 4), "continues": continues,
-                     "source": self.config.source, "config": config_dict(self.config)})
+        self._write(dict({"t": "header", "format": FORMAT, "memwatchd": __version__, "kernel": _kernel(),
+                          "boot_id": _boot_id(), "mem_total": host.mem_total,
+                          "swap_total": host.swap_total, "m": round(now, 4), "w": round(time.time(), 4),
+                          "continues": continues, "source": self.config.source,
+                          "config": config_dict(self.config)}, **(gap or {})))
         self.clock_at = now
 
-    def _rotate(self, now: float) -> None:
-        """A new ring segment: header, then every known target and its last reading (a keyframe)."""
+    def _rotate(self, now: float, gap: Optional[dict] = None) -> None:
+        """A new ring segment (a new header in a single file): header, then every known
+        target and its last reading (a keyframe)."""
         self.sink.rotate()
-        self._header(now, True)
+        self._header(now, True, gap)
         for key, fields in self.info.items():
             self._write(dict(fields, m=round(now, 4)))
         rows = list(self.last.values())

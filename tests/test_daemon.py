@@ -300,7 +300,9 @@ wait_for(lambda: "memwatchd started" in daemon_log(), 10)   # SIGHUP's handler i
 write_config(config(f'on_action = ["{{script}}", "{{seen}}"]'))
 os.kill(d.pid, signal.SIGHUP)
 wait_for(lambda: "reloaded" in daemon_log(), 30)
-h = start_hog("hog-o", rate_mib=300, cap_mib=1024, events=events)
+# 50 MiB/s: found by the rescan (every 2 s in a pid namespace) below its limit, so the one
+# decision is a SIGTERM (at 300 MiB/s it was first seen past 1.25x the limit: a SIGKILL)
+h = start_hog("hog-o", rate_mib=50, cap_mib=1024, events=events)
 fate = exited_by(h, 15)
 ran = wait_for(lambda: os.path.exists(seen) and os.path.getsize(seen) > 0, 10)
 wait_for(lambda: "ended:" in daemon_log(), 10)   # reaped at the daemon's next tick

@@ -170,6 +170,79 @@ def test_each_ring_segment_replays_on_its_own(tmp_path):
     assert all(run.samples for run in t.runs.values())   # the keyframe gives every target a value
 
 
+def test_a_disk_that_holds_the_trace_up_never_holds_up_the_loop_and_the_gap_is_marked(tmp_path):
+    """The recorder's lines are written by their own thread. With every write held by the
+    kernel (a FIFO that nobody reads: write() blocks, as on a congested disk) each tick
+    returns at once; past the backlog ticks are dropped, not queued without end. Once the
+    writes flow again, a new header names the gap and a keyframe follows: the whole trace
+    reads back without damage, and its replay says what it did not see. (When the loop
+    wrote the trace itself, it blocked in write(): in the guest it saw nothing for 17 s.)"""
+    import threading
+    fifo = str(tmp_path / "trace.fifo")
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)   # open, never read: writes block
+    config = config_for(30, limit="600M")
+    daemon = SyntheticDaemon(config)
+    daemon.trace = trace.Recorder(trace.FileSink(fifo), config, daemon)
+    daemon.trace.sink.backlog = 128 * 1024   # the pipe takes 64 KiB, then holds every write
+    loop = threading.Thread(target=daemon.run, args=(300,), daemon=True)   # ~370 KiB of lines
+    loop.start()
+    loop.join(60)
+    assert not loop.is_alive(), "the loop blocked on the trace's writes"
+    held = daemon.trace.dropped
+    assert held > 0 and daemon.trace.sink.behind() and not daemon.trace.broken
+    queued = daemon.trace.sink.queued - daemon.trace.sink.written
+    assert queued < 128 * 1024 + 64 * 1024, queued    # bounded: dropped, not queued
+
+    got = []
+    os.set_blocking(reader, True)
+    drain = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(reader, 1 << 16), b"")),
+                             daemon=True)
+    drain.start()
+    for _ in range(200):
+        if not daemon.trace.sink.behind():
+            break
+        threading.Event().wait(0.05)
+    start_again = daemon.now
+    daemon.run(30)
+    daemon.trace.close()
+    drain.join(30)
+    os.close(reader)
+    path = tmp_path / "trace.ndjson"
+    path.write_bytes(b"".join(got))
+    t = trace.read_trace(str(path))
+    assert t.damage == [] and t.clean_end
+    gaps = [h for h in t.headers if "dropped" in h]
+    assert len(gaps) == 1 and gaps[0]["dropped"] == held and gaps[0]["continues"]
+    assert gaps[0]["dropped_since"] < start_again <= gaps[0]["m"] + 1
+    assert len(t.runs) == 30 and all(run.samples for run in t.runs.values())
+    notes = replay(t).notes
+    assert any("held its trace up: %d ticks" % held in n for n in notes), notes
+
+
+def test_a_trace_write_error_stops_recording_never_the_loop(tmp_path, capsys):
+    """A disk that fails (ENOSPC: /dev/full) fails the writer thread's write; the loop's
+    next tick learns of it, logs it once and records nothing more, and goes on."""
+    config = config_for(3)
+    daemon = SyntheticDaemon(config)
+    daemon.trace = trace.Recorder(trace.FileSink("/dev/full"), config, daemon)
+    for _ in range(100):
+        daemon.run(5)
+        if daemon.trace.broken:
+            break
+        threading_wait(0.02)
+    assert daemon.trace.broken
+    daemon.run(5)   # and the loop goes on
+    daemon.trace.close()
+    err = capsys.readouterr().err
+    assert err.count("recording stopped") == 1 and "/dev/full" in err, err
+
+
+def threading_wait(seconds: float) -> None:
+    import threading
+    threading.Event().wait(seconds)
+
+
 # --------------------------------------------------------------- bad input
 
 def test_a_newer_format_is_refused_naming_file_and_versions(tmp_path):

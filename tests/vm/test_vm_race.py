@@ -112,9 +112,9 @@ def test_predict_acts_no_later_and_stops_only_the_leak(race):
 def test_predict_leaves_the_cold_page_job_alone(race):
     """Cold pages going to a swapfile that still has room: RAM fills, the headroom the guard
     counts (swap included) does not run out, so the host trend must not act (counting
-    MemAvailable alone, it would). Whether the pressure trigger leaves it alone is
-    test_benign_control_nobody_killed's (on a starved guest it may not: measured once,
-    psi-full-high on the plain benign_cold with three TCG guests on two host cores)."""
+    MemAvailable alone, it would), and no trigger may stop the job: it is the benign
+    control with predict on, held to the plain control's standard (a rule tried in session
+    8 SIGTERMed this run on pressure, and no test said so)."""
     selected = race_lib.env_scenarios()
     if selected and "benign_cold_predict" not in selected:
         pytest.skip("benign_cold_predict not selected by MEMWATCHD_VM_RACE_SCENARIOS")
@@ -123,6 +123,7 @@ def test_predict_leaves_the_cold_page_job_alone(race):
     assert s["guard_keys"] == 'predict = "30s"' and s["swap_ok"], detail
     assert s["heartbeat_alive"] and s["bystander_alive"] and s["oom_kills"] == 0, detail
     assert not [a for a in s["memwatchd_actions"] if a["reason"] == "predicted-exhaustion"], detail
+    assert not s["killed"] and not s["wrong_kills"] and not s["memwatchd_actions"], detail
 
 
 # scenario/race.py VARIANTS with `[daemon] trace` on: whether the hog is the one to stop.
