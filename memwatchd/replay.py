@@ -261,10 +261,11 @@ class _Replayer:
         self.result.end = self.end
         self.advance(self.end + 1e-9)
         for h in self.trace.headers:   # the recorder's gaps (trace.Recorder._held_up)
-            if isinstance(h.get("dropped"), int) and isinstance(h.get("dropped_since"), (int, float)):
+            if all(isinstance(h.get(k), (int, float)) for k in ("dropped", "dropped_since", "w")):
+                end = h["w"]   # the header's own wall clock: right in any boot of the ring
                 self.note(f"the daemon's disk held its trace up: {h['dropped']} ticks from "
-                          f"{_clock(self.trace, h['dropped_since'])} to {_clock(self.trace, h['m'])} "
-                          "were not recorded, and the replay saw nothing there")
+                          f"{_wall_clock(end - (h['m'] - h['dropped_since']))} to "
+                          f"{_wall_clock(end)} were not recorded, and the replay saw nothing there")
 
     def apply(self, s) -> List[int]:
         """Take in one sample; the run ids whose new reading the policy is not quiet on."""
@@ -490,8 +491,11 @@ def label(trace: Trace, key: tuple, names: Optional[Dict[tuple, str]] = None) ->
 
 
 def _clock(trace: Trace, t: float) -> str:
+    return _wall_clock(trace.wall(t))
+
+
+def _wall_clock(w: float) -> str:
     import time
-    w = trace.wall(t)
     return time.strftime("%H:%M:%S", time.gmtime(w)) + f".{int((w % 1) * 1000):03d}"
 
 

@@ -295,6 +295,10 @@ PSI_UNITS = RACE_UNITS + ("heartbeat", "bystander", "vm-runner", "memwatchd")
 VMSTAT_KEYS += tuple(u + "." + k for u in PSI_UNITS for k in ("psi_some", "psi_full"))
 
 
+def unit_cgroup(unit):
+    return "/sys/fs/cgroup/system.slice/%s.service/" % unit
+
+
 def vmstat():
     """The /proc/vmstat counters of VMSTAT_KEYS (pages, cumulative; 0 where missing), and
     the race units' own (memory.stat of their cgroups, "race-hog.pgmajfault"; "anon" and
@@ -309,7 +313,7 @@ def vmstat():
     except (OSError, ValueError):
         pass
     for unit in RACE_UNITS:   # whose pages come back: each race unit's own faults
-        cgroup = "/sys/fs/cgroup/system.slice/%s.service/" % unit
+        cgroup = unit_cgroup(unit)
         try:
             with open(cgroup + "memory.stat") as f:
                 for line in f:
@@ -325,11 +329,11 @@ def vmstat():
             pass
     for unit in PSI_UNITS:
         try:
-            with open("/sys/fs/cgroup/system.slice/%s.service/memory.pressure" % unit) as f:
+            with open(unit_cgroup(unit) + "memory.pressure") as f:
                 for line in f:
                     kind = line.split(" ", 1)[0]
                     out[unit + ".psi_" + kind] = int(line.rsplit("total=", 1)[1])
-        except (OSError, ValueError, IndexError, KeyError):
+        except (OSError, ValueError, IndexError):
             pass
     return [out[k] for k in VMSTAT_KEYS]
 
