@@ -4,7 +4,9 @@ One boot per guardian (none; earlyoom with Debian's shipped config; systemd-oomd
 configured as its man pages recommend, see tests/vm/scenario/race.py
 OOMD_DROPINS; memwatchd as installed, guard only), each running every scenario of
 tests/vm/scenario/race.py: fast hog without swap; a leak (25 MB/s) with its whole
-working set hot, on a swapfile of half the RAM and on zram of half the RAM;
+working set hot, on a swapfile of half the RAM and on zram of half the RAM (on request,
+leak_slowswap: on a swap disk of half the RAM that qemu throttles to 4 MiB/s,
+MEMWATCHD_VM_SLOW_SWAP_BPS);
 page-cache thrash without swap (a reader of a file of 40% of RAM, a slow hog);
 the benign controls (85% of MemAvailable held; cold pages to a swapfile at
 30 MB/s). Heartbeat every 100 ms, a bystander, a login probe every 2 s.

@@ -47,7 +47,8 @@ KEYS: Dict[str, Tuple[str, ...]] = {
     "daemon": ("interval", "min_interval", "fill_rate", "cooldown", "dry_run", "events", "state",
                "trace", "trace_size"),
     "guard": ("enabled", "min_available", "kill_available", "count_swap", "psi_full", "psi_full_kill",
-              "psi_some", "psi_window", "psi_available", "psi_refaults", "grace", "predict"),
+              "psi_some", "psi_io_full", "psi_window", "psi_available", "psi_refaults", "grace",
+              "predict"),
     "protect": ("names", "cgroups"),
     "metrics": ("listen", "textfile"),
     "watch": ("name",) + SELECTOR_KINDS + (
@@ -121,6 +122,7 @@ _GUARD_DEFAULTS = {
     "psi_full": 5.0,                 # % of psi_window all tasks stalled: SIGTERM (0 = off)
     "psi_full_kill": 50.0,           # ... SIGKILL at once (0 = off)
     "psi_some": 0.0,                 # % of psi_window some task stalled: SIGTERM (0 = off)
+    "psi_io_full": 20.0,             # % of psi_window all tasks waited for I/O: SIGTERM (0 = off)
     "psi_window": 2.0,               # seconds of pressure history, measured since the last action
     "psi_available": Size(percent=20.0),  # pressure counts only with MemAvailable below this
     "psi_refaults": 4 * 2**20,       # ...and while evicted pages come back at this many bytes/s
@@ -714,6 +716,7 @@ def _parse_guard(data: Any, source: str, errors: list) -> GuardConfig:
         min_available=min_available, kill_available=kill_available,
         count_swap=t.attempt(t.get, "count_swap", g.count_swap, bool, "true or false"),
         psi_full=psi_full, psi_full_kill=psi_full_kill, psi_some=percent("psi_some", g.psi_some),
+        psi_io_full=percent("psi_io_full", g.psi_io_full),
         psi_window=psi_window, psi_available=psi_available, psi_refaults=psi_refaults.bytes,
         grace=t.attempt(t.duration, "grace", g.grace),
         predict=t.attempt(_predict_horizon, t, fallback=0.0),

@@ -156,6 +156,11 @@ class Daemon:
                 sampler.mlockall_onfault()
             except OSError as e:
                 log(NOTICE, f"mlockall failed ({e.strerror}); memwatchd may be paged out under pressure")
+            try:   # before any thread starts: threads and on_action children inherit it
+                sampler.set_io_flusher()
+            except OSError as e:
+                log(NOTICE, f"PR_SET_IO_FLUSHER failed ({e.strerror}); a slow swap device may hold "
+                            f"memwatchd up in reclaim")
         if self.opts.psi_trigger and self.config.guard.enabled:
             try:
                 self._psi_fd = sampler.open_psi_trigger(self.opts.proc_root)
@@ -603,11 +608,12 @@ class Daemon:
         self._open_trace(config)
 
     def _read_refaults_below(self, config: Config) -> None:
-        """The host reader adds /proc/vmstat's refault counters only where the guard's
-        pressure trigger can use them: MemAvailable under psi_available."""
+        """The host reader adds /proc/vmstat's refault counters (and the I/O stall total)
+        only where the guard's pressure triggers can use them: MemAvailable under
+        psi_available."""
         g = config.guard
-        on = g.enabled and g.psi_refaults > 0 and (g.psi_full > 0 or g.psi_full_kill > 0
-                                                    or g.psi_some > 0)
+        on = g.enabled and ((g.psi_refaults > 0 and (g.psi_full > 0 or g.psi_full_kill > 0
+                                                     or g.psi_some > 0)) or g.psi_io_full > 0)
         self.targets.host.refaults_below = (g.psi_available.resolve(self.targets.mem_total)
                                             if on else -1)
 

@@ -247,6 +247,8 @@ def first_stops(config: Any) -> List[tuple]:
             keys.append(("guard", "term", policy.REASON_GUARD_PSI_SOME, "SIGTERM"))
         if g.psi_full_kill > 0:
             keys.append(("guard", "kill", policy.REASON_GUARD_PSI_CRITICAL, "SIGKILL"))
+        if g.psi_io_full > 0:
+            keys.append(("guard", "term", policy.REASON_GUARD_PSI_IO, "SIGTERM"))
     return keys
 
 

@@ -31,6 +31,8 @@ PREDICT_SAMPLES = 50     # a predicted exhaustion is sampled at least this often
 ANYONE_THRASH = 2        # refaults at this many times psi_refaults are a thrash whoever faults
 OWN_SPAN = 0.5           # seconds of the largest process's own major faults to attribute a thrash
 OWN_SHARE = 0.5          # ...which must be this fraction of its share of the RSS, or more
+IO_REFAULTS = 16         # an I/O stall counts with refaults at psi_refaults / this, or more
+SWAP_FILLING = 2**20     # bytes/s of swap newly used: an I/O stall is then whoever fills it
 
 # Reasons recorded with every decision (kept stable: they are in the events file).
 REASON_WARN = "warn-level"
@@ -42,7 +44,9 @@ REASON_GUARD_CRITICAL = "mem-available-critical"
 REASON_GUARD_PSI = "psi-full-high"
 REASON_GUARD_PSI_SOME = "psi-some-high"
 REASON_GUARD_PSI_CRITICAL = "psi-full-critical"
-PSI_REASONS = (REASON_GUARD_PSI, REASON_GUARD_PSI_SOME, REASON_GUARD_PSI_CRITICAL)
+REASON_GUARD_PSI_IO = "psi-io-full-high"
+PSI_REASONS = (REASON_GUARD_PSI, REASON_GUARD_PSI_SOME, REASON_GUARD_PSI_CRITICAL,
+               REASON_GUARD_PSI_IO)
 REASON_PREDICT = "predicted-exhaustion"
 
 
@@ -89,7 +93,8 @@ class GuardState:
         self.term_at = 0.0
         self.killed = False
         self.cooldown_until = 0.0
-        self.pressure: deque = deque()   # (time, some_total_us, full_total_us, refaults)
+        # (time, some_total_us, full_total_us, refaults, io_full_us, swap used)
+        self.pressure: deque = deque()
         # (key, time, its major faults, the host's) of the process a pressure trigger would
         # stop, one per OWN_SPAN while pressure is high (refaults or not), the last ones
         # kept: when pages start coming back, its own share of them is known at once
@@ -147,21 +152,25 @@ def pressure_gate(guard: GuardConfig, host: HostSample) -> bool:
     return 0 <= host.mem_available < guard.psi_available.resolve(host.mem_total)
 
 
-def pressure_share(history: Sequence[tuple]) -> Optional[Tuple[float, float, Optional[float]]]:
-    """(some %, full %, refaults) over the history kept (entries: time, some and full
-    totals in µs, refaulted bytes or None), None while it spans less than PSI_MIN_SPAN
-    (just started, or just acted). refaults: bytes/s brought back in over the same span,
-    None unless both ends have the counter."""
+def pressure_share(history: Sequence[tuple]) -> Optional[Tuple[float, float, Optional[float],
+                                                                Optional[float], Optional[float]]]:
+    """(some %, full %, refaults, io full %, swap filling) over the history kept (entries:
+    time, some and full totals in µs, refaulted bytes or None, the I/O full total in µs or
+    None, swap used in bytes), None while it spans less than PSI_MIN_SPAN (just started,
+    or just acted). refaults: bytes/s brought back in over the same span; io full: the
+    share of it all tasks waited for I/O; swap filling: bytes/s of swap newly used (0
+    while it empties); each None unless both ends have the counter."""
     if len(history) < 2:
         return None
     first, last = history[0], history[-1]
     span = last[0] - first[0]
     if span < PSI_MIN_SPAN:
         return None
-    r0, r1 = (first[3], last[3]) if len(first) > 3 and len(last) > 3 else (None, None)
-    refaults = max(0.0, (r1 - r0) / span) if r0 is not None and r1 is not None else None
-    return (max(0.0, (last[1] - first[1]) / (span * 1e4)),
-            max(0.0, (last[2] - first[2]) / (span * 1e4)), refaults)
+
+    def rate(i, scale):
+        a, b = (first[i], last[i]) if len(first) > i and len(last) > i else (None, None)
+        return max(0.0, (b - a) / (span * scale)) if a is not None and b is not None else None
+    return rate(1, 1e4), rate(2, 1e4), rate(3, 1), rate(4, 1e4), rate(5, 1)
 
 
 def thrashing(guard: GuardConfig, share: Sequence) -> bool:
@@ -173,6 +182,32 @@ def thrashing(guard: GuardConfig, share: Sequence) -> bool:
     (not read, old kernel) or with psi_refaults = 0, pressure alone decides."""
     refaults = share[2] if len(share) > 2 else None
     return guard.psi_refaults <= 0 or refaults is None or refaults >= guard.psi_refaults
+
+
+def io_stalled(guard: GuardConfig, share: Sequence) -> bool:
+    """Every task waited for I/O for psi_io_full of the window while pages came back (at
+    psi_refaults / IO_REFAULTS or more): a swap device too slow for the swap-ins.
+    The kernel (6.1) counts a swap-in as a memory stall only for a page it knew to be
+    in the working set; waiting for the others' is I/O wait. On a slow swap device
+    (measured in the guest: swap-outs at 1-3 MiB/s) the host froze for 17 s with PSI
+    memory at 2-7% and 0.6 MiB/s coming back, under psi_full and psi_refaults. Reads
+    and writes alone (a backup beside a big job) bring nothing back."""
+    io = share[3] if len(share) > 3 else None
+    refaults = share[2] if len(share) > 2 else None
+    return (guard.psi_io_full > 0 and io is not None and io >= guard.psi_io_full
+            and (refaults is None or refaults >= guard.psi_refaults / IO_REFAULTS))
+
+
+def fills_swap(reason: str, share: Sequence) -> bool:
+    """An I/O stall while swap fills (SWAP_FILLING or more) is the cause of whoever grows,
+    whoever's pages come back: a swap device too slow for the swap-outs. Measured on a
+    swap disk at 4 MiB/s: the leak's own pages stayed in RAM (its major faults 0-2/s;
+    anonymous pages wait for the disk, so reclaim took the others' clean file pages, which
+    came back at 1-4 MiB/s), so own_thrash never named it while the guest froze for 60 s.
+    A cold-page job on a fast device fills swap too, but all tasks wait for I/O 1% of the
+    time there, not psi_io_full; and a disk busy without swap filling keeps the rule."""
+    fill = share[4] if len(share) > 4 else None
+    return reason == REASON_GUARD_PSI_IO and fill is not None and fill >= SWAP_FILLING
 
 
 def own_thrash(guard: GuardConfig, share: Sequence, victim: Candidate, since: Optional[tuple],
@@ -210,7 +245,8 @@ def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRA
     Headroom (MemAvailable plus free swap at its worth) under kill_available or
     min_available; else, with MemAvailable under psi_available, the stall share
     measured since the last action (``share``, see pressure_share) at psi_full_kill,
-    psi_full or psi_some, while evicted pages come back at psi_refaults (see thrashing).
+    psi_full or psi_some, while evicted pages come back at psi_refaults (see thrashing),
+    or the I/O stall share at psi_io_full while some come back (see io_stalled).
     """
     if not guard.enabled or host.mem_total <= 0 or host.mem_available < 0:
         return None, ""
@@ -222,14 +258,15 @@ def guard_level(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRA
         return "term", REASON_GUARD_LOW
     if share is not None and pressure_gate(guard, host):
         some, full = share[0], share[1]
-        if not thrashing(guard, share):
-            return None, ""
-        if guard.psi_full_kill > 0 and full >= guard.psi_full_kill:
-            return "kill", REASON_GUARD_PSI_CRITICAL
-        if guard.psi_full > 0 and full >= guard.psi_full:
-            return "term", REASON_GUARD_PSI
-        if guard.psi_some > 0 and some >= guard.psi_some:
-            return "term", REASON_GUARD_PSI_SOME
+        if thrashing(guard, share):
+            if guard.psi_full_kill > 0 and full >= guard.psi_full_kill:
+                return "kill", REASON_GUARD_PSI_CRITICAL
+            if guard.psi_full > 0 and full >= guard.psi_full:
+                return "term", REASON_GUARD_PSI
+            if guard.psi_some > 0 and some >= guard.psi_some:
+                return "term", REASON_GUARD_PSI_SOME
+        if io_stalled(guard, share):
+            return "term", REASON_GUARD_PSI_IO
     return None, ""
 
 
@@ -510,7 +547,7 @@ class Policy:
         wait = next_interval(headroom(g, host, self.zram) - term_below, d.fill_rate,
                              max(0.001, d.min_interval / GUARD_FASTER), d.interval)
         share = pressure_share(self.guard.pressure)
-        if share is not None and share[0] > 0 and pressure_gate(g, host):
+        if share is not None and (share[0] > 0 or (share[3] or 0) > 0) and pressure_gate(g, host):
             wait = min(wait, max(d.min_interval, PSI_INTERVAL))  # pressure building: look closer
         e = self.host_trend.estimate if g.predict > 0 else None
         if e is not None:   # predictive trigger: resolve the predicted fall (never slower than
@@ -528,7 +565,8 @@ class Policy:
             self.guard.suspect.clear()
             return None
         if not hist or now - hist[-1][0] >= PSI_STEP:
-            hist.append((now, p.some_total_us, p.full_total_us, host.refaults))
+            hist.append((now, p.some_total_us, p.full_total_us, host.refaults, host.io_full_us,
+                         host.swap_total - host.swap_free))
         window = self.config.guard.psi_window
         while len(hist) > 2 and now - hist[1][0] >= window:
             hist.popleft()
@@ -549,7 +587,8 @@ class Policy:
         if level is None:   # pressure high without pages coming back: keep the suspect's faults
             return (host.major_faults is not None and now >= st.suspect_next
                     and now >= st.cooldown_until and self._pressure_high(host))
-        if reason in PSI_REASONS:   # at most one /proc scan per OWN_SPAN until its faults can tell
+        if reason in PSI_REASONS and not fills_swap(reason, pressure_share(st.pressure) or ()):
+            # at most one /proc scan per OWN_SPAN until its faults can tell
             ready = bool(st.suspect) and now - st.suspect[0][1] >= OWN_SPAN
             if (not ready and st.suspect and now < st.suspect_next) or now - st.judged_at < OWN_SPAN:
                 return False
@@ -650,7 +689,8 @@ class Policy:
         victim = choose_victim(candidates, self.config, never)
         if victim is None:
             return []
-        if reason in PSI_REASONS and not self._victim_thrashes(now, host, victim, candidates):
+        if (reason in PSI_REASONS and not fills_swap(reason, pressure_share(st.pressure) or ())
+                and not self._victim_thrashes(now, host, victim, candidates)):
             return []
         st.suspect.clear()
         st.victim, st.term_at = victim, now

@@ -589,18 +589,20 @@ def _open_optional(path: str) -> int:
 
 class HostReader:
     """/proc/meminfo and /proc/pressure/memory, kept open and re-read; /proc/vmstat's
-    refault counters too while MemAvailable is under ``refaults_below`` bytes."""
+    refault counters and /proc/pressure/io too while MemAvailable is under
+    ``refaults_below`` bytes."""
 
     def __init__(self, root: str = "/"):
         proc = os.path.join(root, "proc")
         self._meminfo_fd = os.open(os.path.join(proc, "meminfo"), os.O_RDONLY | os.O_CLOEXEC)
         self._psi_fd = _open_optional(os.path.join(proc, "pressure", "memory"))
         self._vmstat_fd = _open_optional(os.path.join(proc, "vmstat"))
+        self._io_psi_fd = _open_optional(os.path.join(proc, "pressure", "io"))
         self.refaults_below = -1
 
     def __del__(self):
         for fd in (getattr(self, "_meminfo_fd", -1), getattr(self, "_psi_fd", -1),
-                   getattr(self, "_vmstat_fd", -1)):
+                   getattr(self, "_vmstat_fd", -1), getattr(self, "_io_psi_fd", -1)):
             if fd >= 0:
                 os.close(fd)
 
@@ -617,6 +619,14 @@ class HostReader:
         return ((swapins + (file_new if file_new >= 0 else file_old)) * PAGE_SIZE,
                 majflt if majflt >= 0 else None)
 
+    def _io_full_us(self) -> Optional[int]:
+        """/proc/pressure/io's "full" total in µs, or None (no file, unreadable, malformed)."""
+        try:
+            values = _parse_psi_values(_pread(self._io_psi_fd))
+        except OSError:
+            return None
+        return None if values is None else values[7]
+
     @property
     def has_psi(self) -> bool:
         return self._psi_fd >= 0
@@ -632,10 +642,12 @@ class HostReader:
                 values = None
             if values is not None:
                 pressure = _pressure_from(values)
-        refaults = major_faults = None
+        refaults = major_faults = io_full = None
         if self._vmstat_fd >= 0 and 0 <= mem[1] < self.refaults_below:
             refaults, major_faults = self._refaults()
-        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults)
+            if self._io_psi_fd >= 0:
+                io_full = self._io_full_us()
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults, io_full)
 
 
 def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, high: int,
@@ -712,6 +724,16 @@ def process_mrelease(pidfd: int) -> None:
     import ctypes  # only on the kill path, and only without the extension
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syscall(448, ctypes.c_int(pidfd), ctypes.c_uint(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def set_io_flusher() -> None:
+    """prctl(PR_SET_IO_FLUSHER): this process's allocations never do I/O in reclaim
+    (see ext/_memread.pyx set_io_flusher). Raises OSError (EPERM, EINVAL before 5.6)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(57, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

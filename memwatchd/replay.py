@@ -226,9 +226,13 @@ class _Replayer:
                           "guard's pressure triggers could not be replayed, only MemAvailable")
             pressure = Pressure(some_avg10=h[2] or 0.0, full_avg10=h[3] or 0.0,
                                 some_total_us=h[4] or 0, full_total_us=h[5] or 0)
+        if h[6] is not None and h[10] is None and self.guard_on and self.policy.config.guard.psi_io_full > 0:
+            self.note("the trace has no I/O stall totals (written before trace format 4, or on a "
+                      "kernel without /proc/pressure/io): the guard's psi_io_full trigger could "
+                      "not be replayed")
         self.host = HostSample(self.mem_total, min(self.mem_total, h[0] + freed),
                                self.swap_total if h[8] is None else h[8], h[1], pressure,
-                               h[6], h[7])
+                               h[6], h[7], h[10])
         self.policy.zram = NO_ZRAM if h[9] is None else SwapDevices(*h[9])
 
     # -- the loop

@@ -232,6 +232,9 @@ _GUARD_MEASURES = {
                          "(full avg10 {psi}), MemAvailable {avail}",
     "psi-some-high": "some task stalled on memory {psi_some} or more of the last {window} "
                      "(some avg10 {psi_s}){refaults}, MemAvailable {avail}",
+    "psi-io-full-high": "all tasks waited for I/O {psi_io} or more of the last {window} while "
+                        "evicted pages came back at {io_back}/s or more (a swap device too slow "
+                        "for the swap-ins), MemAvailable {avail}",
     "grace-expired": "still running after the guard's grace; MemAvailable {avail}, floor {term}",
     "predicted-exhaustion": "MemAvailable {avail}{swap} is predicted to reach the floor {term} soon",
 }
@@ -266,9 +269,17 @@ def decision_text(watch: str, usage: Optional[int], limit: Optional[int], reason
         psi_limit=f"{getattr(guard, 'psi_full', 0):g}%",
         psi_kill=f"{getattr(guard, 'psi_full_kill', 0):g}%",
         psi_some=f"{getattr(guard, 'psi_some', 0):g}%",
+        psi_io=f"{getattr(guard, 'psi_io_full', 0):g}%",
+        io_back=_io_back(guard),
         window=f"{getattr(guard, 'psi_window', 0):g} s",
         refaults=_refaults_text(guard, host))
     return f"at {format_size(usage)}, the largest it may stop: {measured} ({reason})"
+
+
+def _io_back(guard) -> str:
+    """The refault rate an I/O stall needs (policy.io_stalled)."""
+    from memwatchd.policy import IO_REFAULTS
+    return format_size(getattr(guard, "psi_refaults", 0) // IO_REFAULTS)
 
 
 def _refaults_text(guard, host) -> str:

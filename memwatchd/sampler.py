@@ -36,6 +36,7 @@ parse_max = impl.parse_max
 parse_psi = impl.parse_psi
 process_mrelease = impl.process_mrelease
 mlockall_onfault = impl.mlockall_onfault
+set_io_flusher = impl.set_io_flusher
 wait_quiet = impl.wait_quiet
 
 

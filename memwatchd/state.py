@@ -186,6 +186,7 @@ def guard_view(guard: Any, mem_total: Optional[int]) -> Dict[str, Any]:
     return {"enabled": guard.enabled, "term_below_bytes": term, "kill_below_bytes": kill,
             "count_swap": guard.count_swap, "psi_full": guard.psi_full or None,
             "psi_full_kill": guard.psi_full_kill or None, "psi_some": guard.psi_some or None,
+            "psi_io_full": getattr(guard, "psi_io_full", 0) or None,
             "psi_window_seconds": guard.psi_window,
             "psi_refaults_bytes_per_second": getattr(guard, "psi_refaults", 0) or None,
             "predict": None}

@@ -32,8 +32,9 @@ from memwatchd.policy import WARN_REARM
 from memwatchd.report import ERR, NOTICE, count, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 3                     # 3: PSI totals, fault counters, swap size and zram in h,
-                               # faults and owner in c; 2: the compact line; 1, 2 read too
+FORMAT = 4                     # 4: the I/O stall total in h; 3: PSI totals, fault counters,
+                               # swap size and zram in h, faults and owner in c; 2: the
+                               # compact line; 1-3 read too
 DEFAULT_SIZE = 64 * 2**20      # the ring's cap, [daemon] trace_size
 SEGMENTS = 8                   # the ring is this many segment files: dropping one frees 1/8
 MIN_SEGMENT = 64 * 1024
@@ -79,8 +80,9 @@ def config_dict(config) -> dict:
         "guard": {"enabled": g.enabled, "min_available": str(g.min_available),
                   "kill_available": str(g.kill_available), "count_swap": g.count_swap,
                   "psi_full": g.psi_full, "psi_full_kill": g.psi_full_kill, "psi_some": g.psi_some,
-                  "psi_window": _seconds(g.psi_window), "psi_available": str(g.psi_available),
-                  "grace": _seconds(g.grace)},
+                  "psi_io_full": g.psi_io_full, "psi_window": _seconds(g.psi_window),
+                  "psi_available": str(g.psi_available), "psi_refaults": f"{g.psi_refaults}B",
+                  "grace": _seconds(g.grace), "predict": _seconds(g.predict)},
         "protect": {"names": list(p.names), "cgroups": list(p.cgroups)},
         "watch": watches,
     }
@@ -483,7 +485,7 @@ class Recorder:
         row = [host.mem_available, host.swap_free,
                None if p is None else p.some_avg10, None if p is None else p.full_avg10,
                None if p is None else p.some_total_us, None if p is None else p.full_total_us,
-               host.refaults, host.major_faults, host.swap_total, zram]
+               host.refaults, host.major_faults, host.swap_total, zram, host.io_full_us]
         self.host_last = row
         return row
 
@@ -591,7 +593,8 @@ class Sample(namedtuple("Sample", "t rows host gone candidates decisions keyfram
     rows: [(run id, usage, limit, warn, stat list or None)]; host: (mem_available,
     swap_free, psi_some_avg10, psi_full_avg10, psi_some_total_us, psi_full_total_us,
     refaults, major_faults, swap_total, zram: (zram_total, zram_free, zram_orig, zram_ram)
-    or None) or None, the last six None before format 3; gone: [run id]; candidates:
+    or None, io_full_us) or None, the last seven None before format 3, the last one
+    before format 4; gone: [run id]; candidates:
     [(pid, start_time, comm, cgroup, rss, major_faults, uid, exe_root_owned)] or None
     (-1, -1, False for the last three before format 3); decisions: [dict] the live
     policy's output; keyframe: the first sample of a ring segment. A tuple: one per line,
@@ -1029,17 +1032,18 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple],
         hurt(f"{at()}: {count(unknown, 'reading')} for a target whose record was lost, skipped")
     host = obj.get("h")
     if host is not None:
-        if not (isinstance(host, list) and len(host) in (4, 10) and _int(host[0]) == host[0]
+        if not (isinstance(host, list) and len(host) in (4, 10, 11) and _int(host[0]) == host[0]
                 and _int(host[1]) == host[1]
-                and all(x is None or _int(x) == x for x in host[4:9])
+                and all(x is None or _int(x) == x for x in host[4:9] + host[10:])
                 and (len(host) == 4 or host[9] is None or (
                     isinstance(host[9], list) and len(host[9]) == 4
                     and all(_int(x) == x for x in host[9])))):
             hurt(f"{at()}: malformed host sample, skipped")
             host = None
         else:
-            added = (*host[4:9], None if host[9] is None else tuple(host[9])) \
-                if len(host) == 10 else (None,) * 6          # (before format 3)
+            added = (*host[4:9], None if host[9] is None else tuple(host[9]),
+                     host[10] if len(host) > 10 else None) \
+                if len(host) >= 10 else (None,) * 7          # (before format 3; 4)
             host = (host[0], host[1], _num(host[2]), _num(host[3]), *added)
     g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
     gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if isinstance(g, list) else ()

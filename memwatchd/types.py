@@ -99,8 +99,9 @@ class Pressure(namedtuple("Pressure", "some_avg10 some_avg60 some_avg300 some_to
 
 
 class HostSample(namedtuple("HostSample",
-                            "mem_total mem_available swap_total swap_free pressure refaults major_faults",
-                            defaults=(None, None))):
+                            "mem_total mem_available swap_total swap_free pressure refaults major_faults "
+                            "io_full_us",
+                            defaults=(None, None, None))):
     """/proc/meminfo and /proc/pressure/memory, in bytes; pressure is None where PSI is missing.
 
     refaults: bytes brought back in since boot (/proc/vmstat pswpin + file workingset
@@ -108,6 +109,10 @@ class HostSample(namedtuple("HostSample",
     ``refaults_below`` (the guard's pressure gate); None when not read or missing.
     major_faults: /proc/vmstat pgmajfault (every process's major faults since boot), read
     with refaults; what a candidate's own major faults are a share of (policy.own_thrash).
+    io_full_us: /proc/pressure/io "full" total (µs all tasks waited for I/O), read with
+    refaults: a swap-in of a page the kernel did not know to be in the working set is
+    waited for as I/O, not as a memory stall, so a slow swap device freezes the host with
+    memory PSI low (policy.guard_level, psi_io_full); None when not read or missing.
     """
 
     __slots__ = ()

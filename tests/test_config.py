@@ -312,6 +312,8 @@ BAD = [
     ({"guard": {"psi_full_kill": -3}}, "guard.psi_full_kill", -3),
     ({"guard": {"psi_full": 30, "psi_full_kill": 25}}, "guard.psi_full_kill", 25),
     ({"guard": {"psi_some": float("inf")}}, "guard.psi_some", float("inf")),
+    ({"guard": {"psi_io_full": 150}}, "guard.psi_io_full", 150),
+    ({"guard": {"psi_io_full": "20%"}}, "guard.psi_io_full", "20%"),
     ({"guard": {"psi_window": "0.5s"}}, "guard.psi_window", "0.5s"),
     ({"guard": {"psi_window": "2m"}}, "guard.psi_window", "2m"),
     ({"guard": {"psi_available": "lots"}}, "guard.psi_available", "lots"),

@@ -15,7 +15,7 @@ PAGE = os.sysconf("SC_PAGESIZE")
 DAEMON = {"events": "", "state": "", "dry_run": True}
 
 
-def lay_out(root, avail_kb, full_us=0, refault_pages=0, swap_kb=0):
+def lay_out(root, avail_kb, full_us=0, refault_pages=0, swap_kb=0, io_full_us=0):
     proc = root / "proc"
     (proc / "pressure").mkdir(parents=True, exist_ok=True)
     (proc / "meminfo").write_text(f"MemTotal: 1000000 kB\nMemAvailable: {avail_kb} kB\n"
@@ -25,6 +25,9 @@ def lay_out(root, avail_kb, full_us=0, refault_pages=0, swap_kb=0):
         f"full avg10=0.00 avg60=0.00 avg300=0.00 total={full_us}\n")
     (proc / "vmstat").write_text(f"workingset_refault_anon 0\nworkingset_refault_file {refault_pages}\n"
                                  f"pswpin 0\n")
+    (proc / "pressure" / "io").write_text(
+        f"some avg10=0.00 avg60=0.00 avg300=0.00 total={io_full_us}\n"
+        f"full avg10=0.00 avg60=0.00 avg300=0.00 total={io_full_us}\n")
 
 
 def daemon(root, guard=None):
@@ -37,17 +40,22 @@ def test_the_guard_gets_refaults_only_under_its_pressure_gate_and_reload_follows
     d = daemon(tmp_path)
     assert d.targets.host.refaults_below == 200_000 * 1024
     d.tick()
-    assert d.host.refaults is None                              # gate closed: vmstat not read
-    lay_out(tmp_path, avail_kb=100_000, full_us=0, refault_pages=1000)
+    assert d.host.refaults is None and d.host.io_full_us is None   # gate closed: not read
+    lay_out(tmp_path, avail_kb=100_000, full_us=0, refault_pages=1000, io_full_us=5000)
     d.tick()
-    assert d.host.refaults == 1000 * PAGE
-    lay_out(tmp_path, avail_kb=100_000, full_us=600_000, refault_pages=1000 + 2 * MiB // PAGE)
+    assert d.host.refaults == 1000 * PAGE and d.host.io_full_us == 5000
+    lay_out(tmp_path, avail_kb=100_000, full_us=600_000, refault_pages=1000 + 2 * MiB // PAGE,
+            io_full_us=90_000)
     time.sleep(0.06)
     d.tick()
     assert d.host.refaults == 1000 * PAGE + 2 * MiB
-    assert [entry[3] for entry in d.policy.guard.pressure] == [1000 * PAGE, 1000 * PAGE + 2 * MiB]
+    assert [entry[3:5] for entry in d.policy.guard.pressure] == [(1000 * PAGE, 5000),
+                                                                (1000 * PAGE + 2 * MiB, 90_000)]
     d.apply_config(parse_config({"daemon": DAEMON,
                                  "guard": {"psi_refaults": 0}}, "t"))
+    assert d.targets.host.refaults_below == 200_000 * 1024      # the I/O trigger still reads them
+    d.apply_config(parse_config({"daemon": DAEMON,
+                                 "guard": {"psi_refaults": 0, "psi_io_full": 0}}, "t"))
     assert d.targets.host.refaults_below == -1
     d.tick()
     assert d.host.refaults is None                              # off: pressure alone decides
@@ -59,6 +67,9 @@ def test_the_guard_gets_refaults_only_under_its_pressure_gate_and_reload_follows
     assert d.targets.host.refaults_below == 200_000 * 1024      # psi_full_kill alone is gated too
     d.apply_config(parse_config({"daemon": DAEMON,
                                  "guard": {"psi_full": 0, "psi_full_kill": 0, "psi_some": 0}}, "t"))
+    assert d.targets.host.refaults_below == 200_000 * 1024      # psi_io_full alone is gated too
+    d.apply_config(parse_config({"daemon": DAEMON, "guard": {
+        "psi_full": 0, "psi_full_kill": 0, "psi_some": 0, "psi_io_full": 0}}, "t"))
     assert d.targets.host.refaults_below == -1                  # no pressure trigger: no need
 
 

@@ -405,10 +405,10 @@ result(fate=fate, events=read_events(events), body=body, textfile=textfile, mode
 def test_each_watch_and_the_guard_export_their_first_stop_at_zero_from_the_start(tmp_path):
     """increase() sees nothing in a counter series that first appears at 1: the rules'
     stop alerts need every first-stop series present at 0 before the first stop."""
-    def config(*watches, psi=0):
+    def config(*watches, psi=0, io=0):
         return parse_config({"daemon": {"state": ""},
                              "metrics": {"listen": "", "textfile": str(tmp_path / "m.prom")},
-                             "guard": {"psi_full": psi, "psi_full_kill": 0},
+                             "guard": {"psi_full": psi, "psi_full_kill": 0, "psi_io_full": io},
                              "watch": [dict(w, limit="1G") for w in watches]}, "t")
     pub = state.Publisher(config({"name": "sim", "cmdline": "sim"},
                                  {"name": "fast", "cmdline": "x", "action": "kill"},
@@ -425,11 +425,12 @@ def test_each_watch_and_the_guard_export_their_first_stop_at_zero_from_the_start
         pub.metrics.on_record({"type": "decision", "target": "sim", "action": "term",
                                "reason": "over-limit", "signal": "SIGTERM"})
         pub.reconfigure(config({"name": "sim", "cmdline": "sim"}, {"name": "new", "cmdline": "n"},
-                               psi=20))
+                               psi=20, io=20))
         acts = pub.metrics.actions
         assert acts[("sim", "term", "over-limit", "SIGTERM")] == 1      # a reload keeps counts
         assert acts[("new", "term", "over-limit", "SIGTERM")] == 0
         assert acts[("guard", "term", "psi-full-high", "SIGTERM")] == 0
+        assert acts[("guard", "term", "psi-io-full-high", "SIGTERM")] == 0
         assert ("guard", "kill", "psi-full-critical", "SIGKILL") not in acts     # psi_full_kill 0
         pub.metrics.publish(state.build_view([], None, time.time(), pub.config))
         fams = parse(metrics.render(pub.metrics.exporter.snapshot).decode())

@@ -294,11 +294,16 @@ def test_guard_pressure_some_and_off():
 def test_pressure_share_from_totals():
     assert P.pressure_share([(0.0, 0, 0)]) is None
     assert P.pressure_share([(0.0, 0, 0), (0.5, 400_000, 0)]) is None     # < PSI_MIN_SPAN
-    assert P.pressure_share([(0.0, 0, 0), (1.0, 300_000, 0), (2.0, 1_000_000, 500_000)]) == (50.0, 25.0, None)
+    assert P.pressure_share([(0.0, 0, 0), (1.0, 300_000, 0), (2.0, 1_000_000, 500_000)]) == \
+        (50.0, 25.0, None, None, None)
     # refaulted bytes beside the totals: their rate over the same span, when both ends have them
     assert P.pressure_share([(0.0, 0, 0, 10 * MiB), (2.0, 1_000_000, 500_000, 18 * MiB)]) == \
-        (50.0, 25.0, 4 * MiB)
+        (50.0, 25.0, 4 * MiB, None, None)
     assert P.pressure_share([(0.0, 0, 0, None), (2.0, 1_000_000, 500_000, 18 * MiB)])[2] is None
+    # the I/O full total: its share of the same span; swap used: its growth per second
+    assert P.pressure_share([(0.0, 0, 0, 0, 5_000_000, 100 * MiB), (2.0, 0, 0, 0, 6_200_000, 106 * MiB)]) == \
+        (0.0, 0.0, 0.0, 60.0, 3 * MiB)
+    assert P.pressure_share([(0.0, 0, 0, 0, None, 9 * MiB), (2.0, 0, 0, 0, 6_200_000, 1 * MiB)])[3:] == (None, 0.0)
 
 
 @pytest.mark.parametrize("share, refaults_per_s, expected", [
@@ -325,6 +330,95 @@ def test_guard_pressure_counts_only_while_pages_come_back(share, refaults_per_s,
     some = GuardConfig()._replace(psi_full=0.0, psi_some=30.0)
     assert P.guard_level(some, host(1), share=(40.0, 0.0, 0)) == (None, "")
     assert P.guard_level(some, host(1), share=(40.0, 0.0, 8 * MiB)) == ("term", P.REASON_GUARD_PSI_SOME)
+
+
+@pytest.mark.parametrize("why, avail_gib, share, guard, expected", [
+    # the slow swap device as measured (swap-outs 1-3 MiB/s): the host froze with PSI memory
+    # at 7% some / 2.2% full and 0.6 MiB/s coming back, every task waiting for I/O
+    ("slow swap freeze", 1, (7.0, 2.2, 0.6 * MiB, 60.0), {}, ("term", P.REASON_GUARD_PSI_IO)),
+    ("at psi_io_full", 1, (7.0, 2.2, 0.6 * MiB, 20.0), {}, ("term", P.REASON_GUARD_PSI_IO)),
+    ("under psi_io_full", 1, (7.0, 2.2, 0.6 * MiB, 19.0), {}, (None, "")),
+    # reads and writes alone (a backup beside a big job): nothing comes back
+    ("I/O but nothing comes back", 1, (0.0, 0.0, 0.0, 90.0), {}, (None, "")),
+    ("a trickle coming back", 1, (0.0, 0.0, 200 * 1024, 90.0), {}, (None, "")),
+    ("I/O counter unknown", 1, (7.0, 2.2, 0.6 * MiB, None), {}, (None, "")),
+    ("refault counter unknown: I/O decides", 1, (7.0, 2.2, None, 60.0), {},
+     ("term", P.REASON_GUARD_PSI_IO)),
+    # RAM to spare (above psi_available): a busy disk is not the host running out
+    ("MemAvailable above psi_available", 10, (7.0, 2.2, 0.6 * MiB, 90.0), {}, (None, "")),
+    ("psi_io_full = 0", 1, (7.0, 2.2, 0.6 * MiB, 90.0), {"psi_io_full": 0.0}, (None, "")),
+    ("psi_refaults = 0: I/O alone", 1, (0.0, 0.0, 0.0, 60.0), {"psi_refaults": 0},
+     ("term", P.REASON_GUARD_PSI_IO)),
+    # a memory stall at its own levels comes first (SIGKILL at psi_full_kill)
+    ("memory stall too", 1, (90.0, 60.0, 8 * MiB, 90.0), {}, ("kill", P.REASON_GUARD_PSI_CRITICAL)),
+    ("memory stall, no I/O", 1, (40.0, 30.0, 8 * MiB, 0.0), {}, ("term", P.REASON_GUARD_PSI)),
+])
+def test_guard_io_stall_table(why, avail_gib, share, guard, expected):
+    g = GuardConfig()._replace(**guard)
+    assert P.guard_level(g, host(avail_gib), share=share) == expected, why
+
+
+def _slow_swap(pol, cands_at, seconds, own_rate_at, io_rate=0.6, fill=0, step=0.05):
+    """The slow swap device through the Policy, samples as the reader makes them: PSI
+    memory 2% full, 0.6 MiB/s coming back, every task waiting for I/O io_rate of the
+    time, swap filling at ``fill`` bytes/s, the host faulting 100 times a second, the
+    largest candidate own_rate_at(now) of them; returns the first decision's time and
+    reason, or None."""
+    refaults = host_faults = 0
+    own = 1000.0
+    for i in range(int(seconds / step)):
+        now = i * step
+        refaults += int(0.6 * MiB * step)
+        host_faults += int(100 * step)
+        own += own_rate_at(now) * step
+        sample = host(1)._replace(pressure=stalls(now * 0.07, now * 0.02), refaults=refaults,
+                                  major_faults=host_faults, io_full_us=int(now * io_rate * 1e6),
+                                  swap_total=1 << 30, swap_free=(1 << 30) - int(now * fill))
+        if pol.guard_wants_victim(now, sample):
+            got = pol.guard_evaluate(now, sample, cands_at(int(own)))
+            if got:
+                return now, kinds(got)
+    return None
+
+
+def test_slow_swap_stops_the_hot_leak_and_spares_the_cold_job():
+    """Every task waiting for I/O 60% of the time with pages coming back: the hot leak
+    (90 of the host's 100 faults/s its own) is SIGTERMed once the window and its
+    attribution span have passed; a cold-page job (2 of 100) never is (the others'
+    pages come back, not its own); at 10% I/O wait nothing fires."""
+    own_cands = lambda own: [cand(60, 150), faulting(cand(61, 700), own)]  # noqa: E731
+    got = _slow_swap(P.Policy(default_config()), own_cands, 6.0, lambda now: 90)
+    assert got is not None and got[1] == [("signal", signal.SIGTERM, P.REASON_GUARD_PSI_IO)], got
+    assert got[0] <= P.PSI_MIN_SPAN + P.OWN_SPAN + 0.2, got
+    assert _slow_swap(P.Policy(default_config()), own_cands, 12.0, lambda now: 2) is None
+    assert _slow_swap(P.Policy(default_config()), own_cands, 12.0, lambda now: 90, io_rate=0.1) is None
+
+
+def test_slow_swap_filling_stops_the_largest_whoever_faults():
+    """The same I/O stall while swap fills at 3 MiB/s (a swap device too slow for the
+    swap-outs, as measured: the leak's own pages stayed in RAM, the others' came back): the
+    largest process is stopped although its own pages are not among those coming back,
+    without waiting for its faults; under SWAP_FILLING, or with I/O wait at 10%, the rule
+    on whose pages holds and nothing fires."""
+    own_cands = lambda own: [cand(60, 150), faulting(cand(61, 700), own)]  # noqa: E731
+    got = _slow_swap(P.Policy(default_config()), own_cands, 6.0, lambda now: 0, fill=3 * MiB)
+    assert got is not None and got[1] == [("signal", signal.SIGTERM, P.REASON_GUARD_PSI_IO)], got
+    assert got[0] <= P.PSI_MIN_SPAN + 0.1, got
+    assert _slow_swap(P.Policy(default_config()), own_cands, 12.0, lambda now: 0,
+                      fill=P.SWAP_FILLING // 2) is None
+    assert _slow_swap(P.Policy(default_config()), own_cands, 12.0, lambda now: 0, io_rate=0.1,
+                      fill=3 * MiB) is None
+
+
+@pytest.mark.parametrize("reason, share, expected", [
+    (P.REASON_GUARD_PSI_IO, (0, 0, 0, 60.0, 2 * MiB), True),
+    (P.REASON_GUARD_PSI_IO, (0, 0, 0, 60.0, 0.5 * MiB), False),
+    (P.REASON_GUARD_PSI_IO, (0, 0, 0, 60.0, None), False),     # swap not known
+    (P.REASON_GUARD_PSI_IO, (0, 0, 0, 60.0), False),
+    (P.REASON_GUARD_PSI, (40.0, 30.0, 5 * MiB, 0, 9 * MiB), False),   # memory stalls keep the rule
+])
+def test_fills_swap(reason, share, expected):
+    assert P.fills_swap(reason, share) is expected
 
 
 def test_cold_reclaim_then_thrash_episode():

@@ -108,7 +108,9 @@ try:
     active_before = (api(port, "alerts") or {}).get("alerts")
     seeded = api(port, "query", query='memwatchd_actions_total{target="hogs"}')
 
-    h = start_hog("hog-x", rate_mib=200, cap_mib=600, seconds=20, on_term="exit", events=events)
+    # 50 MiB/s: in a PID namespace new processes are found by a rescan every 2 s, and a
+    # faster hog can be first seen past 1.25x its limit (an escalated SIGKILL, not this test)
+    h = start_hog("hog-x", rate_mib=50, cap_mib=600, seconds=20, on_term="exit", events=events)
     t_hog = time.monotonic()
     fate = exited_by(h, 15)
     stopped = wait_for(lambda: alerts(port, "MemwatchdTargetStopped"), 30, step=0.25)

@@ -447,7 +447,7 @@ def test_the_guard_is_told_by_structure_not_by_name(tmp_path):
 
 # ------------------------------------------------------------------ the guard's pressure triggers
 
-def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
+def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0, slow_swap=False):
     """The live guard path, call for call as Daemon.tick makes it (host sample,
     guard_wants_victim, the candidate list, guard_evaluate, the recorder's tick), on a
     virtual clock and written by the real Recorder: MemAvailable at 12% of 4 GiB (under
@@ -455,12 +455,14 @@ def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
     at 5 MiB/s (between psi_refaults and twice it: whose they are decides), 1280 major
     faults a second on the host, of which the job makes job_faults_per_s. The largest
     process is a root sshd (protected: live knows it is root's own binary), then the job.
-    Returns (trace path, the live decisions)."""
+    slow_swap: a swap device too slow instead: PSI memory 2% full, 0.6 MiB/s coming back,
+    every task waiting for I/O 60% of the time. Returns (trace path, the live decisions)."""
     config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True},
                            "protect": {"names": ["sshd"]}}, "pressure.toml")
     total = 4 << 30
     daemon = SyntheticDaemon(config)
-    path = tmp_path / f"pressure-{job_faults_per_s}.trace"
+    path = tmp_path / f"pressure-{job_faults_per_s}-{slow_swap}.trace"
+    full, back = (0.02, 0.6 * MiB) if slow_swap else (0.3, 5 * MiB)
     daemon.host = HostSample(total, total // 2, 0, 0, Pressure())
     daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
     policy, live = daemon.policy, []
@@ -471,8 +473,9 @@ def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
         daemon.host = host = HostSample(
             total, total * 12 // 100, 0, 0,
             Pressure(some_avg10=35.0, full_avg10=30.0, some_total_us=int(5e9 + 0.35e6 * dt),
-                     full_total_us=int(4e9 + 0.3e6 * dt)),
-            refaults=int(9e9 + 5 * MiB * dt), major_faults=int(7e6 + 1280 * dt))
+                     full_total_us=int(4e9 + full * 1e6 * dt)),
+            refaults=int(9e9 + back * dt), major_faults=int(7e6 + 1280 * dt),
+            io_full_us=int(3e9 + 0.6e6 * dt) if slow_swap else int(3e9))
         decisions = policy.evaluate(now, [], host)
         candidates = []
         if policy.guard_wants_victim(now, host):
@@ -490,6 +493,23 @@ def _live_pressure_trace(tmp_path, job_faults_per_s: int, seconds: float = 6.0):
     return str(path), live
 
 
+def _as_older_format(path, out, fmt, host_fields, candidate_fields=8):
+    """The trace at path as an older format wrote it: the fields it did not have cut off
+    the host samples and candidate lists; returns out's path."""
+    lines = []
+    for line in open(path):
+        obj = json.loads(line)
+        if isinstance(obj, dict) and obj.get("t") == "header":
+            obj["format"] = fmt
+        if isinstance(obj, dict) and "h" in obj:
+            obj["h"] = obj["h"][:host_fields]
+        if isinstance(obj, dict) and obj.get("c"):
+            obj["c"] = [c[:candidate_fields] for c in obj["c"]]
+        lines.append(json.dumps(obj) + "\n")
+    out.write_text("".join(lines))
+    return str(out)
+
+
 def _replayed(result, start):
     return [(round(d.t - start, 3), d.key, d.reason, d.signal) for d in result.decisions
             if d.signal is not None]
@@ -504,7 +524,7 @@ def test_a_replayed_pressure_trigger_weighs_the_same_faults_the_live_guard_did(t
     same moment for the same reason; the protected sshd, the largest, is never chosen."""
     path, live = _live_pressure_trace(tmp_path, job_faults_per_s)
     t = read_trace(path)
-    assert t.damage == [] and t.header["format"] == 3
+    assert t.damage == [] and t.header["format"] == trace.FORMAT
     got = replay(t)
     if job_faults_per_s:
         assert [(k, r, s) for _, k, r, s in live] == [
@@ -515,23 +535,36 @@ def test_a_replayed_pressure_trigger_weighs_the_same_faults_the_live_guard_did(t
     assert not any("PSI totals" in n for n in got.notes), got.notes
     # the same trace without what format 3 added (as format 2 wrote it): the replay cannot
     # weigh the stall, and says so
-    lines = []
-    for line in open(path):
-        obj = json.loads(line)
-        if isinstance(obj, dict) and obj.get("t") == "header":
-            obj["format"] = 2
-        if isinstance(obj, dict) and "h" in obj:
-            obj["h"] = obj["h"][:4]
-        if isinstance(obj, dict) and "c" in obj:
-            obj["c"] = [c[:5] for c in obj["c"]]
-        lines.append(json.dumps(obj) + "\n")
-    old = tmp_path / "format-2.trace"
-    old.write_text("".join(lines))
-    t2 = read_trace(str(old))
+    t2 = read_trace(_as_older_format(path, tmp_path / "format-2.trace", 2, host_fields=4,
+                                     candidate_fields=5))
     assert t2.damage == []
     got2 = replay(t2)
     assert _replayed(got2, t2.start) == []
     assert any("no PSI totals" in n for n in got2.notes), got2.notes
+
+
+@pytest.mark.parametrize("job_faults_per_s", [0, 1000])
+def test_a_replayed_io_stall_is_the_live_one(tmp_path, job_faults_per_s):
+    """A swap device too slow for the swap-ins: the I/O stall total is recorded (trace
+    format 4), so the replay stops the hot job where the live guard did, for the same
+    reason, and spares the cold one; the same trace as format 3 wrote it (no I/O total)
+    replays no action and says why."""
+    path, live = _live_pressure_trace(tmp_path, job_faults_per_s, slow_swap=True)
+    t = read_trace(path)
+    assert t.damage == [] and t.header["format"] == trace.FORMAT >= 4
+    got = replay(t)
+    if job_faults_per_s:
+        assert [(k, r, s) for _, k, r, s in live] == [
+            (("process", 402, 22), "psi-io-full-high", signals_mod.SIGTERM)], live
+    else:
+        assert live == []
+    assert _replayed(got, t.start) == [(at, k, r, signals_mod.Signals(s).name) for at, k, r, s in live]
+    assert not any("I/O stall" in n for n in got.notes), got.notes
+    t3 = read_trace(_as_older_format(path, tmp_path / "format-3.trace", 3, host_fields=10))
+    assert t3.damage == []
+    got3 = replay(t3)
+    assert _replayed(got3, t3.start) == []
+    assert any("no I/O stall totals" in n for n in got3.notes), got3.notes
 
 
 def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_rule_out(tmp_path):

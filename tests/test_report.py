@@ -495,6 +495,11 @@ def test_guard_lines_say_what_the_guard_measured():
     assert counted.endswith(
         "with evicted pages coming back at 4 MiB/s or more (its own among them, or 8 MiB/s in "
         "all), MemAvailable 40 MiB (psi-full-high)"), counted
+    io = report.decision_text("guard", 766 << 20, 48 << 20, "psi-io-full-high", guard=guard,
+                              host=host._replace(refaults=1, major_faults=1, io_full_us=5))
+    assert io == ("at 766 MiB, the largest it may stop: all tasks waited for I/O 20% or more of "
+                  "the last 2 s while evicted pages came back at 256 KiB/s or more (a swap device "
+                  "too slow for the swap-ins), MemAvailable 40 MiB (psi-io-full-high)"), io
     swapped = report.decision_text("guard", 766 << 20, 48 << 20, "mem-available-low", guard=guard,
                                    host=host._replace(swap_total=1 << 30, swap_free=4 << 20))
     assert "MemAvailable 40 MiB plus free swap (SwapFree 4 MiB, zram at its worth) is below" in swapped

@@ -414,6 +414,47 @@ def test_real_host_major_faults_beside_refaults(impl):
         assert before <= got <= int(dict(line.split() for line in f)["pgmajfault"])
 
 
+def _io_full_total():
+    with open("/proc/pressure/io") as f:
+        return int(f.read().split("full ", 1)[1].rsplit("total=", 1)[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/pressure/io"), reason="kernel without PSI")
+def test_real_host_io_stall_is_read_with_the_refaults(impl):
+    """/proc/pressure/io's "full" total is read under the same gate as the refault
+    counters (nothing more to read while memory is plentiful)."""
+    host = impl.HostReader()
+    assert host.read().io_full_us is None
+    host.refaults_below = 1 << 62
+    before = _io_full_total()
+    got = host.read().io_full_us
+    assert before <= got <= _io_full_total()
+    host.refaults_below = host.read().mem_available // 2
+    assert host.read().io_full_us is None
+
+
+@pytest.mark.parametrize("io, expected", [
+    (b"some avg10=1.00 avg60=0.00 avg300=0.00 total=500\nfull avg10=0.50 avg60=0.00 avg300=0.00 total=321\n",
+     321),
+    (b"some avg10=1.00 avg60=0.00 avg300=0.00 total=500\n", 0),      # no "full" line: none counted
+    (b"some avg10=x\n", None),                                       # malformed: unknown
+    (None, None),                                                    # no file (old kernel)
+])
+def test_fake_host_io_stall(impl, tmp_path, io, expected):
+    (tmp_path / "proc" / "pressure").mkdir(parents=True)
+    (tmp_path / "proc" / "meminfo").write_bytes(b"MemTotal: 16000 kB\nMemAvailable: 800 kB\n")
+    (tmp_path / "proc" / "vmstat").write_bytes(b"pswpin 1\nworkingset_refault_file 2\n")
+    if io is not None:
+        (tmp_path / "proc" / "pressure" / "io").write_bytes(io)
+    host = impl.HostReader(root=str(tmp_path))
+    assert host.read().io_full_us is None                # gate closed by default
+    host.refaults_below = 1000 * 1024
+    sample = host.read()
+    assert sample.io_full_us == expected and sample.refaults is not None
+    host.refaults_below = 800 * 1024
+    assert host.read().io_full_us is None
+
+
 def test_fake_host_without_vmstat(impl, tmp_path):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc" / "meminfo").write_bytes(b"MemTotal: 16000 kB\nMemAvailable: 800 kB\n")
@@ -630,6 +671,25 @@ def test_mlockall_onfault_in_a_child(impl):
         pytest.skip("mlockall needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("VmLck:")
+
+
+def _has_cap(bit):
+    with open("/proc/self/status") as f:
+        eff = next(line for line in f if line.startswith("CapEff:"))
+    return bool(int(eff.split()[1], 16) >> bit & 1)
+
+
+def test_set_io_flusher_in_a_child(impl):
+    """PR_SET_IO_FLUSHER (the daemon sets it at start: its reclaim then never waits on a
+    slow swap device): set where the process has CAP_SYS_RESOURCE (PR_GET_IO_FLUSHER
+    reads 1), EPERM where it does not (this host's sandbox; the VM tier checks the unit)."""
+    code = (f"import ctypes, {impl.__name__} as m\n"
+            "try:\n    m.set_io_flusher()\nexcept PermissionError:\n    print('EPERM')\n"
+            "else:\n    print(ctypes.CDLL(None).prctl(58, 0, 0, 0, 0))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("1" if _has_cap(24) else "EPERM"), out.stdout   # CAP_SYS_RESOURCE
 
 
 def test_sample_slots_reads_only_those(impl, hog_factory):

@@ -204,6 +204,9 @@ def test_a_disk_that_holds_the_trace_up_never_holds_up_the_loop_and_the_gap_is_m
             break
         threading.Event().wait(0.05)
     start_again = daemon.now
+    # the drain keeps up now; a wide backlog keeps a busy machine's slower drain thread
+    # from making a second gap (this part checks what the caught-up trace reads back)
+    daemon.trace.sink.backlog = 64 * 2**20
     daemon.run(30)
     daemon.trace.close()
     drain.join(30)
@@ -433,6 +436,22 @@ def test_a_recorded_config_from_before_units_were_required_still_loads():
     assert old["daemon"]["fill_rate"] == 4294967296 and "grace" in old["watch"][0]   # untouched
     again = parse_config(config_dict(c), "t")        # what is written now needs no help
     assert again.daemon == c.daemon and again.watches == c.watches
+
+
+def test_the_recorded_config_replays_every_guard_key_as_it_ran():
+    """A trace's header config is what its replay runs with by default: every [guard] key
+    must come back as set (psi_refaults, psi_io_full and predict were once left out, so a
+    replay ran the defaults instead)."""
+    from memwatchd.config import GuardConfig, parse_config
+    from memwatchd.trace import config_dict, loadable_config
+    changed = {"enabled": True, "min_available": "7%", "kill_available": "100M", "count_swap": False,
+               "psi_full": 9, "psi_full_kill": 60, "psi_some": 40, "psi_io_full": 35,
+               "psi_window": "3s", "psi_available": "30%", "psi_refaults": "2M",
+               "grace": "8s", "predict": "30s"}
+    assert set(changed) == set(GuardConfig._fields)      # a new key must be added here too
+    c = parse_config({"guard": changed}, "t")
+    assert all(getattr(c.guard, k) != getattr(GuardConfig(), k) for k in changed if k != "enabled")
+    assert parse_config(loadable_config(config_dict(c)), "t").guard == c.guard
 
 
 # ------------------------------------------------------ the streaming reader

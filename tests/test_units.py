@@ -24,7 +24,7 @@ EARLYOOM_UNITS = [Path("/lib/systemd/system/earlyoom.service"),
 ALLOWED_CAPS = {
     "CAP_KILL",          # signal processes of any user (pidfd_send_signal)
     "CAP_IPC_LOCK",      # mlockall() beyond RLIMIT_MEMLOCK
-    "CAP_SYS_RESOURCE",  # PSI triggers: open /proc/pressure/* and memory.pressure for writing
+    "CAP_SYS_RESOURCE",  # PSI triggers (open /proc/pressure/* for writing), PR_SET_IO_FLUSHER
     "CAP_DAC_OVERRIDE",  # write cgroup.kill / memory.high / cgroup.freeze in delegated subtrees
     "CAP_NET_ADMIN",     # LISTEN to the process-events connector (before Linux 6.6)
 }

@@ -556,8 +556,9 @@ def _write_extra_file(dest: Path, content: FileContent) -> None:
 
 
 def qemu_command(image: Image, share: Path, console_log: Path, mem_mb: int, cpus: int,
-                 kernel_args: Sequence[str] = ()) -> List[str]:
-    """The qemu command line: no network, no display, serial console to a file."""
+                 kernel_args: Sequence[str] = (), drives: Sequence[str] = ()) -> List[str]:
+    """The qemu command line: no network, no display, serial console to a file; each of
+    ``drives`` (a -drive option string) after the root disk: /dev/vdb, /dev/vdc, ..."""
     return [
         "qemu-system-x86_64",
         "-name", "memwatchd-vm",
@@ -572,6 +573,7 @@ def qemu_command(image: Image, share: Path, console_log: Path, mem_mb: int, cpus
         "-virtfs", "local,path=%s,mount_tag=%s,security_model=none,id=%s"
                    % (_qemu_path(share), SHARE_TAG, SHARE_TAG),
         "-device", "virtio-rng-pci",  # entropy early in boot
+        *[arg for drive in drives for arg in ("-drive", drive)],
     ]
 
 
@@ -579,7 +581,7 @@ def run_guest(script: str, wheels_dir: Optional[Union[str, Path]] = None,
               extra_files: Optional[Mapping[str, FileContent]] = None,
               mem_mb: int = 1024, timeout: float = 300, cpus: int = 2,
               image: Optional[Image] = None, run_dir: Optional[Union[str, Path]] = None,
-              kernel_args: Sequence[str] = ()) -> GuestResult:
+              kernel_args: Sequence[str] = (), drives: Sequence[str] = ()) -> GuestResult:
     """Boot the guest, run `script` as root after multi-user.target, power off.
 
     script: file content with a shebang (e.g. "#!/bin/bash\\n..."); runs with
@@ -593,6 +595,7 @@ def run_guest(script: str, wheels_dir: Optional[Union[str, Path]] = None,
         PID and the result has timed_out=True.
     run_dir: host folder for this run (default: a new temp dir, left in place
         for inspection); holds share/, console.log and qemu.log.
+    drives: more disks, as qemu -drive option strings (the guest's /dev/vdb, ...).
     """
     image = image or ensure_image()
     if missing_tools(build=False):
@@ -615,7 +618,7 @@ def run_guest(script: str, wheels_dir: Optional[Union[str, Path]] = None,
         _write_extra_file(_share_path(share, key), content)
 
     console_log = run_dir / "console.log"
-    cmd = qemu_command(image, share, console_log, mem_mb, cpus, kernel_args)
+    cmd = qemu_command(image, share, console_log, mem_mb, cpus, kernel_args, drives)
     exit_file = share / "exit_code"
     started = time.monotonic()
     timed_out = False

@@ -15,6 +15,10 @@ GUARDIANS = ("none", "earlyoom", "oomd", "memwatchd")
 STALL_SCENARIOS = ("fast_hog", "leak_swap", "leak_zram", "cache_thrash")
 BENIGN_SCENARIOS = ("benign_steady", "benign_cold")
 MEM_MB = 1024
+# leak_slowswap's swap device: a second disk of half the RAM, throttled by qemu to this many
+# bytes/s, reads and writes together (a thin or network disk, a nested VM's); the race's own
+# swap file is on the root disk, unthrottled
+SLOW_SWAP_BPS = int(os.environ.get("MEMWATCHD_VM_SLOW_SWAP_BPS", 4 << 20))
 
 SCRIPT = """#!/bin/bash
 set -u
@@ -33,16 +37,24 @@ def guest_files():
 
 def boot(guardian, image, wheels, run_dir, scenarios=(), timeout=1500):
     """One boot under one guardian; (harness result, the race's results dict)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    slow = run_dir / "slow-swap.img"   # sparse: the host's disk pays only for what is written
+    with open(slow, "wb") as f:
+        f.truncate((MEM_MB // 2) << 20)
     result = harness.run_guest(
         SCRIPT.format(guardian=guardian, scenarios=",".join(scenarios)),
         wheels_dir=wheels if guardian == "memwatchd" else None, extra_files=guest_files(),
-        image=image, run_dir=run_dir, mem_mb=MEM_MB, timeout=timeout)
+        image=image, run_dir=run_dir, mem_mb=MEM_MB, timeout=timeout,
+        drives=["file=%s,if=virtio,format=raw,throttling.bps-total=%d" % (harness._qemu_path(slow), SLOW_SWAP_BPS)])
+    slow.unlink()
     try:
         race = result.read_json("race.json")
     except (OSError, ValueError):
         race = {"guardian": guardian, "scenarios": {}, "errors": ["no race.json: " + result.describe()]}
     race["boot_seconds"] = round(result.duration, 1)
     race["accel"] = "kvm" if "kvm" in " ".join(harness.accel_args()) else "tcg"
+    race["slow_swap_bps"] = SLOW_SWAP_BPS
     return result, race
 
 

@@ -438,7 +438,7 @@ class Driver:
         """Scenario 5, part 2: nothing in memwatchd's journal says the sandbox got in the way."""
         lines = journal("memwatchd.service")
         out["journal_lines"] = len(lines)
-        bad_words = ("mlockall failed", "no PSI trigger", "notify socket", "Traceback",
+        bad_words = ("mlockall failed", "PR_SET_IO_FLUSHER failed", "no PSI trigger", "notify socket", "Traceback",
                      "Operation not permitted", "Permission denied", "Read-only file system",
                      "could not write the event record", "could not ")
         problems = [m for _, prio, m in lines

@@ -40,6 +40,7 @@ HEARTBEAT_LOG = RUN + "/heartbeat.log"
 MIB = 1 << 20
 PROBE = "import json, decimal, email.parser, http.client, argparse, logging, csv, sqlite3"
 SWAPFILE = "/swapfile"
+SLOW_SWAP = "/dev/vdb"   # the host's race_lib attaches it: half the RAM, throttled by qemu
 DATA_FILE = "/var/tmp/race-working-set"
 
 # systemd-oomd as its man pages recommend: ManagedOOMSwap=kill on the root slice
@@ -55,6 +56,7 @@ OOMD_DROPINS = {
 
 
 MEMWATCHD_TRACE = "/var/lib/memwatchd/trace"   # a variant's trace ring ([daemon] trace)
+ON_REQUEST = ("leak_slowswap",)   # scenarios run only when named (MEMWATCHD_VM_RACE_SCENARIOS)
 TRACE_ALL = "trace_all"
 
 
@@ -137,6 +139,16 @@ def swap_file(size):
     os.chmod(SWAPFILE, 0o600)
     run("mkswap", SWAPFILE)
     return run("swapon", SWAPFILE).returncode == 0
+
+
+def swap_slow():
+    """The whole second disk as swap: qemu throttles it (race_lib.SLOW_SWAP_BPS), as a thin
+    or network disk, or a nested VM's, is slow. Not written first: its blocks are the
+    host's sparse file, outside the snapshot overlay."""
+    if not os.path.exists(SLOW_SWAP):
+        return False
+    run("mkswap", SLOW_SWAP)
+    return run("swapon", SLOW_SWAP).returncode == 0
 
 
 def swap_zram(size):
@@ -293,6 +305,9 @@ VMSTAT_KEYS += tuple(u + "." + k for u in RACE_UNITS for k in UNIT_KEYS + ("swap
 # victim's beside the bystanders' (the heartbeat, the login probe's vm-runner)
 PSI_UNITS = RACE_UNITS + ("heartbeat", "bystander", "vm-runner", "memwatchd")
 VMSTAT_KEYS += tuple(u + "." + k for u in PSI_UNITS for k in ("psi_some", "psi_full"))
+# the host's I/O pressure (/proc/pressure/io, µs): a swap-in of a page the kernel did not
+# know to be in the working set is waited for as I/O, not as a memory stall (kernel 6.1)
+VMSTAT_KEYS += ("io.psi_some", "io.psi_full")
 
 
 def unit_cgroup(unit):
@@ -327,9 +342,10 @@ def vmstat():
                 out[unit + ".swap"] = int(f.read())
         except (OSError, ValueError):
             pass
-    for unit in PSI_UNITS:
+    for unit, path in [(u, unit_cgroup(u) + "memory.pressure") for u in PSI_UNITS] + \
+            [("io", "/proc/pressure/io")]:
         try:
-            with open(unit_cgroup(unit) + "memory.pressure") as f:
+            with open(path) as f:
                 for line in f:
                     kind = line.split(" ", 1)[0]
                     out[unit + ".psi_" + kind] = int(line.rsplit("total=", 1)[1])
@@ -408,6 +424,12 @@ def scenarios(mem_total, avail):
                                              str(big), "--max-seconds", "75"])], "race-hog"),
         "leak_zram": ("zram", [("race-hog", [py, work, "leak", "--rate-mb", "25", "--max-mb",
                                              str(big), "--max-seconds", "75"])], "race-hog"),
+        # the same leak on a swap device that is slow (a second disk, throttled by qemu):
+        # the host freezes while PSI memory stays low (waiting for a swap-in of a page the
+        # kernel did not know to be in the working set is I/O wait) and free swap remains.
+        # On request (ON_REQUEST): no guardian stops it in time yet
+        "leak_slowswap": ("slow", [("race-hog", [py, work, "leak", "--rate-mb", "25", "--max-mb",
+                                                 str(big), "--max-seconds", "75"])], "race-hog"),
         "cache_thrash": ("none", [
             ("race-reader", [py, work, "reread", "--file", DATA_FILE, "--max-seconds", "80"]),
             ("race-hog", [py, hog, "--rate-mb", "15", "--step-mb", "2", "--max-mb", str(big),
@@ -431,6 +453,8 @@ def run_scenario(name, spec, guardian):
         ok = swap_file(meminfo()["MemTotal"] // 2)
     elif swap == "zram":
         ok = swap_zram(meminfo()["MemTotal"] // 2)
+    elif swap == "slow":
+        ok = swap_slow()
     else:
         ok = True
     if name == "cache_thrash" and not os.path.exists(DATA_FILE):
@@ -531,7 +555,8 @@ def main():
     run("systemctl", "start", "heartbeat.service", "bystander.service")
     time.sleep(3)
     specs = scenarios(m["MemTotal"], meminfo()["MemAvailable"])
-    runs = [(name, spec, ("", "guard")) for name, spec in specs.items() if not wanted or name in wanted]
+    runs = [(name, spec, ("", "guard")) for name, spec in specs.items()
+            if (name in wanted if wanted else name not in ON_REQUEST)]
     for name in (wanted or (DEFAULT_VARIANTS if guardian == "memwatchd" else ())):
         base = name.split("#", 1)[0]
         if base in VARIANTS and guardian == "memwatchd":
