@@ -587,12 +587,17 @@ class Policy:
         if level is None:   # pressure high without pages coming back: keep the suspect's faults
             return (host.major_faults is not None and now >= st.suspect_next
                     and now >= st.cooldown_until and self._pressure_high(host))
-        if reason in PSI_REASONS and not fills_swap(reason, pressure_share(st.pressure) or ()):
-            # at most one /proc scan per OWN_SPAN until its faults can tell
+        if self._weighs_own_faults(reason):   # one /proc scan per OWN_SPAN until they can tell
             ready = bool(st.suspect) and now - st.suspect[0][1] >= OWN_SPAN
             if (not ready and st.suspect and now < st.suspect_next) or now - st.judged_at < OWN_SPAN:
                 return False
         return level == "kill" or now >= st.cooldown_until
+
+    def _weighs_own_faults(self, reason: str) -> bool:
+        """A pressure trigger stops the largest process only if its own pages come back
+        (own_thrash), except an I/O stall while swap fills (fills_swap)."""
+        share = pressure_share(self.guard.pressure) or ()
+        return reason in PSI_REASONS and not fills_swap(reason, share)
 
     def _pressure_high(self, host: HostSample) -> bool:
         """Pressure at a trigger's level whether or not pages come back (the refault rule
@@ -689,7 +694,7 @@ class Policy:
         victim = choose_victim(candidates, self.config, never)
         if victim is None:
             return []
-        if (reason in PSI_REASONS and not fills_swap(reason, pressure_share(st.pressure) or ())
+        if (self._weighs_own_faults(reason)
                 and not self._victim_thrashes(now, host, victim, candidates)):
             return []
         st.suspect.clear()

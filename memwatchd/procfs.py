@@ -728,12 +728,16 @@ def process_mrelease(pidfd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+PR_SET_IO_FLUSHER = 57   # linux/prctl.h
+
+
 def set_io_flusher() -> None:
     """prctl(PR_SET_IO_FLUSHER): this process's allocations never do I/O in reclaim
     (see ext/_memread.pyx set_io_flusher). Raises OSError (EPERM, EINVAL before 5.6)."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(57, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+    if libc.prctl(PR_SET_IO_FLUSHER, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -46,7 +46,8 @@ def boot(guardian, image, wheels, run_dir, scenarios=(), timeout=1500):
         SCRIPT.format(guardian=guardian, scenarios=",".join(scenarios)),
         wheels_dir=wheels if guardian == "memwatchd" else None, extra_files=guest_files(),
         image=image, run_dir=run_dir, mem_mb=MEM_MB, timeout=timeout,
-        drives=["file=%s,if=virtio,format=raw,throttling.bps-total=%d" % (harness._qemu_path(slow), SLOW_SWAP_BPS)])
+        drives=["file=%s,if=virtio,format=raw,throttling.bps-total=%d"
+                % (harness._qemu_path(slow), SLOW_SWAP_BPS)])
     slow.unlink()
     try:
         race = result.read_json("race.json")
