@@ -916,7 +916,7 @@ cdef class CgroupTable:
 
 # -------------------------------------------------------------- HostReader
 
-MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
+MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree", b"SwapCached"]
 # pages brought back in: from swap, and file pages evicted recently (workingset_refault
 # before Linux 5.9 split it into _anon and _file; anon refaults are swap-ins anyway)
 VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault", b"pgmajfault"]
@@ -989,11 +989,11 @@ cdef class HostReader:
 
     def read(self):
         """Return a HostSample (pressure None where PSI is unavailable)."""
-        cdef int64_t mem[4]
+        cdef int64_t mem[5]
         cdef int64_t psi[8]
         cdef ssize_t n
         cdef int k
-        for k in range(4):
+        for k in range(5):
             mem[k] = _types.UNKNOWN
         n = pread_retry(self.meminfo_fd, self.buf, BUFSIZE - 1)
         if n < 0:
@@ -1010,7 +1010,8 @@ cdef class HostReader:
             refaults, major_faults = self._refaults()
             if self.io_psi_fd >= 0:
                 io_full = self._io_full_us()
-        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults, io_full)
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults, io_full,
+                          mem[4] if mem[4] >= 0 else None)
 
 
 cdef inline double monotonic_now() noexcept nogil:

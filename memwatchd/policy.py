@@ -145,6 +145,17 @@ def headroom(guard: GuardConfig, host: HostSample, zram: SwapDevices = NO_ZRAM) 
     return room
 
 
+def held_twice(guard: GuardConfig, host: HostSample) -> int:
+    """Bytes headroom() counts as used twice, with count_swap: SwapCached pages hold a
+    swap slot (SwapFree fell) and their RAM (not in MemAvailable) at once. A page being
+    written to swap is in both until written and dropped, so while a swap-out burst lasts
+    (a cold job's pages pushed out at 100 MiB/s) RAM + swap used grows faster than
+    anything allocates; the host trend subtracts it (at most the swap used)."""
+    if not guard.count_swap or not host.swap_cached or host.swap_total <= 0:
+        return 0
+    return max(0, min(host.swap_cached, host.swap_total - host.swap_free))
+
+
 def pressure_gate(guard: GuardConfig, host: HostSample) -> bool:
     """Pressure counts only while MemAvailable is under psi_available: a stall with
     RAM to spare is not the host running out (a cgroup at its own memory.max stalls
@@ -636,7 +647,8 @@ class Policy:
         free swap at its worth - towards the level where min_available fires; soft
         floor: headroom under HOST_FLOOR times it. A new capacity (swapon, swapoff,
         count_swap reloaded, memory hot-plugged) starts the trend afresh: its readings
-        would jump, not grow. "term" when it fires with no victim in flight:
+        would jump, not grow. Pages in the swap cache are used once, not twice
+        (held_twice): a burst of swap-out would otherwise look like a fast leak. "term" when it fires with no victim in flight:
         guard_evaluate then SIGTERMs the largest eligible process (the gentle rung only;
         never a SIGKILL)."""
         if host.mem_total <= 0 or host.mem_available < 0:
@@ -646,7 +658,7 @@ class Policy:
         capacity = host.mem_total + (max(0, host.swap_total) if g.count_swap else 0)
         if capacity != self.host_capacity:
             self.host_trend, self.host_capacity = Trend(), capacity
-        used = capacity - headroom(g, host, self.zram)
+        used = capacity - headroom(g, host, self.zram) - held_twice(g, host)
         if self.host_trend.update(now, used, capacity - term_below, g.predict,
                                   None, self.predict_gates, capacity - HOST_FLOOR * term_below) \
                 and self.guard.victim is None and now >= self.guard.cooldown_until:

@@ -573,7 +573,7 @@ def _cgroup_sample(current, mmax, high, swap, events, stat, pressure) -> CgroupS
 
 # -------------------------------------------------------------- HostReader
 
-MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree"]
+MEMINFO_KEYS = [b"MemTotal", b"MemAvailable", b"SwapTotal", b"SwapFree", b"SwapCached"]
 # pages brought back in: from swap, and file pages evicted recently (workingset_refault
 # before Linux 5.9 split it into _anon and _file; anon refaults are swap-ins anyway)
 VMSTAT_KEYS = [b"pswpin", b"workingset_refault_file", b"workingset_refault", b"pgmajfault"]
@@ -647,7 +647,8 @@ class HostReader:
             refaults, major_faults = self._refaults()
             if self._io_psi_fd >= 0:
                 io_full = self._io_full_us()
-        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults, io_full)
+        return HostSample(mem[0], mem[1], mem[2], mem[3], pressure, refaults, major_faults, io_full,
+                          mem[4] if mem[4] >= 0 else None)
 
 
 def wait_quiet(host: HostReader, fds, timeout: float, step: float, low: int, high: int,

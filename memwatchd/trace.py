@@ -32,9 +32,9 @@ from memwatchd.policy import WARN_REARM
 from memwatchd.report import ERR, NOTICE, count, log
 from memwatchd.types import MemwatchdError
 
-FORMAT = 4                     # 4: the I/O stall total in h; 3: PSI totals, fault counters,
-                               # swap size and zram in h, faults and owner in c; 2: the
-                               # compact line; 1-3 read too
+FORMAT = 5                     # 5: SwapCached in h; 4: the I/O stall total in h; 3: PSI
+                               # totals, fault counters, swap size and zram in h, faults and
+                               # owner in c; 2: the compact line; 1-4 read too
 DEFAULT_SIZE = 64 * 2**20      # the ring's cap, [daemon] trace_size
 SEGMENTS = 8                   # the ring is this many segment files: dropping one frees 1/8
 MIN_SEGMENT = 64 * 1024
@@ -478,6 +478,7 @@ class Recorder:
             avail = host.mem_available
             if (avail >= below and -band <= avail - prev[0] <= band   # (idle: nothing built)
                     and -band <= host.swap_free - prev[1] <= band
+                    and -band <= (host.swap_cached or 0) - (prev[11] or 0) <= band
                     and host.swap_total == prev[8] and zram == prev[9]
                     and (p is None if prev[2] is None else
                          p is not None and _close(p.some_avg10, prev[2]) and _close(p.full_avg10, prev[3]))):
@@ -485,7 +486,8 @@ class Recorder:
         row = [host.mem_available, host.swap_free,
                None if p is None else p.some_avg10, None if p is None else p.full_avg10,
                None if p is None else p.some_total_us, None if p is None else p.full_total_us,
-               host.refaults, host.major_faults, host.swap_total, zram, host.io_full_us]
+               host.refaults, host.major_faults, host.swap_total, zram, host.io_full_us,
+               host.swap_cached]
         self.host_last = row
         return row
 
@@ -593,8 +595,8 @@ class Sample(namedtuple("Sample", "t rows host gone candidates decisions keyfram
     rows: [(run id, usage, limit, warn, stat list or None)]; host: (mem_available,
     swap_free, psi_some_avg10, psi_full_avg10, psi_some_total_us, psi_full_total_us,
     refaults, major_faults, swap_total, zram: (zram_total, zram_free, zram_orig, zram_ram)
-    or None, io_full_us) or None, the last seven None before format 3, the last one
-    before format 4; gone: [run id]; candidates:
+    or None, io_full_us, swap_cached) or None, the last eight None before format 3, the
+    last two before format 4, the last before format 5; gone: [run id]; candidates:
     [(pid, start_time, comm, cgroup, rss, major_faults, uid, exe_root_owned)] or None
     (-1, -1, False for the last three before format 3); decisions: [dict] the live
     policy's output; keyframe: the first sample of a ring segment. A tuple: one per line,
@@ -1032,7 +1034,7 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple],
         hurt(f"{at()}: {count(unknown, 'reading')} for a target whose record was lost, skipped")
     host = obj.get("h")
     if host is not None:
-        if not (isinstance(host, list) and len(host) in (4, 10, 11) and _int(host[0]) == host[0]
+        if not (isinstance(host, list) and len(host) in (4, 10, 11, 12) and _int(host[0]) == host[0]
                 and _int(host[1]) == host[1]
                 and all(x is None or _int(x) == x for x in host[4:9] + host[10:])
                 and (len(host) == 4 or host[9] is None or (
@@ -1042,8 +1044,8 @@ def _sample(obj: dict, t: float, ids: Dict[int, int], limits: Dict[int, tuple],
             host = None
         else:
             added = (*host[4:9], None if host[9] is None else tuple(host[9]),
-                     host[10] if len(host) > 10 else None) \
-                if len(host) >= 10 else (None,) * 7          # (before format 3; 4)
+                     host[10] if len(host) > 10 else None, host[11] if len(host) > 11 else None) \
+                if len(host) >= 10 else (None,) * 8          # (before format 3; 4; 5)
             host = (host[0], host[1], _num(host[2]), _num(host[3]), *added)
     g, c, d = obj.get("g"), obj.get("c"), obj.get("d")
     gone = [ids[x] for x in g if isinstance(x, int) and x in ids] if isinstance(g, list) else ()

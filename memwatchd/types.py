@@ -100,8 +100,8 @@ class Pressure(namedtuple("Pressure", "some_avg10 some_avg60 some_avg300 some_to
 
 class HostSample(namedtuple("HostSample",
                             "mem_total mem_available swap_total swap_free pressure refaults major_faults "
-                            "io_full_us",
-                            defaults=(None, None, None))):
+                            "io_full_us swap_cached",
+                            defaults=(None, None, None, None))):
     """/proc/meminfo and /proc/pressure/memory, in bytes; pressure is None where PSI is missing.
 
     refaults: bytes brought back in since boot (/proc/vmstat pswpin + file workingset
@@ -113,6 +113,9 @@ class HostSample(namedtuple("HostSample",
     refaults: a swap-in of a page the kernel did not know to be in the working set is
     waited for as I/O, not as a memory stall, so a slow swap device freezes the host with
     memory PSI low (policy.guard_level, psi_io_full); None when not read or missing.
+    swap_cached: /proc/meminfo SwapCached, pages that hold a swap slot and their RAM at
+    once (being written out, or read back in and not yet dropped from swap): counted
+    once, not twice, by the host trend (policy.Policy._predict_host); None where missing.
     """
 
     __slots__ = ()

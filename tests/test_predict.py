@@ -543,6 +543,59 @@ def test_a_swapon_is_a_new_capacity_not_a_growth():
     assert policy.estimate_host()["slope_bytes_per_s"] == 0   # the fresh trend sees a flat host
 
 
+def swap_out_burst(rate, seconds, known=True, job_rate=0, start=4.0):
+    """A host low on RAM with swap nearly full whose cold pages are pushed out at ``rate``
+    for ``seconds`` from ``start``: each page takes a swap slot at once (SwapFree falls)
+    and keeps its RAM (in SwapCached, not in MemAvailable) until written and dropped,
+    which here happens when the burst ends. A job grows at ``job_rate`` meanwhile, in RAM.
+    known=False: a kernel (or an old trace) without SwapCached."""
+    swap, avail0, free0 = 4 * GiB, GiB, GiB   # headroom 2 GiB: under the soft floor
+
+    def host(t):
+        pushed = rate * min(max(0.0, t - start), seconds)
+        in_flight = pushed if t < start + seconds else 0
+        avail = avail0 - job_rate * t + (pushed - in_flight)
+        return HostSample(TOTAL, int(avail), swap, int(free0 - pushed), None, None, None, None,
+                          int(in_flight) if known else None)
+    return host
+
+
+@pytest.mark.parametrize("rate,seconds", [(100 * MiB, 5.0), (70 * MiB, 8.0), (300 * MiB, 2.0)])
+def test_a_swap_out_burst_is_not_a_leak_to_the_host_trend(rate, seconds):
+    """Pages being written to swap hold a slot and their RAM at once: the headroom the
+    guard counts falls as fast as they are pushed out, though nothing allocates. The
+    host trend counts SwapCached once (policy.held_twice), so a cold job being swapped
+    out gets no predicted SIGTERM; on a kernel without SwapCached it would (the class of
+    false positive benign_cold_predict met in the VM)."""
+    assert host_run(Policy(swap_guard_config()), swap_out_burst(rate, seconds), 20.0) == []
+    blind = host_run(Policy(swap_guard_config()), swap_out_burst(rate, seconds, known=False), 20.0)
+    assert [d.reason for _, d, _ in blind] == [REASON_PREDICT]
+    # count_swap = false: swap is not counted, so neither is the slot
+    assert host_run(Policy(swap_guard_config(False)), swap_out_burst(rate, seconds), 20.0) == []
+
+
+def test_a_leak_during_a_swap_out_burst_is_still_predicted():
+    """held_twice takes out only what is counted twice: a job allocating at 150 MiB/s
+    while the kernel pushes pages out is predicted before min_available all the same."""
+    on = host_run(Policy(swap_guard_config()), swap_out_burst(100 * MiB, 20.0, job_rate=150 * MiB), 10.0)
+    off = host_run(Policy(swap_guard_config(predict_=None)), swap_out_burst(100 * MiB, 20.0, job_rate=150 * MiB), 10.0)
+    assert on and on[0][1].reason == REASON_PREDICT
+    assert off and off[0][1].reason == REASON_GUARD_LOW and on[0][0] < off[0][0]
+
+
+@pytest.mark.parametrize("cached,swap_total,swap_free,count_swap,expected", [
+    (300 * MiB, 4 * GiB, GiB, True, 300 * MiB),
+    (300 * MiB, 4 * GiB, GiB, False, 0),            # swap not counted: nothing twice
+    (None, 4 * GiB, GiB, True, 0),                  # not known
+    (5 * GiB, 4 * GiB, GiB, True, 3 * GiB),         # never more than the swap used
+    (300 * MiB, 0, 0, True, 0),                     # no swap
+])
+def test_held_twice(cached, swap_total, swap_free, count_swap, expected):
+    from memwatchd.policy import held_twice
+    host = HostSample(TOTAL, GiB, swap_total, swap_free, None, None, None, None, cached)
+    assert held_twice(swap_guard_config(count_swap).guard, host) == expected
+
+
 def test_still_needed_for_a_predicted_guard_action_counts_swap():
     """The re-check before a predicted guard SIGTERM: backed off when the headroom the
     guard counts (swap included) is back above the soft floor, not MemAvailable alone."""

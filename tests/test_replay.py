@@ -567,6 +567,58 @@ def test_a_replayed_io_stall_is_the_live_one(tmp_path, job_faults_per_s):
     assert any("no I/O stall totals" in n for n in got3.notes), got3.notes
 
 
+def _live_burst_trace(tmp_path, known: bool):
+    """The live guard path with [guard] predict, written by the real Recorder: 8 GiB of RAM,
+    headroom 1.4 GiB (600 MiB available, 800 MiB of 4 GiB swap free), a cold job's pages
+    pushed out at 100 MiB/s from 2 s to 7 s, each holding a slot and its RAM until written
+    (SwapCached; known=False: a kernel without it). Returns (trace path, live decisions)."""
+    config = parse_config({"daemon": {"dry_run": True}, "guard": {"enabled": True, "predict": "30s"}},
+                          "burst.toml")
+    total, swap, rate = 8 << 30, 4 << 30, 100 * MiB
+    daemon = SyntheticDaemon(config)
+    path = tmp_path / f"burst-{known}.trace"
+    daemon.host = HostSample(total, total // 2, swap, swap, Pressure())
+    daemon.trace = trace.Recorder(trace.FileSink(str(path)), config, daemon)
+    policy, live = daemon.policy, []
+    start = daemon.now
+    for step in range(int(12 / 0.1)):
+        now = daemon.now = start + step * 0.1
+        pushed = rate * min(max(0.0, now - start - 2), 5.0)
+        in_flight = pushed if now - start < 7 else 0
+        daemon.host = host = HostSample(total, int(600 * MiB + pushed - in_flight), swap,
+                                        int(800 * MiB - pushed), Pressure(),
+                                        swap_cached=int(in_flight) if known else None)
+        decisions = policy.evaluate(now, [], host)
+        candidates = [Candidate(("process", 402, 22), 402, "job", "/user.slice", 3 << 30, 1000,
+                                False, 0)] if policy.guard_wants_victim(now, host) else []
+        decisions += policy.guard_evaluate(now, host, candidates, ())
+        daemon.trace.tick(now, [], [], host, candidates, decisions)
+        live += [(round(now - start, 3), d.key, d.reason, d.signal) for d in decisions]
+    daemon.trace.close()
+    return str(path), live
+
+
+def test_a_replayed_swap_out_burst_counts_the_swap_cache_once_as_the_live_trend_did(tmp_path):
+    """The host trend counts SwapCached once, and trace format 5 records it: the burst is
+    no leak live, nor in its replay. Where SwapCached is not known, the trend took the
+    burst for a leak (a predicted SIGTERM of the cold job) and the replay does the same;
+    a trace as format 4 wrote it says the replay counts the swap cache twice."""
+    path, live = _live_burst_trace(tmp_path, known=True)
+    assert live == []
+    t = read_trace(path)
+    assert t.damage == [] and t.header["format"] == trace.FORMAT >= 5
+    got = replay(t)
+    assert _replayed(got, t.start) == [] and not any("SwapCached" in n for n in got.notes)
+    blind_path, blind = _live_burst_trace(tmp_path, known=False)
+    assert [(k, r, s) for _, k, r, s in blind] == [
+        (("process", 402, 22), "predicted-exhaustion", signals_mod.SIGTERM)], blind
+    tb = read_trace(blind_path)
+    assert _replayed(replay(tb), tb.start) == [(at, k, r, signals_mod.Signals(s).name) for at, k, r, s in blind]
+    t4 = read_trace(_as_older_format(path, tmp_path / "format-4.trace", 4, host_fields=11))
+    assert t4.damage == []
+    assert any("no SwapCached" in n for n in replay(t4).notes)
+
+
 def test_a_replay_that_looks_where_the_live_guard_did_not_leaves_the_own_faults_rule_out(tmp_path):
     """Started half a second into the hot leak, the replayed guard's pressure history is
     younger than the live one's: it looks for the largest process at moments the live

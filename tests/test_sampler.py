@@ -319,12 +319,13 @@ def test_fake_host_without_psi(impl, tmp_path):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc" / "meminfo").write_bytes(
         b"MemTotal:       16000 kB\nMemFree:  100 kB\nMemAvailable:    8000 kB\n"
-        b"SwapTotal:        0 kB\nSwapFree:         0 kB\n")
+        b"SwapCached:     1234 kB\nSwapTotal:        0 kB\nSwapFree:         0 kB\n")
     host = impl.HostReader(root=str(tmp_path))
     assert not host.has_psi
     sample = host.read()
     assert (sample.mem_total, sample.mem_available) == (16000 * 1024, 8000 * 1024)
     assert sample.swap_total == 0 and sample.pressure is None
+    assert sample.swap_cached == 1234 * 1024
 
 
 def test_fake_host_missing_key_is_unknown(impl, tmp_path):
@@ -334,7 +335,7 @@ def test_fake_host_missing_key_is_unknown(impl, tmp_path):
         b"some avg10=12.50 avg60=1.00 avg300=0.10 total=999\n"
         b"full avg10=3.25 avg60=0.00 avg300=0.00 total=77\n")
     sample = impl.HostReader(root=str(tmp_path)).read()
-    assert sample.mem_available == UNKNOWN
+    assert sample.mem_available == UNKNOWN and sample.swap_cached is None
     assert sample.pressure.some_avg10 == 12.5 and sample.pressure.full_avg10 == 3.25
     assert sample.pressure.full_total_us == 77
 
@@ -342,6 +343,7 @@ def test_fake_host_missing_key_is_unknown(impl, tmp_path):
 def test_real_host(impl):
     sample = impl.HostReader().read()
     assert 0 < sample.mem_available <= sample.mem_total == psutil.virtual_memory().total
+    assert sample.swap_cached is not None and 0 <= sample.swap_cached
 
 
 def _vmstat_refaults():
