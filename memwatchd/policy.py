@@ -648,8 +648,8 @@ class Policy:
         floor: headroom under HOST_FLOOR times it. A new capacity (swapon, swapoff,
         count_swap reloaded, memory hot-plugged) starts the trend afresh: its readings
         would jump, not grow. Pages in the swap cache are used once, not twice
-        (held_twice): a burst of swap-out would otherwise look like a fast leak. "term" when it fires with no victim in flight:
-        guard_evaluate then SIGTERMs the largest eligible process (the gentle rung only;
+        (held_twice): a burst of swap-out would otherwise look like a fast leak. "term"
+        when it fires with no victim in flight: guard_evaluate then SIGTERMs the largest eligible process (the gentle rung only;
         never a SIGKILL)."""
         if host.mem_total <= 0 or host.mem_available < 0:
             return None

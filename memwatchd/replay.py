@@ -231,14 +231,14 @@ class _Replayer:
                       "kernel without /proc/pressure/io): the guard's psi_io_full trigger could "
                       "not be replayed")
         g = self.policy.config.guard
+        swap_total = self.swap_total if h[8] is None else h[8]
         if h[11] is None and h[1] is not None and self.guard_on and g.predict > 0 and g.count_swap \
-                and (self.swap_total if h[8] is None else h[8]) > 0:
+                and swap_total > 0:
             self.note("the trace has no SwapCached (written before trace format 5): the host "
                       "trend ([guard] predict) is replayed counting pages in the swap cache "
                       "twice (their RAM and their swap slot), as the daemon that wrote it did")
         self.host = HostSample(self.mem_total, min(self.mem_total, h[0] + freed),
-                               self.swap_total if h[8] is None else h[8], h[1], pressure,
-                               h[6], h[7], h[10], h[11])
+                               swap_total, h[1], pressure, h[6], h[7], h[10], h[11])
         self.policy.zram = NO_ZRAM if h[9] is None else SwapDevices(*h[9])
 
     # -- the loop
